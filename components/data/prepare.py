@@ -1,0 +1,131 @@
+"""The data stage: load, split and shard every active task, write it atomically with a manifest."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from components.config import DataParams, TaskSpec, expand_env
+from components.data.fingerprint import array_content_hash, json_hash, sha256_bytes
+from components.data.loaders import Pool, load_source
+from components.data.shards import partition
+from components.data.splits import split_task
+from components.errors import DataError
+
+
+def class_counts(labels: np.ndarray, label_names: list[str]) -> dict[str, int]:
+    """Rows per class (multilabel: positives per label)."""
+    if labels.ndim == 2:
+        counts = (labels > 0.5).sum(axis=0)
+    else:
+        counts = np.bincount(labels, minlength=len(label_names))
+    return {n: int(c) for n, c in zip(label_names, counts)}
+
+
+def encode_split(pool: Pool) -> tuple[bytes, str, str]:
+    """(file bytes, file suffix, content sha256) for one split."""
+    if isinstance(pool.inputs, np.ndarray):
+        x, y = np.ascontiguousarray(pool.inputs, dtype=np.uint8), pool.labels
+        buf = io.BytesIO()
+        np.savez_compressed(buf, x=x, y=y)
+        return buf.getvalue(), ".npz", array_content_hash([x, y])
+    lines = []
+    for i, text, label in zip(pool.ids, pool.inputs, pool.labels):
+        lab: Any = [int(v) for v in label] if np.ndim(label) else int(label)
+        lines.append(json.dumps({"id": i, "text": text, "label": lab}, ensure_ascii=False) + "\n")
+    data = "".join(lines).encode("utf-8")
+    return data, ".jsonl", sha256_bytes(data)
+
+
+def _prepare_task(name: str, spec: TaskSpec, params: DataParams, project_dir: Path, task_dir: Path,
+                  seed: int) -> dict[str, Any]:
+    raw = load_source(name, spec, project_dir)
+    splits, stats = split_task(name, spec, raw, seed)
+    task_dir.mkdir(parents=True)
+    entry: dict[str, Any] = {
+        "modality": spec.modality,
+        "kind": spec.kind,
+        "label_names": list(spec.label_names),
+        "description": spec.description,
+        "source_path": expand_env(spec.path),
+        "source_hash": raw.source_hash,
+        "splits": {},
+        **stats,
+    }
+    for split, pool in splits.items():
+        data, suffix, digest = encode_split(pool)
+        (task_dir / f"{split}{suffix}").write_bytes(data)
+        entry["splits"][split] = {
+            "n": len(pool),
+            "class_counts": class_counts(pool.labels, spec.label_names),
+            "sha256": digest,
+        }
+    fed = params.federation
+    try:
+        clients = partition(splits["train"].labels, fed.num_clients, fed.partition, fed.alpha, seed)
+    except DataError as exc:
+        raise DataError(f"task {name}: {exc}") from None
+    shards = {"mode": fed.partition, "alpha": fed.alpha, "clients": [c.tolist() for c in clients]}
+    (task_dir / "shards.json").write_text(json.dumps(shards))
+    return entry
+
+
+def params_hash(params: DataParams) -> str:
+    """Hash of what shapes the output: active tasks' specs and the federation settings."""
+    active = params.active_tasks()
+    return json_hash({
+        "active": list(active),
+        "tasks": {n: s.model_dump(mode="json") for n, s in active.items()},
+        "federation": params.federation.model_dump(mode="json"),
+    })
+
+
+def _sibling(out_dir: Path, tag: str) -> Path:
+    """A fresh hidden path next to out_dir (same filesystem, so renames are atomic)."""
+    return out_dir.parent / f".{out_dir.name}.{tag}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _swap_in(tmp: Path, out_dir: Path) -> None:
+    """Replace out_dir by tmp; the previous output survives (and is restored) if the rename fails."""
+    if not out_dir.exists():
+        os.replace(tmp, out_dir)
+        return
+    backup = _sibling(out_dir, "old")
+    os.replace(out_dir, backup)
+    try:
+        os.replace(tmp, out_dir)
+    except OSError:
+        os.replace(backup, out_dir)
+        raise
+    shutil.rmtree(backup, ignore_errors=True)
+
+
+def prepare_data(params: DataParams, project_dir: Path, out_dir: Path, seed: int) -> dict[str, Any]:
+    """Write out_dir/<task>/{split files, shards.json} and out_dir/manifest.json; return the manifest.
+
+    Everything is written into a temp folder next to out_dir and swapped in at the end, so a failure
+    never leaves a half-written output or damages the previous one.
+    """
+    project_dir, out_dir = Path(project_dir), Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _sibling(out_dir, "tmp")
+    tmp.mkdir()  # plain mkdir (not mkdtemp) so the final folder gets the usual umask permissions
+    try:
+        tasks = {
+            name: _prepare_task(name, spec, params, project_dir, tmp / name, seed)
+            for name, spec in params.active_tasks().items()
+        }
+        manifest = {"tasks": tasks, "seed": seed, "params_hash": params_hash(params)}
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False))
+        _swap_in(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest

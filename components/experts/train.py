@@ -1,0 +1,91 @@
+"""Train one task's expert: a frozen-foundation linear probe, then a LoRA expert started from it."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+from components.config import Params
+from components.data.datasets import TaskData, load_split
+from components.evaluation.counts import count_parameters
+from components.evaluation.metrics import compute_metrics
+from components.experts.io import save_expert
+from components.experts.lora import attach_lora, delta_weights, lora_targets
+from components.models.bundle import TaskHead, save_bundle
+from components.experts.probe import fit_probe
+from components.models.classifier import Classifier, make_head
+from components.models.foundation import Foundation, load_foundation
+from components.training.data import TensorDictDataset, labels_tensor, loader
+from components.training.inference import batched
+from components.training.module import ClassifierModule
+from components.training.trainer import build_trainer
+
+log = logging.getLogger("medexperts")
+
+
+def task_tensors(foundation: Foundation, data: TaskData) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Tokenise / convert a split once; training then batches by index."""
+    return foundation.inputs(data.inputs), labels_tensor(data.labels, data.kind)
+
+
+def train_expert(task: str, params: Params, data_dir: Path, foundation_dir: Path, out_dir: Path,
+                 logger: Any = False) -> dict[str, Any]:
+    """Fit the probe and the LoRA expert of ``task``; write ``out_dir`` (an expert folder)."""
+    seed, tp, metric = params.pipeline.seed, params.experts.trainer, params.evaluate.primary_metric
+    train = load_split(data_dir, task, "train").subset(tp.max_train_samples, seed)
+    val = load_split(data_dir, task, "val")
+    foundation = load_foundation(foundation_dir, train.modality)
+    x_tr, y_tr = task_tensors(foundation, train)
+    x_va, y_va = task_tensors(foundation, val)
+
+    t0 = time.perf_counter()
+    probe = fit_probe(batched(foundation.encoder, x_tr), y_tr, train.kind, train.num_labels,
+                      params.experts.probe, seed)
+    probe_val = compute_metrics(train.kind, probe(batched(foundation.encoder, x_va)).detach(), y_va,
+                                train.num_labels)
+    probe_seconds = time.perf_counter() - t0
+    log.info("[experts] %s: probe val %s=%.3f (%d train samples)", task, metric, probe_val[metric], len(train))
+
+    L.seed_everything(seed, workers=True, verbose=False)
+    peft_encoder = attach_lora(foundation.encoder, params.experts.lora, train.modality)
+    head = copy.deepcopy(probe) if params.experts.head_init == "probe" else make_head(
+        foundation.encoder.out_dim, train.num_labels)
+    head.requires_grad_(True)
+    model = Classifier(peft_encoder, head)
+    module = ClassifierModule(model, train.kind, train.num_labels, tp.lr, tp.weight_decay, metric)
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as root:
+        trainer = build_trainer(tp, Path(root), logger=logger, monitor=f"val_{metric}")
+        trainer.fit(
+            module,
+            loader(TensorDictDataset(x_tr, y_tr), tp.batch_size, shuffle=True, seed=seed),
+            loader(TensorDictDataset(x_va, y_va), tp.batch_size * 2, shuffle=False),
+        )
+    train_seconds = time.perf_counter() - t0
+    model.eval()
+    expert_val = compute_metrics(train.kind, batched(model, x_va), y_va, train.num_labels)
+    log.info("[experts] %s: LoRA val %s=%.3f (probe %.3f) in %.1fs", task, metric, expert_val[metric],
+             probe_val[metric], train_seconds)
+
+    lp = params.experts.lora
+    # The deployable form: ΔW folded into the foundation's weights, plain architecture, zero overhead.
+    save_bundle(out_dir / "bundle", foundation, delta_weights(peft_encoder),
+                {task: TaskHead(head, train.kind, train.label_names)}, name=f"{task}-expert",
+                metadata={"method": params.experts.method, "task": task, "val_metrics": expert_val})
+    manifest = save_expert(out_dir, peft_encoder, head, probe, {
+        "task": task, "method": params.experts.method, "modality": train.modality, "task_kind": train.kind,
+        "label_names": train.label_names, "base_sha256": foundation.sha256,
+        "lora": lp.model_dump(), "targets": lora_targets(lp, train.modality),
+        "seed": seed, "train_samples": len(train), "val_samples": len(val),
+        "metrics": {"val": expert_val, "probe_val": probe_val},
+        "trainable_params": count_parameters(model, trainable_only=True),
+        "train_seconds": train_seconds, "probe_seconds": probe_seconds,
+    })
+    return manifest

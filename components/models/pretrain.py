@@ -1,0 +1,68 @@
+"""Pre-train the image foundation: one CNN, one head per image task, trained on mixed batches."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+from components.artifacts import read_manifest
+from components.config import Params
+from components.data.datasets import TaskData, load_split
+from components.errors import ParamsError
+from components.models.encoders import image_tensor
+from components.models.foundation import new_image_model, save_image_foundation
+from components.training.data import TensorDictDataset, loader
+from components.training.module import MultiTaskModule
+from components.training.trainer import build_trainer
+
+log = logging.getLogger("medexperts")
+
+
+def _mixed(tasks: dict[str, TaskData]) -> TensorDictDataset:
+    pixels = torch.cat([image_tensor(t.inputs)["pixels"] for t in tasks.values()])
+    labels = torch.cat([torch.as_tensor(t.labels).long() for t in tasks.values()])
+    ids = torch.cat([torch.full((len(t),), i, dtype=torch.long) for i, t in enumerate(tasks.values())])
+    return TensorDictDataset({"pixels": pixels}, labels, ids)
+
+
+def pretrain_image_foundation(params: Params, data_dir: Path, out_dir: Path, logger: Any = False) -> dict[str, Any]:
+    """Multi-task pre-training on the union of the active image tasks' train splits."""
+    ip, seed = params.foundation.image, params.pipeline.seed
+    specs = params.data.active_tasks("image")
+    multilabel = [n for n, s in specs.items() if s.kind == "multilabel"]
+    if multilabel:
+        raise ParamsError(f"params/data.yaml: image pre-training supports single-label tasks; {multilabel} are multilabel")
+    cap = ip.trainer.max_train_samples
+    train = {n: load_split(data_dir, n, "train").subset(cap, seed) for n in specs}
+    val = {n: load_split(data_dir, n, "val") for n in specs}
+    L.seed_everything(seed, workers=True, verbose=False)
+    model = new_image_model(ip.channels, train)
+    module = MultiTaskModule(model, list(train), {n: t.kind for n, t in train.items()}, ip.trainer.lr,
+                             ip.trainer.weight_decay)
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as root:
+        trainer = build_trainer(ip.trainer, Path(root), logger=logger, monitor="val_loss", mode="min")
+        trainer.fit(module, loader(_mixed(train), ip.trainer.batch_size, shuffle=True, seed=seed),
+                    loader(_mixed(val), 256, shuffle=False))
+    seconds = time.perf_counter() - t0
+    log.info("[foundation] image CNN pre-trained on %s in %.1fs", list(train), seconds)
+    return save_image_foundation(model.eval(), train, out_dir, {
+        "source": "pretrain", "tasks": list(train), "train_samples": {n: len(t) for n, t in train.items()},
+        "train_seconds": seconds, "seed": seed,
+    })
+
+
+def copy_image_checkpoint(source: Path, out_dir: Path) -> dict[str, Any]:
+    """Use an image foundation written earlier by this stage (verified against its manifest)."""
+    manifest = read_manifest(source, kind="foundation")
+    if manifest.get("modality") != "image":
+        raise ParamsError(f"params/foundation.yaml: key 'image.source': {source} is not an image foundation")
+    shutil.copytree(source, out_dir, dirs_exist_ok=True)
+    return manifest

@@ -1,0 +1,39 @@
+"""In-memory tensor datasets: inputs are tokenised or converted once, then batched by index."""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+
+class TensorDictDataset(Dataset):
+    """Rows of a dict of equally long tensors, plus labels and (optionally) a task index."""
+
+    def __init__(self, inputs: dict[str, torch.Tensor], labels: torch.Tensor, task_ids: torch.Tensor | None = None):
+        n = len(labels)
+        for name, t in inputs.items():
+            if len(t) != n:
+                raise ValueError(f"input {name!r} has {len(t)} rows; labels have {n}")
+        self.inputs, self.labels, self.task_ids = inputs, labels, task_ids
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        row = {k: v[i] for k, v in self.inputs.items()}
+        row["labels"] = self.labels[i]
+        if self.task_ids is not None:
+            row["task_ids"] = self.task_ids[i]
+        return row
+
+
+def loader(ds: Dataset, batch_size: int, shuffle: bool, seed: int = 0) -> DataLoader:
+    """A DataLoader with a seeded generator (reproducible order) and no worker processes
+    (the data is already in memory; workers would only add start-up time on small tasks)."""
+    gen = torch.Generator().manual_seed(seed)
+    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=gen, num_workers=0)
+
+
+def labels_tensor(labels, kind: str) -> torch.Tensor:  # noqa: ANN001 - numpy array
+    t = torch.as_tensor(labels)
+    return t.float() if kind == "multilabel" else t.long()
