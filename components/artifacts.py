@@ -12,11 +12,12 @@ import json
 import os
 import shutil
 import tempfile
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from components.data.fingerprint import sha256_file
+from components.fingerprint import sha256_file
 from components.errors import ArtifactError
 
 MANIFEST = "manifest.json"
@@ -41,22 +42,39 @@ def read_json(path: Path, what: str = "file") -> Any:
         raise ArtifactError(f"{path}: corrupt {what} ({exc})") from None
 
 
+def _sibling(out_dir: Path, tag: str) -> Path:
+    """A fresh hidden path next to out_dir (same filesystem, so renames are atomic)."""
+    return out_dir.parent / f".{out_dir.name}.{tag}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _swap_in(tmp: Path, out_dir: Path) -> None:
+    """Replace out_dir by tmp; the previous output survives (and is restored) if the rename fails."""
+    if not out_dir.exists():
+        os.replace(tmp, out_dir)
+        return
+    backup = _sibling(out_dir, "old")
+    os.replace(out_dir, backup)
+    try:
+        os.replace(tmp, out_dir)
+    except OSError:
+        os.replace(backup, out_dir)
+        raise
+    shutil.rmtree(backup, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def atomic_dir(out_dir: Path) -> Iterator[Path]:
     """Yield a temp folder; on success it replaces ``out_dir``, on failure it is removed."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
+    tmp = _sibling(out_dir, "tmp")
+    tmp.mkdir()  # plain mkdir (not mkdtemp) so the final folder gets the usual umask permissions
     try:
         yield tmp
+        _swap_in(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-    if out_dir.exists():
-        os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def write_manifest(folder: Path, manifest: dict[str, Any]) -> dict[str, Any]:

@@ -183,6 +183,14 @@ class ProbeParams(Strict):
     weight_decay: float = Field(1e-4, ge=0, description="Probe weight decay.")
 
 
+class ModalityTrainers(Strict):
+    text: TrainerParams = Field(default_factory=TrainerParams, description="Training of text experts.")
+    image: TrainerParams = Field(default_factory=TrainerParams, description="Training of image experts.")
+
+    def of(self, modality: str) -> TrainerParams:
+        return self.text if modality == "text" else self.image
+
+
 class ExpertsParams(Strict):
     method: Literal["lora"] = Field("lora", description="Expert method.")
     lora: LoraParams = Field(default_factory=LoraParams, description="LoRA settings.")
@@ -190,7 +198,7 @@ class ExpertsParams(Strict):
     head_init: Literal["probe", "random"] = Field(
         "probe", description="Start the expert's head from the probe (LP-FT) or at random."
     )
-    trainer: TrainerParams = Field(default_factory=TrainerParams, description="Expert training.")
+    trainer: ModalityTrainers = Field(default_factory=ModalityTrainers, description="Expert training per modality.")
 
 
 # --------------------------------------------------------------------------- fusion

@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from components.artifacts import atomic_dir
+
 from components.config import DataParams, TaskSpec, load_params
 from components.data import (
     array_content_hash,
@@ -171,8 +173,8 @@ def test_failed_prepare_keeps_previous_output(tmp_path: Path) -> None:
     params = data_params(["breastmnist"])
     params.tasks["broken"] = text_spec(tmp_path / "missing.csv")
     params.active = ["breastmnist", "broken"]
-    with pytest.raises(DataError, match="task broken: source"):
-        prepare_data(params, PROJECT, out, seed=0)
+    with pytest.raises(DataError, match="task broken: source"), atomic_dir(out) as tmp:
+        prepare_data(params, PROJECT, tmp, seed=0)
     after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     assert after == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]  # no temp folder left behind

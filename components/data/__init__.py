@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from components.data.datasets import TaskData, load_shards, load_split, read_manifest
-from components.data.fingerprint import (
+from components.fingerprint import (
     array_content_hash,
     code_hash,
     json_hash,

@@ -11,7 +11,7 @@ from typing import Any, Union
 
 import numpy as np
 
-from components.data.fingerprint import array_content_hash, sha256_bytes
+from components.fingerprint import array_content_hash, sha256_bytes
 from components.data.splits import strat_keys
 from components.errors import DataError
 

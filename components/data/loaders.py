@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from components.config import TaskSpec, expand_env
-from components.data.fingerprint import array_content_hash, sha256_bytes, sha256_file, tree_hash
+from components.fingerprint import array_content_hash, sha256_bytes, sha256_file, tree_hash
 from components.errors import DataError
 
 Inputs = Union[np.ndarray, list[str]]

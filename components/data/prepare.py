@@ -4,19 +4,17 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from components.config import DataParams, TaskSpec, expand_env
-from components.data.fingerprint import array_content_hash, json_hash, sha256_bytes
+from components.fingerprint import array_content_hash, json_hash, sha256_bytes
 from components.data.loaders import Pool, load_source
 from components.data.shards import partition
 from components.data.splits import split_task
+from components.artifacts import write_json
 from components.errors import DataError
 
 
@@ -87,45 +85,16 @@ def params_hash(params: DataParams) -> str:
     })
 
 
-def _sibling(out_dir: Path, tag: str) -> Path:
-    """A fresh hidden path next to out_dir (same filesystem, so renames are atomic)."""
-    return out_dir.parent / f".{out_dir.name}.{tag}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-
-
-def _swap_in(tmp: Path, out_dir: Path) -> None:
-    """Replace out_dir by tmp; the previous output survives (and is restored) if the rename fails."""
-    if not out_dir.exists():
-        os.replace(tmp, out_dir)
-        return
-    backup = _sibling(out_dir, "old")
-    os.replace(out_dir, backup)
-    try:
-        os.replace(tmp, out_dir)
-    except OSError:
-        os.replace(backup, out_dir)
-        raise
-    shutil.rmtree(backup, ignore_errors=True)
-
-
 def prepare_data(params: DataParams, project_dir: Path, out_dir: Path, seed: int) -> dict[str, Any]:
     """Write out_dir/<task>/{split files, shards.json} and out_dir/manifest.json; return the manifest.
 
-    Everything is written into a temp folder next to out_dir and swapped in at the end, so a failure
-    never leaves a half-written output or damages the previous one.
+    Callers write into ``components.artifacts.atomic_dir`` so a failure never damages a previous output.
     """
     project_dir, out_dir = Path(project_dir), Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _sibling(out_dir, "tmp")
-    tmp.mkdir()  # plain mkdir (not mkdtemp) so the final folder gets the usual umask permissions
-    try:
-        tasks = {
-            name: _prepare_task(name, spec, params, project_dir, tmp / name, seed)
-            for name, spec in params.active_tasks().items()
-        }
-        manifest = {"tasks": tasks, "seed": seed, "params_hash": params_hash(params)}
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False))
-        _swap_in(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    tasks = {
+        name: _prepare_task(name, spec, params, project_dir, out_dir / name, seed)
+        for name, spec in params.active_tasks().items()
+    }
+    manifest = {"tasks": tasks, "seed": seed, "params_hash": params_hash(params)}
+    write_json(out_dir / "manifest.json", manifest)
     return manifest

@@ -7,7 +7,6 @@ import warnings
 from typing import Literal
 
 import torch
-from torchmetrics.functional import accuracy, auroc, confusion_matrix, f1_score, matthews_corrcoef
 
 Kind = Literal["binary", "multiclass", "multilabel"]
 
@@ -72,6 +71,8 @@ def _auroc_defined(kind: Kind, labels: torch.Tensor, num_labels: int) -> bool:
 
 
 def _auroc(kind: Kind, logits: torch.Tensor, labels: torch.Tensor, num_labels: int) -> float:
+    from torchmetrics.functional import auroc
+
     if not _auroc_defined(kind, labels, num_labels):
         return float("nan")
     if kind == "binary":
@@ -91,6 +92,9 @@ def compute_metrics(
     Binary macro_f1 averages F1 over both classes. Multilabel accuracy is element-wise (1 - Hamming loss)
     and mcc is computed over all (sample, label) decisions pooled.
     """
+    # Imported here: torchmetrics pulls in matplotlib.pyplot and ~1 s of imports at import time.
+    from torchmetrics.functional import accuracy, f1_score, matthews_corrcoef
+
     x, y = _prepare(kind, logits, labels, num_labels)
     preds = predictions(kind, x)
     # Degenerate splits (one predicted class, empty F1 denominators) make torchmetrics warn on every
@@ -98,21 +102,19 @@ def compute_metrics(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if kind == "multilabel":
-            common = {"task": "multilabel", "num_labels": num_labels}
             out = {
-                "accuracy": float(accuracy(preds, y, average="micro", **common)),
-                "macro_f1": float(f1_score(preds, y, average="macro", **common)),
-                "micro_f1": float(f1_score(preds, y, average="micro", **common)),
-                "mcc": float(matthews_corrcoef(preds, y, **common)),
+                "accuracy": float(accuracy(preds, y, task="multilabel", num_labels=num_labels, average="micro")),
+                "macro_f1": float(f1_score(preds, y, task="multilabel", num_labels=num_labels, average="macro")),
+                "micro_f1": float(f1_score(preds, y, task="multilabel", num_labels=num_labels, average="micro")),
+                "mcc": float(matthews_corrcoef(preds, y, task="multilabel", num_labels=num_labels)),
             }
         else:
             # Binary is scored as two-class multiclass so macro F1 covers the negative class too.
-            n_classes = 2 if kind == "binary" else num_labels
-            common = {"task": "multiclass", "num_classes": n_classes}
+            n = 2 if kind == "binary" else num_labels
             out = {
-                "accuracy": float(accuracy(preds, y, average="micro", **common)),
-                "macro_f1": float(f1_score(preds, y, average="macro", **common)),
-                "mcc": float(matthews_corrcoef(preds, y, **common)),
+                "accuracy": float(accuracy(preds, y, task="multiclass", num_classes=n, average="micro")),
+                "macro_f1": float(f1_score(preds, y, task="multiclass", num_classes=n, average="macro")),
+                "mcc": float(matthews_corrcoef(preds, y, task="multiclass", num_classes=n)),
             }
         out["auroc"] = _auroc(kind, x, y, num_labels)
     order = ("accuracy", "macro_f1", "micro_f1", "auroc", "mcc")
@@ -128,6 +130,8 @@ def normalised_score(merged: float, single: float) -> float:
 
 def confusion(kind: Kind, logits: torch.Tensor, labels: torch.Tensor, num_labels: int) -> torch.Tensor:
     """Counts: (C, C) rows = true, cols = predicted; multilabel (L, 2, 2) per label [[TN, FP], [FN, TP]]."""
+    from torchmetrics.functional import confusion_matrix
+
     x, y = _prepare(kind, logits, labels, num_labels)
     preds = predictions(kind, x)
     if kind == "multilabel":

@@ -38,7 +38,8 @@ def task_tensors(foundation: Foundation, data: TaskData) -> tuple[dict[str, torc
 def train_expert(task: str, params: Params, data_dir: Path, foundation_dir: Path, out_dir: Path,
                  logger: Any = False) -> dict[str, Any]:
     """Fit the probe and the LoRA expert of ``task``; write ``out_dir`` (an expert folder)."""
-    seed, tp, metric = params.pipeline.seed, params.experts.trainer, params.evaluate.primary_metric
+    seed, metric = params.pipeline.seed, params.evaluate.primary_metric
+    tp = params.experts.trainer.of(params.data.tasks[task].modality)
     train = load_split(data_dir, task, "train").subset(tp.max_train_samples, seed)
     val = load_split(data_dir, task, "val")
     foundation = load_foundation(foundation_dir, train.modality)

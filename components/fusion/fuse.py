@@ -90,7 +90,7 @@ def fuse_experts(params: Params, data_dir: Path, foundation_dir: Path, experts_d
     summary = {
         "modality": fp.modality, "tasks": tasks, "metric": metric, "methods": results, "best_method": best_method,
         "single_val": scorer.single, "curves": {m: [list(p) for p in c] for m, c in curves.items()},
-        "merge_seconds": time.perf_counter() - t0,
+        "search_seconds": time.perf_counter() - t0,  # merges + validation scoring
     }
     if curves:
         plot_fusion_curve(curves, {m: results[m]["lambda"] for m in curves}, f"normalised val {metric}",

@@ -19,7 +19,7 @@ from torch import nn
 from components.artifacts import read_manifest, write_manifest
 from components.config import FoundationParams
 from components.data.datasets import TaskData
-from components.data.fingerprint import sha256_file, tree_hash
+from components.fingerprint import sha256_file, tree_hash
 from components.errors import ArtifactError
 from components.models.classifier import MultiTaskClassifier, make_head
 from components.models.encoders import (

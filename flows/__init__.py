@@ -1,0 +1,1 @@
+"""Prefect flows and the `medexperts` CLI: thin drivers over `components`."""

@@ -1,0 +1,60 @@
+"""Where state lives by default (all inside the project folder, all overridable by env variables),
+and telemetry off. Called at CLI/flow entry, never at import."""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from pathlib import Path
+
+DEFAULTS_OFF = {
+    "DO_NOT_TRACK": "true",  # MLflow and other tools honour this (MLflow wants 'true')
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "DVC_NO_ANALYTICS": "1",
+    "HF_HUB_OFFLINE": "1",  # nothing may download weights at run time
+    "TRANSFORMERS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "GIT_PYTHON_REFRESH": "quiet",
+}
+
+
+def project_dir() -> Path:
+    """The project folder: MEDEXPERTS_PROJECT_DIR, else the current folder."""
+    return Path(os.environ.get("MEDEXPERTS_PROJECT_DIR", os.getcwd())).resolve()
+
+
+def artifacts_dir(root: Path) -> Path:
+    return Path(os.environ.get("MEDEXPERTS_ARTIFACTS_DIR", root / "artifacts")).resolve()
+
+
+def configure(root: Path) -> None:
+    """Set defaults for tracking store, Prefect home and telemetry unless the user set them."""
+    for key, value in DEFAULTS_OFF.items():
+        os.environ.setdefault(key, value)
+    os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+    os.environ.setdefault("PREFECT_HOME", str(root / ".prefect"))
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "medexperts")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+    # MLflow 3 logs INFO lines for every DB migration and model registration; keep the console readable.
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    # Lightning's banner lines ("GPU available", tips) say nothing a pipeline user needs.
+    for name in ("lightning.pytorch", "lightning.pytorch.utilities.rank_zero", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    medexperts_log = logging.getLogger("medexperts")
+    medexperts_log.setLevel(logging.INFO)
+    if not medexperts_log.handlers and not os.environ.get("PREFECT__FLOW_RUN_ID"):
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s | %(message)s", "%H:%M:%S"))
+        medexperts_log.addHandler(handler)
+    for pattern in (".*Model logged without a signature.*", ".*Add type hints to the `predict` method.*",
+                    ".*The filesystem tracking backend.*", ".*is deprecated.*",
+                    ".*module\\(s\\) in eval mode.*"):
+        warnings.filterwarnings("ignore", message=pattern)
+
+
+def mlruns_uri(root: Path) -> str:
+    """Artifact root for experiments created here (the project's mlruns/ folder)."""
+    return (root / "mlruns").resolve().as_uri()

@@ -1,0 +1,55 @@
+"""The end-to-end Prefect flow: data -> foundation -> experts -> fusion -> evaluate -> promote."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import mlflow
+from prefect import flow, task
+from prefect.cache_policies import NONE
+
+from components.config import load_params
+from components.fingerprint import json_hash
+from components.tracking.lineage import git_info
+from components.tracking.runs import ensure_experiment, log_params
+from flows.environment import artifacts_dir, configure, mlruns_uri, project_dir
+from flows.stages import ORDER, StageContext, run_stage
+from flows.versioning import dvc_commit
+
+
+# Tasks take a context of paths and typed params, never tensors: nothing unpicklable reaches
+# Prefect's cache machinery (prefect#17547); our own fingerprints decide what is skipped.
+@task(name="stage", cache_policy=NONE)
+def stage_task(name: str, ctx: StageContext, force: bool) -> dict[str, Any]:
+    return run_stage(name, ctx, force=force)
+
+
+@task(name="dvc-commit", cache_policy=NONE)
+def version_task(ctx: StageContext, stages: list[str]) -> dict[str, str]:
+    if ctx.artifacts != ctx.root / "artifacts":
+        return {}  # dvc.yaml describes the default artifacts folder only
+    return dvc_commit(ctx.root, stages)
+
+
+@flow(name="retrain", log_prints=True)
+def retrain(profile: str | None = None, force: bool = False, stages: list[str] | None = None) -> dict[str, Any]:
+    """Run every stage (or ``stages``); unchanged stages are skipped; the data is versioned first."""
+    root = project_dir()
+    configure(root)
+    params = load_params(root / "params", profile)
+    ctx = StageContext(root, artifacts_dir(root), params)
+    mlflow.set_experiment(experiment_id=ensure_experiment(params.pipeline.experiment, mlruns_uri(root)))
+    selected = [s for s in ORDER if stages is None or s in stages]
+    tags = {**git_info(root), "profile": params.pipeline.profile, "driver": "prefect",
+            "params_hash": json_hash(params.model_dump(mode="json"))}
+    results: dict[str, Any] = {}
+    with mlflow.start_run(run_name=f"retrain:{params.pipeline.profile}", tags=tags) as parent:
+        log_params(params.pipeline.model_dump())
+        ctx.parent_run_id = parent.info.run_id
+        for name in selected:
+            results[name] = stage_task.with_options(name=f"stage:{name}")(name, ctx, force)
+            if name == "data":
+                mlflow.set_tags(version_task(ctx, ["data"]))
+        mlflow.set_tags(version_task(ctx, [s for s in selected if s != "promote"]))
+        results["run_id"] = parent.info.run_id
+    return results

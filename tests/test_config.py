@@ -1,0 +1,82 @@
+"""Params: every shipped file and profile loads; typos and wrong types name the file and the key."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from components.config import expand_env, load_params, profile_names
+from components.errors import ParamsError
+
+PARAMS = Path(__file__).resolve().parents[1] / "params"
+
+
+@pytest.fixture()
+def params_copy(tmp_path: Path) -> Path:
+    return Path(shutil.copytree(PARAMS, tmp_path / "params"))
+
+
+@pytest.mark.parametrize("profile", profile_names(PARAMS))
+def test_every_shipped_profile_loads(profile: str) -> None:
+    params = load_params(PARAMS, profile)
+    assert params.pipeline.profile == profile
+    assert params.data.active
+
+
+def test_profile_overrides_stage_file() -> None:
+    quick, full = load_params(PARAMS, "quick"), load_params(PARAMS, "full")
+    assert quick.experts.trainer.text.max_train_samples == 800
+    assert full.experts.trainer.text.max_train_samples is None
+
+
+def test_typo_names_file_and_key(params_copy: Path) -> None:
+    path = params_copy / "experts.yaml"
+    path.write_text(path.read_text().replace("rank: 8", "rnak: 8"))
+    with pytest.raises(ParamsError, match=r"experts\.yaml: key 'lora\.rnak': Extra inputs are not permitted"):
+        load_params(params_copy)
+
+
+def test_wrong_type_names_file_and_key(params_copy: Path) -> None:
+    path = params_copy / "experts.yaml"
+    path.write_text(path.read_text().replace("rank: 8", "rank: eight"))
+    with pytest.raises(ParamsError, match=r"experts\.yaml: key 'lora\.rank'.*'eight'"):
+        load_params(params_copy)
+
+
+def test_bad_value_in_profile_names_the_profile(params_copy: Path) -> None:
+    (params_copy / "profiles" / "bad.yaml").write_text("experts:\n  lora: {rank: 0}\n")
+    with pytest.raises(ParamsError, match=r"profiles/bad\.yaml: key 'lora\.rank': Input should be greater"):
+        load_params(params_copy, "bad")
+
+
+def test_unknown_active_task(params_copy: Path) -> None:
+    path = params_copy / "data.yaml"
+    path.write_text(path.read_text().replace("active: [pneumoniamnist,", "active: [pneumonia,"))
+    with pytest.raises(ParamsError, match=r"data\.yaml.*unknown task\(s\) \['pneumonia'\]"):
+        load_params(params_copy)
+
+
+def test_unknown_profile_lists_available() -> None:
+    with pytest.raises(ParamsError, match=r"unknown profile 'nope'.*available: \[.*'quick'"):
+        load_params(PARAMS, "nope")
+
+
+def test_malformed_yaml(params_copy: Path) -> None:
+    (params_copy / "fusion.yaml").write_text("methods: [average\n")
+    with pytest.raises(ParamsError, match=r"fusion\.yaml: not valid YAML"):
+        load_params(params_copy)
+
+
+def test_lambda_range(params_copy: Path) -> None:
+    with pytest.raises(ParamsError, match=r"fusion\.yaml: key 'lambdas'.*\(0, 2\]"):
+        load_params(params_copy, overrides={"fusion.lambdas": [0.5, 3.0]})
+
+
+def test_env_expansion(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MEDEXPERTS_X", "/data")
+    assert expand_env("${MEDEXPERTS_X}/a") == "/data/a"
+    assert expand_env("${MEDEXPERTS_UNSET_Y:-../shared}/b") == "../shared/b"
+    with pytest.raises(ParamsError, match="MEDEXPERTS_UNSET_Y is not set"):
+        expand_env("${MEDEXPERTS_UNSET_Y}/b")
