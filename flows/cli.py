@@ -21,6 +21,22 @@ out = Console()
 err = Console(stderr=True)
 
 Profile = Annotated[str | None, typer.Option(help="Profile under params/profiles/ (default: pipeline.yaml's).")]
+Sets = Annotated[list[str] | None, typer.Option("--set", help="Override a param: --set experts.lora.rank=16 (YAML value).")]
+
+
+def parse_sets(items: list[str] | None) -> dict[str, Any]:
+    """KEY=VALUE pairs -> {dotted key: YAML-parsed value}."""
+    import yaml
+
+    from components.errors import ParamsError
+
+    out_: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ParamsError(f"--set {item!r}: expected KEY=VALUE, e.g. experts.lora.rank=16")
+        out_[key.strip()] = yaml.safe_load(value)
+    return out_
 
 
 def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -45,10 +61,10 @@ def _setup() -> Path:
     return root
 
 
-def _params(root: Path, profile: str | None, print_config: bool) -> Any:
+def _params(root: Path, profile: str | None, print_config: bool, sets: list[str] | None = None) -> Any:
     from components.config import load_params
 
-    params = load_params(root / "params", profile)
+    params = load_params(root / "params", profile, parse_sets(sets))
     if print_config:
         out.print_json(json.dumps(params.model_dump(mode="json")))
     return params
@@ -56,12 +72,12 @@ def _params(root: Path, profile: str | None, print_config: bool) -> Any:
 
 @app.command()
 @user_errors
-def run(profile: Profile = None, force: Annotated[bool, typer.Option(help="Re-run unchanged stages.")] = False,
+def run(profile: Profile = None, set_: Sets = None, force: Annotated[bool, typer.Option(help="Re-run unchanged stages.")] = False,
         print_config: Annotated[bool, typer.Option("--print-config", help="Print the merged params.")] = False,
         dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate params and stop.")] = False) -> None:
     """Run the retrain flow end to end (Prefect, MLflow, DVC) and print the results."""
     root = _setup()
-    params = _params(root, profile, print_config)
+    params = _params(root, profile, print_config, set_)
     if dry_run:
         out.print(f"params OK (profile {params.pipeline.profile}); stages: data, foundation, experts, fusion, "
                   "evaluate, promote")
@@ -69,14 +85,14 @@ def run(profile: Profile = None, force: Annotated[bool, typer.Option(help="Re-ru
     from flows.report import print_results
     from flows.retrain import retrain
 
-    results = retrain(profile=params.pipeline.profile, force=force)
+    results = retrain(profile=params.pipeline.profile, force=force, overrides=parse_sets(set_))
     print_results(out, root, results)
 
 
 @app.command()
 @user_errors
 def stage(name: Annotated[str, typer.Argument(help="data | foundation | experts | fusion | evaluate | promote")],
-          profile: Profile = None, force: bool = False,
+          profile: Profile = None, set_: Sets = None, force: bool = False,
           print_config: Annotated[bool, typer.Option("--print-config")] = False) -> None:
     """Run one stage without Prefect (what `dvc repro` calls)."""
     root = _setup()
@@ -89,7 +105,7 @@ def stage(name: Annotated[str, typer.Argument(help="data | foundation | experts 
 
     if name not in STAGES:
         raise ParamsError(f"unknown stage {name!r}; stages: {list(STAGES)}")
-    params = _params(root, profile, print_config)
+    params = _params(root, profile, print_config, set_)
     mlflow.set_experiment(experiment_id=ensure_experiment(params.pipeline.experiment, mlruns_uri(root)))
     run_stage(name, StageContext(root, artifacts_dir(root), params, os.environ.get("MEDEXPERTS_PARENT_RUN_ID")),
               force=force)

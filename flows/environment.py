@@ -39,6 +39,8 @@ def configure(root: Path) -> None:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
     # MLflow 3 logs INFO lines for every DB migration and model registration; keep the console readable.
     logging.getLogger("mlflow").setLevel(logging.WARNING)
+    # Bundles take texts or image arrays, so no signature is inferred; MLflow warns about it each time.
+    logging.getLogger("mlflow.pyfunc").setLevel(logging.ERROR)
     logging.getLogger("alembic").setLevel(logging.WARNING)
     # Lightning's banner lines ("GPU available", tips) say nothing a pipeline user needs.
     for name in ("lightning.pytorch", "lightning.pytorch.utilities.rank_zero", "lightning.fabric"):
@@ -56,5 +58,5 @@ def configure(root: Path) -> None:
 
 
 def mlruns_uri(root: Path) -> str:
-    """Artifact root for experiments created here (the project's mlruns/ folder)."""
-    return (root / "mlruns").resolve().as_uri()
+    """Artifact root for experiments created here: MEDEXPERTS_ARTIFACT_ROOT, else the project's mlruns/."""
+    return os.environ.get("MEDEXPERTS_ARTIFACT_ROOT") or (root / "mlruns").resolve().as_uri()

@@ -32,11 +32,15 @@ def version_task(ctx: StageContext, stages: list[str]) -> dict[str, str]:
 
 
 @flow(name="retrain", log_prints=True)
-def retrain(profile: str | None = None, force: bool = False, stages: list[str] | None = None) -> dict[str, Any]:
-    """Run every stage (or ``stages``); unchanged stages are skipped; the data is versioned first."""
+def retrain(profile: str | None = None, force: bool = False, stages: list[str] | None = None,
+            overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run every stage (or ``stages``); unchanged stages are skipped; the data is versioned first.
+
+    ``overrides`` maps dotted keys (``experts.lora.rank``) to values, applied over the profile.
+    """
     root = project_dir()
     configure(root)
-    params = load_params(root / "params", profile)
+    params = load_params(root / "params", profile, overrides)
     ctx = StageContext(root, artifacts_dir(root), params)
     mlflow.set_experiment(experiment_id=ensure_experiment(params.pipeline.experiment, mlruns_uri(root)))
     selected = [s for s in ORDER if stages is None or s in stages]

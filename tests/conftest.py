@@ -50,3 +50,29 @@ def tiny_params(tiny_bert: Path):  # noqa: ANN201
     from components.config import load_params
 
     return load_params(PROJECT / "params", "tiny", {"foundation.text.source": str(tiny_bert)})
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Isolate Prefect's home and MLflow's defaults from the developer's before anything imports them."""
+    import os
+    import tempfile
+
+    os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="medexperts-prefect-"))
+    os.environ.setdefault("DO_NOT_TRACK", "true")
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture()
+def isolated_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Run the project's params and code, but write artifacts and tracking state under tmp_path."""
+    monkeypatch.setenv("MEDEXPERTS_PROJECT_DIR", str(PROJECT))
+    monkeypatch.setenv("MEDEXPERTS_ARTIFACTS_DIR", str(tmp_path / "artifacts"))
+    monkeypatch.setenv("MEDEXPERTS_ARTIFACT_ROOT", (tmp_path / "mlruns").as_uri())
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    return tmp_path

@@ -55,10 +55,11 @@ class BundleModel(mlflow.pyfunc.PythonModel):
 
         self.bundle = load_bundle(Path(context.artifacts["bundle"]))
 
-    # Inputs are texts or image arrays: MLflow's type-hint schema would reject one or the other.
+    # Inputs are texts (DataFrame/list) or image arrays: no single MLflow schema fits both, so type-hint
+    # validation is off, and the hint is one MLflow knows not to build a schema from.
     _skip_type_hint_validation = True
 
-    def predict(self, context: Any, model_input: Any, params: dict[str, Any] | None = None) -> pd.DataFrame:
+    def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         tasks = self.bundle.tasks
         task = (params or {}).get("task") or (tasks[0] if len(tasks) == 1 else None)
         if task not in tasks:

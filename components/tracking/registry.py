@@ -10,12 +10,16 @@ from typing import Any
 
 import mlflow
 from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
+from mlflow.types import ParamSchema, ParamSpec
 from mlflow.tracking import MlflowClient
 
 from components.errors import RegistryError
-from components.tracking.pyfunc import REQUIREMENTS, BundleModel
+from components.tracking.pyfunc import REQUIREMENTS
 
 CHAMPION, CHALLENGER = "champion", "challenger"
+# Only the params are declared (MLflow drops undeclared predict params); inputs are texts or image arrays.
+SIGNATURE = ModelSignature(inputs=None, params=ParamSchema([ParamSpec("task", "string", "")]))
 METRIC_TAG = "val_metric"
 
 
@@ -43,9 +47,10 @@ def decide(metric: float, champion_metric: float | None, margin: float, floor: f
 
 def register_bundle(name: str, bundle_dir: Path, metric: float, tags: dict[str, str]) -> str:
     """Log the bundle as a pyfunc model in the active run and register it; returns the version."""
+    # Models from code: the logged model is this small script plus the bundle, no pickled object.
     info = mlflow.pyfunc.log_model(
-        name=name, python_model=BundleModel(), artifacts={"bundle": str(bundle_dir)},
-        pip_requirements=REQUIREMENTS, registered_model_name=name,
+        name=name, python_model=str(Path(__file__).with_name("pyfunc_entry.py")), artifacts={"bundle": str(bundle_dir)},
+        pip_requirements=REQUIREMENTS, registered_model_name=name, signature=SIGNATURE,
     )
     version = str(info.registered_model_version)
     client = MlflowClient()
@@ -59,7 +64,7 @@ def champion(client: MlflowClient, name: str) -> tuple[str, float] | None:
         mv = client.get_model_version_by_alias(name, CHAMPION)
     except MlflowException:
         return None
-    return mv.version, float(mv.tags.get(METRIC_TAG, "nan"))
+    return str(mv.version), float(mv.tags.get(METRIC_TAG, "nan"))
 
 
 def gate(name: str, version: str, metric: float, margin: float, floor: float) -> Decision:
@@ -95,8 +100,8 @@ def promote_manual(name: str, version: str) -> Decision:
         known = [m.name for m in client.search_registered_models()]
         raise RegistryError(f"model {name!r} version {version} does not exist; registered models: {known}") from None
     current = champion(client, name)
-    client.set_registered_model_alias(name, CHAMPION, mv.version)
-    decision = Decision(name, mv.version, float(mv.tags.get(METRIC_TAG, "nan")), current[0] if current else None,
+    client.set_registered_model_alias(name, CHAMPION, str(mv.version))
+    decision = Decision(name, str(mv.version), float(mv.tags.get(METRIC_TAG, "nan")), current[0] if current else None,
                         current[1] if current else None, True, "manual promotion")
     record_decision(client, decision)
     return decision
@@ -105,7 +110,7 @@ def promote_manual(name: str, version: str) -> Decision:
 def aliases(name: str) -> dict[str, str]:
     """alias -> version of a registered model."""
     try:
-        return dict(MlflowClient().get_registered_model(name).aliases)
+        return {alias: str(v) for alias, v in MlflowClient().get_registered_model(name).aliases.items()}
     except MlflowException:
         raise RegistryError(f"registered model {name!r} does not exist") from None
 

@@ -1,0 +1,72 @@
+"""The whole retrain flow on the tiny profile, checked as a user would check it in MLflow."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from components.data.datasets import read_manifest
+
+pytestmark = pytest.mark.slow
+STAGES = ["data", "foundation", "experts", "fusion", "evaluate", "promote"]
+TASKS = ["pneumoniamnist", "breastmnist", "pubmedqa", "medical_abstracts"]
+
+
+def test_retrain_end_to_end(isolated_project: Path, tiny_bert: Path) -> None:
+    from flows.retrain import retrain
+
+    overrides = {"foundation.text.source": str(tiny_bert), "registry.floor": 0.0}
+    results = retrain(profile="tiny", overrides=overrides)
+    client = mlflow.MlflowClient()
+    exp = client.get_experiment_by_name("medexperts")
+    runs = {r.info.run_name: r for r in client.search_runs([exp.experiment_id], max_results=100)}
+
+    parent = runs["retrain:tiny"]
+    assert parent.data.tags["profile"] == "tiny"
+    assert "git.commit" in parent.data.tags and "params_hash" in parent.data.tags
+    for stage in STAGES:
+        run = runs[f"stage:{stage}"]
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert run.data.tags["skipped"] == "false"
+    for task in TASKS:
+        expert = runs[f"expert:{task}"]
+        assert expert.data.tags["mlflow.parentRunId"] == runs["stage:experts"].info.run_id
+        assert "val.macro_f1" in expert.data.metrics and "probe_val.macro_f1" in expert.data.metrics
+
+    # datasets: one input per task split, digest = content hash from the data manifest
+    manifest = read_manifest(isolated_project / "artifacts" / "data")
+    inputs = runs["stage:data"].inputs.dataset_inputs
+    digests = {i.dataset.name: i.dataset.digest for i in inputs}
+    assert digests["pubmedqa/test"] == manifest["tasks"]["pubmedqa"]["splits"]["test"]["sha256"][:36]
+    assert len(digests) == 3 * len(TASKS)
+
+    # plots and tables
+    evaluate_files = {a.path for a in client.list_artifacts(runs["stage:evaluate"].info.run_id, "plots")}
+    assert "plots/confusion_pubmedqa_fused.png" in evaluate_files
+    assert "fusion_curve.png" in {a.path for a in client.list_artifacts(runs["stage:fusion"].info.run_id)}
+    metrics = runs["stage:evaluate"].data.metrics
+    assert 0.0 <= metrics["pubmedqa.metrics.expert.macro_f1"] <= 1.0
+    assert metrics["pubmedqa.merge_max_abs_diff"] < 1e-4
+
+    # registry: every expert and the fused model, with aliases; the champion loads and predicts
+    decisions = results["promote"]["decisions"]
+    assert {d["model"] for d in decisions} == {f"medexperts-{t}" for t in TASKS} | {"medexperts-fused-text"}
+    for d in decisions:
+        mv = client.get_model_version_by_alias(d["model"], "challenger")
+        assert str(mv.version) == d["version"]
+        assert d["promoted"]  # first version, floor 0
+    model = mlflow.pyfunc.load_model("models:/medexperts-pubmedqa@champion")
+    frame = model.predict(["Does aspirin reduce the risk of stroke?", "Is smoking protective?"])
+    assert len(frame) == 2 and set(frame["label"]) <= {"yes", "no", "maybe"}
+    fused = mlflow.pyfunc.load_model("models:/medexperts-fused-text@champion")
+    frame = fused.predict(["Colon adenocarcinoma with lymph node metastasis."], params={"task": "medical_abstracts"})
+    assert frame["task"].iloc[0] == "medical_abstracts"
+
+    # nothing changed -> every stage is skipped and nothing new is registered
+    again = retrain(profile="tiny", overrides=overrides)
+    runs2 = client.search_runs([exp.experiment_id], filter_string="tags.skipped = 'true'", max_results=100)
+    assert len(runs2) == len(STAGES)
+    assert again["promote"] == results["promote"]
+    assert len(client.search_model_versions("name='medexperts-pubmedqa'")) == 1
