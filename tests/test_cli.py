@@ -1,0 +1,74 @@
+"""Bad input through the CLI: one line naming the problem, exit status 2, nothing damaged."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from flows.cli import app
+
+runner = CliRunner()
+
+
+def invoke(*args: str) -> tuple[int, str]:
+    result = runner.invoke(app, list(args))
+    return result.exit_code, result.output
+
+
+def test_unknown_profile(isolated_project: Path) -> None:
+    code, output = invoke("run", "--profile", "nope", "--dry-run")
+    assert code == 2
+    assert "unknown profile 'nope'" in output and "Traceback" not in output
+
+
+def test_bad_override_names_key(isolated_project: Path) -> None:
+    code, output = invoke("run", "--dry-run", "--set", "experts.lora.rank=-1")
+    assert code == 2 and "key 'lora.rank'" in output
+
+
+def test_dry_run_and_print_config(isolated_project: Path) -> None:
+    code, output = invoke("run", "--dry-run", "--print-config", "--profile", "tiny")
+    assert code == 0 and '"profile": "tiny"' in output and "params OK" in output
+
+
+def test_unknown_stage(isolated_project: Path) -> None:
+    code, output = invoke("stage", "train")
+    assert code == 2 and "unknown stage 'train'" in output
+
+
+def test_stage_needs_its_inputs(isolated_project: Path) -> None:
+    code, output = invoke("stage", "experts", "--profile", "tiny")
+    assert code == 2 and "needs the output of stage 'data'" in output
+    assert not (isolated_project / "artifacts" / "experts").exists()
+
+
+def test_missing_data_file_keeps_previous_output(isolated_project: Path, tmp_path: Path) -> None:
+    assert invoke("stage", "data", "--profile", "tiny")[0] == 0
+    manifest = (isolated_project / "artifacts" / "data" / "manifest.json").read_bytes()
+    code, output = invoke("stage", "data", "--profile", "tiny", "--set",
+                          "data.tasks.breastmnist.path=data/medmnist/missing.npz")
+    assert code == 2 and "missing.npz" in output and "breastmnist" in output
+    assert (isolated_project / "artifacts" / "data" / "manifest.json").read_bytes() == manifest
+
+
+def test_unknown_registered_model(isolated_project: Path) -> None:
+    code, output = invoke("promote", "--model", "nope", "--version", "1")
+    assert code == 2 and "model 'nope' version 1 does not exist" in output
+
+
+@pytest.mark.parametrize("content", [None, ""])
+def test_predict_bad_input_file(isolated_project: Path, tmp_path: Path, content: str | None) -> None:
+    path = tmp_path / "inputs.txt"
+    if content is not None:
+        path.write_text(content)
+    code, output = invoke("predict", "--model", "models:/x@champion", "--input", str(path))
+    assert code == 2 and ("not found" in output or "no input lines" in output)
+
+
+def test_predict_unknown_model(isolated_project: Path, tmp_path: Path) -> None:
+    path = tmp_path / "inputs.txt"
+    path.write_text("a question\n")
+    code, output = invoke("predict", "--model", "models:/nope@champion", "--input", str(path))
+    assert code == 2 and "cannot load 'models:/nope@champion'" in output
