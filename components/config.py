@@ -178,9 +178,10 @@ class LoraParams(Strict):
 
 
 class ProbeParams(Strict):
-    epochs: int = Field(200, ge=1, description="Full-batch steps of the linear probe.")
+    epochs: int = Field(300, ge=1, description="Full-batch steps of the linear probe.")
     lr: float = Field(1e-2, gt=0, description="Probe learning rate.")
-    weight_decay: float = Field(1e-4, ge=0, description="Probe weight decay.")
+    l2_grid: list[float] = Field(default_factory=lambda: [1e-4, 1e-3, 1e-2], min_length=1,
+                                 description="L2 strengths tried; the best on validation is kept.")
 
 
 class ModalityTrainers(Strict):
@@ -234,6 +235,10 @@ class RegistryParams(Strict):
     prefix: str = Field("medexperts", description="Registered model names start with this.")
     margin: float = Field(0.0, ge=0, description="Challenger must beat champion's val metric by this.")
     floor: float = Field(0.0, ge=0, le=1, description="First model becomes champion only above this.")
+    floors: dict[str, float] = Field(default_factory=dict, description="Per registered model floor (overrides floor).")
+
+    def floor_for(self, name: str) -> float:
+        return self.floors.get(name, self.floor)
 
 
 class Params(Strict):

@@ -17,7 +17,8 @@ from rich.console import Console
 from components.errors import MedExpertsError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
-out = Console()
+# Wide enough for the results tables when the output is a log file, not a terminal.
+out = Console(width=None if sys.stdout.isatty() else 160)
 err = Console(stderr=True)
 
 Profile = Annotated[str | None, typer.Option(help="Profile under params/profiles/ (default: pipeline.yaml's).")]
@@ -100,9 +101,10 @@ def stage(name: Annotated[str, typer.Argument(help="data | foundation | experts 
 
     from components.errors import ParamsError
     from components.tracking.runs import ensure_experiment
-    from flows.environment import artifacts_dir, mlruns_uri
+    from flows.environment import artifacts_dir, console_logging, mlruns_uri
     from flows.stages import STAGES, StageContext, run_stage
 
+    console_logging()
     if name not in STAGES:
         raise ParamsError(f"unknown stage {name!r}; stages: {list(STAGES)}")
     params = _params(root, profile, print_config, set_)
@@ -116,18 +118,16 @@ def stage(name: Annotated[str, typer.Argument(help="data | foundation | experts 
 def serve(cron: Annotated[str, typer.Option(help="Cron schedule, e.g. '0 3 * * 0'.")] = "0 3 * * 0",
           name: Annotated[str, typer.Option(help="Deployment name.")] = "scheduled", profile: Profile = None) -> None:
     """Register a Prefect deployment of the retrain flow on CRON and serve it (Ctrl-C stops)."""
-    from croniter import croniter  # prefect depends on it
-
-    from components.errors import ParamsError
-    from flows.retrain import retrain
-
-    if not croniter.is_valid(cron):
-        raise ParamsError(f"--cron {cron!r} is not a valid cron expression")
     root = _setup()
+    from flows.retrain import deployment
+
     params = _params(root, profile, False)
+    dep = deployment(name, cron, params.pipeline.profile)
     out.print(f"serving deployment [bold]retrain/{name}[/] on '{cron}'; trigger by hand with "
               f"`prefect deployment run 'retrain/{name}'`")
-    retrain.serve(name=name, cron=cron, parameters={"profile": params.pipeline.profile})
+    from prefect import serve as prefect_serve
+
+    prefect_serve(dep)
 
 
 @app.command()

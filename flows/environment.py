@@ -17,6 +17,7 @@ DEFAULTS_OFF = {
     "TRANSFORMERS_OFFLINE": "1",
     "TOKENIZERS_PARALLELISM": "false",
     "GIT_PYTHON_REFRESH": "quiet",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
 }
 
 
@@ -45,18 +46,22 @@ def configure(root: Path) -> None:
     # Lightning's banner lines ("GPU available", tips) say nothing a pipeline user needs.
     for name in ("lightning.pytorch", "lightning.pytorch.utilities.rank_zero", "lightning.fabric"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    medexperts_log = logging.getLogger("medexperts")
-    medexperts_log.setLevel(logging.INFO)
-    if not medexperts_log.handlers and not os.environ.get("PREFECT__FLOW_RUN_ID"):
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s | %(message)s", "%H:%M:%S"))
-        medexperts_log.addHandler(handler)
+    logging.getLogger("medexperts").setLevel(logging.INFO)
     for pattern in (".*Model logged without a signature.*", ".*Add type hints to the `predict` method.*",
                     ".*The filesystem tracking backend.*", ".*is deprecated.*",
-                    ".*module\\(s\\) in eval mode.*"):
+                    ".*module\\(s\\) in eval mode.*", ".*input example was not provided.*"):
         warnings.filterwarnings("ignore", message=pattern)
 
 
 def mlruns_uri(root: Path) -> str:
     """Artifact root for experiments created here: MEDEXPERTS_ARTIFACT_ROOT, else the project's mlruns/."""
     return os.environ.get("MEDEXPERTS_ARTIFACT_ROOT") or (root / "mlruns").resolve().as_uri()
+
+
+def console_logging() -> None:
+    """Progress lines on stderr when no Prefect flow carries them (the `stage` command, DVC)."""
+    log = logging.getLogger("medexperts")
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s | %(message)s", "%H:%M:%S"))
+        log.addHandler(handler)

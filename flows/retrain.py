@@ -57,3 +57,16 @@ def retrain(profile: str | None = None, force: bool = False, stages: list[str] |
         mlflow.set_tags(version_task(ctx, [s for s in selected if s != "promote"]))
         results["run_id"] = parent.info.run_id
     return results
+
+
+def deployment(name: str, cron: str, profile: str) -> Any:
+    """A Prefect deployment of ``retrain`` on ``cron`` (validated here, so a typo is one clear line)."""
+    from prefect.client.schemas.schedules import CronSchedule
+
+    from components.errors import ParamsError
+
+    try:
+        CronSchedule(cron=cron)
+    except ValueError:
+        raise ParamsError(f"--cron {cron!r} is not a valid cron expression (e.g. '0 3 * * 0')") from None
+    return retrain.to_deployment(name=name, cron=cron, parameters={"profile": profile})

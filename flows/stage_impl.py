@@ -72,7 +72,10 @@ def _register_foundation(name: str, folder: Path, sha256: str) -> str:
 
 def log_foundation(ctx: Any, out: Path, summary: dict[str, Any]) -> None:
     log_params(ctx.params.foundation.model_dump(mode="json"))
-    for modality, info in summary.items():
+    for modality in ("text", "image"):
+        if modality not in summary:
+            continue
+        info = summary[modality]
         version = _register_foundation(f"{ctx.params.registry.prefix}-foundation-{modality}", out / modality,
                                        info["sha256"])
         mlflow.set_tags({f"foundation.{modality}.sha256": info["sha256"],
@@ -98,12 +101,12 @@ def run_experts(ctx: Any, out: Path) -> dict[str, Any]:
             summary[task] = {"val": m["metrics"]["val"], "probe_val": m["metrics"]["probe_val"],
                              "trainable_params": m["trainable_params"], "train_seconds": m["train_seconds"],
                              "run_id": run.info.run_id}
-    return summary
+    return {"tasks": summary}
 
 
 def log_experts(ctx: Any, out: Path, summary: dict[str, Any]) -> None:
     log_params(ctx.params.experts.model_dump(mode="json"))
-    log_metrics({t: {"val": s["val"], "probe_val": s["probe_val"]} for t, s in summary.items()})
+    log_metrics({t: {"val": s["val"], "probe_val": s["probe_val"]} for t, s in summary["tasks"].items()})
 
 
 # --------------------------------------------------------------------------- fusion
@@ -170,7 +173,7 @@ def run_promote(ctx: Any, out: Path) -> dict[str, Any]:
             "metric": ctx.params.evaluate.primary_metric}
     for name, bundle, metric in _candidates(ctx):
         version = register_bundle(name, bundle, metric, tags)
-        decisions.append(gate(name, version, metric, rp.margin, rp.floor).__dict__)
+        decisions.append(gate(name, version, metric, rp.margin, rp.floor_for(name)).__dict__)
     return {"decisions": decisions}
 
 

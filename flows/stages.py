@@ -7,6 +7,7 @@ else call the component into an atomic folder -> log a child MLflow run.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,7 +85,9 @@ def run_stage(name: str, ctx: StageContext, force: bool = False) -> dict[str, An
                 raise ArtifactError(f"stage {name!r} needs the output of stage {up!r} ({ctx.out(up)}); run it first")
         mlflow.set_tag("skipped", "false")
         with atomic_dir(out) as tmp:
+            start = time.perf_counter()
             summary = stage.run(ctx, tmp)
+            summary["compute_seconds"] = time.perf_counter() - start
             write_json(tmp / SUMMARY, summary)
             mark_stage(tmp, fp, inputs)
         stage.log(ctx, out, summary)

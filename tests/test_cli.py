@@ -72,3 +72,16 @@ def test_predict_unknown_model(isolated_project: Path, tmp_path: Path) -> None:
     path.write_text("a question\n")
     code, output = invoke("predict", "--model", "models:/nope@champion", "--input", str(path))
     assert code == 2 and "cannot load 'models:/nope@champion'" in output
+
+
+def test_serve_builds_a_scheduled_deployment(isolated_project: Path) -> None:
+    from flows.retrain import deployment
+
+    dep = deployment("weekly", "0 3 * * 0", "quick")
+    assert dep.name == "weekly" and dep.parameters == {"profile": "quick"}
+    assert dep.schedules[0].schedule.cron == "0 3 * * 0"
+
+
+def test_serve_rejects_bad_cron(isolated_project: Path) -> None:
+    code, output = invoke("serve", "--cron", "every sunday")
+    assert code == 2 and "not a valid cron expression" in output

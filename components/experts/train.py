@@ -47,10 +47,8 @@ def train_expert(task: str, params: Params, data_dir: Path, foundation_dir: Path
     x_va, y_va = task_tensors(foundation, val)
 
     t0 = time.perf_counter()
-    probe = fit_probe(batched(foundation.encoder, x_tr), y_tr, train.kind, train.num_labels,
-                      params.experts.probe, seed)
-    probe_val = compute_metrics(train.kind, probe(batched(foundation.encoder, x_va)).detach(), y_va,
-                                train.num_labels)
+    probe, probe_val = fit_probe((batched(foundation.encoder, x_tr), y_tr), (batched(foundation.encoder, x_va), y_va),
+                                 train.kind, train.num_labels, params.experts.probe, metric, seed)
     probe_seconds = time.perf_counter() - t0
     log.info("[experts] %s: probe val %s=%.3f (%d train samples)", task, metric, probe_val[metric], len(train))
 

@@ -1,0 +1,72 @@
+"""Pipeline overhead and quick-profile quality: `python bench/pipeline.py [--profile quick]`.
+
+Runs the retrain flow in an isolated store (temp artifacts + MLflow), times the whole flow against the
+compute inside the stages (data, foundation, experts, fusion, evaluate), then runs it again with nothing
+changed. Writes bench/results/pipeline.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.common import write_result  # noqa: E402
+
+COMPUTE_STAGES = ("data", "foundation", "experts", "fusion", "evaluate")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--profile", default="quick")
+    args = parser.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="medexperts-bench-"))
+    os.environ.update({"MEDEXPERTS_PROJECT_DIR": str(ROOT), "MEDEXPERTS_ARTIFACTS_DIR": str(tmp / "artifacts"),
+                       "MEDEXPERTS_ARTIFACT_ROOT": (tmp / "mlruns").as_uri(),
+                       "MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}"})
+    from flows.retrain import retrain
+
+    start = time.perf_counter()
+    results = retrain(profile=args.profile)
+    wall = time.perf_counter() - start
+    start = time.perf_counter()
+    retrain(profile=args.profile)
+    unchanged = time.perf_counter() - start
+
+    per_stage = {s: results[s]["compute_seconds"] for s in COMPUTE_STAGES}
+    compute = sum(per_stage.values())
+    ev = results["evaluate"]
+    metric = ev["metric"]
+    tasks = {t: {"probe": r["metrics"]["probe"][metric], "expert": r["metrics"]["expert"][metric],
+                 "fused": r["metrics"].get("fused", {}).get(metric), "normalised": r["normalised"],
+                 "expert_stored_bytes": r["params"]["stored_bytes"], "trainable_params": r["params"]["trainable"],
+                 "foundation_params": r["params"]["foundation"],
+                 "latency_ms_per_sample": r["latency_ms_per_sample"], "merge_max_abs_diff": r["merge_max_abs_diff"],
+                 "test_samples": r["test_samples"]}
+             for t, r in ev["tasks"].items()}
+    payload = {
+        "params": {"profile": args.profile, "metric": metric},
+        "figures": {"flow_wall_seconds": wall, "stage_compute_seconds": compute, "per_stage_compute_seconds": per_stage,
+                    "overhead_seconds": wall - compute, "overhead_fraction": (wall - compute) / wall,
+                    "unchanged_rerun_seconds": unchanged,
+                    "every_expert_beats_probe": all(v["expert"] > v["probe"] for v in tasks.values())},
+        "tasks": tasks,
+        "fusion": {k: results["fusion"].get(k) for k in ("best_method", "methods", "curves")},
+        "registry": results["promote"]["decisions"],
+    }
+    path = write_result("pipeline", payload)
+    print(f"flow {wall:.1f}s, stage compute {compute:.1f}s, overhead {100 * (wall - compute) / wall:.1f}%, "
+          f"unchanged re-run {unchanged:.1f}s")
+    for t, v in tasks.items():
+        print(f"  {t:20s} probe {v['probe']:.3f}  expert {v['expert']:.3f}  fused {v['fused'] if v['fused'] is None else round(v['fused'], 3)}")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
