@@ -54,7 +54,7 @@ def retrain(profile: str | None = None, force: bool = False, stages: list[str] |
             results[name] = stage_task.with_options(name=f"stage:{name}")(name, ctx, force)
             if name == "data":
                 mlflow.set_tags(version_task(ctx, ["data"]))
-        mlflow.set_tags(version_task(ctx, [s for s in selected if s != "promote"]))
+        mlflow.set_tags(version_task(ctx, selected))
         results["run_id"] = parent.info.run_id
     return results
 

@@ -9,7 +9,7 @@ import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from components.artifacts import read_json, read_manifest
+from components.artifacts import STAGE_FILE, read_json, read_manifest
 from components.data.prepare import prepare_data
 from components.evaluation.evaluate import evaluate_models
 from components.experts.train import train_expert
@@ -169,8 +169,10 @@ def _candidates(ctx: Any) -> list[tuple[str, Path, float]]:
 
 def run_promote(ctx: Any, out: Path) -> dict[str, Any]:
     rp, decisions = ctx.params.registry, []
-    tags = {**git_info(ctx.root), "profile": ctx.params.pipeline.profile,
-            "metric": ctx.params.evaluate.primary_metric}
+    # Lineage: the fingerprint chain from raw data (source hashes) to this model, plus the git commit.
+    tags = {**git_info(ctx.root), "profile": ctx.params.pipeline.profile, "metric": ctx.params.evaluate.primary_metric,
+            **{f"fingerprint.{s}": read_json(ctx.out(s) / STAGE_FILE).get("fingerprint", "")
+               for s in ("data", "foundation", "experts", "fusion", "evaluate")}}
     for name, bundle, metric in _candidates(ctx):
         version = register_bundle(name, bundle, metric, tags)
         decisions.append(gate(name, version, metric, rp.margin, rp.floor_for(name)).__dict__)

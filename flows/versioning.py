@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 from components.tracking.lineage import dvc_lock_tags
@@ -14,7 +15,8 @@ log = logging.getLogger("medexperts")
 
 def dvc_commit(root: Path, stages: list[str]) -> dict[str, str]:
     """`dvc commit -f STAGES` when the project is a DVC repo; returns the dvc.lock hashes as tags."""
-    dvc = shutil.which("dvc")
+    beside = Path(sys.executable).with_name("dvc")  # the venv's dvc, also when .venv/bin is not on PATH
+    dvc = str(beside) if beside.is_file() else shutil.which("dvc")
     if dvc is None or not (root / ".dvc").is_dir() or not (root / "dvc.yaml").is_file():
         log.info("[dvc] not a DVC repo (or dvc missing): outputs not versioned by DVC")
         return {}

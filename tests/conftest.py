@@ -42,6 +42,8 @@ def mlflow_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     import mlflow
 
     mlflow.set_tracking_uri(uri)
+    # An experiment of this store, artifacts under tmp_path (also forgets an id cached from another store).
+    mlflow.set_experiment(experiment_id=mlflow.create_experiment("tests", (tmp_path / "mlruns").as_uri()))
     return uri
 
 
@@ -75,4 +77,18 @@ def isolated_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     import mlflow
 
     mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment(experiment_id=mlflow.create_experiment("tests", (tmp_path / "mlruns").as_uri()))
     return tmp_path
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _stop_prefect_server() -> object:
+    """Stop Prefect's temporary server while pytest's streams are still open (its atexit hook logs)."""
+    yield
+    import sys
+
+    if "prefect.server.api.server" in sys.modules:
+        from prefect.server.api.server import SubprocessASGIServer
+
+        for server in list(SubprocessASGIServer._instances.values()):
+            server.stop()

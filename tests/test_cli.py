@@ -85,3 +85,16 @@ def test_serve_builds_a_scheduled_deployment(isolated_project: Path) -> None:
 def test_serve_rejects_bad_cron(isolated_project: Path) -> None:
     code, output = invoke("serve", "--cron", "every sunday")
     assert code == 2 and "not a valid cron expression" in output
+
+
+def test_ui_serves_the_project_store(isolated_project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import subprocess
+
+    calls: list[list[str]] = []
+    monkeypatch.setattr(subprocess, "call", lambda cmd, **_: calls.append(cmd) or 0)
+    code, output = invoke("ui", "--port", "5055")
+    assert code == 0 and "http://127.0.0.1:5055" in output
+    cmd = calls[0]
+    assert cmd[1:4] == ["-m", "mlflow", "ui"]
+    assert cmd[cmd.index("--backend-store-uri") + 1] == f"sqlite:///{isolated_project / 'mlflow.db'}"
+    assert cmd[cmd.index("--host") + 1] == "127.0.0.1"

@@ -56,6 +56,8 @@ def test_retrain_end_to_end(isolated_project: Path, tiny_bert: Path) -> None:
     for d in decisions:
         mv = client.get_model_version_by_alias(d["model"], "challenger")
         assert str(mv.version) == d["version"]
+        assert mv.tags["fingerprint.data"] == runs["stage:data"].data.tags["fingerprint"]  # lineage chain
+        assert "git.commit" in mv.tags
         assert d["promoted"]  # first version, floor 0
     model = mlflow.pyfunc.load_model("models:/medexperts-pubmedqa@champion")
     frame = model.predict(["Does aspirin reduce the risk of stroke?", "Is smoking protective?"])
