@@ -30,6 +30,9 @@ def main() -> None:
     os.environ.update({"MEDEXPERTS_PROJECT_DIR": str(ROOT), "MEDEXPERTS_ARTIFACTS_DIR": str(tmp / "artifacts"),
                        "MEDEXPERTS_ARTIFACT_ROOT": (tmp / "mlruns").as_uri(),
                        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}"})
+    from flows.environment import configure
+
+    configure(ROOT)  # before Prefect is imported: its settings (home, analytics off) are read at import
     from flows.retrain import retrain
 
     start = time.perf_counter()

@@ -77,6 +77,8 @@ def fuse_experts(params: Params, data_dir: Path, foundation_dir: Path, experts_d
         scored = [(lam, delta, *scorer.score(delta)) for lam, delta in grid]
         if method == "task_arithmetic":
             curves[method] = [(lam, s) for lam, _, s, _ in scored]
+        else:  # simple averaging is task arithmetic at λ = 1/T: one point on the same axes
+            curves[method] = [(1.0 / len(tasks), scored[0][2])]
         best = max(scored, key=lambda r: -math.inf if math.isnan(r[2]) else r[2])
         lam, delta, score, per_task = best
         heads = {t: TaskHead(e.head, e.manifest["task_kind"], e.manifest["label_names"]) for t, e in experts.items()}
@@ -93,7 +95,8 @@ def fuse_experts(params: Params, data_dir: Path, foundation_dir: Path, experts_d
         "search_seconds": time.perf_counter() - t0,  # merges + validation scoring
     }
     if curves:
-        plot_fusion_curve(curves, {m: results[m]["lambda"] for m in curves}, f"normalised val {metric}",
+        chosen = {m: results[m]["lambda"] or 1.0 / len(tasks) for m in curves}
+        plot_fusion_curve(curves, chosen, f"normalised val {metric}",
                           out_dir / "fusion_curve.png")
     write_json(out_dir / "summary.json", summary)
     return summary
