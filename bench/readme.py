@@ -31,7 +31,7 @@ def pipeline_section(result: dict) -> str:
         f"- Flow wall time {fig['flow_wall_seconds']:.0f} s, of which stage compute {fig['stage_compute_seconds']:.0f} s: "
         f"orchestration + tracking + versioning overhead {100 * fig['overhead_fraction']:.1f} % "
         f"(Prefect's temporary server start, MLflow logging and model registration, `dvc commit`).\n"
-        f"- A second retrain with nothing changed: {fig['unchanged_rerun_seconds']:.0f} s, every stage skipped, nothing registered.\n"
+        f"- A second retrain with nothing changed, in the same process: {fig['unchanged_rerun_seconds']:.0f} s, every stage skipped, nothing registered (a new `medexperts run` adds ~10 s of imports and Prefect start-up).\n"
         f"- Fusion: best method `{result['fusion']['best_method']}`; λ chosen on validation.\n"
     )
 
