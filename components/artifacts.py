@@ -11,7 +11,6 @@ import contextlib
 import json
 import os
 import shutil
-import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,29 +21,38 @@ from components.errors import ArtifactError
 
 MANIFEST = "manifest.json"
 STAGE_FILE = "_stage.json"
-
-
-def write_json(path: Path, obj: Any) -> None:
-    """Write JSON atomically (temp file + rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(obj, fh, indent=2, sort_keys=True, default=str)
-    os.replace(tmp, path)
-
-
-def read_json(path: Path, what: str = "file") -> Any:
-    if not path.is_file():
-        raise ArtifactError(f"{path}: {what} not found")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ArtifactError(f"{path}: corrupt {what} ({exc})") from None
+SUMMARY_FILE = "_summary.json"
 
 
 def _sibling(out_dir: Path, tag: str) -> Path:
     """A fresh hidden path next to out_dir (same filesystem, so renames are atomic)."""
     return out_dir.parent / f".{out_dir.name}.{tag}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write JSON atomically (temp file + rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _sibling(path, "tmp")
+    try:
+        with open(tmp, "w") as fh:  # open(), not mkstemp: the file gets the usual umask permissions
+            json.dump(obj, fh, indent=2, sort_keys=True, default=str)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def read_json(path: Path, what: str = "file") -> dict[str, Any]:
+    """A JSON object from ``path``; missing, unreadable or non-object content is an ArtifactError."""
+    if not path.is_file():
+        raise ArtifactError(f"{path}: {what} not found")
+    try:
+        obj = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ArtifactError(f"{path}: corrupt {what} ({exc})") from None
+    if not isinstance(obj, dict):
+        raise ArtifactError(f"{path}: corrupt {what} (expected a JSON object)")
+    return obj
 
 
 def _swap_in(tmp: Path, out_dir: Path) -> None:
@@ -109,11 +117,9 @@ def read_manifest(folder: Path, kind: str | None = None, verify: bool = True) ->
 def stage_is_current(out_dir: Path, fingerprint: str) -> bool:
     """True when ``out_dir`` was completed by a run with this exact fingerprint."""
     path = Path(out_dir) / STAGE_FILE
-    if not path.is_file():
-        return False
     try:
-        return json.loads(path.read_text()).get("fingerprint") == fingerprint
-    except json.JSONDecodeError:
+        return read_json(path).get("fingerprint") == fingerprint
+    except ArtifactError:  # missing or corrupt: the stage runs again and rewrites it
         return False
 
 

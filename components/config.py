@@ -137,7 +137,7 @@ class TrainerParams(Strict):
     lr: float = Field(1e-3, gt=0, description="AdamW learning rate.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     accelerator: Literal["auto", "cpu", "gpu"] = Field("auto", description="Lightning accelerator.")
-    devices: int | Literal["auto"] = Field("auto", description="Devices per node.")
+    devices: int | Literal["auto"] = Field(1, description="Devices per node (>1 or 'auto' with strategy ddp).")
     num_nodes: int = Field(1, ge=1, description="Nodes (DDP across nodes when > 1).")
     strategy: Literal["auto", "ddp"] = Field("auto", description="Lightning strategy.")
     precision: Literal["auto", "32-true", "bf16-mixed", "16-mixed"] = Field(
@@ -348,6 +348,9 @@ def load_params(
     unknown = sorted(set(prof) - set(SECTIONS))
     if unknown:
         raise ParamsError(f"{profile_path}: unknown section(s) {unknown}; known: {list(SECTIONS)}")
+    bad = [s for s in SECTIONS if prof.get(s) is not None and not isinstance(prof[s], dict)]
+    if bad:
+        raise ParamsError(f"{profile_path}: section(s) {bad} must be mappings of overrides")
     merged = {s: _deep_merge(raw[s], prof.get(s) or {}) for s in SECTIONS}
     merged["pipeline"]["profile"] = name
     for dotted, value in (overrides or {}).items():

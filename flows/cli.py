@@ -36,7 +36,10 @@ def parse_sets(items: list[str] | None) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise ParamsError(f"--set {item!r}: expected KEY=VALUE, e.g. experts.lora.rank=16")
-        out_[key.strip()] = yaml.safe_load(value)
+        try:
+            out_[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise ParamsError(f"--set {item!r}: the value is not valid YAML") from None
     return out_
 
 

@@ -25,9 +25,11 @@ def stage_task(name: str, ctx: StageContext, force: bool) -> dict[str, Any]:
 
 
 @task(name="dvc-commit", cache_policy=NONE)
-def version_task(ctx: StageContext, stages: list[str]) -> dict[str, str]:
-    if ctx.artifacts != ctx.root / "artifacts":
-        return {}  # dvc.yaml describes the default artifacts folder only
+def version_task(ctx: StageContext, stages: list[str], as_dvc_would: bool) -> dict[str, str]:
+    # dvc.yaml describes the default artifacts folder and the params files as they are: outputs made
+    # with --profile/--set overrides must not be recorded as if dvc.yaml had produced them.
+    if ctx.artifacts != ctx.root / "artifacts" or not as_dvc_would:
+        return {}
     return dvc_commit(ctx.root, stages)
 
 
@@ -44,6 +46,7 @@ def retrain(profile: str | None = None, force: bool = False, stages: list[str] |
     ctx = StageContext(root, artifacts_dir(root), params)
     mlflow.set_experiment(experiment_id=ensure_experiment(params.pipeline.experiment, mlruns_uri(root)))
     selected = [s for s in ORDER if stages is None or s in stages]
+    as_dvc_would = not overrides and params.pipeline.profile == load_params(root / "params").pipeline.profile
     tags = {**git_info(root), "profile": params.pipeline.profile, "driver": "prefect",
             "params_hash": json_hash(params.model_dump(mode="json"))}
     results: dict[str, Any] = {}
@@ -53,8 +56,8 @@ def retrain(profile: str | None = None, force: bool = False, stages: list[str] |
         for name in selected:
             results[name] = stage_task.with_options(name=f"stage:{name}")(name, ctx, force)
             if name == "data":
-                mlflow.set_tags(version_task(ctx, ["data"]))
-        mlflow.set_tags(version_task(ctx, selected))
+                mlflow.set_tags(version_task(ctx, ["data"], as_dvc_would))
+        mlflow.set_tags(version_task(ctx, selected, as_dvc_would))
         results["run_id"] = parent.info.run_id
     return results
 

@@ -9,7 +9,7 @@ import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from components.artifacts import STAGE_FILE, read_json, read_manifest
+from components.artifacts import STAGE_FILE, SUMMARY_FILE, read_json, read_manifest
 from components.data.prepare import prepare_data
 from components.evaluation.evaluate import evaluate_models
 from components.experts.train import train_expert
@@ -158,7 +158,7 @@ def _candidates(ctx: Any) -> list[tuple[str, Path, float]]:
         folder = ctx.out("experts") / task
         m = read_manifest(folder, kind="expert", verify=False)
         out.append((f"{p.registry.prefix}-{task}", folder / "bundle", float(m["metrics"]["val"][metric])))
-    fusion = read_json(ctx.out("fusion") / "_summary.json", "fusion summary")
+    fusion = read_json(ctx.out("fusion") / SUMMARY_FILE, "fusion summary")
     if "best_method" in fusion:
         best = fusion["methods"][fusion["best_method"]]
         mean = sum(v[metric] for v in best["val_metrics"].values()) / len(best["val_metrics"])
@@ -173,8 +173,11 @@ def run_promote(ctx: Any, out: Path) -> dict[str, Any]:
     tags = {**git_info(ctx.root), "profile": ctx.params.pipeline.profile, "metric": ctx.params.evaluate.primary_metric,
             **{f"fingerprint.{s}": read_json(ctx.out(s) / STAGE_FILE).get("fingerprint", "")
                for s in ("data", "foundation", "experts", "fusion", "evaluate")}}
+    expert_runs = read_json(ctx.out("experts") / SUMMARY_FILE, "experts summary")["tasks"]
     for name, bundle, metric in _candidates(ctx):
-        version = register_bundle(name, bundle, metric, tags)
+        task = name.removeprefix(f"{rp.prefix}-")
+        run_tag = {"training_run_id": expert_runs[task]["run_id"]} if task in expert_runs else {}
+        version = register_bundle(name, bundle, metric, {**tags, **run_tag})
         decisions.append(gate(name, version, metric, rp.margin, rp.floor_for(name)).__dict__)
     return {"decisions": decisions}
 

@@ -14,17 +14,19 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+from mlflow.exceptions import MlflowException
 
 import components
-from components.artifacts import STAGE_FILE, atomic_dir, mark_stage, read_json, stage_is_current, write_json
+from components.artifacts import STAGE_FILE, SUMMARY_FILE, atomic_dir, mark_stage, read_json, stage_is_current, write_json
 from components.config import Params, expand_env
 from components.errors import ArtifactError
-from components.fingerprint import code_hash, json_hash, tree_hash
+from components.fingerprint import code_hash, json_hash, sha256_file, tree_hash
+from components.models.encoders import resolve_text_source
+from components.models.foundation import text_weights_hash
 from components.tracking.lineage import git_info
 from flows import stage_impl as impl
 
 log = logging.getLogger("medexperts")
-SUMMARY = "_summary.json"
 
 
 @dataclass
@@ -56,6 +58,25 @@ def _source_hashes(ctx: StageContext) -> dict[str, str]:
     return out
 
 
+def _foundation_sources(ctx: StageContext) -> dict[str, str]:
+    """Hashes of the weights the foundation stage starts from (a new package version or checkpoint re-runs it)."""
+    out = {}
+    fp = ctx.params.foundation
+    if ctx.params.data.active_tasks("text"):
+        out["text_weights"] = text_weights_hash(resolve_text_source(fp.text.source, ctx.root))
+    if ctx.params.data.active_tasks("image") and fp.image.source != "pretrain":
+        path = ctx.root / fp.image.source
+        out["image_checkpoint"] = tree_hash(path) if path.exists() else "missing"
+    return out
+
+
+def _code_hash() -> str:
+    """Stage code: the library plus the stage table and implementations here."""
+    here = Path(__file__).parent
+    return json_hash([code_hash(Path(components.__file__).parent),
+                      *(sha256_file(here / f) for f in ("stages.py", "stage_impl.py"))])
+
+
 def fingerprint(name: str, ctx: StageContext) -> tuple[str, dict[str, str]]:
     """Hash of what decides a stage's output; and the upstream fingerprints it used."""
     inputs = {}
@@ -64,8 +85,10 @@ def fingerprint(name: str, ctx: StageContext) -> tuple[str, dict[str, str]]:
         inputs[up] = read_json(stage_file, f"{up} stage output").get("fingerprint") if stage_file.is_file() else "missing"
     if name == "data":
         inputs.update(_source_hashes(ctx))
+    if name == "foundation":
+        inputs.update(_foundation_sources(ctx))
     payload = {"stage": name, "params": STAGES[name].params(ctx.params), "seed": ctx.params.pipeline.seed,
-               "inputs": inputs, "code": code_hash(Path(components.__file__).parent)}
+               "inputs": inputs, "code": _code_hash()}
     return json_hash(payload), inputs
 
 
@@ -75,11 +98,16 @@ def run_stage(name: str, ctx: StageContext, force: bool = False) -> dict[str, An
     fp, inputs = fingerprint(name, ctx)
     out = ctx.out(name)
     tags = {"stage": name, "fingerprint": fp, "profile": ctx.params.pipeline.profile, **git_info(ctx.root)}
-    with mlflow.start_run(run_name=f"stage:{name}", nested=True, parent_run_id=ctx.parent_run_id, tags=tags):
-        if not force and stage_is_current(out, fp) and (out / SUMMARY).is_file():
+    try:
+        run = mlflow.start_run(run_name=f"stage:{name}", nested=True, parent_run_id=ctx.parent_run_id, tags=tags)
+    except MlflowException as exc:
+        raise ArtifactError(f"cannot start the MLflow run of stage {name!r} (parent {ctx.parent_run_id}): "
+                            f"{exc.message.splitlines()[0]}") from None
+    with run:
+        if not force and stage_is_current(out, fp) and (out / SUMMARY_FILE).is_file():
             log.info("[%s] inputs, params and code unchanged: skipped (fingerprint %s)", name, fp[:12])
             mlflow.set_tag("skipped", "true")
-            return read_json(out / SUMMARY)
+            return read_json(out / SUMMARY_FILE)
         for up in stage.needs:
             if inputs.get(up) == "missing":
                 raise ArtifactError(f"stage {name!r} needs the output of stage {up!r} ({ctx.out(up)}); run it first")
@@ -88,7 +116,7 @@ def run_stage(name: str, ctx: StageContext, force: bool = False) -> dict[str, An
             start = time.perf_counter()
             summary = stage.run(ctx, tmp)
             summary["compute_seconds"] = time.perf_counter() - start
-            write_json(tmp / SUMMARY, summary)
+            write_json(tmp / SUMMARY_FILE, summary)
             mark_stage(tmp, fp, inputs)
         stage.log(ctx, out, summary)
         return summary

@@ -28,6 +28,11 @@ def test_bad_override_names_key(isolated_project: Path) -> None:
     assert code == 2 and "key 'lora.rank'" in output
 
 
+def test_override_value_not_yaml(isolated_project: Path) -> None:
+    code, output = invoke("run", "--dry-run", "--set", "data.active=[pubmedqa")
+    assert code == 2 and "not valid YAML" in output
+
+
 def test_dry_run_and_print_config(isolated_project: Path) -> None:
     code, output = invoke("run", "--dry-run", "--print-config", "--profile", "tiny")
     assert code == 0 and '"profile": "tiny"' in output and "params OK" in output

@@ -80,3 +80,20 @@ def test_env_expansion(monkeypatch: pytest.MonkeyPatch) -> None:
     assert expand_env("${MEDEXPERTS_UNSET_Y:-../shared}/b") == "../shared/b"
     with pytest.raises(ParamsError, match="MEDEXPERTS_UNSET_Y is not set"):
         expand_env("${MEDEXPERTS_UNSET_Y}/b")
+
+
+def test_profile_section_must_be_a_mapping(params_copy: Path) -> None:
+    (params_copy / "profiles" / "bad.yaml").write_text("experts: 3\n")
+    with pytest.raises(ParamsError, match=r"bad\.yaml: section\(s\) \['experts'\] must be mappings"):
+        load_params(params_copy, "bad")
+
+
+def test_corrupt_stage_files_are_artifact_errors(tmp_path: Path) -> None:
+    from components.artifacts import read_json, stage_is_current
+    from components.errors import ArtifactError
+
+    (tmp_path / "_stage.json").write_text("[1, 2]")
+    assert not stage_is_current(tmp_path, "x")  # corrupt: the stage simply runs again
+    (tmp_path / "m.json").write_bytes(b"\xff\xfe")
+    with pytest.raises(ArtifactError, match="corrupt"):
+        read_json(tmp_path / "m.json")

@@ -26,6 +26,11 @@ def test_decide(metric: float, champion: float | None, promoted: bool) -> None:
     assert f"{metric:.4f}" in reason
 
 
+def test_champion_without_metric_does_not_block() -> None:
+    ok, _ = decide(0.6, float("nan"), margin=0.005, floor=0.5)
+    assert ok
+
+
 def bundle(tmp_path: Path) -> Path:
     torch.manual_seed(0)
     enc = ImageEncoder([4]).eval()

@@ -51,7 +51,9 @@ def evaluate_models(params: Params, data_dir: Path, foundation_dir: Path, expert
     foundations: dict[str, Foundation] = {}
     results: dict[str, Any] = {}
     for task, spec in params.data.active_tasks().items():
-        found = foundations.setdefault(spec.modality, load_foundation(foundation_dir, spec.modality))
+        if spec.modality not in foundations:
+            foundations[spec.modality] = load_foundation(foundation_dir, spec.modality)
+        found = foundations[spec.modality]
         test = load_split(data_dir, task, "test").subset(ep.max_test_samples, seed)
         x, y = found.inputs(test.inputs), labels_tensor(test.labels, test.kind)
         expert = load_expert(experts_dir / task, found)

@@ -54,6 +54,11 @@ class ValidationScorer:
         return float(sum(norm) / len(norm)), per_task
 
 
+def _finite(score: float) -> float:
+    """NaN scores (an undefined metric) rank last."""
+    return -math.inf if math.isnan(score) else score
+
+
 def fuse_experts(params: Params, data_dir: Path, foundation_dir: Path, experts_dir: Path,
                  out_dir: Path) -> dict[str, Any]:
     """Merge by every configured method; λ by validation normalised score; write bundles + curve."""
@@ -79,7 +84,7 @@ def fuse_experts(params: Params, data_dir: Path, foundation_dir: Path, experts_d
             curves[method] = [(lam, s) for lam, _, s, _ in scored]
         else:  # simple averaging is task arithmetic at λ = 1/T: one point on the same axes
             curves[method] = [(1.0 / len(tasks), scored[0][2])]
-        best = max(scored, key=lambda r: -math.inf if math.isnan(r[2]) else r[2])
+        best = max(scored, key=lambda r: _finite(r[2]))
         lam, delta, score, per_task = best
         heads = {t: TaskHead(e.head, e.manifest["task_kind"], e.manifest["label_names"]) for t, e in experts.items()}
         save_bundle(out_dir / method, foundation, delta, heads, name=f"fused-{fp.modality}-{method}", metadata={
@@ -88,15 +93,13 @@ def fuse_experts(params: Params, data_dir: Path, foundation_dir: Path, experts_d
         })
         results[method] = {"lambda": lam, "val_normalised": score, "val_metrics": per_task}
         log.info("[fusion] %s: λ=%s, normalised val %s=%.3f", method, lam, metric, score)
-    best_method = max(results, key=lambda m: results[m]["val_normalised"])
+    best_method = max(results, key=lambda m: _finite(results[m]["val_normalised"]))
     summary = {
         "modality": fp.modality, "tasks": tasks, "metric": metric, "methods": results, "best_method": best_method,
         "single_val": scorer.single, "curves": {m: [list(p) for p in c] for m, c in curves.items()},
         "search_seconds": time.perf_counter() - t0,  # merges + validation scoring
     }
-    if curves:
-        chosen = {m: results[m]["lambda"] or 1.0 / len(tasks) for m in curves}
-        plot_fusion_curve(curves, chosen, f"normalised val {metric}",
-                          out_dir / "fusion_curve.png")
+    chosen = {m: results[m]["lambda"] or 1.0 / len(tasks) for m in curves}
+    plot_fusion_curve(curves, chosen, f"normalised val {metric}", out_dir / "fusion_curve.png")
     write_json(out_dir / "summary.json", summary)
     return summary

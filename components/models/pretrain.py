@@ -15,7 +15,7 @@ import torch
 from components.artifacts import read_manifest
 from components.config import Params
 from components.data.datasets import TaskData, load_split
-from components.errors import ParamsError
+from components.errors import DataError, ParamsError
 from components.models.encoders import image_tensor
 from components.models.foundation import new_image_model, save_image_foundation
 from components.training.data import TensorDictDataset, loader
@@ -26,6 +26,9 @@ log = logging.getLogger("medexperts")
 
 
 def _mixed(tasks: dict[str, TaskData]) -> TensorDictDataset:
+    shapes = {n: tuple(t.inputs.shape[1:3]) for n, t in tasks.items()}
+    if len(set(shapes.values())) > 1:
+        raise DataError(f"image pre-training needs one image size; the active image tasks have {shapes}")
     pixels = torch.cat([image_tensor(t.inputs)["pixels"] for t in tasks.values()])
     labels = torch.cat([torch.as_tensor(t.labels).long() for t in tasks.values()])
     ids = torch.cat([torch.full((len(t),), i, dtype=torch.long) for i, t in enumerate(tasks.values())])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -36,7 +37,7 @@ class Decision:
 
 def decide(metric: float, champion_metric: float | None, margin: float, floor: float) -> tuple[bool, str]:
     """Pure gate: beat the champion by ``margin``; with no champion, clear ``floor``."""
-    if champion_metric is None:
+    if champion_metric is None or math.isnan(champion_metric):  # a champion without a metric cannot block
         if metric > floor:
             return True, f"first model: {metric:.4f} > floor {floor:.4f}"
         return False, f"first model: {metric:.4f} <= floor {floor:.4f}"

@@ -51,7 +51,7 @@ class ClassifierModule(L.LightningModule):
         metrics = compute_metrics(
             self.kind, torch.cat(self._val_logits), torch.cat(self._val_labels), self.num_labels
         )
-        self.log(f"val_{self.metric}", metrics[self.metric], prog_bar=True)
+        self.log(f"val_{self.metric}", metrics[self.metric], prog_bar=True, sync_dist=True)
         self._val_logits.clear()
         self._val_labels.clear()
 

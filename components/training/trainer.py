@@ -38,7 +38,8 @@ def build_trainer(
     if monitor:
         callbacks.append(RestoreBestTrainable(monitor, mode))
     if tp.early_stopping_patience and monitor:
-        callbacks.append(EarlyStopping(monitor=monitor, mode=mode, patience=tp.early_stopping_patience))
+        callbacks.append(EarlyStopping(monitor=monitor, mode=mode, patience=tp.early_stopping_patience,
+                                       check_finite=False))
     # Lightning's hints about dataloader workers and tiny logging intervals are noise for in-memory data.
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*log_every_n_steps.*")
