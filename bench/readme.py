@@ -36,6 +36,14 @@ def pipeline_section(result: dict) -> str:
     )
 
 
+def methods_section() -> str:
+    from components.experts.methods import METHODS
+
+    rows = [{"key": f"`{m.name}`", "method": m.pretty, "what": m.what, "paper": m.paper} for m in METHODS.values()]
+    return markdown_table(rows, [("key", "`experts.method`"), ("method", "method"), ("what", "what it does"),
+                                 ("paper", "paper")])
+
+
 def replace(text: str, name: str, body: str) -> str:
     pattern = re.compile(rf"(<!-- results:{name} -->\n).*?(<!-- /results:{name} -->)", re.S)
     if not pattern.search(text):
@@ -46,6 +54,7 @@ def replace(text: str, name: str, body: str) -> str:
 def main() -> None:
     readme = ROOT / "README.md"
     text = readme.read_text()
+    text = replace(text, "methods", methods_section())
     path = ROOT / "bench" / "results" / "pipeline.json"
     if path.is_file():
         text = replace(text, "pipeline", pipeline_section(json.loads(path.read_text())))

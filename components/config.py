@@ -193,7 +193,10 @@ class ModalityTrainers(Strict):
 
 
 class ExpertsParams(Strict):
-    method: Literal["lora"] = Field("lora", description="Expert method.")
+    method: Literal["lora", "llora", "full"] = Field(
+        "lora", description="lora | llora (linearized LoRA) | full (full fine-tuning, the reference).")
+    llora_path: Literal["auto", "jvp", "frozen_a"] = Field(
+        "auto", description="L-LoRA: jvp = forward-mode linearization; frozen_a = closed form when B0 = 0; auto picks.")
     lora: LoraParams = Field(default_factory=LoraParams, description="LoRA settings.")
     probe: ProbeParams = Field(default_factory=ProbeParams, description="Frozen-foundation linear probe.")
     head_init: Literal["probe", "random"] = Field(

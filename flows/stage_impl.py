@@ -171,6 +171,7 @@ def run_promote(ctx: Any, out: Path) -> dict[str, Any]:
     rp, decisions = ctx.params.registry, []
     # Lineage: the fingerprint chain from raw data (source hashes) to this model, plus the git commit.
     tags = {**git_info(ctx.root), "profile": ctx.params.pipeline.profile, "metric": ctx.params.evaluate.primary_metric,
+            "method": ctx.params.experts.method,
             **{f"fingerprint.{s}": read_json(ctx.out(s) / STAGE_FILE).get("fingerprint", "")
                for s in ("data", "foundation", "experts", "fusion", "evaluate")}}
     expert_runs = read_json(ctx.out("experts") / SUMMARY_FILE, "experts summary")["tasks"]

@@ -88,7 +88,7 @@ def test_merged_bundle_equals_adapter_model(found: Foundation, tmp_path: Path) -
 def test_expert_save_load_round_trip_and_checks(found: Foundation, tmp_path: Path) -> None:
     peft, head = trained_like(found)
     x = inputs_for(found)
-    save_expert(tmp_path / "e", peft, head, head, {"task": "t", "base_sha256": found.sha256,
+    save_expert(tmp_path / "e", peft, head, head, {"task": "t", "method": "lora", "base_sha256": found.sha256,
                                                    "lora": LoraParams(rank=2, alpha=4).model_dump()})
     expert = load_expert(tmp_path / "e", found)
     torch.testing.assert_close(batched(expert.classifier(), x), batched(Classifier(peft, head), x))

@@ -11,12 +11,12 @@ import torch
 from components.artifacts import read_json, write_json
 from components.config import Params
 from components.data.datasets import load_split
-from components.evaluation.counts import count_parameters, file_bytes
+from components.evaluation.counts import count_parameters
 from components.evaluation.latency import measure_latency
 from components.evaluation.metrics import compute_metrics, confusion, normalised_score
 from components.evaluation.plots import plot_confusion
 from components.evaluation.report import markdown_table
-from components.experts.io import load_expert
+from components.experts.io import load_expert, stored_bytes
 from components.models.bundle import LoadedBundle, load_bundle
 from components.models.classifier import Classifier
 from components.models.foundation import Foundation, load_foundation
@@ -26,7 +26,7 @@ from components.training.inference import batched
 log = logging.getLogger("medexperts")
 
 EQUALITY_SAMPLES = 64
-COLUMNS = [("task", "task"), ("probe", "probe"), ("expert", "LoRA expert"), ("fused", "fused"),
+COLUMNS = [("task", "task"), ("probe", "probe"), ("expert", "expert"), ("fused", "fused"),
            ("normalised", "fused / expert"), ("expert_stored_kb", "expert KB"),
            ("expert_ms", "expert ms/sample"), ("base_ms", "base ms/sample")]
 
@@ -66,7 +66,7 @@ def evaluate_models(params: Params, data_dir: Path, foundation_dir: Path, expert
         scores = {"probe": compute_metrics(test.kind, batched(probe_model, x), y, test.num_labels),
                   "expert": compute_metrics(test.kind, deployed_logits, y, test.num_labels)}
         plots = {"expert": plot_confusion(confusion(test.kind, deployed_logits, y, test.num_labels),
-                                          test.label_names, f"{task}: LoRA expert (test)",
+                                          test.label_names, f"{task}: {expert.manifest['method']} expert (test)",
                                           out_dir / "plots" / f"confusion_{task}_expert.png")}
         if fused is not None and task in fused.tasks:
             fused_logits = batched(fused.model.for_task(task), x)
@@ -74,7 +74,6 @@ def evaluate_models(params: Params, data_dir: Path, foundation_dir: Path, expert
             plots["fused"] = plot_confusion(confusion(test.kind, fused_logits, y, test.num_labels),
                                             test.label_names, f"{task}: fused {fusion_summary['best_method']} (test)",
                                             out_dir / "plots" / f"confusion_{task}_fused.png")
-        expert_files = [experts_dir / task / f for f in ("adapter.safetensors", "head.safetensors")]
         results[task] = {
             "modality": spec.modality, "kind": test.kind, "test_samples": len(test), "metrics": scores,
             "normalised": normalised_score(scores["fused"][metric], scores["expert"][metric]) if "fused" in scores else None,
@@ -82,7 +81,7 @@ def evaluate_models(params: Params, data_dir: Path, foundation_dir: Path, expert
             "merge_max_abs_diff": merge_diff,
             "params": {"foundation": count_parameters(found.encoder),
                        "trainable": expert.manifest["trainable_params"],
-                       "stored_bytes": sum(file_bytes(f) for f in expert_files),
+                       "stored_bytes": stored_bytes(experts_dir / task),
                        "deployed": count_parameters(deployed)},
             "latency_ms_per_sample": {
                 "base": _latency(probe_model, x, ep.latency_batch_size, ep.latency_repeats),

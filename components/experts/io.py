@@ -1,4 +1,4 @@
-"""Save and load a task expert: adapter + head (+ its probe head) as safetensors, and a manifest."""
+"""Save and load a task expert: its method's weights + head (+ probe head) as safetensors, and a manifest."""
 
 from __future__ import annotations
 
@@ -6,14 +6,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from components.artifacts import read_manifest, write_manifest
-from components.config import LoraParams
 from components.errors import ArtifactError
-from components.experts.lora import attach_lora
+from components.experts.methods import TaskVector, get_method
 from components.models.classifier import Classifier, make_head
 from components.models.foundation import Foundation
 
@@ -21,23 +19,33 @@ from components.models.foundation import Foundation
 @dataclass
 class Expert:
     task: str
-    peft_encoder: PeftModel
+    encoder: nn.Module  # the method's trained encoder (PEFT, linearized PEFT, or a full copy)
     head: nn.Linear
     probe_head: nn.Linear
     manifest: dict[str, Any]
+    base: nn.Module
 
     def classifier(self) -> Classifier:
-        return Classifier(self.peft_encoder, self.head).eval()
+        return Classifier(self.encoder, self.head).eval()
+
+    def delta(self) -> TaskVector:
+        """The expert's dense weight update ΔW over the foundation (its task vector)."""
+        return get_method(self.manifest["method"]).delta(self.encoder, self.base)
 
 
-def save_expert(out_dir: Path, peft_encoder: PeftModel, head: nn.Module, probe_head: nn.Module,
+def stored_bytes(folder: Path) -> int:
+    """Bytes an expert needs on disk: its method's weights and its head (not the probe, bundle or manifest)."""
+    skip = {"probe_head.safetensors", "manifest.json"}
+    return sum(p.stat().st_size for p in Path(folder).glob("*.safetensors") if p.name not in skip)
+
+
+def save_expert(out_dir: Path, encoder: nn.Module, head: nn.Module, probe_head: nn.Module,
                 manifest: dict[str, Any]) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
-    adapter = {k: v.detach().contiguous() for k, v in get_peft_model_state_dict(peft_encoder).items()}
-    save_file(adapter, out_dir / "adapter.safetensors")
+    extra = get_method(manifest["method"]).save(encoder, out_dir)
     save_file({k: v.contiguous() for k, v in head.state_dict().items()}, out_dir / "head.safetensors")
     save_file({k: v.contiguous() for k, v in probe_head.state_dict().items()}, out_dir / "probe_head.safetensors")
-    return write_manifest(out_dir, {"kind": "expert", **manifest})
+    return write_manifest(out_dir, {"kind": "expert", **manifest, **extra})
 
 
 def load_expert(folder: Path, foundation: Foundation) -> Expert:
@@ -48,17 +56,12 @@ def load_expert(folder: Path, foundation: Foundation) -> Expert:
             f"{folder}: expert for task {manifest['task']!r} was trained on foundation "
             f"{manifest['base_sha256'][:12]}, but the loaded foundation is {foundation.sha256[:12]}"
         )
-    lp = LoraParams(**manifest["lora"])
-    peft_encoder = attach_lora(foundation.encoder, lp, foundation.modality)
-    result = set_peft_model_state_dict(peft_encoder, load_file(folder / "adapter.safetensors"))
-    if getattr(result, "unexpected_keys", None):
-        raise ArtifactError(f"{folder}/adapter.safetensors: unexpected keys {result.unexpected_keys[:3]}")
+    encoder = get_method(manifest["method"]).load(foundation.encoder, manifest, foundation.modality, folder)
     heads = []
     for name in ("head", "probe_head"):
         state = load_file(folder / f"{name}.safetensors")
         head = make_head(state["weight"].shape[1], state["weight"].shape[0])
         head.load_state_dict(state)
         heads.append(head.eval())
-    peft_encoder.eval().requires_grad_(False)
-    return Expert(manifest["task"], peft_encoder, heads[0], heads[1], manifest)
-
+    encoder.eval().requires_grad_(False)
+    return Expert(manifest["task"], encoder, heads[0], heads[1], manifest, foundation.encoder)

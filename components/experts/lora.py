@@ -42,11 +42,16 @@ def attach_lora(encoder: nn.Module, lp: LoraParams, modality: str) -> PeftModel:
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoraLayer]:
-    """LoRA layers keyed by the name of the weight they adapt in the plain encoder."""
+    """LoRA layers keyed by the name of the weight they adapt in the plain encoder.
+
+    A layer wrapped by a linearizing module (one with ``wrapped_attr``) keeps its name from before wrapping.
+    """
+    wrappers = {name for name, m in model.named_modules() if getattr(m, "wrapped_attr", None)}
     out = {}
     for name, module in model.named_modules():
         if isinstance(module, LoraLayer):
-            plain = name.removeprefix("base_model.model.")
+            parent = name.rpartition(".")[0]
+            plain = (parent if parent in wrappers else name).removeprefix("base_model.model.")
             out[f"{plain}.weight"] = module
     return out
 

@@ -1,4 +1,4 @@
-"""Train one task's expert: a frozen-foundation linear probe, then a LoRA expert started from it."""
+"""Train one task's expert: a frozen-foundation linear probe, then the expert (params: experts.method) from it."""
 
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ from components.data.datasets import TaskData, load_split
 from components.evaluation.counts import count_parameters
 from components.evaluation.metrics import compute_metrics
 from components.experts.io import save_expert
-from components.experts.lora import attach_lora, delta_weights, lora_targets
+from components.experts.lora import lora_targets
+from components.experts.methods import get_method
 from components.models.bundle import TaskHead, save_bundle
 from components.experts.probe import fit_probe
 from components.models.classifier import Classifier, make_head
@@ -37,7 +38,7 @@ def task_tensors(foundation: Foundation, data: TaskData) -> tuple[dict[str, torc
 
 def train_expert(task: str, params: Params, data_dir: Path, foundation_dir: Path, out_dir: Path,
                  logger: Any = False) -> dict[str, Any]:
-    """Fit the probe and the LoRA expert of ``task``; write ``out_dir`` (an expert folder)."""
+    """Fit the probe and the expert of ``task``; write ``out_dir`` (an expert folder)."""
     seed, metric = params.pipeline.seed, params.evaluate.primary_metric
     tp = params.experts.trainer.of(params.data.tasks[task].modality)
     train = load_split(data_dir, task, "train").subset(tp.max_train_samples, seed)
@@ -52,12 +53,13 @@ def train_expert(task: str, params: Params, data_dir: Path, foundation_dir: Path
     probe_seconds = time.perf_counter() - t0
     log.info("[experts] %s: probe val %s=%.3f (%d train samples)", task, metric, probe_val[metric], len(train))
 
-    L.seed_everything(seed, workers=True, verbose=False)
-    peft_encoder = attach_lora(foundation.encoder, params.experts.lora, train.modality)
+    L.seed_everything(seed, workers=True, verbose=False)  # same seed: every task starts from the same φ0
+    method = get_method(params.experts.method)
+    encoder = method.build(foundation.encoder, params.experts, train.modality)
     head = copy.deepcopy(probe) if params.experts.head_init == "probe" else make_head(
         foundation.encoder.out_dim, train.num_labels)
     head.requires_grad_(True)
-    model = Classifier(peft_encoder, head)
+    model = Classifier(encoder, head)
     module = ClassifierModule(model, train.kind, train.num_labels, tp.lr, tp.weight_decay, metric)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as root:
@@ -70,15 +72,15 @@ def train_expert(task: str, params: Params, data_dir: Path, foundation_dir: Path
     train_seconds = time.perf_counter() - t0
     model.eval()
     expert_val = compute_metrics(train.kind, batched(model, x_va), y_va, train.num_labels)
-    log.info("[experts] %s: LoRA val %s=%.3f (probe %.3f) in %.1fs", task, metric, expert_val[metric],
-             probe_val[metric], train_seconds)
+    log.info("[experts] %s: %s val %s=%.3f (probe %.3f) in %.1fs", task, method.pretty, metric,
+             expert_val[metric], probe_val[metric], train_seconds)
 
     lp = params.experts.lora
     # The deployable form: ΔW folded into the foundation's weights, plain architecture, zero overhead.
-    save_bundle(out_dir / "bundle", foundation, delta_weights(peft_encoder),
+    save_bundle(out_dir / "bundle", foundation, method.delta(encoder, foundation.encoder),
                 {task: TaskHead(head, train.kind, train.label_names)}, name=f"{task}-expert",
                 metadata={"method": params.experts.method, "task": task, "val_metrics": expert_val})
-    manifest = save_expert(out_dir, peft_encoder, head, probe, {
+    manifest = save_expert(out_dir, encoder, head, probe, {
         "task": task, "method": params.experts.method, "modality": train.modality, "task_kind": train.kind,
         "label_names": train.label_names, "base_sha256": foundation.sha256,
         "lora": lp.model_dump(), "targets": lora_targets(lp, train.modality),

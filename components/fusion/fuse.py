@@ -18,7 +18,6 @@ from components.errors import ArtifactError
 from components.evaluation.metrics import compute_metrics, normalised_score
 from components.evaluation.plots import plot_fusion_curve
 from components.experts.io import Expert, load_expert
-from components.experts.lora import delta_weights
 from components.fusion.merge import TaskVector, check_compatible, merge_average, merge_task_arithmetic
 from components.models.classifier import Classifier
 from components.models.bundle import TaskHead, add_delta, save_bundle
@@ -54,6 +53,17 @@ class ValidationScorer:
         return float(sum(norm) / len(norm)), per_task
 
 
+def check_same_start(experts: dict[str, Expert]) -> None:
+    """Task vectors only add when the experts share a method and (L-LoRA) the same initial adapter φ0."""
+    methods = {t: e.manifest["method"] for t, e in experts.items()}
+    if len(set(methods.values())) > 1:
+        raise ArtifactError(f"experts of different methods cannot be merged: {methods}")
+    inits = {t: e.manifest.get("init_sha256") for t, e in experts.items()}
+    if len(set(inits.values())) > 1:
+        raise ArtifactError(f"L-LoRA experts start from different initialisations (φ0 hashes {inits}); "
+                            "train them with the same seed and LoRA settings")
+
+
 def _finite(score: float) -> float:
     """NaN scores (an undefined metric) rank last."""
     return -math.inf if math.isnan(score) else score
@@ -68,8 +78,9 @@ def fuse_experts(params: Params, data_dir: Path, foundation_dir: Path, experts_d
         raise ArtifactError(f"fusion needs at least 2 active {fp.modality} tasks; active: {tasks}")
     foundation = load_foundation(foundation_dir, fp.modality)
     experts = {t: load_expert(experts_dir / t, foundation) for t in tasks}
+    check_same_start(experts)
     t0 = time.perf_counter()
-    deltas = [delta_weights(e.peft_encoder) for e in experts.values()]
+    deltas = [e.delta() for e in experts.values()]
     check_compatible(deltas, tasks)
     scorer = ValidationScorer(foundation, experts, data_dir, fp.max_val_samples, metric, seed)
     results: dict[str, Any] = {}

@@ -1,0 +1,165 @@
+"""Expert methods as a self-checking registry: how each builds its trainable encoder, saves and reloads it,
+and turns it into a dense weight update ΔW (the task vector fusion and deployment work on).
+
+The key is the value of ``method:`` in params/experts.yaml and the MLflow tag.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from components.config import ExpertsParams, LoraParams
+from components.errors import ArtifactError
+from components.experts.linearize import LinearizedLayer, linearize, linearized_delta_weights
+from components.experts.lora import attach_lora, delta_weights
+from components.fingerprint import sha256_bytes
+
+TaskVector = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class ExpertMethod:
+    name: str
+    pretty: str
+    paper: str
+    what: str
+    build: Callable[[nn.Module, ExpertsParams, str], nn.Module]
+    save: Callable[[nn.Module, Path], dict[str, Any]]
+    load: Callable[[nn.Module, dict[str, Any], str, Path], nn.Module]
+    delta: Callable[[nn.Module, nn.Module], TaskVector]
+
+
+METHODS: dict[str, ExpertMethod] = {}
+
+
+def register(method: ExpertMethod) -> ExpertMethod:
+    """Add a method; a bad or duplicate name is an error at import."""
+    if not re.fullmatch(r"[a-z][a-z0-9_]*", method.name):
+        raise ValueError(f"expert method name {method.name!r} must be lower_snake_case")
+    if method.name in METHODS:
+        raise ValueError(f"expert method {method.name!r} registered twice")
+    METHODS[method.name] = method
+    return method
+
+
+def _save(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    save_file({k: v.detach().contiguous() for k, v in tensors.items()}, path)
+
+
+def init_hash(tensors: dict[str, torch.Tensor]) -> str:
+    """Identity of an adapter initialisation φ0 (experts to be added must share it)."""
+    return sha256_bytes(b"".join(k.encode() + t.detach().cpu().contiguous().numpy().tobytes()
+                                 for k, t in sorted(tensors.items())))
+
+
+# --------------------------------------------------------------------------- LoRA
+def _lora_build(encoder: nn.Module, ep: ExpertsParams, modality: str) -> nn.Module:
+    return attach_lora(encoder, ep.lora, modality)
+
+
+def _lora_save(model: nn.Module, folder: Path) -> dict[str, Any]:
+    _save(get_peft_model_state_dict(model), folder / "adapter.safetensors")
+    return {}
+
+
+def _lora_load(encoder: nn.Module, manifest: dict[str, Any], modality: str, folder: Path) -> nn.Module:
+    model = attach_lora(encoder, LoraParams(**manifest["lora"]), modality)
+    result = set_peft_model_state_dict(model, load_file(folder / "adapter.safetensors"))
+    if getattr(result, "unexpected_keys", None):
+        raise ArtifactError(f"{folder}/adapter.safetensors: unexpected keys {result.unexpected_keys[:3]}")
+    return model
+
+
+register(ExpertMethod("lora", "LoRA", "Hu et al., ICLR 2022",
+                      "low-rank update W0 + (alpha/r)·B·A on the target layers (PEFT); foundation frozen", _lora_build, _lora_save, _lora_load,
+                      lambda model, _: delta_weights(model)))
+
+
+# --------------------------------------------------------------------------- L-LoRA
+def _llora_build(encoder: nn.Module, ep: ExpertsParams, modality: str) -> nn.Module:
+    model = attach_lora(encoder, ep.lora, modality)  # φ0 from the seeded init: the same for every task
+    model.medexperts_init = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
+    model.medexperts_path = linearize(model, ep.llora_path)
+    return model
+
+
+def _deltas(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {f"{name}.{k}": v for name, m in model.named_modules() if isinstance(m, LinearizedLayer)
+            for k, v in m.delta.items()}
+
+
+def _llora_save(model: nn.Module, folder: Path) -> dict[str, Any]:
+    init = model.medexperts_init
+    _save(init, folder / "adapter_init.safetensors")
+    _save(get_peft_model_state_dict(model), folder / "adapter.safetensors")
+    if model.medexperts_path == "jvp":
+        _save(_deltas(model), folder / "delta.safetensors")
+    return {"llora_path": model.medexperts_path, "init_sha256": init_hash(init)}
+
+
+def _llora_load(encoder: nn.Module, manifest: dict[str, Any], modality: str, folder: Path) -> nn.Module:
+    model = attach_lora(encoder, LoraParams(**manifest["lora"]), modality)
+    init = load_file(folder / "adapter_init.safetensors")
+    model.medexperts_init, model.medexperts_path = init, manifest["llora_path"]
+    if model.medexperts_path == "frozen_a":
+        # trained B with A0: plain LoRA weights that are exactly the linearization at B0 = 0
+        set_peft_model_state_dict(model, load_file(folder / "adapter.safetensors"))
+        return model
+    set_peft_model_state_dict(model, init)
+    linearize(model, "jvp")
+    deltas = load_file(folder / "delta.safetensors")
+    for name, m in model.named_modules():
+        if isinstance(m, LinearizedLayer):
+            for k, p in m.delta.items():
+                p.data.copy_(deltas[f"{name}.{k}"])
+    return model
+
+
+register(ExpertMethod("llora", "L-LoRA (linearized LoRA)", "Tang et al., ICLR 2024",
+                      "each LoRA layer replaced by its first-order expansion in (A, B) around the shared seeded φ0 "
+                      "(torch.func.jvp; closed form when B0 = 0), so task vectors add exactly per layer",
+                      _llora_build, _llora_save,
+                      _llora_load, lambda model, _: linearized_delta_weights(model)))
+
+
+# --------------------------------------------------------------------------- full fine-tuning
+def _full_build(encoder: nn.Module, ep: ExpertsParams, modality: str) -> nn.Module:
+    return copy.deepcopy(encoder).requires_grad_(True)
+
+
+def _full_save(model: nn.Module, folder: Path) -> dict[str, Any]:
+    _save(model.state_dict(), folder / "encoder.safetensors")
+    return {}
+
+
+def _full_load(encoder: nn.Module, manifest: dict[str, Any], modality: str, folder: Path) -> nn.Module:
+    model = copy.deepcopy(encoder)
+    model.load_state_dict(load_file(folder / "encoder.safetensors"))
+    return model
+
+
+@torch.no_grad()
+def _full_delta(model: nn.Module, base: nn.Module) -> TaskVector:
+    base_params = dict(base.named_parameters())
+    return {n: (p - base_params[n]).detach().clone() for n, p in model.named_parameters()}
+
+
+register(ExpertMethod("full", "Full fine-tuning", "reference", "every encoder weight trained; the reference "
+                      "the parameter-efficient methods are compared against", _full_build, _full_save, _full_load,
+                      _full_delta))
+
+
+def get_method(name: str) -> ExpertMethod:
+    if name not in METHODS:
+        raise ArtifactError(f"unknown expert method {name!r}; known: {sorted(METHODS)}")
+    return METHODS[name]

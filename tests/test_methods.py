@@ -1,0 +1,149 @@
+"""Every expert method on tiny models: save -> load round trip, ΔW folded into the backbone equals the trained
+model, and the L-LoRA properties (linear in its parameters; closed form = JVP when B0 = 0)."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from components.config import ExpertsParams, LoraParams, load_params
+from components.errors import ParamsError
+from components.experts.io import load_expert, save_expert
+from components.experts.linearize import LinearizedLayer, linearize
+from components.experts.lora import attach_lora, lora_layers
+from components.experts.methods import METHODS, get_method
+from components.models.bundle import add_delta
+from components.models.classifier import Classifier, make_head
+from components.models.encoders import ImageEncoder
+from components.models.foundation import Foundation, describe_text_foundation, load_foundation
+from components.training.inference import batched
+
+PARAMS = Path(__file__).resolve().parents[1] / "params"
+CASES = [("lora", "auto"), ("llora", "frozen_a"), ("llora", "jvp"), ("full", "auto")]
+
+
+def image_foundation() -> Foundation:
+    torch.manual_seed(0)
+    enc = ImageEncoder([4, 8]).eval().requires_grad_(False)
+    return Foundation("image", enc, "f" * 64, {"config": enc.config})
+
+
+@pytest.fixture(params=["image", "text"])
+def found(request: pytest.FixtureRequest, tiny_bert: Path, tmp_path: Path) -> Foundation:
+    if request.param == "image":
+        return image_foundation()
+    params = load_params(PARAMS, "tiny", {"foundation.text.source": str(tiny_bert)})
+    describe_text_foundation(params.foundation, tmp_path, tmp_path / "f" / "text")
+    return load_foundation(tmp_path / "f", "text")
+
+
+def inputs_for(found: Foundation) -> dict[str, torch.Tensor]:
+    if found.modality == "text":
+        return found.inputs(["chest pain radiating to the left arm", "no evidence of malignancy"])
+    return found.inputs(np.random.default_rng(0).integers(0, 256, size=(4, 28, 28), dtype=np.uint8))
+
+
+def perturb(model: torch.nn.Module, seed: int = 1) -> None:
+    """Move every trainable parameter, as training would."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+
+
+@pytest.mark.parametrize(("method", "path"), CASES)
+def test_method_round_trip_and_fold(method: str, path: str, found: Foundation, tmp_path: Path) -> None:
+    ep = ExpertsParams(method=method, llora_path=path, lora=LoraParams(rank=2, alpha=4))
+    torch.manual_seed(0)
+    encoder = get_method(method).build(found.encoder, ep, found.modality)
+    assert any(p.requires_grad for p in encoder.parameters())
+    perturb(encoder)
+    head = make_head(found.encoder.out_dim, 3).eval()
+    x = inputs_for(found)
+    trained = batched(Classifier(encoder.eval(), head), x)
+    save_expert(tmp_path / "e", encoder, head, head, {"task": "t", "method": method, "base_sha256": found.sha256,
+                                                       "lora": ep.lora.model_dump()})
+    expert = load_expert(tmp_path / "e", found)
+    torch.testing.assert_close(batched(expert.classifier(), x), trained, atol=1e-5, rtol=1e-4)
+    folded = add_delta(copy.deepcopy(found.encoder), expert.delta())
+    torch.testing.assert_close(batched(Classifier(folded, head), x), trained, atol=1e-5, rtol=1e-4)
+
+
+def _layer_case() -> torch.nn.Module:
+    found = image_foundation()
+    model = attach_lora(found.encoder, LoraParams(rank=2, alpha=4, image_targets=["conv"]), "image")
+    with torch.no_grad():  # B0 != 0: the general case (continuing from a trained adapter)
+        for layer in lora_layers(model).values():
+            layer.lora_B["default"].weight.normal_(0, 0.2)
+    return model
+
+
+def test_linearized_layers_are_linear_and_plain_lora_is_not() -> None:
+    model = _layer_case()
+    plain = copy.deepcopy(model)
+    linearize(model, "jvp")
+    layer = next(m for m in model.modules() if isinstance(m, LinearizedLayer))
+    h = layer.layer.base_layer.in_channels
+    inp = torch.randn(2, h, 28, 28, generator=torch.Generator().manual_seed(4))
+    gen = torch.Generator().manual_seed(5)
+    d1 = [torch.randn(p.shape, generator=gen) * 0.3 for p in layer.tangents()]
+    d2 = [torch.randn(p.shape, generator=gen) * 0.3 for p in layer.tangents()]
+
+    def out_lin(a: float, b: float) -> torch.Tensor:
+        with torch.no_grad():
+            for p, u, v in zip(layer.tangents(), d1, d2, strict=True):
+                p.copy_(a * u + b * v)
+            return layer(inp)
+
+    plain_layer = next(iter(lora_layers(plain).values()))
+    start = [p.detach().clone() for p in (plain_layer.lora_A["default"].weight, plain_layer.lora_B["default"].weight)]
+
+    def out_plain(a: float, b: float) -> torch.Tensor:
+        with torch.no_grad():
+            for p, p0, u, v in zip((plain_layer.lora_A["default"].weight, plain_layer.lora_B["default"].weight),
+                                   start, d1, d2, strict=True):
+                p.copy_(p0 + a * u + b * v)
+            return plain_layer(inp)
+
+    for f in (out_lin, out_plain):
+        f0 = f(0, 0)
+        lhs = f(0.7, -1.3) - f0
+        rhs = 0.7 * (f(1, 0) - f0) - 1.3 * (f(0, 1) - f0)
+        err = (lhs - rhs).abs().max() / lhs.abs().max()
+        if f is out_lin:
+            assert err < 1e-5
+        else:
+            assert err > 1e-3  # the B·A cross term: plain LoRA is measurably non-linear
+
+
+def test_closed_form_equals_jvp_when_b0_is_zero() -> None:
+    found = image_foundation()
+    lp = LoraParams(rank=2, alpha=4, image_targets=["conv"])
+    torch.manual_seed(0)
+    closed = attach_lora(found.encoder, lp, "image")
+    assert linearize(closed, "auto") == "frozen_a"  # B0 = 0 picks the closed form
+    torch.manual_seed(0)  # the same φ0
+    general = attach_lora(found.encoder, lp, "image")
+    linearize(general, "jvp")
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for layer, wrapper in zip(lora_layers(closed).values(),
+                                         [m for m in general.modules() if isinstance(m, LinearizedLayer)], strict=True):
+            d_a, d_b = wrapper.tangents()
+            d_a.copy_(torch.randn(d_a.shape, generator=gen))  # irrelevant at B0 = 0: J_A vanishes
+            d_b.copy_(torch.randn(d_b.shape, generator=gen) * 0.1)
+            layer.lora_B["default"].weight.copy_(d_b)
+    x = torch.randn(2, 3, 28, 28, generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        torch.testing.assert_close(general(x), closed(x), atol=1e-5, rtol=1e-4)
+
+
+def test_registry_and_unknown_method() -> None:
+    assert {"lora", "llora", "full"} <= set(METHODS)
+    with pytest.raises(ParamsError, match=r"experts\.yaml: key 'method'"):
+        load_params(PARAMS, overrides={"experts.method": "qlora"})
