@@ -21,7 +21,7 @@ from torch import nn
 from components.artifacts import read_manifest, write_manifest
 from components.errors import ArtifactError
 from components.models.classifier import MultiTaskClassifier, make_head
-from components.models.encoders import PACKAGED, ImageEncoder, image_tensor, load_text_encoder, resolve_text_source, tokenize
+from components.models.encoders import PACKAGED, ImageEncoder, encoder_inputs, load_text_encoder, resolve_text_source
 from components.models.foundation import Foundation, text_weights_hash
 
 FORMAT = "medexperts-bundle/1"
@@ -89,9 +89,8 @@ class LoadedBundle:
 
     def inputs(self, raw: list[str] | np.ndarray) -> dict[str, torch.Tensor]:
         base = self.manifest["base"]
-        if base["modality"] == "text":
-            return tokenize(self.tokenizer, list(raw), base["max_length"])
-        return image_tensor(np.asarray(raw), base["config"]["in_channels"])
+        return encoder_inputs(raw, base["modality"], tokenizer=self.tokenizer, max_length=base.get("max_length", 128),
+                              in_channels=base.get("config", {}).get("in_channels", 3))
 
 
 def load_bundle(folder: Path) -> LoadedBundle:

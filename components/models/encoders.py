@@ -105,6 +105,14 @@ class ImageEncoder(nn.Module):
         return self.blocks(pixels).mean(dim=(2, 3))
 
 
+def encoder_inputs(raw: list[str] | np.ndarray, modality: str, *, tokenizer: Any = None, max_length: int = 128,
+                   in_channels: int = 3) -> dict[str, torch.Tensor]:
+    """Raw texts or uint8 images -> the input tensors of that modality's encoder."""
+    if modality == "text":
+        return tokenize(tokenizer, list(raw), max_length)
+    return image_tensor(np.asarray(raw), in_channels)
+
+
 def image_tensor(images: np.ndarray, in_channels: int = 3) -> dict[str, torch.Tensor]:
     """uint8 (N,H,W) or (N,H,W,C) -> float (N,C,H,W) in [-1, 1]; grayscale repeated to C channels."""
     if images.dtype != np.uint8 or images.ndim not in (3, 4):

@@ -22,12 +22,7 @@ from components.data.datasets import TaskData
 from components.fingerprint import sha256_file, tree_hash
 from components.errors import ArtifactError
 from components.models.classifier import MultiTaskClassifier, make_head
-from components.models.encoders import (
-    ImageEncoder,
-    image_tensor,
-    load_text_encoder,
-    resolve_text_source,
-)
+from components.models.encoders import ImageEncoder, encoder_inputs, load_text_encoder, resolve_text_source
 
 log = logging.getLogger("medexperts")
 
@@ -45,11 +40,9 @@ class Foundation:
 
     def inputs(self, raw: list[str] | np.ndarray) -> dict[str, torch.Tensor]:
         """Raw texts or uint8 images -> encoder input tensors."""
-        if self.modality == "text":
-            from components.models.encoders import tokenize
-
-            return tokenize(self.tokenizer, list(raw), self.max_length)
-        return image_tensor(np.asarray(raw), self.spec["config"]["in_channels"])
+        in_channels = self.spec["config"]["in_channels"] if self.modality == "image" else 3
+        return encoder_inputs(raw, self.modality, tokenizer=self.tokenizer, max_length=self.max_length,
+                              in_channels=in_channels)
 
 
 def text_weights_hash(folder: Path) -> str:
