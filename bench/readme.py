@@ -44,6 +44,18 @@ def methods_section() -> str:
                                  ("paper", "paper")])
 
 
+def throughput_section(result: dict) -> str:
+    m = result["machine"]
+    rows = [{"modality": k, "lit": v["lightning_samples_per_s"], "loop": v["loop_samples_per_s"], "ratio": v["ratio"],
+             "n": v["samples"], "bs": v["batch_size"], "prec": v["precision"]} for k, v in result["figures"].items()]
+    table = markdown_table(rows, [("modality", "expert (LoRA)"), ("lit", "Lightning samples/s"),
+                                  ("loop", "hand loop samples/s"), ("ratio", "ratio"), ("n", "samples"),
+                                  ("bs", "batch"), ("prec", "precision")])
+    device = m["cuda"] or f"{m['cpus']} CPUs"
+    return (f"Median of {result['params']['repeats']} alternating runs of one epoch each, on {device}, torch "
+            f"{m['torch']} (commit {m['git_commit'][:8]}), from `bench/results/train_throughput.json`.\n\n{table}\n")
+
+
 def replace(text: str, name: str, body: str) -> str:
     pattern = re.compile(rf"(<!-- results:{name} -->\n).*?(<!-- /results:{name} -->)", re.S)
     if not pattern.search(text):
@@ -58,6 +70,9 @@ def main() -> None:
     path = ROOT / "bench" / "results" / "pipeline.json"
     if path.is_file():
         text = replace(text, "pipeline", pipeline_section(json.loads(path.read_text())))
+    path = ROOT / "bench" / "results" / "train_throughput.json"
+    if path.is_file():
+        text = replace(text, "throughput", throughput_section(json.loads(path.read_text())))
     readme.write_text(text)
     print(f"updated {readme}")
 
