@@ -16,6 +16,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import torch
+from safetensors.torch import save_file
+
 from components.fingerprint import sha256_file
 from components.errors import ArtifactError
 
@@ -83,6 +86,11 @@ def atomic_dir(out_dir: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Write tensors as safetensors (which needs detached, contiguous tensors)."""
+    save_file({k: v.detach().contiguous() for k, v in tensors.items()}, path)
 
 
 def write_manifest(folder: Path, manifest: dict[str, Any]) -> dict[str, Any]:

@@ -6,10 +6,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
-from components.artifacts import read_manifest, write_manifest
+from components.artifacts import read_manifest, save_tensors, write_manifest
 from components.errors import ArtifactError
 from components.experts.methods import TaskVector, get_method
 from components.models.classifier import Classifier, make_head
@@ -43,8 +43,8 @@ def save_expert(out_dir: Path, encoder: nn.Module, head: nn.Module, probe_head: 
                 manifest: dict[str, Any]) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     extra = get_method(manifest["method"]).save(encoder, out_dir)
-    save_file({k: v.contiguous() for k, v in head.state_dict().items()}, out_dir / "head.safetensors")
-    save_file({k: v.contiguous() for k, v in probe_head.state_dict().items()}, out_dir / "probe_head.safetensors")
+    save_tensors(head.state_dict(), out_dir / "head.safetensors")
+    save_tensors(probe_head.state_dict(), out_dir / "probe_head.safetensors")
     return write_manifest(out_dir, {"kind": "expert", **manifest, **extra})
 
 

@@ -15,9 +15,10 @@ from typing import Any
 
 import torch
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
+from components.artifacts import save_tensors
 from components.config import ExpertsParams, LoraParams
 from components.errors import ArtifactError
 from components.experts.linearize import LinearizedLayer, linearize, linearized_delta_weights
@@ -52,10 +53,6 @@ def register(method: ExpertMethod) -> ExpertMethod:
     return method
 
 
-def _save(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    save_file({k: v.detach().contiguous() for k, v in tensors.items()}, path)
-
-
 def init_hash(tensors: dict[str, torch.Tensor]) -> str:
     """Identity of an adapter initialisation φ0 (experts to be added must share it)."""
     return sha256_bytes(b"".join(k.encode() + t.detach().cpu().contiguous().numpy().tobytes()
@@ -68,7 +65,7 @@ def _lora_build(encoder: nn.Module, ep: ExpertsParams, modality: str) -> nn.Modu
 
 
 def _lora_save(model: nn.Module, folder: Path) -> dict[str, Any]:
-    _save(get_peft_model_state_dict(model), folder / "adapter.safetensors")
+    save_tensors(get_peft_model_state_dict(model), folder / "adapter.safetensors")
     return {}
 
 
@@ -81,7 +78,8 @@ def _lora_load(encoder: nn.Module, manifest: dict[str, Any], modality: str, fold
 
 
 register(ExpertMethod("lora", "LoRA", "Hu et al., ICLR 2022",
-                      "low-rank update W0 + (alpha/r)·B·A on the target layers (PEFT); foundation frozen", _lora_build, _lora_save, _lora_load,
+                      "low-rank update W0 + (alpha/r)·B·A on the target layers (PEFT); foundation frozen",
+                      _lora_build, _lora_save, _lora_load,
                       lambda model, _: delta_weights(model)))
 
 
@@ -100,10 +98,10 @@ def _deltas(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def _llora_save(model: nn.Module, folder: Path) -> dict[str, Any]:
     init = model.medexperts_init
-    _save(init, folder / "adapter_init.safetensors")
-    _save(get_peft_model_state_dict(model), folder / "adapter.safetensors")
+    save_tensors(init, folder / "adapter_init.safetensors")
+    save_tensors(get_peft_model_state_dict(model), folder / "adapter.safetensors")
     if model.medexperts_path == "jvp":
-        _save(_deltas(model), folder / "delta.safetensors")
+        save_tensors(_deltas(model), folder / "delta.safetensors")
     return {"llora_path": model.medexperts_path, "init_sha256": init_hash(init)}
 
 
@@ -138,7 +136,7 @@ def _full_build(encoder: nn.Module, ep: ExpertsParams, modality: str) -> nn.Modu
 
 
 def _full_save(model: nn.Module, folder: Path) -> dict[str, Any]:
-    _save(model.state_dict(), folder / "encoder.safetensors")
+    save_tensors(model.state_dict(), folder / "encoder.safetensors")
     return {}
 
 

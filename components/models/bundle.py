@@ -15,10 +15,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
-from components.artifacts import read_manifest, write_manifest
+from components.artifacts import read_manifest, save_tensors, write_manifest
 from components.errors import ArtifactError
 from components.models.classifier import MultiTaskClassifier, make_head
 from components.models.encoders import PACKAGED, ImageEncoder, encoder_inputs, load_text_encoder, resolve_text_source
@@ -62,12 +62,10 @@ def save_bundle(out_dir: Path, foundation: Foundation, delta: dict[str, torch.Te
             base["source"] = "base"
     else:
         base["config"] = foundation.spec["config"]
-        save_file({k: v.contiguous() for k, v in foundation.encoder.state_dict().items()},
-                  out_dir / "base.safetensors")
-    save_file({k: v.contiguous() for k, v in delta.items()} or {"_empty": torch.zeros(0)},
-              out_dir / "delta.safetensors")
-    head_tensors = {f"{t}.{k}": v.contiguous() for t, th in heads.items() for k, v in th.head.state_dict().items()}
-    save_file(head_tensors, out_dir / "heads.safetensors")
+        save_tensors(foundation.encoder.state_dict(), out_dir / "base.safetensors")
+    save_tensors(delta or {"_empty": torch.zeros(0)}, out_dir / "delta.safetensors")
+    save_tensors({f"{t}.{k}": v for t, th in heads.items() for k, v in th.head.state_dict().items()},
+                 out_dir / "heads.safetensors")
     manifest = {
         "kind": "bundle", "format": FORMAT, "name": name, "base": base,
         "tasks": {t: {"kind": th.kind, "label_names": th.label_names, "num_labels": len(th.label_names)}

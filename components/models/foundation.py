@@ -13,10 +13,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
-from components.artifacts import read_manifest, write_manifest
+from components.artifacts import read_manifest, save_tensors, write_manifest
 from components.config import FoundationParams
 from components.data.datasets import TaskData
 from components.fingerprint import sha256_file, tree_hash
@@ -75,8 +75,8 @@ def save_image_foundation(
     model: MultiTaskClassifier, tasks: dict[str, TaskData], out_dir: Path, extra: dict[str, Any]
 ) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.encoder.state_dict().items()}, out_dir / "encoder.safetensors")
-    save_file({k: v.contiguous() for k, v in model.heads.state_dict().items()}, out_dir / "heads.safetensors")
+    save_tensors(model.encoder.state_dict(), out_dir / "encoder.safetensors")
+    save_tensors(model.heads.state_dict(), out_dir / "heads.safetensors")
     manifest = {
         "kind": "foundation",
         "modality": "image",
