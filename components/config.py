@@ -147,6 +147,10 @@ class TrainerParams(Strict):
     early_stopping_patience: int = Field(0, ge=0, description="Epochs without val improvement; 0 = off.")
     deterministic: bool = Field(False, description="torch deterministic algorithms.")
     max_train_samples: int | None = Field(None, ge=1, description="Cap on training samples per task.")
+    resume: bool = Field(True, description="Checkpoint every epoch (trainable weights, optimiser, callbacks) and "
+                         "resume a killed run from its last checkpoint.")
+    data_on_device: bool = Field(True, description="Move in-memory training data to the GPU once (single-device "
+                                 "runs), instead of copying every batch from the host.")
 
 
 # --------------------------------------------------------------------------- foundation
@@ -192,17 +196,35 @@ class ModalityTrainers(Strict):
         return self.text if modality == "text" else self.image
 
 
+class PromptParams(Strict):
+    num_virtual_tokens: int = Field(20, ge=1, description="Soft-prompt length N (virtual tokens).")
+    init: Literal["text", "sample_vocab", "random"] = Field(
+        "text", description="text: embeddings of the task description; sample_vocab: of random vocabulary "
+        "tokens; random: N(0, 1) (PEFT's RANDOM).")
+    init_text: str | None = Field(None, description="Init text (default: the task's description in data.yaml).")
+    lr: float | None = Field(None, gt=0, description="Learning rate for prompt tuning (it needs a larger one "
+                             "than LoRA); default: the trainer's lr.")
+
+
 class ExpertsParams(Strict):
-    method: Literal["lora", "llora", "full"] = Field(
-        "lora", description="lora | llora (linearized LoRA) | full (full fine-tuning, the reference).")
+    method: Literal["lora", "llora", "prompt", "full"] = Field(
+        "lora", description="lora | llora (linearized LoRA) | prompt (soft prompt, text only) | full (full "
+        "fine-tuning, the reference).")
+    image_method: Literal["lora", "llora", "full"] | None = Field(
+        None, description="Method for image tasks if it differs from `method` (needed with prompt: the image "
+        "foundation is a CNN, soft prompts are text-only).")
     llora_path: Literal["auto", "jvp", "frozen_a"] = Field(
         "auto", description="L-LoRA: jvp = forward-mode linearization; frozen_a = closed form when B0 = 0; auto picks.")
     lora: LoraParams = Field(default_factory=LoraParams, description="LoRA settings.")
+    prompt: PromptParams = Field(default_factory=PromptParams, description="Soft-prompt settings.")
     probe: ProbeParams = Field(default_factory=ProbeParams, description="Frozen-foundation linear probe.")
     head_init: Literal["probe", "random"] = Field(
         "probe", description="Start the expert's head from the probe (LP-FT) or at random."
     )
     trainer: ModalityTrainers = Field(default_factory=ModalityTrainers, description="Expert training per modality.")
+
+    def method_for(self, modality: str) -> str:
+        return self.image_method or self.method if modality == "image" else self.method
 
 
 # --------------------------------------------------------------------------- fusion
@@ -252,6 +274,16 @@ class Params(Strict):
     fusion: FusionParams
     evaluate: EvaluateParams
     registry: RegistryParams
+
+    @model_validator(mode="after")
+    def _prompt_is_text_only(self) -> "Params":
+        # Checked here, not per task, so a run does not fail half-way at its first image task.
+        image = list(self.data.active_tasks("image"))
+        if image and self.experts.method_for("image") == "prompt":
+            raise ValueError(f"experts.method 'prompt' (soft prompts) is text-only: the image foundation is a CNN "
+                             f"with no token sequence; set experts.image_method (lora, llora or full) for the "
+                             f"active image tasks {image}")
+        return self
 
 
 # --------------------------------------------------------------------------- loading
@@ -317,6 +349,9 @@ def _format_error(exc: ValidationError, file_for: Any) -> str:
     lines = []
     for err in exc.errors():
         loc = tuple(err["loc"])
+        if not loc:  # a rule across sections (Params validator): its message names the keys
+            lines.append(f"params: {err['msg'].removeprefix('Value error, ')}")
+            continue
         key = ".".join(str(p) for p in loc[1:]) or "(top level)"
         got = f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else ""
         lines.append(f"{file_for(loc)}: key '{key}': {err['msg']}{got}")

@@ -12,6 +12,7 @@ from mlflow.tracking import MlflowClient
 from components.artifacts import STAGE_FILE, SUMMARY_FILE, read_json, read_manifest
 from components.data.prepare import prepare_data
 from components.evaluation.evaluate import evaluate_models
+from components.experts.methods import get_method
 from components.experts.train import train_expert
 from components.fusion.fuse import fuse_experts
 from components.models.foundation import describe_text_foundation
@@ -47,7 +48,8 @@ def run_foundation(ctx: Any, out: Path) -> dict[str, Any]:
         summary["text"] = {"sha256": m["sha256"], "parameters": m["parameters"], "source": m["source"]}
     if p.data.active_tasks("image"):
         if p.foundation.image.source == "pretrain":
-            m = pretrain_image_foundation(p, ctx.out("data"), out / "image")
+            m = pretrain_image_foundation(p, ctx.out("data"), out / "image",
+                                          checkpoint_dir=ctx.checkpoints("foundation") / "image")
         else:
             m = copy_image_checkpoint(ctx.root / p.foundation.image.source, out / "image")
         summary["image"] = {"sha256": m["sha256"], "parameters": m["parameters"], "source": m["source"]}
@@ -92,7 +94,8 @@ def run_experts(ctx: Any, out: Path) -> dict[str, Any]:
     for task in ctx.params.data.active:
         with mlflow.start_run(run_name=f"expert:{task}", nested=True, tags={"task": task, "stage": "experts"}) as run:
             logger = MLFlowLogger(tracking_uri=mlflow.get_tracking_uri(), run_id=run.info.run_id)
-            m = train_expert(task, ctx.params, data, foundation, out / task, logger=logger)
+            m = train_expert(task, ctx.params, data, foundation, out / task, logger=logger,
+                             checkpoint_dir=ctx.checkpoints("experts") / task)
             log_params({"task": task, "method": m["method"], "lora": m["lora"], "targets": ",".join(m["targets"]),
                         "trainer": ctx.params.experts.trainer.of(m["modality"]).model_dump(), "train_samples": m["train_samples"]})
             log_metrics({"val": m["metrics"]["val"], "probe_val": m["metrics"]["probe_val"],
@@ -114,6 +117,9 @@ def run_fusion(ctx: Any, out: Path) -> dict[str, Any]:
     tasks = list(ctx.params.data.active_tasks(ctx.params.fusion.modality))
     if len(tasks) < 2:
         return {"skipped": f"fewer than 2 active {ctx.params.fusion.modality} tasks ({tasks})"}
+    method = get_method(ctx.params.experts.method_for(ctx.params.fusion.modality))
+    if method.delta is None:
+        return {"skipped": f"{method.pretty} experts change no weight: nothing to merge in weight space"}
     data, foundation, experts = _ctx_paths(ctx)
     return fuse_experts(ctx.params, data, foundation, experts, out)
 
@@ -171,7 +177,7 @@ def run_promote(ctx: Any, out: Path) -> dict[str, Any]:
     rp, decisions = ctx.params.registry, []
     # Lineage: the fingerprint chain from raw data (source hashes) to this model, plus the git commit.
     tags = {**git_info(ctx.root), "profile": ctx.params.pipeline.profile, "metric": ctx.params.evaluate.primary_metric,
-            "method": ctx.params.experts.method,
+            "method": ctx.params.experts.method, "image_method": ctx.params.experts.method_for("image"),
             **{f"fingerprint.{s}": read_json(ctx.out(s) / STAGE_FILE).get("fingerprint", "")
                for s in ("data", "foundation", "experts", "fusion", "evaluate")}}
     expert_runs = read_json(ctx.out("experts") / SUMMARY_FILE, "experts summary")["tasks"]

@@ -7,9 +7,10 @@ else call the component into an atomic folder -> log a child MLflow run.
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,9 +36,15 @@ class StageContext:
     artifacts: Path
     params: Params
     parent_run_id: str | None = None
+    fingerprints: dict[str, str] = field(default_factory=dict)  # of the stages run in this context
 
     def out(self, stage: str) -> Path:
         return self.artifacts / stage
+
+    def checkpoints(self, stage: str) -> Path:
+        """Training checkpoints of a stage, outside its atomic output folder so a killed run leaves them; keyed
+        by the stage fingerprint, so a run with other params, data or code never resumes from them."""
+        return self.artifacts / "checkpoints" / stage / self.fingerprints[stage][:16]
 
 
 @dataclass(frozen=True)
@@ -112,12 +119,14 @@ def run_stage(name: str, ctx: StageContext, force: bool = False) -> dict[str, An
             if inputs.get(up) == "missing":
                 raise ArtifactError(f"stage {name!r} needs the output of stage {up!r} ({ctx.out(up)}); run it first")
         mlflow.set_tag("skipped", "false")
+        ctx.fingerprints[name] = fp
         with atomic_dir(out) as tmp:
             start = time.perf_counter()
             summary = stage.run(ctx, tmp)
             summary["compute_seconds"] = time.perf_counter() - start
             write_json(tmp / SUMMARY_FILE, summary)
             mark_stage(tmp, fp, inputs)
+        shutil.rmtree(ctx.artifacts / "checkpoints" / name, ignore_errors=True)  # done: resume points obsolete
         stage.log(ctx, out, summary)
         return summary
 

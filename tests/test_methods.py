@@ -10,20 +10,21 @@ import numpy as np
 import pytest
 import torch
 
-from components.config import ExpertsParams, LoraParams, load_params
-from components.errors import ParamsError
+from components.config import ExpertsParams, LoraParams, PromptParams, load_params
+from components.errors import ArtifactError, ParamsError
 from components.experts.io import load_expert, save_expert
 from components.experts.linearize import LinearizedLayer, linearize
 from components.experts.lora import attach_lora, lora_layers
 from components.experts.methods import METHODS, get_method
-from components.models.bundle import add_delta
+from components.experts.prompt import attach_prompt, prompt_tensors
+from components.models.bundle import TaskHead, add_delta, load_bundle, save_bundle
 from components.models.classifier import Classifier, make_head
 from components.models.encoders import ImageEncoder
 from components.models.foundation import Foundation, describe_text_foundation, load_foundation
 from components.training.inference import batched
 
 PARAMS = Path(__file__).resolve().parents[1] / "params"
-CASES = [("lora", "auto"), ("llora", "frozen_a"), ("llora", "jvp"), ("full", "auto")]
+CASES = [("lora", "auto"), ("llora", "frozen_a"), ("llora", "jvp"), ("prompt", "auto"), ("full", "auto")]
 
 
 def image_foundation() -> Foundation:
@@ -58,9 +59,14 @@ def perturb(model: torch.nn.Module, seed: int = 1) -> None:
 
 @pytest.mark.parametrize(("method", "path"), CASES)
 def test_method_round_trip_and_fold(method: str, path: str, found: Foundation, tmp_path: Path) -> None:
-    ep = ExpertsParams(method=method, llora_path=path, lora=LoraParams(rank=2, alpha=4))
+    ep = ExpertsParams(method=method, llora_path=path, lora=LoraParams(rank=2, alpha=4),
+                       prompt=PromptParams(num_virtual_tokens=3))
     torch.manual_seed(0)
-    encoder = get_method(method).build(found.encoder, ep, found.modality)
+    if method == "prompt" and found.modality == "image":
+        with pytest.raises(ParamsError, match="image foundation is a CNN"):
+            get_method(method).build(found, ep, "a radiology report")
+        return
+    encoder = get_method(method).build(found, ep, "a radiology report")
     assert any(p.requires_grad for p in encoder.parameters())
     perturb(encoder)
     head = make_head(found.encoder.out_dim, 3).eval()
@@ -70,8 +76,18 @@ def test_method_round_trip_and_fold(method: str, path: str, found: Foundation, t
                                                        "lora": ep.lora.model_dump()})
     expert = load_expert(tmp_path / "e", found)
     torch.testing.assert_close(batched(expert.classifier(), x), trained, atol=1e-5, rtol=1e-4)
-    folded = add_delta(copy.deepcopy(found.encoder), expert.delta())
-    torch.testing.assert_close(batched(Classifier(folded, head), x), trained, atol=1e-5, rtol=1e-4)
+    m = get_method(method)
+    if m.delta is not None:
+        folded = add_delta(copy.deepcopy(found.encoder), expert.delta())
+        torch.testing.assert_close(batched(Classifier(folded, head), x), trained, atol=1e-5, rtol=1e-4)
+    else:
+        with pytest.raises(ArtifactError, match="no task vector"):
+            expert.delta()
+    # the deployable bundle (ΔW folded in, or the prompt carried) predicts what the trained expert does
+    save_bundle(tmp_path / "b", found, expert.delta() if m.delta else {}, {"t": TaskHead(head, "multiclass", list("abc"))},
+                name="t", metadata={}, prompt=m.prompt(encoder) if m.prompt else None)
+    deployed = load_bundle(tmp_path / "b").model.for_task("t")
+    torch.testing.assert_close(batched(deployed, x), trained, atol=1e-5, rtol=1e-4)
 
 
 def _layer_case() -> torch.nn.Module:
@@ -147,3 +163,38 @@ def test_registry_and_unknown_method() -> None:
     assert {"lora", "llora", "full"} <= set(METHODS)
     with pytest.raises(ParamsError, match=r"experts\.yaml: key 'method'"):
         load_params(PARAMS, overrides={"experts.method": "qlora"})
+
+
+def test_soft_prompt_init_length_and_pooling(tiny_bert: Path, tmp_path: Path) -> None:
+    params = load_params(PARAMS, "tiny", {"foundation.text.source": str(tiny_bert)})
+    describe_text_foundation(params.foundation, tmp_path, tmp_path / "f" / "text")
+    found = load_foundation(tmp_path / "f", "text")
+    description = "is the radiograph normal"
+    pp = PromptParams(num_virtual_tokens=4, init="text")
+    model = attach_prompt(found.encoder, pp, description=description, tokenizer_folder=Path(found.spec["folder"]),
+                          max_length=found.max_length)
+    # text init: the prompt starts as the embeddings of the task description's tokens (repeated to N)
+    ids = found.tokenizer(description)["input_ids"]
+    expected = found.encoder.model.get_input_embeddings().weight[torch.tensor((ids * 4)[:4])]
+    torch.testing.assert_close(prompt_tensors(model)["prompt_embeddings"], expected)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert len(trainable) == 1 and "prompt" in trainable[0]  # only the prompt trains
+    x = found.inputs(["pleural effusion", "normal"])
+    with torch.no_grad():
+        hidden = model.model(**x).last_hidden_state
+        assert hidden.shape[1] == 4 + x["input_ids"].shape[1]
+        mask = torch.cat([torch.ones(2, 4), x["attention_mask"].float()], 1).unsqueeze(-1)
+        torch.testing.assert_close(model(**x), (hidden * mask).sum(1) / mask.sum(1))  # virtual tokens pooled
+    limit = found.encoder.model.config.max_position_embeddings
+    with pytest.raises(ParamsError, match=r"prompt.num_virtual_tokens.*exceed the text encoder's \d+ positions"):
+        attach_prompt(found.encoder, PromptParams(num_virtual_tokens=limit), description=description,
+                      tokenizer_folder=None, max_length=found.max_length)
+    with pytest.raises(ParamsError, match="no description"):
+        attach_prompt(found.encoder, pp, description=" ", tokenizer_folder=None, max_length=found.max_length)
+
+
+def test_prompt_method_needs_an_image_method() -> None:
+    with pytest.raises(ParamsError, match="text-only.*image_method"):
+        load_params(PARAMS, overrides={"experts.method": "prompt"})
+    p = load_params(PARAMS, overrides={"experts.method": "prompt", "experts.image_method": "lora"})
+    assert (p.experts.method_for("text"), p.experts.method_for("image")) == ("prompt", "lora")

@@ -30,7 +30,11 @@ class Expert:
 
     def delta(self) -> TaskVector:
         """The expert's dense weight update ΔW over the foundation (its task vector)."""
-        return get_method(self.manifest["method"]).delta(self.encoder, self.base)
+        method = get_method(self.manifest["method"])
+        if method.delta is None:
+            raise ArtifactError(f"expert {self.task!r} is a {method.pretty}: it changes no weight, so it has no "
+                                "task vector to merge or fold into the backbone (use lora, llora or full)")
+        return method.delta(self.encoder, self.base)
 
 
 def stored_bytes(folder: Path) -> int:

@@ -23,7 +23,9 @@ from components.config import ExpertsParams, LoraParams
 from components.errors import ArtifactError
 from components.experts.linearize import LinearizedLayer, linearize, linearized_delta_weights
 from components.experts.lora import attach_lora, delta_weights
+from components.experts.prompt import attach_prompt, load_prompt, prompt_tensors
 from components.fingerprint import sha256_bytes
+from components.models.foundation import Foundation
 
 TaskVector = dict[str, torch.Tensor]
 
@@ -34,10 +36,14 @@ class ExpertMethod:
     pretty: str
     paper: str
     what: str
-    build: Callable[[nn.Module, ExpertsParams, str], nn.Module]
+    build: Callable[[Foundation, ExpertsParams, str], nn.Module]  # (foundation, params, task description)
     save: Callable[[nn.Module, Path], dict[str, Any]]
     load: Callable[[nn.Module, dict[str, Any], str, Path], nn.Module]
-    delta: Callable[[nn.Module, nn.Module], TaskVector]
+    # ΔW over the foundation (the task vector); None: the method changes no weight (a soft prompt), so it
+    # cannot be folded into the backbone or merged in weight space.
+    delta: Callable[[nn.Module, nn.Module], TaskVector] | None
+    # Tensors a deployed bundle must carry besides ΔW (the soft prompt), or None.
+    prompt: Callable[[nn.Module], dict[str, torch.Tensor]] | None = None
 
 
 METHODS: dict[str, ExpertMethod] = {}
@@ -60,8 +66,8 @@ def init_hash(tensors: dict[str, torch.Tensor]) -> str:
 
 
 # --------------------------------------------------------------------------- LoRA
-def _lora_build(encoder: nn.Module, ep: ExpertsParams, modality: str) -> nn.Module:
-    return attach_lora(encoder, ep.lora, modality)
+def _lora_build(found: Foundation, ep: ExpertsParams, description: str) -> nn.Module:
+    return attach_lora(found.encoder, ep.lora, found.modality)
 
 
 def _lora_save(model: nn.Module, folder: Path) -> dict[str, Any]:
@@ -84,8 +90,8 @@ register(ExpertMethod("lora", "LoRA", "Hu et al., ICLR 2022",
 
 
 # --------------------------------------------------------------------------- L-LoRA
-def _llora_build(encoder: nn.Module, ep: ExpertsParams, modality: str) -> nn.Module:
-    model = attach_lora(encoder, ep.lora, modality)  # φ0 from the seeded init: the same for every task
+def _llora_build(found: Foundation, ep: ExpertsParams, description: str) -> nn.Module:
+    model = attach_lora(found.encoder, ep.lora, found.modality)  # φ0 from the seeded init: the same for every task
     model.medexperts_init = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
     model.medexperts_path = linearize(model, ep.llora_path)
     return model
@@ -131,8 +137,8 @@ register(ExpertMethod("llora", "L-LoRA (linearized LoRA)", "Tang et al., ICLR 20
 
 
 # --------------------------------------------------------------------------- full fine-tuning
-def _full_build(encoder: nn.Module, ep: ExpertsParams, modality: str) -> nn.Module:
-    return copy.deepcopy(encoder).requires_grad_(True)
+def _full_build(found: Foundation, ep: ExpertsParams, description: str) -> nn.Module:
+    return copy.deepcopy(found.encoder).requires_grad_(True)
 
 
 def _full_save(model: nn.Module, folder: Path) -> dict[str, Any]:
@@ -155,6 +161,28 @@ def _full_delta(model: nn.Module, base: nn.Module) -> TaskVector:
 register(ExpertMethod("full", "Full fine-tuning", "reference", "every encoder weight trained; the reference "
                       "the parameter-efficient methods are compared against", _full_build, _full_save, _full_load,
                       _full_delta))
+
+
+# --------------------------------------------------------------------------- soft prompt
+def _prompt_build(found: Foundation, ep: ExpertsParams, description: str) -> nn.Module:
+    folder = Path(found.spec["folder"]) if "folder" in found.spec else None
+    return attach_prompt(found.encoder, ep.prompt, description=description, tokenizer_folder=folder,
+                         max_length=found.max_length)
+
+
+def _prompt_save(model: nn.Module, folder: Path) -> dict[str, Any]:
+    save_tensors(prompt_tensors(model), folder / "prompt.safetensors")
+    return {"num_virtual_tokens": model.model.peft_config["default"].num_virtual_tokens}
+
+
+def _prompt_load(encoder: nn.Module, manifest: dict[str, Any], modality: str, folder: Path) -> nn.Module:
+    return load_prompt(encoder, load_file(folder / "prompt.safetensors"), str(folder / "prompt.safetensors"))
+
+
+register(ExpertMethod("prompt", "Soft prompt (prompt tuning)", "Lester et al., EMNLP 2021",
+                      "N trainable virtual-token embeddings before the input embeddings of the frozen text encoder "
+                      "(PEFT prompt tuning; init from the task description); text only", _prompt_build,
+                      _prompt_save, _prompt_load, None, prompt_tensors))
 
 
 def get_method(name: str) -> ExpertMethod:

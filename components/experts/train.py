@@ -26,7 +26,7 @@ from components.models.foundation import Foundation, load_foundation
 from components.training.data import TensorDictDataset, labels_tensor, loader
 from components.training.inference import batched
 from components.training.module import ClassifierModule
-from components.training.trainer import build_trainer
+from components.training.trainer import build_trainer, data_device, resume_from
 
 log = logging.getLogger("medexperts")
 
@@ -37,8 +37,12 @@ def task_tensors(foundation: Foundation, data: TaskData) -> tuple[dict[str, torc
 
 
 def train_expert(task: str, params: Params, data_dir: Path, foundation_dir: Path, out_dir: Path,
-                 logger: Any = False) -> dict[str, Any]:
-    """Fit the probe and the expert of ``task``; write ``out_dir`` (an expert folder)."""
+                 logger: Any = False, checkpoint_dir: Path | None = None) -> dict[str, Any]:
+    """Fit the probe and the expert of ``task``; write ``out_dir`` (an expert folder).
+
+    ``checkpoint_dir``: where training checkpoints every epoch; a killed run called again with the same
+    folder resumes from its last epoch. The caller keys the folder by everything that decides the result.
+    """
     seed, metric = params.pipeline.seed, params.evaluate.primary_metric
     tp = params.experts.trainer.of(params.data.tasks[task].modality)
     train = load_split(data_dir, task, "train").subset(tp.max_train_samples, seed)
@@ -54,21 +58,26 @@ def train_expert(task: str, params: Params, data_dir: Path, foundation_dir: Path
     log.info("[experts] %s: probe val %s=%.3f (%d train samples)", task, metric, probe_val[metric], len(train))
 
     L.seed_everything(seed, workers=True, verbose=False)  # same seed: every task starts from the same φ0
-    method = get_method(params.experts.method)
-    encoder = method.build(foundation.encoder, params.experts, train.modality)
+    method_name = params.experts.method_for(train.modality)
+    method = get_method(method_name)
+    encoder = method.build(foundation, params.experts, params.data.tasks[task].description)
+    lr = params.experts.prompt.lr or tp.lr if method_name == "prompt" else tp.lr
     head = copy.deepcopy(probe) if params.experts.head_init == "probe" else make_head(
         foundation.encoder.out_dim, train.num_labels)
     head.requires_grad_(True)
     model = Classifier(encoder, head)
-    module = ClassifierModule(model, train.kind, train.num_labels, tp.lr, tp.weight_decay, metric)
+    module = ClassifierModule(model, train.kind, train.num_labels, lr, tp.weight_decay, metric)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as root:
-        trainer = build_trainer(tp, Path(root), logger=logger, monitor=f"val_{metric}")
+        trainer = build_trainer(tp, Path(root), logger=logger, monitor=f"val_{metric}", checkpoint_dir=checkpoint_dir)
+        device = data_device(tp)
         trainer.fit(
             module,
-            loader(TensorDictDataset(x_tr, y_tr), tp.batch_size, shuffle=True, seed=seed),
-            loader(TensorDictDataset(x_va, y_va), tp.batch_size * 2, shuffle=False),
+            loader(TensorDictDataset(x_tr, y_tr).to(device), tp.batch_size, shuffle=True, seed=seed),
+            loader(TensorDictDataset(x_va, y_va).to(device), tp.batch_size * 2, shuffle=False),
+            ckpt_path=resume_from(checkpoint_dir),
         )
+    model.cpu()
     train_seconds = time.perf_counter() - t0
     model.eval()
     expert_val = compute_metrics(train.kind, batched(model, x_va), y_va, train.num_labels)
@@ -77,11 +86,12 @@ def train_expert(task: str, params: Params, data_dir: Path, foundation_dir: Path
 
     lp = params.experts.lora
     # The deployable form: ΔW folded into the foundation's weights, plain architecture, zero overhead.
-    save_bundle(out_dir / "bundle", foundation, method.delta(encoder, foundation.encoder),
+    save_bundle(out_dir / "bundle", foundation, method.delta(encoder, foundation.encoder) if method.delta else {},
                 {task: TaskHead(head, train.kind, train.label_names)}, name=f"{task}-expert",
-                metadata={"method": params.experts.method, "task": task, "val_metrics": expert_val})
+                metadata={"method": method_name, "task": task, "val_metrics": expert_val},
+                prompt=method.prompt(encoder) if method.prompt else None)
     manifest = save_expert(out_dir, encoder, head, probe, {
-        "task": task, "method": params.experts.method, "modality": train.modality, "task_kind": train.kind,
+        "task": task, "method": method_name, "modality": train.modality, "task_kind": train.kind,
         "label_names": train.label_names, "base_sha256": foundation.sha256,
         "lora": lp.model_dump(), "targets": lora_targets(lp, train.modality),
         "seed": seed, "train_samples": len(train), "val_samples": len(val),

@@ -23,6 +23,7 @@ from components.errors import ArtifactError
 from components.models.classifier import MultiTaskClassifier, make_head
 from components.models.encoders import PACKAGED, ImageEncoder, encoder_inputs, load_text_encoder, resolve_text_source
 from components.models.foundation import Foundation, text_weights_hash
+from components.experts.prompt import load_prompt
 
 FORMAT = "medexperts-bundle/1"
 
@@ -49,9 +50,15 @@ def add_delta(encoder: nn.Module, delta: dict[str, torch.Tensor], scale: float =
 
 
 def save_bundle(out_dir: Path, foundation: Foundation, delta: dict[str, torch.Tensor],
-                heads: dict[str, TaskHead], name: str, metadata: dict[str, Any]) -> dict[str, Any]:
-    """Write a self-describing bundle folder (safetensors + manifest with sha256 of every file)."""
+                heads: dict[str, TaskHead], name: str, metadata: dict[str, Any],
+                prompt: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
+    """Write a self-describing bundle folder (safetensors + manifest with sha256 of every file).
+
+    ``prompt``: a soft prompt the encoder runs with (it cannot be folded into weights, so it travels as is).
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
+    if prompt:
+        save_tensors(prompt, out_dir / "prompt.safetensors")
     base: dict[str, Any] = {"modality": foundation.modality, "sha256": foundation.sha256}
     if foundation.modality == "text":
         base["max_length"] = foundation.max_length
@@ -67,7 +74,7 @@ def save_bundle(out_dir: Path, foundation: Foundation, delta: dict[str, torch.Te
     save_tensors({f"{t}.{k}": v for t, th in heads.items() for k, v in th.head.state_dict().items()},
                  out_dir / "heads.safetensors")
     manifest = {
-        "kind": "bundle", "format": FORMAT, "name": name, "base": base,
+        "kind": "bundle", "format": FORMAT, "name": name, "base": base, "prompt": bool(prompt),
         "tasks": {t: {"kind": th.kind, "label_names": th.label_names, "num_labels": len(th.label_names)}
                   for t, th in heads.items()},
         **metadata,
@@ -108,6 +115,8 @@ def load_bundle(folder: Path) -> LoadedBundle:
         encoder.load_state_dict(load_file(folder / "base.safetensors"))
     delta = {k: v for k, v in load_file(folder / "delta.safetensors").items() if k != "_empty"}
     add_delta(encoder, delta)
+    if manifest.get("prompt"):
+        encoder = load_prompt(encoder, load_file(folder / "prompt.safetensors"), str(folder / "prompt.safetensors"))
     tensors = load_file(folder / "heads.safetensors")
     heads = {}
     for task, info in manifest["tasks"].items():

@@ -45,6 +45,9 @@ class TextEncoder(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        extra = hidden.shape[1] - attention_mask.shape[1]
+        if extra > 0:  # a soft prompt's virtual tokens come first; they are pooled like real tokens
+            attention_mask = torch.cat([attention_mask.new_ones(len(attention_mask), extra), attention_mask], 1)
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
         return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
 

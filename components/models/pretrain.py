@@ -20,7 +20,7 @@ from components.models.encoders import image_tensor
 from components.models.foundation import new_image_model, save_image_foundation
 from components.training.data import TensorDictDataset, loader
 from components.training.module import MultiTaskModule
-from components.training.trainer import build_trainer
+from components.training.trainer import build_trainer, data_device, resume_from
 
 log = logging.getLogger("medexperts")
 
@@ -35,8 +35,10 @@ def _mixed(tasks: dict[str, TaskData]) -> TensorDictDataset:
     return TensorDictDataset({"pixels": pixels}, labels, ids)
 
 
-def pretrain_image_foundation(params: Params, data_dir: Path, out_dir: Path, logger: Any = False) -> dict[str, Any]:
-    """Multi-task pre-training on the union of the active image tasks' train splits."""
+def pretrain_image_foundation(params: Params, data_dir: Path, out_dir: Path, logger: Any = False,
+                              checkpoint_dir: Path | None = None) -> dict[str, Any]:
+    """Multi-task pre-training on the union of the active image tasks' train splits (resumable from
+    ``checkpoint_dir``, see ``train_expert``)."""
     ip, seed = params.foundation.image, params.pipeline.seed
     specs = params.data.active_tasks("image")
     multilabel = [n for n, s in specs.items() if s.kind == "multilabel"]
@@ -51,9 +53,12 @@ def pretrain_image_foundation(params: Params, data_dir: Path, out_dir: Path, log
                              ip.trainer.weight_decay)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as root:
-        trainer = build_trainer(ip.trainer, Path(root), logger=logger, monitor="val_loss", mode="min")
-        trainer.fit(module, loader(_mixed(train), ip.trainer.batch_size, shuffle=True, seed=seed),
-                    loader(_mixed(val), 256, shuffle=False))
+        trainer = build_trainer(ip.trainer, Path(root), logger=logger, monitor="val_loss", mode="min",
+                                checkpoint_dir=checkpoint_dir)
+        device = data_device(ip.trainer)
+        trainer.fit(module, loader(_mixed(train).to(device), ip.trainer.batch_size, shuffle=True, seed=seed),
+                    loader(_mixed(val).to(device), 256, shuffle=False), ckpt_path=resume_from(checkpoint_dir))
+    model.cpu()
     seconds = time.perf_counter() - t0
     log.info("[foundation] image CNN pre-trained on %s in %.1fs", list(train), seconds)
     return save_image_foundation(model.eval(), train, out_dir, {

@@ -7,6 +7,7 @@ part is a few hundred KB, so a copy in memory is enough and costs nothing.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import lightning as L
 import torch
@@ -29,6 +30,12 @@ class RestoreBestTrainable(L.Callback):
         if not math.isnan(value) and self._better(value):
             self.best, self.best_epoch = value, trainer.current_epoch
             self._state = {n: p.detach().clone() for n, p in pl_module.named_parameters() if p.requires_grad}
+
+    def state_dict(self) -> dict[str, Any]:  # saved in checkpoints: a resumed run still restores the best epoch
+        return {"best": self.best, "best_epoch": self.best_epoch, "state": self._state}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best, self.best_epoch, self._state = state["best"], state["best_epoch"], state["state"]
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._state is None:

@@ -19,6 +19,20 @@ class TensorDictDataset(Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
+    def to(self, device: torch.device) -> "TensorDictDataset":
+        """The same rows on ``device`` (moved once; batches are then sliced there)."""
+        ids = None if self.task_ids is None else self.task_ids.to(device)
+        return TensorDictDataset({k: v.to(device) for k, v in self.inputs.items()}, self.labels.to(device), ids)
+
+    def __getitems__(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        """A whole batch by one index operation per tensor (DataLoader uses this instead of per-row stacking)."""
+        idx = torch.as_tensor(indices, device=self.labels.device)
+        batch = {k: v[idx] for k, v in self.inputs.items()}
+        batch["labels"] = self.labels[idx]
+        if self.task_ids is not None:
+            batch["task_ids"] = self.task_ids[idx]
+        return batch
+
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         row = {k: v[i] for k, v in self.inputs.items()}
         row["labels"] = self.labels[i]
@@ -31,7 +45,12 @@ def loader(ds: Dataset, batch_size: int, shuffle: bool, seed: int = 0) -> DataLo
     """A DataLoader with a seeded generator (reproducible order) and no worker processes
     (the data is already in memory; workers would only add start-up time on small tasks)."""
     gen = torch.Generator().manual_seed(seed)
-    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=gen, num_workers=0)
+    collate = _as_is if isinstance(ds, TensorDictDataset) else None  # __getitems__ already built the batch
+    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=gen, num_workers=0, collate_fn=collate)
+
+
+def _as_is(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return batch
 
 
 def labels_tensor(labels, kind: str) -> torch.Tensor:  # noqa: ANN001 - numpy array

@@ -8,6 +8,7 @@ import lightning as L
 import torch
 from torch import nn
 
+from components.errors import ArtifactError
 from components.evaluation.metrics import compute_metrics
 
 
@@ -17,7 +18,26 @@ def task_loss(kind: str, logits: torch.Tensor, labels: torch.Tensor) -> torch.Te
     return nn.functional.cross_entropy(logits, labels)
 
 
-class ClassifierModule(L.LightningModule):
+class TrainableCheckpoint(L.LightningModule):
+    """Checkpoints hold only the trainable weights: an adapter's checkpoint is KBs, not the frozen foundation
+    again (the foundation is rebuilt and hash-checked from its own stage before resuming)."""
+
+    strict_loading = False  # the frozen weights are absent from the checkpoint by design
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        trainable = {n for n, p in self.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        trainable = {n for n, p in self.named_parameters() if p.requires_grad}
+        stored = set(checkpoint["state_dict"])
+        if stored != trainable:
+            missing, extra = sorted(trainable - stored)[:3], sorted(stored - trainable)[:3]
+            raise ArtifactError(f"checkpoint does not match the model being trained (missing {missing}, "
+                                f"unexpected {extra}); delete it to start over")
+
+
+class ClassifierModule(TrainableCheckpoint):
     """Trains whatever parameters of ``model`` require grad; validates on ``metric``."""
 
     def __init__(
@@ -60,7 +80,7 @@ class ClassifierModule(L.LightningModule):
         return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
 
 
-class MultiTaskModule(L.LightningModule):
+class MultiTaskModule(TrainableCheckpoint):
     """Mixed batches of several tasks: shared encoder features, each sample scored by its own head."""
 
     def __init__(self, model: nn.Module, task_names: list[str], kinds: dict[str, str], lr: float,

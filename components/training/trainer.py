@@ -1,4 +1,4 @@
-"""The one Trainer factory: precision, devices, strategy and callbacks all come from params."""
+"""The one Trainer factory: precision, devices, strategy, checkpoints and callbacks all come from params."""
 
 from __future__ import annotations
 
@@ -9,18 +9,30 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import EarlyStopping
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
 from components.config import TrainerParams
 from components.training.callbacks import RestoreBestTrainable
+
+LAST = "last.ckpt"
+
+
+def on_gpu(tp: TrainerParams) -> bool:
+    return tp.accelerator == "gpu" or (tp.accelerator == "auto" and torch.cuda.is_available())
 
 
 def resolve_precision(tp: TrainerParams) -> str:
     """bf16-mixed on a GPU, 32-bit on CPU, unless params name one."""
     if tp.precision != "auto":
         return tp.precision
-    on_gpu = tp.accelerator == "gpu" or (tp.accelerator == "auto" and torch.cuda.is_available())
-    return "bf16-mixed" if on_gpu else "32-true"
+    return "bf16-mixed" if on_gpu(tp) else "32-true"
+
+
+def data_device(tp: TrainerParams) -> torch.device:
+    """Where in-memory training data should live: the GPU of a single-device run (moved there once, so no
+    step copies tiny tensors from the host); the host otherwise (DDP ranks each take their own device)."""
+    single = tp.devices == 1 and tp.num_nodes == 1 and tp.strategy == "auto"
+    return torch.device("cuda", 0) if tp.data_on_device and single and on_gpu(tp) else torch.device("cpu")
 
 
 def build_trainer(
@@ -31,18 +43,30 @@ def build_trainer(
     monitor: str | None = None,
     mode: str = "max",
     progress: bool | None = None,
+    checkpoint_dir: Path | None = None,
 ) -> L.Trainer:
-    """A Lightning Trainer for ``tp``. With ``monitor``: the best epoch's trainable weights are restored
-    at the end, and training stops early after ``early_stopping_patience`` epochs without gain."""
+    """A Lightning Trainer for ``tp``.
+
+    With ``monitor``: the best epoch's trainable weights are restored at the end, and training stops early
+    after ``early_stopping_patience`` epochs without gain. With ``checkpoint_dir`` and ``tp.resume``: a
+    ``last.ckpt`` is written there after every epoch; pass ``resume_from(checkpoint_dir)`` to ``fit``.
+    """
     callbacks: list[L.Callback] = []
     if monitor:
         callbacks.append(RestoreBestTrainable(monitor, mode))
     if tp.early_stopping_patience and monitor:
         callbacks.append(EarlyStopping(monitor=monitor, mode=mode, patience=tp.early_stopping_patience,
                                        check_finite=False))
+    checkpointing = checkpoint_dir is not None and tp.resume
+    if checkpointing:
+        # monitor=None + top_k=1 keeps the latest epoch; one fixed name, overwritten (Lightning 2.6 only writes a
+        # save_last file when a top-k file was written in the same step)
+        callbacks.append(ModelCheckpoint(dirpath=checkpoint_dir, filename=LAST.removesuffix(".ckpt"), monitor=None,
+                                         save_top_k=1, every_n_epochs=1, enable_version_counter=False))
     # Lightning's hints about dataloader workers and tiny logging intervals are noise for in-memory data.
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*log_every_n_steps.*")
+    warnings.filterwarnings("ignore", message=".*Checkpoint directory .* exists and is not empty.*")  # resuming
     return L.Trainer(
         max_epochs=tp.max_epochs,
         accelerator=tp.accelerator,
@@ -54,10 +78,18 @@ def build_trainer(
         deterministic=tp.deterministic,
         logger=logger,
         callbacks=callbacks,
-        enable_checkpointing=False,
+        enable_checkpointing=checkpointing,
         enable_progress_bar=sys.stderr.isatty() if progress is None else progress,
         enable_model_summary=False,
         default_root_dir=str(root_dir),
         log_every_n_steps=10,
         num_sanity_val_steps=0,
     )
+
+
+def resume_from(checkpoint_dir: Path | None) -> str | None:
+    """The checkpoint a killed run left behind, if any (``Trainer.fit(ckpt_path=...)``)."""
+    if checkpoint_dir is None:
+        return None
+    last = Path(checkpoint_dir) / LAST
+    return str(last) if last.is_file() else None

@@ -1,0 +1,273 @@
+"""Every expert method on every task, next to the frozen-foundation linear probe; and the per-step cost and
+memory of each method. `python bench/experts.py [--profile quick]` -> bench/results/experts.json
+
+Quality: for every task (the shipped ones, plus Symptom2Disease and HoC when ../shared/data has them) and every
+method that applies (soft prompts are text-only), the experts stage's own training (`train_expert`, the quick
+profile's schedules) in a fresh process, then the deployed bundle and the probe on the test split. Per run:
+test metrics, trainable parameters, stored expert bytes, training seconds, the process's peak RSS.
+
+Step cost: one fixed batch (text: 16 x 128 tokens on all-MiniLM-L6-v2; image: 64 images on the pre-trained
+CNN), AdamW, warm-up then timed steps; median step time, and the memory a training step adds over the built
+model (grads, optimiser state, activations: peak RSS on CPU, peak allocated on GPU). Each method runs in its
+own process so one method's freed memory cannot hide another's peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.common import write_result  # noqa: E402
+
+METHODS = {"image": ["lora", "llora", "full"], "text": ["lora", "llora", "prompt", "full"]}
+STEP_CASES = {"image": [("lora", "auto"), ("llora", "frozen_a"), ("llora", "jvp"), ("full", "auto")],
+              "text": [("lora", "auto"), ("llora", "frozen_a"), ("llora", "jvp"), ("prompt", "auto"), ("full", "auto")]}
+METRICS = ("accuracy", "macro_f1", "auroc", "mcc")
+# Published anchors (facts, with sources) the README puts next to the table.
+ANCHORS = {
+    "pneumoniamnist": {"source": "MedMNIST v2 (Yang et al., Scientific Data 2023), ResNet-18 (28)",
+                       "accuracy": 0.854, "auroc": 0.944},
+    "breastmnist": {"source": "MedMNIST v2 (Yang et al., Scientific Data 2023), ResNet-18 (28)",
+                    "accuracy": 0.863, "auroc": 0.901},
+    "pubmedqa": {"source": "BLURB (Gu et al., 2021), reasoning-required accuracy: BioBERT 68.1, "
+                           "PubMedBERT ~55.8; human 78.0 (Jin et al., 2019)",
+                 "accuracy": {"biobert": 0.681, "pubmedbert": 0.558, "human": 0.78}},
+}
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def _status_mb(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def reset_peak_rss() -> float:
+    """Reset the kernel's peak-RSS mark (VmHWM; Linux >= 4.0) and return the current RSS: the peak of what
+    follows, minus this, is the memory it added, however high loading the model had pushed the peak before."""
+    gc.collect()
+    Path("/proc/self/clear_refs").write_text("5")
+    return _status_mb("VmRSS")
+
+
+def _params(profile: str, overrides: dict[str, Any]):  # noqa: ANN202
+    from components.config import load_params
+
+    return load_params(ROOT / "params", profile, overrides)
+
+
+# --------------------------------------------------------------------------- one quality run (child process)
+def one_quality(spec: dict[str, Any]) -> dict[str, Any]:
+    import torch
+
+    from components.data.datasets import load_split
+    from components.evaluation.counts import count_parameters
+    from components.evaluation.metrics import compute_metrics
+    from components.experts.io import load_expert, stored_bytes
+    from components.experts.train import train_expert
+    from components.models.bundle import load_bundle
+    from components.models.classifier import Classifier
+    from components.models.foundation import load_foundation
+    from components.training.data import labels_tensor
+    from components.training.inference import batched
+
+    work, task, method = Path(spec["work"]), spec["task"], spec["method"]
+    params = _params(spec["profile"], {"data.active": spec["active"], "experts.method": method,
+                                       "experts.image_method": "lora" if method == "prompt" else method})
+    out = work / "experts" / f"{task}-{method}"
+    start = time.perf_counter()
+    manifest = train_expert(task, params, work / "data", work / "foundation", out)
+    seconds = time.perf_counter() - start
+    peak = peak_rss_mb()
+    test = load_split(work / "data", task, "test")
+    found = load_foundation(work / "foundation", test.modality)
+    x, y = found.inputs(test.inputs), labels_tensor(test.labels, test.kind)
+    deployed = load_bundle(out / "bundle").model.for_task(task)
+    expert = load_expert(out, found)
+    with torch.no_grad():
+        expert_m = compute_metrics(test.kind, batched(deployed, x), y, test.num_labels)
+        probe_m = compute_metrics(test.kind, batched(Classifier(found.encoder, expert.probe_head), x), y, test.num_labels)
+    return {"task": task, "method": method, "modality": test.modality, "test": {k: expert_m[k] for k in METRICS},
+            "probe_test": {k: probe_m[k] for k in METRICS}, "val": manifest["metrics"]["val"],
+            "trainable_params": manifest["trainable_params"],
+            "foundation_params": count_parameters(found.encoder), "stored_bytes": stored_bytes(out),
+            "train_seconds": manifest["train_seconds"], "run_seconds": seconds, "peak_rss_mb": peak,
+            "train_samples": manifest["train_samples"], "test_samples": len(test)}
+
+
+# --------------------------------------------------------------------------- one step-cost run (child process)
+def one_step(spec: dict[str, Any]) -> dict[str, Any]:
+    import numpy as np
+    import torch
+
+    from components.config import ExpertsParams, LoraParams, PromptParams
+    from components.experts.methods import get_method
+    from components.models.classifier import Classifier, make_head
+    from components.models.foundation import load_foundation
+    from components.training.module import task_loss
+
+    modality, method, path = spec["modality"], spec["method"], spec["path"]
+    found = load_foundation(Path(spec["work"]) / "foundation", modality)
+    rng = np.random.default_rng(0)
+    if modality == "text":
+        words = "patient presents with fever cough chest pain and shortness of breath after surgery".split()
+        texts = [" ".join(rng.choice(words, 200)) for _ in range(16)]  # long enough to fill 128 tokens
+        x = found.inputs(texts)
+    else:
+        x = found.inputs(rng.integers(0, 256, size=(64, 28, 28), dtype=np.uint8))
+    y = torch.as_tensor(rng.integers(0, 3, size=len(next(iter(x.values())))))
+    ep = ExpertsParams(method=method, llora_path=path, lora=LoraParams(), prompt=PromptParams(init="random"))
+    torch.manual_seed(0)
+    model = Classifier(get_method(method).build(found, ep, ""), make_head(found.encoder.out_dim, 3)).train()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+    x, y = {k: v.to(device) for k, v in x.items()}, y.to(device)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        with autocast:
+            loss = task_loss("multiclass", model(**x), y)
+        loss.backward()
+        opt.step()
+
+    base = reset_peak_rss()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base_gpu = torch.cuda.memory_allocated() / 2**20
+    times = []
+    for i in range(spec["warmup"] + spec["steps"]):
+        start = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i >= spec["warmup"]:
+            times.append(time.perf_counter() - start)
+    out = {"modality": modality, "method": method, "path": path, "step_ms": 1000 * statistics.median(times),
+           "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+           "train_memory_mb": _status_mb("VmHWM") - base, "batch": len(y)}
+    if device.type == "cuda":
+        out["train_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20 - base_gpu
+    return out
+
+
+# --------------------------------------------------------------------------- driver
+def child(kind: str, spec: dict[str, Any]) -> dict[str, Any]:
+    with tempfile.NamedTemporaryFile("r", suffix=".json") as f:
+        subprocess.run([sys.executable, __file__, "--child", kind, json.dumps(spec), f.name], check=True,
+                       env={**os.environ, "DO_NOT_TRACK": "true"})
+        return json.loads(Path(f.name).read_text())
+
+
+def setup(work: Path, profile: str, active: list[str]) -> None:
+    from components.data.prepare import prepare_data
+    from components.models.foundation import describe_text_foundation
+    from components.models.pretrain import pretrain_image_foundation
+
+    params = _params(profile, {"data.active": active})
+    prepare_data(params.data, ROOT, work / "data", seed=params.pipeline.seed)
+    describe_text_foundation(params.foundation, ROOT, work / "foundation" / "text")
+    pretrain_image_foundation(params, work / "data", work / "foundation" / "image")
+
+
+def available_tasks(profile: str) -> list[str]:
+    from components.config import expand_env
+
+    params = _params(profile, {})
+    out = []
+    for name, spec in params.data.tasks.items():
+        path = Path(expand_env(spec.path))
+        if name in params.data.active or (spec.optional and (path if path.is_absolute() else ROOT / path).exists()):
+            out.append(name)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--profile", default="quick")
+    parser.add_argument("--tasks", nargs="*", help="default: the shipped tasks + the optional ones found on disk")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per method and round (step cost)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of the step-cost part (median reported)")
+    parser.add_argument("--skip-quality", action="store_true", help="step cost only")
+    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        kind, spec, out = args.child
+        result = (one_quality if kind == "quality" else one_step)(json.loads(spec))
+        Path(out).write_text(json.dumps(result))
+        return
+
+    tasks = args.tasks or available_tasks(args.profile)
+    work = Path(tempfile.mkdtemp(prefix="medexperts-bench-experts-"))
+    setup(work, args.profile, tasks)
+    params = _params(args.profile, {"data.active": tasks})
+    runs = []
+    for task in [] if args.skip_quality else tasks:
+        modality = params.data.tasks[task].modality
+        for method in METHODS[modality]:
+            r = child("quality", {"work": str(work), "profile": args.profile, "active": tasks, "task": task,
+                                  "method": method})
+            runs.append(r)
+            print(f"{task:18s} {method:7s} test macro-F1 {r['test']['macro_f1']:.3f} (probe "
+                  f"{r['probe_test']['macro_f1']:.3f})  trainable {r['trainable_params']:>9,d}  "
+                  f"{r['stored_bytes'] / 1024:9.1f} KB  {r['train_seconds']:6.1f} s  peak {r['peak_rss_mb']:.0f} MB",
+                  flush=True)
+    # Methods alternate within each round (a load change on the machine hits all of them), median over rounds.
+    rounds: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    for _ in range(args.rounds):
+        for modality, cases in STEP_CASES.items():
+            for method, path in cases:
+                r = child("step", {"work": str(work), "modality": modality, "method": method, "path": path,
+                                   "warmup": 3, "steps": args.steps})
+                rounds.setdefault((modality, method, path), []).append(r)
+    steps = []
+    for runs_of_case in rounds.values():
+        r = {**runs_of_case[0], "step_ms": statistics.median(x["step_ms"] for x in runs_of_case),
+             "train_memory_mb": statistics.median(x["train_memory_mb"] for x in runs_of_case),
+             "step_ms_rounds": [x["step_ms"] for x in runs_of_case]}
+        steps.append(r)
+        print(f"step {r['modality']:5s} {r['method']:6s} {r['path']:8s} {r['step_ms']:8.1f} ms  "
+              f"+{r['train_memory_mb']:.0f} MB", flush=True)
+
+    def ratio(modality: str, num: tuple[str, str], den: tuple[str, str], key: str) -> float | None:
+        pick = {(s["method"], s["path"]): s[key] for s in steps if s["modality"] == modality}
+        return pick[num] / pick[den] if num in pick and den in pick and pick[den] else None
+
+    figures = {m: {"llora_frozen_a_step_vs_lora": ratio(m, ("llora", "frozen_a"), ("lora", "auto"), "step_ms"),
+                   "llora_jvp_step_vs_lora": ratio(m, ("llora", "jvp"), ("lora", "auto"), "step_ms"),
+                   "lora_memory_vs_full": ratio(m, ("lora", "auto"), ("full", "auto"), "train_memory_mb"),
+                   "prompt_memory_vs_full": ratio(m, ("prompt", "auto"), ("full", "auto"), "train_memory_mb"),
+                   "prompt_step_vs_lora": ratio(m, ("prompt", "auto"), ("lora", "auto"), "step_ms")}
+               for m in STEP_CASES}
+    wins = {r["task"] + ":" + r["method"]: r["test"]["macro_f1"] > r["probe_test"]["macro_f1"] for r in runs}
+    path = write_result("experts", {
+        "params": {"profile": args.profile, "tasks": tasks, "methods": METHODS, "timed_steps": args.steps,
+                   "rounds": args.rounds,
+                   "primary_metric": "macro_f1"},
+        "runs": runs, "step_cost": steps, "figures": figures, "beats_probe": wins, "anchors": ANCHORS,
+    })
+    print(json.dumps(figures, indent=1))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,125 @@
+"""The Trainer factory: checkpoint-resume of a killed run, trainable-only checkpoints, batched data access."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from torch import nn
+
+from components.config import TrainerParams
+from components.errors import ArtifactError
+from components.models.classifier import Classifier
+from components.training.data import TensorDictDataset, loader
+from components.training.module import ClassifierModule
+from components.training.trainer import LAST, build_trainer, data_device, resume_from
+
+
+class Encoder(nn.Module):
+    """A frozen 'foundation' layer plus a trainable one, so checkpoints can be checked for what they hold."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.frozen = nn.Linear(6, 8).requires_grad_(False)
+        self.adapter = nn.Linear(8, 8)
+        self.out_dim = 8
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.adapter(torch.relu(self.frozen(x)))
+
+
+def data() -> TensorDictDataset:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 6, generator=gen)
+    return TensorDictDataset({"x": x}, (x[:, 0] > 0).long())
+
+
+def module() -> ClassifierModule:
+    torch.manual_seed(0)
+    return ClassifierModule(Classifier(Encoder(), nn.Linear(8, 2)), "binary", 2, 0.05, 0.0, "accuracy")
+
+
+class Killed(RuntimeError):
+    pass
+
+
+class KillAt(L.Callback):
+    """Simulates a crash (OOM, pre-emption) when epoch ``epoch`` starts."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.current_epoch == self.epoch:
+            raise Killed(f"killed at epoch {self.epoch}")
+
+
+class Epochs(L.Callback):
+    def __init__(self) -> None:
+        self.seen: list[int] = []
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.seen.append(trainer.current_epoch)
+
+
+def fit(tp: TrainerParams, ckpt: Path | None, root: Path, extra: list[L.Callback]) -> tuple[L.Trainer, ClassifierModule]:
+    mod = module()
+    trainer = build_trainer(tp, root, monitor="val_accuracy", checkpoint_dir=ckpt, progress=False)
+    trainer.callbacks.extend(extra)
+    ds = data()
+    trainer.fit(mod, loader(ds, 16, shuffle=True, seed=1), loader(ds, 32, shuffle=False), ckpt_path=resume_from(ckpt))
+    return trainer, mod
+
+
+def test_killed_run_resumes_from_its_last_epoch(tmp_path: Path) -> None:
+    tp = TrainerParams(max_epochs=4, accelerator="cpu")
+    ckpt = tmp_path / "ckpt"
+    with pytest.raises(Killed):
+        fit(tp, ckpt, tmp_path, [KillAt(2)])
+    assert (ckpt / LAST).is_file()
+    stored = torch.load(ckpt / LAST, weights_only=False)
+    assert stored["epoch"] == 1 and stored["global_step"] == 8  # 2 epochs of 4 steps done
+    # only what trains is checkpointed: the frozen foundation layer is not stored again
+    assert set(stored["state_dict"]) == {"model.encoder.adapter.weight", "model.encoder.adapter.bias",
+                                         "model.head.weight", "model.head.bias"}
+    assert "RestoreBestTrainable" in "".join(stored["callbacks"])  # the best epoch survives the crash
+
+    epochs = Epochs()
+    trainer, _ = fit(tp, ckpt, tmp_path, [epochs])
+    assert epochs.seen == [2, 3]  # resumed, not restarted
+    assert trainer.global_step == 16
+    assert resume_from(tmp_path / "nothing-here") is None
+
+
+def test_resume_refuses_a_checkpoint_of_another_model(tmp_path: Path) -> None:
+    tp = TrainerParams(max_epochs=1, accelerator="cpu")
+    fit(tp, tmp_path / "ckpt", tmp_path, [])
+    other = ClassifierModule(Classifier(Encoder(), nn.Linear(8, 3)), "multiclass", 3, 0.05, 0.0, "accuracy")
+    other.model.encoder.adapter.requires_grad_(False)  # a different set of trainable weights
+    trainer = build_trainer(TrainerParams(max_epochs=2, accelerator="cpu"), tmp_path, checkpoint_dir=tmp_path / "ckpt",
+                            progress=False)
+    ds = data()
+    with pytest.raises(ArtifactError, match="checkpoint does not match"):
+        trainer.fit(other, loader(ds, 16, shuffle=True), ckpt_path=resume_from(tmp_path / "ckpt"))
+
+
+def test_no_checkpoints_when_resume_is_off(tmp_path: Path) -> None:
+    fit(TrainerParams(max_epochs=1, accelerator="cpu", resume=False), tmp_path / "ckpt", tmp_path, [])
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_batches_are_sliced_in_one_step_and_match_rows() -> None:
+    ds = data()
+    batch = next(iter(loader(ds, 16, shuffle=True, seed=3)))
+    assert batch["x"].shape == (16, 6) and batch["labels"].shape == (16,)
+    # every row of the batch is a row of the dataset with its own label
+    for x, y in zip(batch["x"], batch["labels"], strict=True):
+        i = int((ds.inputs["x"] == x).all(1).nonzero())
+        assert ds.labels[i] == y
+    # on CPU (and in DDP) the data stays on the host; a single-GPU run moves it to the GPU once
+    assert data_device(TrainerParams(accelerator="cpu")).type == "cpu"
+    assert data_device(TrainerParams(accelerator="gpu", devices=2, strategy="ddp")).type == "cpu"
+    assert data_device(TrainerParams(accelerator="gpu")).type == "cuda"
+    assert data_device(TrainerParams(accelerator="gpu", data_on_device=False)).type == "cpu"
