@@ -1,0 +1,304 @@
+"""LoRKD: one-pass knowledge separation, exact gradient separation, fusion, save/load, bad inputs, a short run.
+
+Tiny models on CPU. B is zero at init, so every equality check first sets B to random values (otherwise
+the experts add nothing and the checks are vacuous).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from torch import nn
+
+from components.config import TrainerParams
+from components.decompose.deploy import fuse, load_fused, load_student, save_fused, save_student, student_hash
+from components.decompose.layers import ExpertConv2d, ExpertLayer, ExpertLinear, task_context
+from components.decompose.loss import lorkd_loss
+from components.decompose.module import DecomposeModule
+from components.decompose.params import DecomposeParams
+from components.decompose.student import LoRKDStudent, build_student
+from components.decompose.teacher import mixed_dataset, teacher_logits
+from components.errors import ArtifactError, DataError, ParamsError
+from components.fingerprint import sha256_file
+from components.models.classifier import make_head
+from components.models.encoders import ImageEncoder, TextEncoder
+from components.training.data import loader
+from components.training.trainer import build_trainer
+
+PARAMS = Path(__file__).resolve().parents[1] / "params"
+# Task order b, a (not sorted): task ids follow the teacher's head order through save/load.
+KINDS = {"b": "multiclass", "a": "multilabel"}
+LABELS = {"b": 3, "a": 2}
+
+
+def small_params(**over: object) -> DecomposeParams:
+    base = {"student": {"image": {"widths": [4, 8]}, "text": {"layers": [1], "embedding_rank": 8,
+                                                             "max_positions": 16}},
+            "rank": 2, "alpha": 4.0}
+    return DecomposeParams.model_validate({**base, **over})
+
+
+def randomise_b(module: nn.Module, seed: int = 1) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in module.modules():
+            if isinstance(layer, ExpertLayer):
+                layer.expert_b.copy_(torch.randn(layer.expert_b.shape, generator=gen) * 0.3)
+
+
+def teacher_for(modality: str) -> tuple[nn.Module, dict[str, nn.Linear]]:
+    torch.manual_seed(0)
+    if modality == "image":
+        encoder: nn.Module = ImageEncoder([8, 16])
+    else:
+        from transformers import BertConfig, BertModel
+
+        config = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                            intermediate_size=64, max_position_embeddings=64)
+        encoder = TextEncoder(BertModel(config))
+    heads = {n: make_head(encoder.out_dim, k) for n, k in LABELS.items()}
+    return encoder.eval(), heads
+
+
+def inputs_for(modality: str, n: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    if modality == "image":
+        return {"pixels": torch.randn(n, 3, 28, 28, generator=gen)}
+    mask = torch.ones(n, 12, dtype=torch.long)
+    mask[::2, 8:] = 0  # some padded rows: the mean pooling must ignore them
+    return {"input_ids": torch.randint(1, 100, (n, 12), generator=gen), "attention_mask": mask}
+
+
+def student_for(modality: str, **over: object) -> LoRKDStudent:
+    encoder, heads = teacher_for(modality)
+    student = build_student(small_params(**over), modality, encoder, heads, seed=0)
+    randomise_b(student)
+    return student.eval()  # dropout off: outputs and gradients compare exactly
+
+
+def rows(inputs: dict[str, torch.Tensor], index: torch.Tensor | slice) -> dict[str, torch.Tensor]:
+    return {k: v[index] for k, v in inputs.items()}
+
+
+MODALITIES = ["image", "text"]
+TASK_IDS = torch.tensor([1, 0, 0, 1, 1, 0])
+
+
+# --------------------------------------------------------------------------- expert layers
+def layer_cases() -> list[tuple[str, nn.Module, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(0)
+    return [
+        ("linear", nn.Linear(6, 5), torch.randn(7, 4, 6, generator=gen)),
+        ("conv", nn.Conv2d(3, 5, 3, stride=2, padding=1), torch.randn(7, 3, 9, 9, generator=gen)),
+        ("conv_dilated", nn.Conv2d(3, 4, 3, padding=2, dilation=2), torch.randn(7, 3, 8, 8, generator=gen)),
+    ]
+
+
+@pytest.mark.parametrize("case", layer_cases(), ids=lambda c: c[0])
+def test_layer_one_pass_equals_per_sample_loop_and_fold(case: tuple[str, nn.Module, torch.Tensor]) -> None:
+    _, base, x = case
+    cls = ExpertLinear if isinstance(base, nn.Linear) else ExpertConv2d
+    layer = cls(base, num_tasks=3, rank=2, alpha=4.0, generator=torch.Generator().manual_seed(0))
+    randomise_b(layer)
+    ids = torch.tensor([2, 0, 1, 1, 2, 0, 2])
+    with torch.no_grad(), task_context([layer], ids):
+        mixed = layer(x)
+    for i, t in enumerate(ids.tolist()):
+        with torch.no_grad(), task_context([layer], t):
+            single = layer(x[i:i + 1])
+        torch.testing.assert_close(mixed[i:i + 1], single, rtol=1e-5, atol=1e-6)
+        folded = layer.fold(t)
+        assert type(folded) is type(base)
+        torch.testing.assert_close(mixed[i:i + 1], folded(x[i:i + 1]), rtol=1e-5, atol=1e-6)
+
+
+def test_layer_without_task_refuses() -> None:
+    layer = ExpertLinear(nn.Linear(4, 4), num_tasks=2, rank=1)
+    with pytest.raises(RuntimeError, match="no task selected"):
+        layer(torch.randn(2, 4))
+
+
+# --------------------------------------------------------------------------- whole students
+@pytest.mark.parametrize("modality", MODALITIES)
+def test_student_one_pass_equals_per_sample_loop(modality: str) -> None:
+    student = student_for(modality)
+    x = inputs_for(modality, len(TASK_IDS))
+    with torch.no_grad():
+        mixed = student(TASK_IDS, **x)
+        assert mixed.shape == (len(TASK_IDS), max(LABELS.values()))
+        for i, t in enumerate(TASK_IDS.tolist()):
+            single = student(t, **rows(x, slice(i, i + 1)))
+            width = LABELS[student.task_names[t]]
+            torch.testing.assert_close(mixed[i:i + 1, :width], single, rtol=1e-4, atol=1e-5)
+            assert torch.all(mixed[i, width:] == 0)
+
+
+def targets(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Labels (N, max L: task 0 one-hot, task 1 multilabel) and teacher logits for a batch with ``ids``."""
+    gen = torch.Generator().manual_seed(3)
+    labels = torch.randint(0, 2, (len(ids), 3), generator=gen).float()
+    labels[ids == 0] = nn.functional.one_hot(torch.randint(0, 3, (len(ids),), generator=gen), 3).float()[ids == 0]
+    return labels, torch.randn(len(ids), 3, generator=gen)
+
+
+def grads(student: LoRKDStudent, x: dict[str, torch.Tensor], ids: torch.Tensor, labels: torch.Tensor,
+          teacher: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Gradients of the sum-reduced LoRKD loss (additive over samples, so sub-batch gradients add up)."""
+    student.zero_grad(set_to_none=False)
+    loss, _ = lorkd_loss(student(ids, **x), labels, teacher, ids, ["multiclass", "multilabel"], [3, 2],
+                         kd_weight=0.5, temperature=2.0, reduction="sum")
+    loss.backward()
+    return {n: p.grad.clone() for n, p in student.named_parameters()}
+
+
+@pytest.mark.parametrize("modality", MODALITIES)
+def test_gradient_separation(modality: str) -> None:
+    student = student_for(modality)
+    for p in student.parameters():
+        p.grad = torch.zeros_like(p)
+    x = inputs_for(modality, len(TASK_IDS))
+    labels, teacher = targets(TASK_IDS)
+    experts = [n for n, m in student.backbone.named_modules() if isinstance(m, ExpertLayer)]
+    assert len(experts) > 3
+    r = student.config["rank"]
+    mixed = grads(student, x, TASK_IDS, labels, teacher)
+    split = {}
+    for s in (0, 1):
+        mask = TASK_IDS == s
+        split[s] = grads(student, rows(x, mask), TASK_IDS[mask], labels[mask], teacher[mask])
+        other = 1 - s
+        for name in experts:
+            g_a, g_b = split[s][f"backbone.{name}.expert_a"], split[s][f"backbone.{name}.expert_b"]
+            # Exactly zero, not approximately: the other task's expert never saw these samples.
+            assert torch.all(g_b[other] == 0) and torch.all(g_a[other * r:(other + 1) * r] == 0), name
+            assert g_b[s].abs().sum() > 0 and g_a[s * r:(s + 1) * r].abs().sum() > 0, name
+            assert split[s][f"backbone.{name}.base.weight"].abs().sum() > 0, name  # shared W0 sees all
+    # A mixed batch's gradients are the sum of its single-task sub-batches' (one pass, no interference).
+    for name, value in mixed.items():
+        torch.testing.assert_close(value, split[0][name] + split[1][name], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("modality", MODALITIES)
+def test_fusion_equals_student_and_round_trips(modality: str, tmp_path: Path) -> None:
+    student = student_for(modality)
+    x = inputs_for(modality, 4)
+    digest = student_hash(student)
+    manifest = save_student(tmp_path / "student", student)
+    assert manifest["sha256"] == digest == sha256_file(tmp_path / "student" / "student.safetensors")
+    loaded = load_student(tmp_path / "student")
+    for task in student.task_names:
+        fused = fuse(student, task, expected_hash=digest)
+        assert not any(isinstance(m, ExpertLayer) for m in fused.modules())
+        with torch.no_grad():
+            reference = student(task, **x)
+            torch.testing.assert_close(fused(**x), reference, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(loaded(task, **x), reference)
+        out = tmp_path / f"fused-{task}"
+        man = save_fused(out, loaded, task, expected_hash=digest)
+        assert (man["task"], man["student_sha256"]) == (task, digest)
+        assert man["parameters"] == sum(p.numel() for p in fused.parameters())
+        deployed, _ = load_fused(out)
+        with torch.no_grad():
+            torch.testing.assert_close(deployed(**x), reference, rtol=1e-4, atol=1e-5)
+    # The fused model is smaller than the student with all its experts.
+    assert man["parameters"] < sum(p.numel() for p in student.parameters())
+
+
+def test_task_switching_and_names() -> None:
+    student = student_for("image")
+    x = inputs_for("image", 2)
+    with torch.no_grad():
+        b, a = student("b", **x), student(1, **x)
+        assert b.shape == (2, 3) and a.shape == (2, 2)
+        torch.testing.assert_close(student.features("a", **x), student.features(torch.tensor(1), **x))
+        assert not torch.allclose(student.features(0, **x), student.features(1, **x))
+
+
+# --------------------------------------------------------------------------- bad inputs
+def test_task_id_outside_registered_tasks() -> None:
+    student = student_for("image")
+    x = inputs_for("image", 2)
+    with pytest.raises(DataError, match=r"task id 5 is outside the registered tasks: the student has 2 tasks"):
+        student(torch.tensor([0, 5]), **x)
+    with pytest.raises(DataError, match=r"task id -1 is outside"):
+        student(-1, **x)
+    with pytest.raises(DataError, match=r"task_ids must be an integer tensor of shape \(2,\)"):
+        student(torch.tensor([0, 1, 1]), **x)
+    with pytest.raises(DataError, match=r"unknown task 'zz'"):
+        student("zz", **x)
+
+
+def test_rank_larger_than_layer() -> None:
+    with pytest.raises(ParamsError, match=r"rank 5 exceeds min\(in_features, out_features\) = min\(6, 4\) = 4"):
+        ExpertLinear(nn.Linear(6, 4), num_tasks=2, rank=5)
+    with pytest.raises(ParamsError, match=r"'stem.0' .*rank 5 exceeds min\(in_channels\*kh\*kw, out_channels\) "
+                                          r"= min\(27, 4\) = 4"):
+        student_for("image", rank=5)
+    with pytest.raises(ParamsError, match=r"'model.embeddings.word_embeddings.1' \(Linear 8->32\): rank 9"):
+        student_for("text", rank=9)
+
+
+def test_student_shapes_must_match_teacher() -> None:
+    with pytest.raises(ParamsError, match=r"student head needs weight shape \(3, 8\) \(student feature dim 8\) "
+                                          r"but the teacher head has \(3, 16\)"):
+        student_for("image", head_init="teacher")
+    with pytest.raises(ParamsError, match=r"layer\(s\) \[7\] do not exist; the teacher has 2 layers"):
+        student_for("text", student={"text": {"layers": [0, 7]}})
+    student = student_for("image")
+    x = inputs_for("image", 4)
+    inputs, labels = {"a": x, "b": x}, {"b": torch.zeros(4, dtype=torch.long), "a": torch.zeros(4, 2)}
+    teacher = {"a": torch.zeros(4, 2), "b": torch.zeros(4, 2)}
+    with pytest.raises(ArtifactError, match=r"task 'b': teacher logits have shape \(4, 2\) but the student head "
+                                            r"outputs 3 labels \(head weight shape \(3, 8\)\)"):
+        mixed_dataset(student, inputs, labels, teacher)
+
+
+def test_fuse_refuses_unknown_task_and_other_run() -> None:
+    student = student_for("image")
+    with pytest.raises(ArtifactError, match=r"cannot fuse task 'nope': the student has experts for \['b', 'a'\]"):
+        fuse(student, "nope")
+    with pytest.raises(ArtifactError, match=r"differs from the expected decomposition run 000000000000"):
+        fuse(student, "b", expected_hash="0" * 64)
+
+
+# --------------------------------------------------------------------------- distillation
+def test_short_distillation_reduces_loss(tmp_path: Path) -> None:
+    encoder, heads = teacher_for("image")
+    x = {n: inputs_for("image", 48, seed=i) for i, n in enumerate(LABELS)}
+    gen = torch.Generator().manual_seed(0)
+    labels = {"b": torch.randint(0, 3, (48,), generator=gen), "a": torch.randint(0, 2, (48, 2), generator=gen).float()}
+    encoder.train()
+    logits = {n: teacher_logits(encoder, heads[n], x[n], batch_size=16) for n in LABELS}
+    assert encoder.training  # restored
+    with torch.no_grad():
+        torch.testing.assert_close(logits["b"], heads["b"](encoder.eval()(**x["b"])))
+    student = build_student(small_params(), "image", encoder, heads, seed=0)
+    ds = mixed_dataset(student, x, labels, logits)
+    assert ds.labels.shape == (96, 3) and ds.inputs["teacher_logits"].shape == (96, 3)
+    module = DecomposeModule(student, KINDS, kd_weight=1.0, temperature=2.0, lr=1e-2, weight_decay=1e-4)
+
+    def full_loss() -> float:
+        with torch.no_grad():
+            batch = {**ds.inputs, "labels": ds.labels, "task_ids": ds.task_ids}
+            return float(module._loss(batch, module.eval()(batch))[0])
+
+    before = full_loss()
+    module.train()
+    tp = TrainerParams(max_epochs=4, batch_size=16, accelerator="cpu")
+    trainer = build_trainer(tp, tmp_path, progress=False)
+    trainer.fit(module, loader(ds, 16, shuffle=True), loader(ds, 32, shuffle=False))
+    assert full_loss() < before
+    assert {"val_macro_f1", "val_macro_f1_a", "val_macro_f1_b", "train_kd_loss"} <= set(trainer.callback_metrics)
+
+
+# --------------------------------------------------------------------------- params
+def test_params_file_validates() -> None:
+    dp = DecomposeParams.model_validate(yaml.safe_load((PARAMS / "decompose.yaml").read_text()))
+    assert dp == DecomposeParams()
+    with pytest.raises(ValueError, match="layers must be distinct"):
+        DecomposeParams.model_validate({"student": {"text": {"layers": [1, 1]}}})
+    with pytest.raises(ValueError, match="Extra inputs are not permitted"):
+        DecomposeParams.model_validate({"ranks": 2})
