@@ -10,7 +10,7 @@ import copy
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -202,8 +202,6 @@ class PromptParams(Strict):
         "text", description="text: embeddings of the task description; sample_vocab: of random vocabulary "
         "tokens; random: N(0, 1) (PEFT's RANDOM).")
     init_text: str | None = Field(None, description="Init text (default: the task's description in data.yaml).")
-    lr: float | None = Field(None, gt=0, description="Learning rate for prompt tuning (it needs a larger one "
-                             "than LoRA); default: the trainer's lr.")
 
 
 class ExpertsParams(Strict):
@@ -222,9 +220,16 @@ class ExpertsParams(Strict):
         "probe", description="Start the expert's head from the probe (LP-FT) or at random."
     )
     trainer: ModalityTrainers = Field(default_factory=ModalityTrainers, description="Expert training per modality.")
+    method_lr: dict[Literal["lora", "llora", "prompt", "full"], dict[Literal["text", "image"], Annotated[float, Field(gt=0)]]] = Field(
+        default_factory=dict, description="Learning rate per method and modality where it differs from "
+        "trainer.<modality>.lr (prompt tuning needs a larger step, full fine-tuning of a pre-trained "
+        "transformer a much smaller one).")
 
     def method_for(self, modality: str) -> str:
         return self.image_method or self.method if modality == "image" else self.method
+
+    def lr_for(self, method: str, modality: str) -> float:
+        return self.method_lr.get(method, {}).get(modality, self.trainer.of(modality).lr)
 
 
 # --------------------------------------------------------------------------- fusion

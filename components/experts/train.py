@@ -61,7 +61,7 @@ def train_expert(task: str, params: Params, data_dir: Path, foundation_dir: Path
     method_name = params.experts.method_for(train.modality)
     method = get_method(method_name)
     encoder = method.build(foundation, params.experts, params.data.tasks[task].description)
-    lr = params.experts.prompt.lr or tp.lr if method_name == "prompt" else tp.lr
+    lr = params.experts.lr_for(method_name, train.modality)
     head = copy.deepcopy(probe) if params.experts.head_init == "probe" else make_head(
         foundation.encoder.out_dim, train.num_labels)
     head.requires_grad_(True)
