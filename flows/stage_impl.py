@@ -11,6 +11,7 @@ from mlflow.tracking import MlflowClient
 
 from components.artifacts import STAGE_FILE, SUMMARY_FILE, read_json, read_manifest
 from components.data.prepare import prepare_data
+from components.decompose.train import decompose
 from components.evaluation.evaluate import evaluate_models
 from components.experts.methods import get_method
 from components.experts.train import train_expert
@@ -112,6 +113,28 @@ def log_experts(ctx: Any, out: Path, summary: dict[str, Any]) -> None:
     log_metrics({t: {"val": s["val"], "probe_val": s["probe_val"]} for t, s in summary["tasks"].items()})
 
 
+# --------------------------------------------------------------------------- decompose (LoRKD)
+def run_decompose(ctx: Any, out: Path) -> dict[str, Any]:
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    logger = MLFlowLogger(tracking_uri=mlflow.get_tracking_uri(), run_id=mlflow.active_run().info.run_id)
+    return decompose(ctx.params, ctx.out("data"), ctx.out("foundation"), out, logger=logger,
+                     checkpoint_dir=ctx.checkpoints("decompose"))
+
+
+def log_decompose(ctx: Any, out: Path, summary: dict[str, Any]) -> None:
+    log_params(ctx.params.decompose.model_dump(mode="json"))
+    metric = ctx.params.evaluate.primary_metric
+    for modality, s in summary["modalities"].items():
+        mlflow.set_tag(f"decompose.{modality}.student_sha256", s["student_sha256"])
+        log_metrics({f"{modality}.student_parameters": s["student_parameters"],
+                     f"{modality}.train_seconds": s["train_seconds"]})
+        log_metrics({t: {"val_lorkd": r["val"][metric], "val_teacher": r["teacher_val"][metric],
+                         "val_single_student": r["single_val"][metric], "parameters": r["parameters"],
+                         "parameter_fraction": r["parameter_fraction"]} for t, r in s["tasks"].items()})
+        mlflow.log_artifact(str(out / modality / "student" / "manifest.json"), artifact_path=f"{modality}/student")
+
+
 # --------------------------------------------------------------------------- fusion
 def run_fusion(ctx: Any, out: Path) -> dict[str, Any]:
     tasks = list(ctx.params.data.active_tasks(ctx.params.fusion.modality))
@@ -143,7 +166,7 @@ def log_fusion(ctx: Any, out: Path, summary: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------- evaluate
 def run_evaluate(ctx: Any, out: Path) -> dict[str, Any]:
     data, foundation, experts = _ctx_paths(ctx)
-    return evaluate_models(ctx.params, data, foundation, experts, ctx.out("fusion"), out)
+    return evaluate_models(ctx.params, data, foundation, experts, ctx.out("fusion"), out, ctx.out("decompose"))
 
 
 def log_evaluate(ctx: Any, out: Path, summary: dict[str, Any]) -> None:
@@ -164,6 +187,11 @@ def _candidates(ctx: Any) -> list[tuple[str, Path, float]]:
         folder = ctx.out("experts") / task
         m = read_manifest(folder, kind="expert", verify=False)
         out.append((f"{p.registry.prefix}-{task}", folder / "bundle", float(m["metrics"]["val"][metric])))
+    decomposed = read_json(ctx.out("decompose") / SUMMARY_FILE, "decompose summary")
+    for modality, s in decomposed["modalities"].items():
+        for task, r in s["tasks"].items():
+            out.append((f"{p.registry.prefix}-{task}-lorkd", ctx.out("decompose") / modality / "fused" / task,
+                        float(r["val"][metric])))
     fusion = read_json(ctx.out("fusion") / SUMMARY_FILE, "fusion summary")
     if "best_method" in fusion:
         best = fusion["methods"][fusion["best_method"]]
@@ -179,7 +207,7 @@ def run_promote(ctx: Any, out: Path) -> dict[str, Any]:
     tags = {**git_info(ctx.root), "profile": ctx.params.pipeline.profile, "metric": ctx.params.evaluate.primary_metric,
             "method": ctx.params.experts.method, "image_method": ctx.params.experts.method_for("image"),
             **{f"fingerprint.{s}": read_json(ctx.out(s) / STAGE_FILE).get("fingerprint", "")
-               for s in ("data", "foundation", "experts", "fusion", "evaluate")}}
+               for s in ("data", "foundation", "experts", "decompose", "fusion", "evaluate")}}
     expert_runs = read_json(ctx.out("experts") / SUMMARY_FILE, "experts summary")["tasks"]
     for name, bundle, metric in _candidates(ctx):
         task = name.removeprefix(f"{rp.prefix}-")

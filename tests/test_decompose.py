@@ -18,7 +18,7 @@ from components.decompose.deploy import fuse, load_fused, load_student, save_fus
 from components.decompose.layers import ExpertConv2d, ExpertLayer, ExpertLinear, task_context
 from components.decompose.loss import lorkd_loss
 from components.decompose.module import DecomposeModule
-from components.decompose.params import DecomposeParams
+from components.config import DecomposeParams
 from components.decompose.student import LoRKDStudent, build_student
 from components.decompose.teacher import mixed_dataset, teacher_logits
 from components.errors import ArtifactError, DataError, ParamsError

@@ -51,7 +51,9 @@ def test_dvc_repro_incremental(tmp_path: Path, tiny_bert: Path) -> None:
     sh("git", "add", "-A")
     sh("git", "commit", "-qm", "copy")
     dvc = str(Path(sys.executable).parent / "dvc")
-    assert ran(sh(dvc, "repro")) == ["data", "foundation", "experts", "fusion", "evaluate", "promote"]
+    first = ran(sh(dvc, "repro"))
+    assert sorted(first) == sorted(["data", "foundation", "experts", "decompose", "fusion", "evaluate", "promote"])
+    assert first[:2] == ["data", "foundation"] and first[-2:] == ["evaluate", "promote"]
     assert ran(sh(dvc, "repro")) == []  # nothing changed: no work
     fusion = yaml.safe_load((repo / "params" / "fusion.yaml").read_text())
     fusion["lambdas"] = [0.3, 0.9]

@@ -10,7 +10,7 @@ import pytest
 from components.data.datasets import read_manifest
 
 pytestmark = pytest.mark.slow
-STAGES = ["data", "foundation", "experts", "fusion", "evaluate", "promote"]
+STAGES = ["data", "foundation", "experts", "decompose", "fusion", "evaluate", "promote"]
 TASKS = ["pneumoniamnist", "breastmnist", "pubmedqa", "medical_abstracts"]
 
 
@@ -49,10 +49,15 @@ def test_retrain_end_to_end(isolated_project: Path, tiny_bert: Path) -> None:
     metrics = runs["stage:evaluate"].data.metrics
     assert 0.0 <= metrics["pubmedqa.metrics.expert.macro_f1"] <= 1.0
     assert metrics["pubmedqa.merge_max_abs_diff"] < 1e-4
+    for task in TASKS:  # LoRKD: teacher, fused expert and single-task student scored on test, sizes recorded
+        assert {f"{task}.metrics.{m}.macro_f1" for m in ("teacher", "lorkd", "single_student")} <= set(metrics)
+        assert metrics[f"{task}.params.lorkd_deployed"] < metrics[f"{task}.params.teacher"]
+    assert runs["stage:decompose"].data.tags["decompose.text.student_sha256"]
 
     # registry: every expert and the fused model, with aliases; the champion loads and predicts
     decisions = results["promote"]["decisions"]
-    assert {d["model"] for d in decisions} == {f"medexperts-{t}" for t in TASKS} | {"medexperts-fused-text"}
+    assert {d["model"] for d in decisions} == ({f"medexperts-{t}" for t in TASKS} | {"medexperts-fused-text"}
+                                               | {f"medexperts-{t}-lorkd" for t in TASKS})
     for d in decisions:
         mv = client.get_model_version_by_alias(d["model"], "challenger")
         assert str(mv.version) == d["version"]
@@ -62,6 +67,8 @@ def test_retrain_end_to_end(isolated_project: Path, tiny_bert: Path) -> None:
     model = mlflow.pyfunc.load_model("models:/medexperts-pubmedqa@champion")
     frame = model.predict(["Does aspirin reduce the risk of stroke?", "Is smoking protective?"])
     assert len(frame) == 2 and set(frame["label"]) <= {"yes", "no", "maybe"}
+    lorkd = mlflow.pyfunc.load_model("models:/medexperts-medical_abstracts-lorkd@champion")
+    assert len(lorkd.predict(["Colon adenocarcinoma with lymph node metastasis."])) == 1
     fused = mlflow.pyfunc.load_model("models:/medexperts-fused-text@champion")
     frame = fused.predict(["Colon adenocarcinoma with lymph node metastasis."], params={"task": "medical_abstracts"})
     assert frame["task"].iloc[0] == "medical_abstracts"

@@ -14,7 +14,7 @@ from torch import nn
 
 from components.decompose.backbones import ImageBackbone, backbone_from_config, text_backbone_from_teacher
 from components.decompose.layers import TaskSel, attach_experts, expert_layers, task_context
-from components.decompose.params import DecomposeParams
+from components.config import DecomposeParams
 from components.errors import DataError, ParamsError
 from components.models.classifier import make_head
 

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 
 from components.artifacts import read_json, write_json
 from components.config import Params
@@ -18,7 +19,7 @@ from components.evaluation.plots import plot_confusion
 from components.evaluation.report import markdown_table
 from components.experts.io import load_expert, stored_bytes
 from components.models.bundle import LoadedBundle, load_bundle
-from components.models.classifier import Classifier
+from components.models.classifier import Classifier, make_head
 from components.models.foundation import Foundation, load_foundation
 from components.training.data import labels_tensor
 from components.training.inference import batched
@@ -28,7 +29,8 @@ log = logging.getLogger("medexperts")
 EQUALITY_SAMPLES = 64
 COLUMNS = [("task", "task"), ("probe", "probe"), ("expert", "expert"), ("fused", "fused"),
            ("normalised", "fused / expert"), ("expert_stored_kb", "expert KB"),
-           ("expert_ms", "expert ms/sample"), ("base_ms", "base ms/sample")]
+           ("expert_ms", "expert ms/sample"), ("base_ms", "base ms/sample"), ("teacher", "LoRKD teacher"),
+           ("lorkd", "LoRKD expert"), ("single_student", "single-task student"), ("lorkd_params_pct", "LoRKD params %")]
 
 
 def _latency(model: torch.nn.Module, x: dict[str, torch.Tensor], batch: int, repeats: int) -> float:
@@ -43,9 +45,18 @@ def _fused(fusion_dir: Path | None) -> tuple[LoadedBundle | None, dict[str, Any]
     return load_bundle(fusion_dir / summary["best_method"]), summary
 
 
+def _teacher_head(decompose_dir: Path, modality: str, task: str, in_dim: int) -> torch.nn.Module:
+    tensors = load_file(decompose_dir / modality / "teacher_heads.safetensors")
+    state = {k.rsplit(".", 1)[1]: v for k, v in tensors.items() if k.rsplit(".", 1)[0] == task}
+    head = make_head(in_dim, state["weight"].shape[0])
+    head.load_state_dict(state)
+    return head.eval()
+
+
 def evaluate_models(params: Params, data_dir: Path, foundation_dir: Path, experts_dir: Path,
-                    fusion_dir: Path | None, out_dir: Path) -> dict[str, Any]:
-    """Score every active task's probe, deployed expert and (if fused) the fused model on test."""
+                    fusion_dir: Path | None, out_dir: Path, decompose_dir: Path | None = None) -> dict[str, Any]:
+    """Score every active task's probe, deployed expert, (if fused) the fused model and (if decomposed) the
+    LoRKD teacher, fused LoRKD expert and same-size single-task student on test."""
     ep, metric, seed = params.evaluate, params.evaluate.primary_metric, params.pipeline.seed
     fused, fusion_summary = _fused(fusion_dir)
     foundations: dict[str, Foundation] = {}
@@ -74,6 +85,16 @@ def evaluate_models(params: Params, data_dir: Path, foundation_dir: Path, expert
             plots["fused"] = plot_confusion(confusion(test.kind, fused_logits, y, test.num_labels),
                                             test.label_names, f"{task}: fused {fusion_summary['best_method']} (test)",
                                             out_dir / "plots" / f"confusion_{task}_fused.png")
+        lorkd = decompose_dir is not None and (decompose_dir / spec.modality / "fused" / task).is_dir()
+        if lorkd:
+            teacher = Classifier(found.encoder, _teacher_head(decompose_dir, spec.modality, task, found.encoder.out_dim))
+            scores["teacher"] = compute_metrics(test.kind, batched(teacher, x), y, test.num_labels)
+            for key, folder in (("lorkd", "fused"), ("single_student", "single")):
+                b = load_bundle(decompose_dir / spec.modality / folder / task)
+                scores[key] = compute_metrics(test.kind, batched(b.model.for_task(task), x), y, test.num_labels)
+                if key == "lorkd":
+                    lorkd_params = {"lorkd_deployed": b.manifest["parameters"], "teacher": b.manifest["teacher_parameters"]}
+                    lorkd_ms = _latency(b.model.for_task(task), x, ep.latency_batch_size, ep.latency_repeats)
         results[task] = {
             "modality": spec.modality, "kind": test.kind, "test_samples": len(test), "metrics": scores,
             "normalised": normalised_score(scores["fused"][metric], scores["expert"][metric]) if "fused" in scores else None,
@@ -82,11 +103,12 @@ def evaluate_models(params: Params, data_dir: Path, foundation_dir: Path, expert
             "params": {"foundation": count_parameters(found.encoder),
                        "trainable": expert.manifest["trainable_params"],
                        "stored_bytes": stored_bytes(experts_dir / task),
-                       "deployed": count_parameters(deployed)},
+                       "deployed": count_parameters(deployed), **(lorkd_params if lorkd else {})},
             "latency_ms_per_sample": {
                 "base": _latency(probe_model, x, ep.latency_batch_size, ep.latency_repeats),
                 "expert_merged": _latency(deployed, x, ep.latency_batch_size, ep.latency_repeats),
-                "expert_adapter": _latency(expert.classifier(), x, ep.latency_batch_size, ep.latency_repeats)},
+                "expert_adapter": _latency(expert.classifier(), x, ep.latency_batch_size, ep.latency_repeats),
+                **({"lorkd": lorkd_ms} if lorkd else {})},
             "plots": {k: str(Path(p).relative_to(out_dir)) for k, p in plots.items()},
         }
         log.info("[evaluate] %s: test %s probe=%.3f expert=%.3f%s", task, metric, scores["probe"][metric],
@@ -106,5 +128,9 @@ def report_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
                      "fused": m.get("fused", {}).get(metric), "normalised": r["normalised"],
                      "expert_stored_kb": r["params"]["stored_bytes"] / 1024,
                      "expert_ms": r["latency_ms_per_sample"]["expert_merged"],
-                     "base_ms": r["latency_ms_per_sample"]["base"]})
+                     "base_ms": r["latency_ms_per_sample"]["base"],
+                     "teacher": m.get("teacher", {}).get(metric), "lorkd": m.get("lorkd", {}).get(metric),
+                     "single_student": m.get("single_student", {}).get(metric),
+                     "lorkd_params_pct": 100 * r["params"]["lorkd_deployed"] / r["params"]["teacher"]
+                     if "lorkd_deployed" in r["params"] else None})
     return rows

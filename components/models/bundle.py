@@ -70,16 +70,48 @@ def save_bundle(out_dir: Path, foundation: Foundation, delta: dict[str, torch.Te
     else:
         base["config"] = foundation.spec["config"]
         save_tensors(foundation.encoder.state_dict(), out_dir / "base.safetensors")
+    return _write(out_dir, base, delta, heads, name, {**metadata, "prompt": bool(prompt)})
+
+
+def save_backbone_bundle(out_dir: Path, backbone: nn.Module, architecture: str, modality: str, sha256: str,
+                         heads: dict[str, TaskHead], name: str, metadata: dict[str, Any], *, tokenizer: Any = None,
+                         max_length: int = 128) -> dict[str, Any]:
+    """A bundle of a network with its own architecture (e.g. a fused LoRKD student): its weights, the
+    ``config`` it is rebuilt from, and (text) its tokenizer, so it deploys and predicts like any bundle."""
+    if architecture not in ARCHITECTURES:
+        raise ArtifactError(f"unknown bundle architecture {architecture!r}; known: {sorted(ARCHITECTURES)}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_tensors(backbone.state_dict(), out_dir / "base.safetensors")
+    base: dict[str, Any] = {"modality": modality, "sha256": sha256, "architecture": architecture,
+                            "config": backbone.config}
+    if modality == "text":
+        tokenizer.save_pretrained(out_dir / "tokenizer")
+        base["max_length"] = max_length
+    return _write(out_dir, base, {}, heads, name, {**metadata, "prompt": False})
+
+
+def _write(out_dir: Path, base: dict[str, Any], delta: dict[str, torch.Tensor], heads: dict[str, TaskHead],
+           name: str, metadata: dict[str, Any]) -> dict[str, Any]:
     save_tensors(delta or {"_empty": torch.zeros(0)}, out_dir / "delta.safetensors")
     save_tensors({f"{t}.{k}": v for t, th in heads.items() for k, v in th.head.state_dict().items()},
                  out_dir / "heads.safetensors")
     manifest = {
-        "kind": "bundle", "format": FORMAT, "name": name, "base": base, "prompt": bool(prompt),
+        "kind": "bundle", "format": FORMAT, "name": name, "base": base,
         "tasks": {t: {"kind": th.kind, "label_names": th.label_names, "num_labels": len(th.label_names)}
                   for t, th in heads.items()},
         **metadata,
     }
     return write_manifest(out_dir, manifest)
+
+
+def _lorkd_backbone(base: dict[str, Any]) -> nn.Module:
+    from components.decompose.backbones import backbone_from_config  # the student's plain (fused) network
+
+    return backbone_from_config(base["modality"], base["config"])
+
+
+# Architectures a bundle can carry besides the foundation's own: name -> builder from the manifest's base.
+ARCHITECTURES = {"lorkd_student": _lorkd_backbone}
 
 
 @dataclass
@@ -104,7 +136,17 @@ def load_bundle(folder: Path) -> LoadedBundle:
     manifest = read_manifest(folder, kind="bundle")
     base = manifest["base"]
     tokenizer = None
-    if base["modality"] == "text":
+    if "architecture" in base:
+        if base["architecture"] not in ARCHITECTURES:
+            raise ArtifactError(f"{folder}: unknown bundle architecture {base['architecture']!r}; "
+                                f"known: {sorted(ARCHITECTURES)}")
+        encoder = ARCHITECTURES[base["architecture"]](base)
+        encoder.load_state_dict(load_file(folder / "base.safetensors"))
+        if base["modality"] == "text":
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True)
+    elif base["modality"] == "text":
         src = resolve_text_source(PACKAGED) if base["source"] == PACKAGED else folder / "base"
         if text_weights_hash(src) != base["sha256"]:
             raise ArtifactError(f"{src}: text encoder hash differs from the bundle's ({folder}); "

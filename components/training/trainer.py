@@ -67,6 +67,8 @@ def build_trainer(
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*log_every_n_steps.*")
     warnings.filterwarnings("ignore", message=".*Checkpoint directory .* exists and is not empty.*")  # resuming
+    # A frozen foundation is kept in eval mode on purpose (no dropout noise, fixed statistics).
+    warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode at the start of training.*")
     return L.Trainer(
         max_epochs=tp.max_epochs,
         accelerator=tp.accelerator,

@@ -1,0 +1,259 @@
+"""LoRKD: quality and size of the decomposed experts, and the cost of the one-pass mixed-batch step.
+`python bench/decompose.py [--profile quick]` -> bench/results/decompose.json
+
+Quality: the decompose stage's own code (`decompose`) on the image tasks and the text tasks (shipped, plus
+Symptom2Disease and HoC when ../shared/data has them), then on each test split: the teacher (frozen foundation
++ its head), the fused LoRKD expert and the same-size single-task student; parameters of the deployed model
+vs the teacher.
+
+Step cost (4 tasks, random data, the default students): median time of one training step (forward, LoRKD
+loss, backward, AdamW) for (1) the one-pass mixed batch, (a) the plain student without experts (the fused
+architecture) on the same batch, (b) a loop that runs each task's sub-batch through its own expert
+separately. Memory: what one training step adds (peak RSS on CPU, peak allocated on GPU) for the LoRKD
+student vs full fine-tuning of the teacher on the same batch, each in its own process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.common import peak_rss_since, reset_peak_rss, run_child, write_result  # noqa: E402
+
+TASKS_FOR_STEP = 4
+BATCH = {"image": 64, "text": 32}
+
+
+def _params(profile: str, overrides: dict[str, Any]):  # noqa: ANN202
+    from components.config import load_params
+
+    return load_params(ROOT / "params", profile, overrides)
+
+
+# --------------------------------------------------------------------------- quality
+def quality(work: Path, profile: str, tasks: list[str]) -> dict[str, Any]:
+    import torch
+
+    from components.data.datasets import load_split
+    from components.decompose.train import decompose
+    from components.evaluation.evaluate import _teacher_head
+    from components.evaluation.metrics import compute_metrics
+    from components.models.bundle import load_bundle
+    from components.models.classifier import Classifier
+    from components.models.foundation import load_foundation
+    from components.training.data import labels_tensor
+    from components.training.inference import batched
+
+    params = _params(profile, {"data.active": tasks})
+    start = time.perf_counter()
+    summary = decompose(params, work / "data", work / "foundation", work / "decompose")
+    seconds = time.perf_counter() - start
+    out: dict[str, Any] = {}
+    for modality, s in summary["modalities"].items():
+        found = load_foundation(work / "foundation", modality)
+        for task, r in s["tasks"].items():
+            test = load_split(work / "data", task, "test")
+            x, y = found.inputs(test.inputs), labels_tensor(test.labels, test.kind)
+            teacher = Classifier(found.encoder, _teacher_head(work / "decompose", modality, task, found.encoder.out_dim))
+            scores = {}
+            with torch.no_grad():
+                scores["teacher"] = compute_metrics(test.kind, batched(teacher, x), y, test.num_labels)
+                for key, folder in (("lorkd", "fused"), ("single_student", "single")):
+                    model = load_bundle(work / "decompose" / modality / folder / task).model.for_task(task)
+                    scores[key] = compute_metrics(test.kind, batched(model, x), y, test.num_labels)
+            out[task] = {"modality": modality, "test": scores, "val": {"teacher": r["teacher_val"], "lorkd": r["val"],
+                                                                        "single_student": r["single_val"]},
+                         "parameters": r["parameters"], "teacher_parameters": r["teacher_parameters"],
+                         "parameter_fraction": r["parameter_fraction"], "test_samples": len(test)}
+            m = scores
+            print(f"{task:18s} macro-F1 teacher {m['teacher']['macro_f1']:.3f}  LoRKD {m['lorkd']['macro_f1']:.3f}  "
+                  f"single {m['single_student']['macro_f1']:.3f}  params {100 * r['parameter_fraction']:.1f}%",
+                  flush=True)
+        out[f"_{modality}"] = {"student_parameters": s["student_parameters"], "train_seconds": s["train_seconds"]}
+    return {"tasks": out, "decompose_seconds": seconds}
+
+
+# --------------------------------------------------------------------------- step cost (child process)
+def _setup_student(work: Path, modality: str, plain: bool = False):  # noqa: ANN202
+    import numpy as np
+    import torch
+
+    from components.config import DecomposeParams
+    from components.decompose.student import build_student
+    from components.models.classifier import make_head
+    from components.models.foundation import load_foundation
+
+    found = load_foundation(work / "foundation", modality)
+    heads = {f"task{t}": make_head(found.encoder.out_dim, 3) for t in range(TASKS_FOR_STEP)}
+    student = build_student(DecomposeParams(), modality, found.encoder, heads, seed=0)
+    rng = np.random.default_rng(0)
+    n = BATCH[modality]
+    if modality == "text":
+        words = "patient presents with fever cough chest pain and shortness of breath after surgery".split()
+        x = found.inputs([" ".join(rng.choice(words, 200)) for _ in range(n)])
+    else:
+        x = found.inputs(rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8))
+    ids = torch.arange(n) % TASKS_FOR_STEP
+    y = torch.as_tensor(rng.integers(0, 3, size=n))
+    teacher = torch.randn(n, 3, generator=torch.Generator().manual_seed(0))
+    return found, student, x, ids, y, teacher
+
+
+def one_step(spec: dict[str, Any]) -> dict[str, Any]:
+    import torch
+
+    from components.decompose.deploy import fuse
+    from components.decompose.loss import lorkd_loss
+    from components.models.classifier import Classifier, make_head
+    from components.training.module import task_loss
+
+    work, modality, case = Path(spec["work"]), spec["modality"], spec["case"]
+    found, student, x, ids, y, teacher = _setup_student(work, modality)
+    kinds, widths = ["multiclass"] * TASKS_FOR_STEP, [3] * TASKS_FOR_STEP
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    if case == "plain":  # the student's architecture without experts: the fused network, one head
+        model = fuse(student, "task0").train()
+    elif case == "teacher_full":  # full fine-tuning of the teacher, same batch
+        model = Classifier(found.encoder, make_head(found.encoder.out_dim, 3)).requires_grad_(True).train()
+    else:
+        model = student.train()
+    model.to(device)
+    x, ids, y, teacher = {k: v.to(device) for k, v in x.items()}, ids.to(device), y.to(device), teacher.to(device)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    def loss_of() -> torch.Tensor:
+        if case in ("plain", "teacher_full"):
+            return task_loss("multiclass", model(**x), y)
+        if case == "one_pass":
+            return lorkd_loss(student(ids, **x), y, teacher, ids, kinds, widths, 1.0, 2.0)[0]
+        total = 0.0  # loop: each task's sub-batch through the backbone with that task's expert
+        for t in range(TASKS_FOR_STEP):
+            mask = ids == t
+            sub = {k: v[mask] for k, v in x.items()}
+            total = total + lorkd_loss(student(t, **sub), y[mask], teacher[mask], torch.zeros_like(ids[mask]),
+                                       kinds[:1], widths[:1], 1.0, 2.0, reduction="sum")[0]
+        return total / len(ids)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        with autocast:
+            loss = loss_of()
+        loss.backward()
+        opt.step()
+
+    base = reset_peak_rss()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base_gpu = torch.cuda.memory_allocated() / 2**20
+    times = []
+    for i in range(spec["warmup"] + spec["steps"]):
+        start = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i >= spec["warmup"]:
+            times.append(time.perf_counter() - start)
+    memory = peak_rss_since(base)
+    if device.type == "cuda":
+        memory = torch.cuda.max_memory_allocated() / 2**20 - base_gpu
+    return {"modality": modality, "case": case, "step_ms": 1000 * statistics.median(times),
+            "train_memory_mb": memory, "batch": len(y), "device": device.type,
+            "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+
+
+def switch_ms(work: Path, modality: str) -> float:
+    """Median time to serve one sample of task t right after another task: no reload, only the expert choice."""
+    import torch
+
+    _, student, x, _, _, _ = _setup_student(work, modality)
+    one = {k: v[:1] for k, v in x.items()}
+    times = []
+    with torch.no_grad():
+        for i in range(40):
+            start = time.perf_counter()
+            student(i % TASKS_FOR_STEP, **one)
+            times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times[8:])
+
+
+def setup(work: Path, profile: str, tasks: list[str]) -> None:
+    from components.data.prepare import prepare_data
+    from components.models.foundation import describe_text_foundation
+    from components.models.pretrain import pretrain_image_foundation
+
+    params = _params(profile, {"data.active": tasks})
+    prepare_data(params.data, ROOT, work / "data", seed=params.pipeline.seed)
+    describe_text_foundation(params.foundation, ROOT, work / "foundation" / "text")
+    pretrain_image_foundation(params, work / "data", work / "foundation" / "image")
+
+
+def main() -> None:
+    import json
+
+    from bench.experts import available_tasks
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--profile", default="quick")
+    parser.add_argument("--tasks", nargs="*", help="default: the shipped tasks + the optional ones found on disk")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--skip-quality", action="store_true")
+    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        _, spec, out = args.child
+        Path(out).write_text(json.dumps(one_step(json.loads(spec))))
+        return
+
+    tasks = args.tasks or available_tasks(args.profile)
+    work = Path(tempfile.mkdtemp(prefix="medexperts-bench-decompose-"))
+    setup(work, args.profile, tasks)
+    result = {"tasks": {}} if args.skip_quality else quality(work, args.profile, tasks)
+    cases = ["one_pass", "plain", "loop", "teacher_full"]
+    rounds: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for _ in range(args.rounds):  # cases alternate inside a round; medians over rounds
+        for modality in ("image", "text"):
+            for case in cases:
+                r = run_child(__file__, "step", {"work": str(work), "modality": modality, "case": case,
+                                                 "warmup": 3, "steps": args.steps})
+                rounds.setdefault((modality, case), []).append(r)
+    steps = {}
+    for (modality, case), rs in rounds.items():
+        steps.setdefault(modality, {})[case] = {
+            **rs[0], "step_ms": statistics.median(r["step_ms"] for r in rs),
+            "train_memory_mb": statistics.median(r["train_memory_mb"] for r in rs),
+            "step_ms_rounds": [r["step_ms"] for r in rs]}
+        print(f"step {modality:5s} {case:12s} {steps[modality][case]['step_ms']:8.1f} ms  "
+              f"+{steps[modality][case]['train_memory_mb']:.0f} MB", flush=True)
+    figures = {m: {"one_pass_vs_plain": s["one_pass"]["step_ms"] / s["plain"]["step_ms"],
+                   "loop_vs_one_pass": s["loop"]["step_ms"] / s["one_pass"]["step_ms"],
+                   "memory_vs_teacher_full": s["one_pass"]["train_memory_mb"] / s["teacher_full"]["train_memory_mb"]
+                   if s["teacher_full"]["train_memory_mb"] > 0 else None,
+                   "switch_ms": switch_ms(work, m)}
+               for m, s in steps.items()}
+    quality_tasks = {t: r for t, r in result["tasks"].items() if not t.startswith("_")}
+    goals = {t: {"matches_teacher": r["test"]["lorkd"]["macro_f1"] >= r["test"]["teacher"]["macro_f1"],
+                 "at_most_10pct_params": r["parameter_fraction"] <= 0.10} for t, r in quality_tasks.items()}
+    path = write_result("decompose", {
+        "params": {"profile": args.profile, "tasks": tasks, "step_tasks": TASKS_FOR_STEP, "batch": BATCH,
+                   "timed_steps": args.steps, "rounds": args.rounds, "primary_metric": "macro_f1",
+                   "decompose": _params(args.profile, {"data.active": tasks}).decompose.model_dump(mode="json")},
+        "quality": result, "step_cost": steps, "figures": figures, "goals": goals,
+    })
+    print(json.dumps(figures, indent=1))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
