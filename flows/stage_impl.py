@@ -153,11 +153,16 @@ def log_fusion(ctx: Any, out: Path, summary: dict[str, Any]) -> None:
         mlflow.set_tag("fusion.skipped", summary["skipped"])
         return
     for method, r in summary["methods"].items():
-        log_metrics({f"{method}.val_normalised": r["val_normalised"], f"{method}.lambda": r["lambda"] or 0.0})
+        log_metrics({f"{method}.val_normalised": r["val_normalised"], f"{method}.lambda": r["lambda"] or 0.0,
+                     **{f"{method}.{c}": v for c, v in r["coefficients"].items() if c != "lam"}})
+    # every point each method's search tried, with its validation score (the curve shows only the best per λ)
+    mlflow.log_dict({m: {"chosen": r["coefficients"], "seed": r.get("seed"), "grid": r["grid"]}
+                     for m, r in summary["methods"].items()}, "fusion_grid.json")
     for method, curve in summary["curves"].items():
         for step, (lam, score) in enumerate(curve):
             log_metrics({f"{method}.curve_val_normalised": score, f"{method}.curve_lambda": lam}, step=step)
     mlflow.set_tag("fusion.best_method", summary["best_method"])
+    mlflow.set_tag("fusion.lora_space", summary["lora_space"])
     for name in ("fusion_curve.png", "summary.json"):
         if (out / name).is_file():
             mlflow.log_artifact(str(out / name))
@@ -212,7 +217,9 @@ def run_promote(ctx: Any, out: Path) -> dict[str, Any]:
     for name, bundle, metric in _candidates(ctx):
         task = name.removeprefix(f"{rp.prefix}-")
         run_tag = {"training_run_id": expert_runs[task]["run_id"]} if task in expert_runs else {}
-        version = register_bundle(name, bundle, metric, {**tags, **run_tag})
+        bundle_manifest = read_manifest(bundle, kind="bundle", verify=False)
+        size = {"parameters": bundle_manifest["parameters"]} if "parameters" in bundle_manifest else {}
+        version = register_bundle(name, bundle, metric, {**tags, **run_tag, **size})
         decisions.append(gate(name, version, metric, rp.margin, rp.floor_for(name)).__dict__)
     return {"decisions": decisions}
 

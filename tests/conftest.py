@@ -88,7 +88,10 @@ def _stop_prefect_server() -> object:
     import sys
 
     if "prefect.server.api.server" in sys.modules:
+        from prefect.logging.handlers import APILogWorker
         from prefect.server.api.server import SubprocessASGIServer
+
+        APILogWorker.drain_all(timeout=10)  # send queued flow logs while the server still answers
 
         for server in list(SubprocessASGIServer._instances.values()):
             server.stop()

@@ -67,6 +67,8 @@ def test_retrain_end_to_end(isolated_project: Path, tiny_bert: Path) -> None:
     model = mlflow.pyfunc.load_model("models:/medexperts-pubmedqa@champion")
     frame = model.predict(["Does aspirin reduce the risk of stroke?", "Is smoking protective?"])
     assert len(frame) == 2 and set(frame["label"]) <= {"yes", "no", "maybe"}
+    mv = client.get_model_version_by_alias("medexperts-medical_abstracts-lorkd", "champion")
+    assert 0 < int(mv.tags["parameters"]) < metrics["medical_abstracts.params.teacher"]  # size on the version
     lorkd = mlflow.pyfunc.load_model("models:/medexperts-medical_abstracts-lorkd@champion")
     assert len(lorkd.predict(["Colon adenocarcinoma with lymph node metastasis."])) == 1
     fused = mlflow.pyfunc.load_model("models:/medexperts-fused-text@champion")

@@ -8,15 +8,17 @@ coefficients each takes; ``merge()`` is the one entry point and validates before
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from peft.utils.merge_utils import calculate_majority_sign_mask, disjoint_merge
 
+from components.config import MergeMethodName
 from components.errors import ArtifactError, ParamsError
 
 TaskVector = dict[str, torch.Tensor]
@@ -252,6 +254,9 @@ register_merge_method(MergeMethod("dare_linear", "DARE + task arithmetic", "Yu e
 register_merge_method(MergeMethod("dare_ties", "DARE + TIES-merging", "Yu et al., ICML 2024",
                                   "drop with probability p and rescale, then TIES (trim to k, default 1: none)",
                                   merge_dare_ties, ("lam", "p", "k"), {"k": 1.0}, stochastic=True))
+if set(MERGE_METHODS) != set(get_args(MergeMethodName)):  # params validate against the same names
+    raise ImportError(f"merge registry {sorted(MERGE_METHODS)} differs from config.MergeMethodName "
+                      f"{sorted(get_args(MergeMethodName))}")
 
 # Method -> the coefficients it takes, for a grid search to know which of λ, k, p to sweep.
 MERGE_COEFFICIENTS: dict[str, tuple[str, ...]] = {name: m.coefficients for name, m in MERGE_METHODS.items()}
@@ -262,6 +267,16 @@ def get_merge_method(name: str) -> MergeMethod:
     if name not in MERGE_METHODS:
         raise ParamsError(f"unknown merge method {name!r}; known: {sorted(MERGE_METHODS)}")
     return MERGE_METHODS[name]
+
+
+def coefficient_grid(method: str, grids: dict[str, Sequence[float]]) -> list[dict[str, float]]:
+    """The points a coefficient search tries for `method`: the product of the grids of the coefficients it takes
+    (MERGE_COEFFICIENTS), in their registry order; a method without coefficients (average) has one point, {}."""
+    names = get_merge_method(method).coefficients
+    missing = [n for n in names if not grids.get(n)]
+    if missing:
+        raise ParamsError(f"merge method {method!r} needs a non-empty grid for {missing}")
+    return [dict(zip(names, values, strict=True)) for values in itertools.product(*(grids[n] for n in names))]
 
 
 def merge(method: str, task_vectors: Sequence[TaskVector], *, lam: float, k: float | None = None,
