@@ -14,7 +14,7 @@ import yaml
 from torch import nn
 
 from components.config import TrainerParams
-from components.decompose.deploy import fuse, load_fused, load_student, save_fused, save_student, student_hash
+from components.decompose.deploy import fuse, load_student, save_fused, save_student, student_hash
 from components.decompose.layers import ExpertConv2d, ExpertLayer, ExpertLinear, task_context
 from components.decompose.loss import lorkd_loss
 from components.decompose.module import DecomposeModule
@@ -23,6 +23,7 @@ from components.decompose.student import LoRKDStudent, build_student
 from components.decompose.teacher import mixed_dataset, teacher_logits
 from components.errors import ArtifactError, DataError, ParamsError
 from components.fingerprint import sha256_file
+from components.models.bundle import load_bundle
 from components.models.classifier import make_head
 from components.models.encoders import ImageEncoder, TextEncoder
 from components.training.data import loader
@@ -182,7 +183,10 @@ def test_gradient_separation(modality: str) -> None:
 
 
 @pytest.mark.parametrize("modality", MODALITIES)
-def test_fusion_equals_student_and_round_trips(modality: str, tmp_path: Path) -> None:
+def test_fusion_equals_student_and_round_trips(modality: str, tmp_path: Path, tiny_bert: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert, local_files_only=True)
     student = student_for(modality)
     x = inputs_for(modality, 4)
     digest = student_hash(student)
@@ -197,10 +201,14 @@ def test_fusion_equals_student_and_round_trips(modality: str, tmp_path: Path) ->
             torch.testing.assert_close(fused(**x), reference, rtol=1e-4, atol=1e-5)
             torch.testing.assert_close(loaded(task, **x), reference)
         out = tmp_path / f"fused-{task}"
-        man = save_fused(out, loaded, task, expected_hash=digest)
+        labels = [f"l{i}" for i in range(student.num_labels[task])]
+        man = save_fused(out, loaded, task, kind="multiclass", label_names=labels, expected_hash=digest,
+                         tokenizer=tokenizer if modality == "text" else None)
         assert (man["task"], man["student_sha256"]) == (task, digest)
         assert man["parameters"] == sum(p.numel() for p in fused.parameters())
-        deployed, _ = load_fused(out)
+        bundle = load_bundle(out)  # a fused expert is an ordinary bundle: deploys and predicts like every model
+        assert bundle.manifest["base"]["architecture"] == "lorkd_student" and bundle.tasks == [task]
+        deployed = bundle.model.for_task(task)
         with torch.no_grad():
             torch.testing.assert_close(deployed(**x), reference, rtol=1e-4, atol=1e-5)
     # The fused model is smaller than the student with all its experts.

@@ -16,15 +16,16 @@ from safetensors.torch import load_file, save
 from torch import nn
 
 from components.artifacts import read_manifest, save_tensors, write_manifest
-from components.decompose.backbones import backbone_from_config
 from components.decompose.layers import fold_experts
 from components.decompose.student import LoRKDStudent, student_from_config
 from components.errors import ArtifactError
 from components.evaluation.counts import count_parameters
 from components.fingerprint import sha256_bytes
+from components.models.bundle import TaskHead, save_backbone_bundle
 from components.models.classifier import Classifier, make_head
 
 STUDENT_FILE = "student.safetensors"
+ARCHITECTURE = "lorkd_student"  # the bundle architecture name (components.models.bundle.ARCHITECTURES)
 
 
 def _state(module: nn.Module) -> dict[str, Any]:
@@ -84,32 +85,19 @@ def fuse(student: LoRKDStudent, task: str, expected_hash: str | None = None) -> 
     return Classifier(backbone, head).eval()
 
 
-def save_fused(out_dir: Path, student: LoRKDStudent, task: str, *, expected_hash: str | None = None,
+def save_fused(out_dir: Path, student: LoRKDStudent, task: str, *, kind: str, label_names: list[str],
+               expected_hash: str | None = None, tokenizer: Any = None, max_length: int = 128,
                metadata: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Fuse ``task`` and write it: backbone + head safetensors, manifest with config, task, size, source hash."""
+    """Fuse ``task`` and write it as a model bundle (``components.models.bundle``): the plain network's weights,
+    its config, the head and (text) the tokenizer, so it deploys, registers and predicts like every other model;
+    ``load_bundle(out_dir).model.for_task(task)`` is the fused network. The manifest records the deployed size
+    and the hash of the decomposition it came from."""
     model = fuse(student, task, expected_hash)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_tensors(model.encoder.state_dict(), out_dir / "backbone.safetensors")
-    save_tensors(model.head.state_dict(), out_dir / "head.safetensors")
-    manifest = {
-        "kind": "lorkd_fused",
-        "modality": student.config["modality"],
-        "backbone": student.config["backbone"],
-        "task": task,
-        "num_labels": student.num_labels[task],
-        "parameters": count_parameters(model),
-        "student_sha256": expected_hash or student_hash(student),
-        **(metadata or {}),
-    }
-    return write_manifest(out_dir, manifest)
-
-
-def load_fused(folder: Path) -> tuple[Classifier, dict[str, Any]]:
-    """A fused deployable model (plain modules, eval mode) and its manifest."""
-    folder = Path(folder)
-    manifest = read_manifest(folder, kind="lorkd_fused")
-    backbone = backbone_from_config(manifest["modality"], manifest["backbone"])
-    _load_state(backbone, load_file(folder / "backbone.safetensors"), folder)
-    head = make_head(backbone.out_dim, manifest["num_labels"])
-    _load_state(head, load_file(folder / "head.safetensors"), folder)
-    return Classifier(backbone, head).eval(), manifest
+    if student.config["modality"] == "text" and tokenizer is None:
+        raise ArtifactError(f"fused text model {task!r}: a tokenizer is needed so the bundle can read raw text")
+    return save_backbone_bundle(
+        out_dir, model.encoder, ARCHITECTURE, student.config["modality"], expected_hash or student_hash(student),
+        {task: TaskHead(model.head, kind, label_names)}, name=f"{task}-lorkd",
+        metadata={"task": task, "parameters": count_parameters(model),
+                  "student_sha256": expected_hash or student_hash(student), **(metadata or {})},
+        tokenizer=tokenizer, max_length=max_length)

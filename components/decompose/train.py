@@ -24,7 +24,7 @@ from torch import nn
 from components.artifacts import save_tensors
 from components.config import Params
 from components.data.datasets import TaskData, load_split
-from components.decompose.deploy import fuse, save_student, student_hash
+from components.decompose.deploy import fuse, save_fused, save_student, student_hash
 from components.decompose.module import DecomposeModule
 from components.decompose.student import LoRKDStudent, build_student
 from components.decompose.teacher import mixed_dataset
@@ -32,7 +32,6 @@ from components.errors import ParamsError
 from components.evaluation.counts import count_parameters
 from components.evaluation.metrics import compute_metrics
 from components.experts.probe import fit_probe
-from components.models.bundle import TaskHead, save_backbone_bundle
 from components.models.classifier import Classifier, make_head
 from components.models.foundation import Foundation, load_foundation
 from components.training.data import labels_tensor, loader
@@ -40,7 +39,6 @@ from components.training.inference import batched
 from components.training.trainer import build_trainer, data_device, resume_from
 
 log = logging.getLogger("medexperts")
-ARCHITECTURE = "lorkd_student"
 
 
 def teacher_heads(found: Foundation, foundation_dir: Path, feats: dict[str, tuple[torch.Tensor, torch.Tensor]],
@@ -146,14 +144,12 @@ def decompose_modality(modality: str, params: Params, data_dir: Path, foundation
                                                                y_va[task], td),
                 "single_val": single_val, "parameters": deployed, "teacher_parameters": teacher_total,
                 "parameter_fraction": deployed / teacher_total, "single_train_seconds": single_seconds}
-        common = {"task": task, "student_sha256": sha, "teacher_sha256": found.sha256, "parameters": deployed,
-                  "teacher_parameters": teacher_total}
-        for kind_, model, metrics, folder in (("lorkd", fused, fused_val, "fused"),
-                                              ("single_student", single_fused, single_val, "single")):
-            save_backbone_bundle(out_dir / folder / task, model.encoder, ARCHITECTURE, modality, sha,
-                                 {task: TaskHead(model.head, td.kind, label_names)}, name=f"{task}-{kind_}",
-                                 metadata={"method": kind_, **common, "val_metrics": metrics},
-                                 tokenizer=found.tokenizer, max_length=found.max_length)
+        common = {"teacher_sha256": found.sha256, "teacher_parameters": teacher_total}
+        for method, model, metrics, folder, h in (("lorkd", student, fused_val, "fused", sha),
+                                                   ("single_student", single, single_val, "single", None)):
+            save_fused(out_dir / folder / task, model, task, kind=td.kind, label_names=label_names, expected_hash=h,
+                       tokenizer=found.tokenizer, max_length=found.max_length,
+                       metadata={"method": method, **common, "val_metrics": metrics})
         summary_tasks[task] = info
         metric = params.evaluate.primary_metric
         log.info("[decompose] %s: val %s teacher %.3f, LoRKD fused %.3f, single-task student %.3f; %d params "
