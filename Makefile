@@ -33,6 +33,9 @@ ui: setup ## open the MLflow UI on 127.0.0.1:5000
 bench: setup ## run the benchmarks (writes bench/results/*.json)
 	$(PY) bench/pipeline.py
 	$(PY) bench/train_throughput.py
+	$(PY) bench/experts.py
+	$(PY) bench/decompose.py
+	$(PY) bench/fusion.py
 	$(PY) bench/readme.py
 
 lint: setup ## compile-check every module

@@ -124,6 +124,43 @@ def decompose_section(result: dict) -> str:
             f"over {result['params']['rounds']} alternating rounds, each case in its own process:\n\n{stable}\n")
 
 
+def fusion_section(result: dict) -> str:
+    m, table = result["machine"], result["table"]
+    names = {"full": "full fine-tuning", "lora": "LoRA (ΔW)", "lora_adapter": "LoRA (A, B)", "llora": "L-LoRA"}
+    rows = []
+    for variant, per in table.items():
+        for method in result["params"]["merge_methods"]:
+            r = per[method]
+            rows.append({"experts": names.get(variant, variant), "method": method, "single": per["single_task_mean"],
+                         "abs": r["all_tasks_absolute"], "all": r["all_tasks_normalised"],
+                         "pairs": r["pairs_mean_normalised"]})
+    t = markdown_table(rows, [("experts", "experts"), ("method", "merge"), ("single", "single-task macro-F1 (mean)"),
+                              ("abs", "all tasks merged: macro-F1"), ("all", "all tasks: normalised"),
+                              ("pairs", "pairs: normalised (mean)")])
+    cost = result["merge_cost"]
+    lat = result["latency_ms_per_sample"]
+    p = result["paper"]
+    device = m["cuda"] or f"{m['cpus']} CPUs"
+    tasks = ", ".join(result["params"]["tasks"])
+    return (f"Tasks {tasks}; λ, k, p picked on validation ({result['params']['val_cap']} samples per task), scores on "
+            f"test ({result['params']['test_cap']} per task); normalised = merged / the same method's single-task "
+            f"expert, averaged over the merged tasks. {device}, torch {m['torch']}, commit {m['git_commit'][:8]}, "
+            f"from `bench/results/fusion.json`.\n\n{t}\n"
+            f"For orientation, {p['source']}, λ picked on test: normalised about "
+            f"{p['normalised']['full']:.0%} (FFT), {p['normalised']['lora']:.0%} (LoRA), {p['normalised']['llora']:.0%} "
+            f"(L-LoRA).\n\n"
+            f"- Merge cost, all {cost['lora']['experts']} text experts: LoRA task vectors "
+            f"{cost['lora']['task_vector_seconds']:.2f} s + task arithmetic {cost['lora']['task_arithmetic_seconds']:.3f} s "
+            f"(TIES {cost['lora']['ties_seconds']:.2f} s), {cost['lora']['added_peak_mb']:.0f} MB added peak; full "
+            f"fine-tuning task vectors {cost['full']['task_vector_seconds']:.2f} s + task arithmetic "
+            f"{cost['full']['task_arithmetic_seconds']:.2f} s (TIES {cost['full']['ties_seconds']:.2f} s), "
+            f"{cost['full']['added_peak_mb']:.0f} MB added peak for {cost['full']['task_vector_mb']:.0f} MB of task "
+            f"vectors.\n"
+            f"- Latency (batch 1, median of 3 alternating rounds): base {lat['base']:.2f} ms, LoRA merged into the "
+            f"backbone {lat['merged']:.2f} ms ({lat['merged_vs_base']:.2f}× base), un-merged adapter "
+            f"{lat['adapter']:.2f} ms ({lat['adapter_vs_base']:.2f}× base).\n")
+
+
 def replace(text: str, name: str, body: str) -> str:
     pattern = re.compile(rf"(<!-- results:{name} -->\n).*?(<!-- /results:{name} -->)", re.S)
     if not pattern.search(text):
@@ -141,7 +178,7 @@ def main() -> None:
     path = ROOT / "bench" / "results" / "train_throughput.json"
     if path.is_file():
         text = replace(text, "throughput", throughput_section(json.loads(path.read_text())))
-    for name, section in (("experts", experts_section), ("decompose", decompose_section)):
+    for name, section in (("experts", experts_section), ("decompose", decompose_section), ("fusion", fusion_section)):
         path = ROOT / "bench" / "results" / f"{name}.json"
         if path.is_file():
             text = replace(text, name, section(json.loads(path.read_text())))
