@@ -31,28 +31,6 @@ def write_result(name: str, payload: dict[str, Any]) -> Path:
     return path
 
 
-def _status_mb(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
-def reset_peak_rss() -> float:
-    """Reset the kernel's peak-RSS mark (VmHWM; Linux >= 4.0) and return the current RSS in MB: the peak of what
-    follows, minus this, is the memory it added, however high loading a model had pushed the peak before."""
-    import gc
-
-    gc.collect()
-    Path("/proc/self/clear_refs").write_text("5")
-    return _status_mb("VmRSS")
-
-
-def peak_rss_since(base_mb: float) -> float:
-    """MB the process's peak RSS rose above ``base_mb`` (from ``reset_peak_rss``)."""
-    return _status_mb("VmHWM") - base_mb
-
-
 def run_child(script: str, kind: str, spec: dict[str, Any]) -> dict[str, Any]:
     """Run ``script --child KIND SPEC OUT`` in a fresh interpreter (clean memory) and return its JSON result."""
     import sys

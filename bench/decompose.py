@@ -26,7 +26,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import peak_rss_since, reset_peak_rss, run_child, write_result  # noqa: E402
+from bench.common import run_child, write_result  # noqa: E402
+from components.evaluation.memory import PeakMemory  # noqa: E402
 
 TASKS_FOR_STEP = 4
 BATCH = {"image": 64, "text": 32}
@@ -151,22 +152,16 @@ def one_step(spec: dict[str, Any]) -> dict[str, Any]:
         loss.backward()
         opt.step()
 
-    base = reset_peak_rss()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base_gpu = torch.cuda.memory_allocated() / 2**20
     times = []
-    for i in range(spec["warmup"] + spec["steps"]):
-        start = time.perf_counter()
-        step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if i >= spec["warmup"]:
-            times.append(time.perf_counter() - start)
-    memory = peak_rss_since(base)
-    if device.type == "cuda":
-        memory = torch.cuda.max_memory_allocated() / 2**20 - base_gpu
+    with PeakMemory(device.type) as mem:
+        for i in range(spec["warmup"] + spec["steps"]):
+            start = time.perf_counter()
+            step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if i >= spec["warmup"]:
+                times.append(time.perf_counter() - start)
+    memory = mem.added_mb
     return {"modality": modality, "case": case, "step_ms": 1000 * statistics.median(times),
             "train_memory_mb": memory, "batch": len(y), "device": device.type,
             "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}

@@ -28,7 +28,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import peak_rss_since, reset_peak_rss, run_child, write_result  # noqa: E402
+from bench.common import run_child, write_result  # noqa: E402
+from components.evaluation.memory import PeakMemory  # noqa: E402
 
 VARIANTS = {"full": ("full", "delta_w"), "lora": ("lora", "delta_w"), "lora_adapter": ("lora", "adapter"),
             "llora": ("llora", "delta_w")}
@@ -123,17 +124,17 @@ def merge_cost(work: Path, tasks: list[str], method: str) -> dict[str, float]:
 
     found = load_foundation(work / "foundation", "text")
     experts = [load_expert(work / "experts" / f"{t}-{method}", found) for t in tasks]
-    base = reset_peak_rss()
-    start = time.perf_counter()
-    vectors = [e.delta() for e in experts]
-    deltas_s = time.perf_counter() - start
-    times = {}
-    for name, kw in (("task_arithmetic", {"lam": 0.5}), ("ties", {"lam": 0.5, "k": 0.2})):
+    with PeakMemory("cpu") as mem:
         start = time.perf_counter()
-        merge(name, vectors, **kw)
-        times[name] = time.perf_counter() - start
+        vectors = [e.delta() for e in experts]
+        deltas_s = time.perf_counter() - start
+        times = {}
+        for name, kw in (("task_arithmetic", {"lam": 0.5}), ("ties", {"lam": 0.5, "k": 0.2})):
+            start = time.perf_counter()
+            merge(name, vectors, **kw)
+            times[name] = time.perf_counter() - start
     return {"experts": len(tasks), "task_vector_seconds": deltas_s, **{f"{k}_seconds": v for k, v in times.items()},
-            "added_peak_mb": peak_rss_since(base),
+            "added_peak_mb": mem.added_mb,
             "task_vector_mb": sum(v.numel() * v.element_size() for tv in vectors for v in tv.values()) / 2**20}
 
 

@@ -100,7 +100,8 @@ def run_experts(ctx: Any, out: Path) -> dict[str, Any]:
             log_params({"task": task, "method": m["method"], "lora": m["lora"], "targets": ",".join(m["targets"]),
                         "trainer": ctx.params.experts.trainer.of(m["modality"]).model_dump(), "train_samples": m["train_samples"]})
             log_metrics({"val": m["metrics"]["val"], "probe_val": m["metrics"]["probe_val"],
-                         "trainable_params": m["trainable_params"], "train_seconds": m["train_seconds"]})
+                         "trainable_params": m["trainable_params"], "train_seconds": m["train_seconds"],
+                         "train_peak_memory_mb": m["train_peak_memory_mb"]})
             mlflow.log_artifact(str(out / task / "manifest.json"))
             summary[task] = {"val": m["metrics"]["val"], "probe_val": m["metrics"]["probe_val"],
                              "trainable_params": m["trainable_params"], "train_seconds": m["train_seconds"],
@@ -128,7 +129,8 @@ def log_decompose(ctx: Any, out: Path, summary: dict[str, Any]) -> None:
     for modality, s in summary["modalities"].items():
         mlflow.set_tag(f"decompose.{modality}.student_sha256", s["student_sha256"])
         log_metrics({f"{modality}.student_parameters": s["student_parameters"],
-                     f"{modality}.train_seconds": s["train_seconds"]})
+                     f"{modality}.train_seconds": s["train_seconds"],
+                     f"{modality}.train_peak_memory_mb": s["train_peak_memory_mb"]})
         log_metrics({t: {"val_lorkd": r["val"][metric], "val_teacher": r["teacher_val"][metric],
                          "val_single_student": r["single_val"][metric], "parameters": r["parameters"],
                          "parameter_fraction": r["parameter_fraction"]} for t, r in s["tasks"].items()})

@@ -34,6 +34,7 @@ def test_retrain_end_to_end(isolated_project: Path, tiny_bert: Path) -> None:
         expert = runs[f"expert:{task}"]
         assert expert.data.tags["mlflow.parentRunId"] == runs["stage:experts"].info.run_id
         assert "val.macro_f1" in expert.data.metrics and "probe_val.macro_f1" in expert.data.metrics
+        assert expert.data.metrics["train_peak_memory_mb"] >= 0
 
     # datasets: one input per task split, digest = content hash from the data manifest
     manifest = read_manifest(isolated_project / "artifacts" / "data")

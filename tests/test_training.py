@@ -123,3 +123,16 @@ def test_batches_are_sliced_in_one_step_and_match_rows() -> None:
     assert data_device(TrainerParams(accelerator="gpu", devices=2, strategy="ddp")).type == "cpu"
     assert data_device(TrainerParams(accelerator="gpu")).type == "cuda"
     assert data_device(TrainerParams(accelerator="gpu", data_on_device=False)).type == "cpu"
+
+
+def test_peak_memory_sees_what_a_block_allocates() -> None:
+    from components.evaluation.memory import PeakMemory
+
+    with PeakMemory("cpu") as m:
+        big = torch.ones(64 * 2**20 // 4)  # 64 MB, touched
+        big.add_(1)
+        del big
+    assert m.kind in ("rss", "rss_lifetime_peak")
+    if m.kind == "rss":
+        assert m.added_mb > 48  # the block's 64 MB show up in its peak, then are freed
+    assert m.peak_mb >= m.added_mb

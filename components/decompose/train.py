@@ -30,6 +30,7 @@ from components.decompose.student import LoRKDStudent, build_student
 from components.decompose.teacher import mixed_dataset
 from components.errors import ParamsError
 from components.evaluation.counts import count_parameters
+from components.evaluation.memory import PeakMemory
 from components.evaluation.metrics import compute_metrics
 from components.experts.probe import fit_probe
 from components.models.classifier import Classifier, make_head
@@ -122,8 +123,9 @@ def decompose_modality(modality: str, params: Params, data_dir: Path, foundation
 
     L.seed_everything(seed, workers=True, verbose=False)
     student = build_student(dp, modality, found.encoder, heads, seed)
-    train_seconds = _train(student, kinds, tasks, x, y, logits, x_va, y_va, logits_va, params, modality, logger,
-                           checkpoint_dir / "student" if checkpoint_dir else None)
+    with PeakMemory(data_device(tp).type) as memory:
+        train_seconds = _train(student, kinds, tasks, x, y, logits, x_va, y_va, logits_va, params, modality, logger,
+                               checkpoint_dir / "student" if checkpoint_dir else None)
     sha = student_hash(student)
     save_student(out_dir / "student", student, {"tasks_kinds": kinds, "teacher_sha256": found.sha256})
 
@@ -156,7 +158,8 @@ def decompose_modality(modality: str, params: Params, data_dir: Path, foundation
                  "(%.1f%% of the teacher)", task, metric, info["teacher_val"][metric], fused_val[metric],
                  single_val[metric], deployed, 100 * info["parameter_fraction"])
     return {"tasks": summary_tasks, "student_sha256": sha, "student_parameters": count_parameters(student),
-            "teacher_seconds": teacher_seconds, "train_seconds": train_seconds}
+            "teacher_seconds": teacher_seconds, "train_seconds": train_seconds,
+            "train_peak_memory_mb": memory.added_mb, "train_peak_memory_kind": memory.kind}
 
 
 def decompose(params: Params, data_dir: Path, foundation_dir: Path, out_dir: Path, logger: Any = False,

@@ -15,6 +15,7 @@ import torch
 from components.config import Params
 from components.data.datasets import TaskData, load_split
 from components.evaluation.counts import count_parameters
+from components.evaluation.memory import PeakMemory
 from components.evaluation.metrics import compute_metrics
 from components.experts.io import save_expert
 from components.experts.lora import lora_targets
@@ -68,7 +69,7 @@ def train_expert(task: str, params: Params, data_dir: Path, foundation_dir: Path
     model = Classifier(encoder, head)
     module = ClassifierModule(model, train.kind, train.num_labels, lr, tp.weight_decay, metric)
     t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory() as root:
+    with tempfile.TemporaryDirectory() as root, PeakMemory(data_device(tp).type) as memory:
         trainer = build_trainer(tp, Path(root), logger=logger, monitor=f"val_{metric}", checkpoint_dir=checkpoint_dir)
         device = data_device(tp)
         trainer.fit(
@@ -98,5 +99,7 @@ def train_expert(task: str, params: Params, data_dir: Path, foundation_dir: Path
         "metrics": {"val": expert_val, "probe_val": probe_val},
         "trainable_params": count_parameters(model, trainable_only=True),
         "train_seconds": train_seconds, "probe_seconds": probe_seconds,
+        # what training added on top of the loaded foundation and data (peak RSS on CPU, allocated on GPU)
+        "train_peak_memory_mb": memory.added_mb, "train_peak_memory_kind": memory.kind,
     })
     return manifest
