@@ -15,12 +15,9 @@ own process so one method's freed memory cannot hide another's peak.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
-import os
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,7 +27,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import write_result  # noqa: E402
+from bench.common import run_child, write_result  # noqa: E402
+from components.evaluation.memory import PeakMemory  # noqa: E402
 
 METHODS = {"image": ["lora", "llora", "full"], "text": ["lora", "llora", "prompt", "full"]}
 STEP_CASES = {"image": [("lora", "auto"), ("llora", "frozen_a"), ("llora", "jvp"), ("full", "auto")],
@@ -50,21 +48,6 @@ ANCHORS = {
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-
-
-def _status_mb(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
-def reset_peak_rss() -> float:
-    """Reset the kernel's peak-RSS mark (VmHWM; Linux >= 4.0) and return the current RSS: the peak of what
-    follows, minus this, is the memory it added, however high loading the model had pushed the peak before."""
-    gc.collect()
-    Path("/proc/self/clear_refs").write_text("5")
-    return _status_mb("VmRSS")
 
 
 def _params(profile: str, overrides: dict[str, Any]):  # noqa: ANN202
@@ -109,6 +92,7 @@ def one_quality(spec: dict[str, Any]) -> dict[str, Any]:
             "trainable_params": manifest["trainable_params"],
             "foundation_params": count_parameters(found.encoder), "stored_bytes": stored_bytes(out),
             "train_seconds": manifest["train_seconds"], "run_seconds": seconds, "peak_rss_mb": peak,
+            "train_memory_mb": manifest["train_peak_memory_mb"],
             "train_samples": manifest["train_samples"], "test_samples": len(test)}
 
 
@@ -149,35 +133,21 @@ def one_step(spec: dict[str, Any]) -> dict[str, Any]:
         loss.backward()
         opt.step()
 
-    base = reset_peak_rss()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base_gpu = torch.cuda.memory_allocated() / 2**20
     times = []
-    for i in range(spec["warmup"] + spec["steps"]):
-        start = time.perf_counter()
-        step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if i >= spec["warmup"]:
-            times.append(time.perf_counter() - start)
-    out = {"modality": modality, "method": method, "path": path, "step_ms": 1000 * statistics.median(times),
-           "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-           "train_memory_mb": _status_mb("VmHWM") - base, "batch": len(y)}
-    if device.type == "cuda":
-        out["train_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20 - base_gpu
-    return out
+    with PeakMemory(device.type) as mem:
+        for i in range(spec["warmup"] + spec["steps"]):
+            start = time.perf_counter()
+            step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if i >= spec["warmup"]:
+                times.append(time.perf_counter() - start)
+    return {"modality": modality, "method": method, "path": path, "step_ms": 1000 * statistics.median(times),
+            "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "train_memory_mb": mem.added_mb, "memory_kind": mem.kind, "batch": len(y)}
 
 
 # --------------------------------------------------------------------------- driver
-def child(kind: str, spec: dict[str, Any]) -> dict[str, Any]:
-    with tempfile.NamedTemporaryFile("r", suffix=".json") as f:
-        subprocess.run([sys.executable, __file__, "--child", kind, json.dumps(spec), f.name], check=True,
-                       env={**os.environ, "DO_NOT_TRACK": "true"})
-        return json.loads(Path(f.name).read_text())
-
-
 def setup(work: Path, profile: str, active: list[str]) -> None:
     from components.data.prepare import prepare_data
     from components.models.foundation import describe_text_foundation
@@ -224,7 +194,7 @@ def main() -> None:
     for task in [] if args.skip_quality else tasks:
         modality = params.data.tasks[task].modality
         for method in METHODS[modality]:
-            r = child("quality", {"work": str(work), "profile": args.profile, "active": tasks, "task": task,
+            r = run_child(__file__, "quality", {"work": str(work), "profile": args.profile, "active": tasks, "task": task,
                                   "method": method})
             runs.append(r)
             print(f"{task:18s} {method:7s} test macro-F1 {r['test']['macro_f1']:.3f} (probe "
@@ -236,7 +206,7 @@ def main() -> None:
     for _ in range(args.rounds):
         for modality, cases in STEP_CASES.items():
             for method, path in cases:
-                r = child("step", {"work": str(work), "modality": modality, "method": method, "path": path,
+                r = run_child(__file__, "step", {"work": str(work), "modality": modality, "method": method, "path": path,
                                    "warmup": 3, "steps": args.steps})
                 rounds.setdefault((modality, method, path), []).append(r)
     steps = []
