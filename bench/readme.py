@@ -120,7 +120,8 @@ def decompose_section(result: dict) -> str:
     device = m["cuda"] or f"{m['cpus']} CPUs"
     return (f"Profile `{result['params']['profile']}`, {device}, torch {m['torch']}, commit {m['git_commit'][:8]}, "
             f"from `bench/results/decompose.json`; test split.\n\n{table}\n"
-            f"Training step with {result['params']['step_tasks']} tasks (batch {result['params']['batch']}), median "
+            f"Training step with {result['params']['step_tasks']} tasks (batch: "
+            f"{', '.join(f'{n} {k}' for k, n in result['params']['batch'].items())}), median "
             f"over {result['params']['rounds']} alternating rounds, each case in its own process:\n\n{stable}\n")
 
 
