@@ -19,7 +19,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.common import write_result  # noqa: E402
 
-COMPUTE_STAGES = ("data", "foundation", "experts", "fusion", "evaluate")
+COMPUTE_STAGES = ("data", "foundation", "experts", "decompose", "fusion", "evaluate")  # promote = registration
 
 
 def main() -> None:
