@@ -40,3 +40,31 @@ def run_child(script: str, kind: str, spec: dict[str, Any]) -> dict[str, Any]:
         subprocess.run([sys.executable, script, "--child", kind, json.dumps(spec), f.name], check=True,
                        env={**os.environ, "DO_NOT_TRACK": "true"})
         return json.loads(Path(f.name).read_text())
+
+
+def time_training_steps(model: Any, loss_of: Any, device: Any, warmup: int, steps: int) -> dict[str, Any]:
+    """Time AdamW training steps of ``model`` on ``loss_of()`` (bf16 autocast on CUDA): median ms over ``steps``
+    after ``warmup``, the memory those steps added (components.evaluation.memory.PeakMemory), trainable params."""
+    import statistics
+
+    import torch
+
+    from components.evaluation.memory import PeakMemory
+
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    times = []
+    with PeakMemory(device.type) as mem:
+        for i in range(warmup + steps):
+            start = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            with autocast:
+                loss = loss_of()
+            loss.backward()
+            opt.step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if i >= warmup:
+                times.append(time.perf_counter() - start)
+    return {"step_ms": 1000 * statistics.median(times), "train_memory_mb": mem.added_mb, "memory_kind": mem.kind,
+            "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}

@@ -26,8 +26,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import run_child, write_result  # noqa: E402
-from components.evaluation.memory import PeakMemory  # noqa: E402
+from bench.common import run_child, time_training_steps, write_result  # noqa: E402
 
 TASKS_FOR_STEP = 4
 BATCH = {"image": 64, "text": 32}
@@ -129,8 +128,6 @@ def one_step(spec: dict[str, Any]) -> dict[str, Any]:
         model = student.train()
     model.to(device)
     x, ids, y, teacher = {k: v.to(device) for k, v in x.items()}, ids.to(device), y.to(device), teacher.to(device)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
     def loss_of() -> torch.Tensor:
         if case in ("plain", "teacher_full"):
@@ -145,26 +142,8 @@ def one_step(spec: dict[str, Any]) -> dict[str, Any]:
                                        kinds[:1], widths[:1], 1.0, 2.0, reduction="sum")[0]
         return total / len(ids)
 
-    def step() -> None:
-        opt.zero_grad(set_to_none=True)
-        with autocast:
-            loss = loss_of()
-        loss.backward()
-        opt.step()
-
-    times = []
-    with PeakMemory(device.type) as mem:
-        for i in range(spec["warmup"] + spec["steps"]):
-            start = time.perf_counter()
-            step()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            if i >= spec["warmup"]:
-                times.append(time.perf_counter() - start)
-    memory = mem.added_mb
-    return {"modality": modality, "case": case, "step_ms": 1000 * statistics.median(times),
-            "train_memory_mb": memory, "batch": len(y), "device": device.type,
-            "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+    cost = time_training_steps(model, loss_of, device, spec["warmup"], spec["steps"])
+    return {"modality": modality, "case": case, **cost, "batch": len(y), "device": device.type}
 
 
 def switch_ms(work: Path, modality: str) -> float:

@@ -27,8 +27,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import run_child, write_result  # noqa: E402
-from components.evaluation.memory import PeakMemory  # noqa: E402
+from bench.common import run_child, time_training_steps, write_result  # noqa: E402
 
 METHODS = {"image": ["lora", "llora", "full"], "text": ["lora", "llora", "prompt", "full"]}
 STEP_CASES = {"image": [("lora", "auto"), ("llora", "frozen_a"), ("llora", "jvp"), ("full", "auto")],
@@ -123,28 +122,9 @@ def one_step(spec: dict[str, Any]) -> dict[str, Any]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
     x, y = {k: v.to(device) for k, v in x.items()}, y.to(device)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-    def step() -> None:
-        opt.zero_grad(set_to_none=True)
-        with autocast:
-            loss = task_loss("multiclass", model(**x), y)
-        loss.backward()
-        opt.step()
-
-    times = []
-    with PeakMemory(device.type) as mem:
-        for i in range(spec["warmup"] + spec["steps"]):
-            start = time.perf_counter()
-            step()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            if i >= spec["warmup"]:
-                times.append(time.perf_counter() - start)
-    return {"modality": modality, "method": method, "path": path, "step_ms": 1000 * statistics.median(times),
-            "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-            "train_memory_mb": mem.added_mb, "memory_kind": mem.kind, "batch": len(y)}
+    cost = time_training_steps(model, lambda: task_loss("multiclass", model(**x), y), device, spec["warmup"],
+                               spec["steps"])
+    return {"modality": modality, "method": method, "path": path, **cost, "batch": len(y)}
 
 
 # --------------------------------------------------------------------------- driver

@@ -56,8 +56,14 @@ def throughput_section(result: dict) -> str:
             f"{m['torch']} (commit {m['git_commit'][:8]}), from `bench/results/train_throughput.json`.\n\n{table}\n")
 
 
+def machine_line(result: dict) -> str:
+    """Where a result was measured: the GPU or the CPU count, torch, commit."""
+    m = result["machine"]
+    return f"{m['cuda'] or str(m['cpus']) + ' CPUs'}, torch {m['torch']}, commit {m['git_commit'][:8]}"
+
+
 def experts_section(result: dict) -> str:
-    m, metric = result["machine"], result["params"]["primary_metric"]
+    metric = result["params"]["primary_metric"]
     rows = [{"task": r["task"], "method": r["method"], "test": r["test"][metric], "probe": r["probe_test"][metric],
              "acc": r["test"]["accuracy"], "auc": r["test"]["auroc"], "trainable": r["trainable_params"],
              "kb": r["stored_bytes"] / 1024, "s": r["train_seconds"], "rss": r["peak_rss_mb"],
@@ -79,8 +85,7 @@ def experts_section(result: dict) -> str:
     stable = markdown_table(srows, [("modality", "modality"), ("method", "method"), ("ms", "step ms (median)"),
                                     ("vs_lora", "× LoRA step"), ("mb", "step memory MB"), ("vs_full", "× full FT memory"),
                                     ("trainable", "trainable params")])
-    device = m["cuda"] or f"{m['cpus']} CPUs"
-    return (f"Profile `{result['params']['profile']}`, {device}, torch {m['torch']}, commit {m['git_commit'][:8]}, "
+    return (f"Profile `{result['params']['profile']}`, {machine_line(result)}, "
             f"from `bench/results/experts.json`. Every run is the experts stage's own training in a fresh process; "
             f"test metrics of the deployed bundle.\n\n{table}\n"
             f"Cost of one training step on a fixed batch (text: 16 × 128 tokens on all-MiniLM-L6-v2; image: 64 "
@@ -90,7 +95,7 @@ def experts_section(result: dict) -> str:
 
 
 def decompose_section(result: dict) -> str:
-    m, metric = result["machine"], result["params"]["primary_metric"]
+    metric = result["params"]["primary_metric"]
     rows = []
     for task, r in result["quality"]["tasks"].items():
         if task.startswith("_"):
@@ -117,8 +122,7 @@ def decompose_section(result: dict) -> str:
                                     ("vs_plain", "one-pass / (a)"), ("speedup", "(b) / one-pass"),
                                     ("mem", "step memory MB"), ("teacher_mem", "teacher full-FT step MB"),
                                     ("switch", "task switch ms")])
-    device = m["cuda"] or f"{m['cpus']} CPUs"
-    return (f"Profile `{result['params']['profile']}`, {device}, torch {m['torch']}, commit {m['git_commit'][:8]}, "
+    return (f"Profile `{result['params']['profile']}`, {machine_line(result)}, "
             f"from `bench/results/decompose.json`; test split.\n\n{table}\n"
             f"Training step with {result['params']['step_tasks']} tasks (batch: "
             f"{', '.join(f'{n} {k}' for k, n in result['params']['batch'].items())}), median "
@@ -126,7 +130,7 @@ def decompose_section(result: dict) -> str:
 
 
 def fusion_section(result: dict) -> str:
-    m, table = result["machine"], result["table"]
+    table = result["table"]
     names = {"full": "full fine-tuning", "lora": "LoRA (ΔW)", "lora_adapter": "LoRA (A, B)", "llora": "L-LoRA"}
     rows = []
     for variant, per in table.items():
@@ -141,11 +145,10 @@ def fusion_section(result: dict) -> str:
     cost = result["merge_cost"]
     lat = result["latency_ms_per_sample"]
     p = result["paper"]
-    device = m["cuda"] or f"{m['cpus']} CPUs"
     tasks = ", ".join(result["params"]["tasks"])
     return (f"Tasks {tasks}; λ, k, p picked on validation ({result['params']['val_cap']} samples per task), scores on "
             f"test ({result['params']['test_cap']} per task); normalised = merged / the same method's single-task "
-            f"expert, averaged over the merged tasks. {device}, torch {m['torch']}, commit {m['git_commit'][:8]}, "
+            f"expert, averaged over the merged tasks. {machine_line(result)}, "
             f"from `bench/results/fusion.json`.\n\n{t}\n"
             f"For orientation, {p['source']}, λ picked on test: normalised about "
             f"{p['normalised']['full']:.0%} (FFT), {p['normalised']['lora']:.0%} (LoRA), {p['normalised']['llora']:.0%} "
