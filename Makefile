@@ -30,12 +30,14 @@ repro: setup ## reproduce the stages with DVC (dvc.yaml)
 ui: setup ## open the MLflow UI on 127.0.0.1:5000
 	$(BIN)/medexperts ui
 
-bench: setup ## run the benchmarks (writes bench/results/*.json)
+BENCH_WORK ?= .bench-work
+
+bench: setup ## run the benchmarks (bench/results/*.json + MLflow runs), then refresh the README tables
 	$(PY) bench/pipeline.py
 	$(PY) bench/train_throughput.py
-	$(PY) bench/experts.py
+	$(PY) bench/experts.py --work $(BENCH_WORK)
 	$(PY) bench/decompose.py
-	$(PY) bench/fusion.py
+	$(PY) bench/fusion.py --work $(BENCH_WORK)
 	$(PY) bench/readme.py
 
 lint: setup ## compile-check every module

@@ -25,9 +25,16 @@ def machine() -> dict[str, Any]:
 
 
 def write_result(name: str, payload: dict[str, Any]) -> Path:
+    """Write bench/results/NAME.json (with the machine) and log it as a run of MLflow experiment
+    `medexperts-bench` (bench/track.py). MEDEXPERTS_BENCH_MLFLOW=0 skips the MLflow run."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
-    path.write_text(json.dumps({**payload, "machine": machine()}, indent=2, sort_keys=True) + "\n")
+    full = {**payload, "machine": machine()}
+    path.write_text(json.dumps(full, indent=2, sort_keys=True) + "\n")
+    if os.environ.get("MEDEXPERTS_BENCH_MLFLOW", "1") != "0":
+        from bench.track import log_result
+
+        log_result(name, full, path)
     return path
 
 

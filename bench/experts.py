@@ -158,6 +158,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="timed steps per method and round (step cost)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of the step-cost part (median reported)")
     parser.add_argument("--skip-quality", action="store_true", help="step cost only")
+    parser.add_argument("--work", type=Path, help="folder for data, foundation and experts (kept: bench/fusion.py "
+                                                   "--work reuses it); default: a new temporary folder")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -167,8 +169,9 @@ def main() -> None:
         return
 
     tasks = args.tasks or available_tasks(args.profile)
-    work = Path(tempfile.mkdtemp(prefix="medexperts-bench-experts-"))
+    work = args.work or Path(tempfile.mkdtemp(prefix="medexperts-bench-experts-"))
     setup(work, args.profile, tasks)
+    print(f"work folder: {work}", flush=True)
     params = _params(args.profile, {"data.active": tasks})
     runs = []
     for task in [] if args.skip_quality else tasks:

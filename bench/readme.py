@@ -129,19 +129,36 @@ def decompose_section(result: dict) -> str:
             f"over {result['params']['rounds']} alternating rounds, each case in its own process:\n\n{stable}\n")
 
 
-def fusion_section(result: dict) -> str:
-    table = result["table"]
-    names = {"full": "full fine-tuning", "lora": "LoRA (ΔW)", "lora_adapter": "LoRA (A, B)", "llora": "L-LoRA"}
-    rows = []
+FUSION_NAMES = {"full": "full fine-tuning", "lora": "LoRA (ΔW)", "lora_adapter": "LoRA (A, B)", "llora": "L-LoRA"}
+
+
+def fusion_tables(result: dict) -> tuple[str, str, str]:
+    """(all tasks merged, pairs, per task) markdown tables of bench/results/fusion.json."""
+    table, methods, tasks = result["table"], result["params"]["merge_methods"], result["params"]["tasks"]
+    all_key = "+".join(tasks)
+    overall, pairs, per_task = [], [], []
     for variant, per in table.items():
-        for method in result["params"]["merge_methods"]:
-            r = per[method]
-            rows.append({"experts": names.get(variant, variant), "method": method, "single": per["single_task_mean"],
-                         "abs": r["all_tasks_absolute"], "all": r["all_tasks_normalised"],
-                         "pairs": r["pairs_mean_normalised"]})
-    t = markdown_table(rows, [("experts", "experts"), ("method", "merge"), ("single", "single-task macro-F1 (mean)"),
-                              ("abs", "all tasks merged: macro-F1"), ("all", "all tasks: normalised"),
-                              ("pairs", "pairs: normalised (mean)")])
+        name = FUSION_NAMES.get(variant, variant)
+        merged = result["results"][variant]["subsets"][all_key]
+        # the fusion stage's own choice: the method with the best normalised validation score
+        pick = max(methods, key=lambda m: merged[m]["val_normalised"])
+        overall.append({"experts": name, "single": per["single_task_mean"],
+                        **{m: f"{per[m]['all_tasks_normalised']:.3f} ({per[m]['all_tasks_absolute']:.3f})"
+                           for m in methods},
+                        "pick": f"{pick}: {merged[pick]['test_normalised']:.3f}"})
+        pairs.append({"experts": name, **{m: per[m]["pairs_mean_normalised"] for m in methods}})
+        single = result["results"][variant]["single_test"]
+        ta = merged["task_arithmetic"]["test"]
+        per_task.append({"experts": name, **{t: f"{ta[t]:.3f} / {single[t]:.3f}" for t in tasks}})
+    head = [("experts", "experts"), ("single", "single-task macro-F1 (mean)")]
+    t_all = markdown_table(overall, head + [(m, m) for m in methods] + [("pick", "stage's pick (by validation)")])
+    t_pairs = markdown_table(pairs, [("experts", "experts")] + [(m, m) for m in methods])
+    t_task = markdown_table(per_task, [("experts", "experts")] + [(t, t) for t in tasks])
+    return t_all, t_pairs, t_task
+
+
+def fusion_section(result: dict) -> str:
+    t_all, t_pairs, t_task = fusion_tables(result)
     cost = result["merge_cost"]
     lat = result["latency_ms_per_sample"]
     p = result["paper"]
@@ -149,7 +166,10 @@ def fusion_section(result: dict) -> str:
     return (f"Tasks {tasks}; λ, k, p picked on validation ({result['params']['val_cap']} samples per task), scores on "
             f"test ({result['params']['test_cap']} per task); normalised = merged / the same method's single-task "
             f"expert, averaged over the merged tasks. {machine_line(result)}, "
-            f"from `bench/results/fusion.json`.\n\n{t}\n"
+            f"from `bench/results/fusion.json`.\n\n"
+            f"All tasks merged into one model, normalised test score (mean absolute macro-F1 in brackets):\n\n{t_all}\n"
+            f"Every pair of tasks merged, normalised test score averaged over the pairs:\n\n{t_pairs}\n"
+            f"All tasks merged by task arithmetic, per task: merged / single-task expert test macro-F1:\n\n{t_task}\n"
             f"For orientation, {p['source']}, λ picked on test: normalised about "
             f"{p['normalised']['full']:.0%} (FFT), {p['normalised']['lora']:.0%} (LoRA), {p['normalised']['llora']:.0%} "
             f"(L-LoRA).\n\n"

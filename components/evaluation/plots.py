@@ -119,3 +119,35 @@ def plot_fusion_curve(
     if curves:
         ax.legend(fontsize=8)
     return _save_atomic(fig, path)
+
+
+def plot_grouped_bars(
+    values: dict[str, dict[str, float]], ylabel: str, path: Path, title: str = "", reference: float | None = None
+) -> Path:
+    """Save grouped bars: one group per outer key, one bar per inner key (same inner keys share a colour),
+    with an optional horizontal reference line (1.0 for normalised scores)."""
+    if not values:
+        raise ValueError("plot_grouped_bars: nothing to plot")
+    groups = list(values)
+    bars = list(dict.fromkeys(b for inner in values.values() for b in inner))
+    width = 0.8 / len(bars)
+    fig = _new_figure(max(6.0, 1.2 * len(groups) * max(1, len(bars)) / 3), 4.0)
+    ax = fig.add_subplot()
+    for i, bar in enumerate(bars):
+        xs = [g + (i - (len(bars) - 1) / 2) * width for g in range(len(groups))]
+        ys = [values[group].get(bar, np.nan) for group in groups]
+        ax.bar(xs, ys, width=width, label=bar)
+    if reference is not None:
+        ax.axhline(reference, color="grey", linewidth=0.8, linestyle="--")
+    finite = [v for inner in values.values() for v in inner.values() if np.isfinite(v)]
+    if finite:  # zoom on the spread: normalised scores sit near 1, where bars from 0 hide the differences
+        low, high = min(finite + ([reference] if reference is not None else [])), max(finite)
+        pad = max(0.02, 0.1 * (high - low))
+        ax.set_ylim(max(0.0, low - pad), high + pad)
+    ax.set_xticks(range(len(groups)), groups)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title, fontsize=9)
+    ax.grid(axis="y", alpha=0.3)
+    fig.legend(loc="outside lower center", fontsize=8, ncols=min(len(bars), 5))  # below the axes, never on a bar
+    return _save_atomic(fig, path)

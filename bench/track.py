@@ -1,0 +1,100 @@
+"""Benchmark results in MLflow: one run per result file in the experiment `medexperts-bench` of the project's
+store (the same SQLite store `medexperts ui` opens), so figures sit beside the pipeline's runs.
+
+`write_result` calls `log_result` after writing the JSON; to (re)log committed files, e.g. after a `git pull`:
+`python bench/track.py [NAME ...]` (default: every file in bench/results).
+
+A run holds: the result's `params` as params, every finite number elsewhere as a metric (keys are the JSON path,
+with the characters MLflow refuses replaced by '_'), the machine and commit as tags, the JSON file itself, and
+for the fusion experiment a bar chart of the normalised scores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+EXPERIMENT = "medexperts-bench"
+_BAD_KEY_CHARS = re.compile(r"[^/\w.\- :]")  # MLflow's allowed set for param and metric names
+
+
+def metric_key(path: str) -> str:
+    return _BAD_KEY_CHARS.sub("_", path.replace("@", "_at_"))
+
+
+def _numbers(tree: Any, prefix: str = "") -> dict[str, float]:
+    """Every finite number of a JSON tree (lists indexed by position), keyed by its path."""
+    import math
+
+    if isinstance(tree, dict):
+        items = tree.items()
+    elif isinstance(tree, list):
+        items = ((str(i), v) for i, v in enumerate(tree))
+    else:
+        is_number = isinstance(tree, (int, float)) and not isinstance(tree, bool)
+        return {metric_key(prefix.rstrip("."))[:250]: float(tree)} if is_number and math.isfinite(tree) else {}
+    out: dict[str, float] = {}
+    for k, v in items:
+        out.update(_numbers(v, f"{prefix}{k}."))
+    return out
+
+
+def _figures(name: str, payload: dict[str, Any], folder: Path) -> list[Path]:
+    from components.evaluation.plots import plot_grouped_bars
+
+    if name == "fusion" and "table" in payload:
+        scores = {variant: {m: v["all_tasks_normalised"] for m, v in methods.items() if isinstance(v, dict)}
+                  for variant, methods in payload["table"].items()}
+        tasks = ", ".join(payload.get("params", {}).get("tasks", []))
+        return [plot_grouped_bars(scores, "normalised test score, all tasks merged", folder / "fusion_normalised.png",
+                                  title=tasks, reference=1.0)]
+    return []
+
+
+def log_result(name: str, payload: dict[str, Any], path: Path) -> str:
+    """Log one benchmark result as an MLflow run; returns the run id."""
+    import mlflow
+
+    from components.tracking.runs import ensure_experiment, log_params
+    from flows.environment import configure, mlruns_uri
+
+    configure(ROOT)
+    mlflow.set_experiment(experiment_id=ensure_experiment(EXPERIMENT, mlruns_uri(ROOT)))
+    machine = payload.get("machine", {})
+    tags = {"bench": name, **{f"machine.{k}": str(v) for k, v in machine.items()}}
+    if "git_commit" in machine:
+        tags["mlflow.source.git.commit"] = str(machine["git_commit"])
+    with mlflow.start_run(run_name=f"bench-{name}", tags=tags) as run:
+        log_params(payload.get("params", {}))
+        numbers = _numbers({k: v for k, v in payload.items() if k not in ("params", "machine")})
+        mlflow.log_metrics(numbers, synchronous=True)
+        mlflow.log_artifact(str(path))
+        with tempfile.TemporaryDirectory() as tmp:
+            for figure in _figures(name, payload, Path(tmp)):
+                mlflow.log_artifact(str(figure), artifact_path="plots")
+        return run.info.run_id
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("names", nargs="*", help="result names (bench/results/NAME.json); default: all")
+    args = parser.parse_args()
+    paths = [RESULTS / f"{n}.json" for n in args.names] or sorted(RESULTS.glob("*.json"))
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        sys.exit(f"no such benchmark result: {', '.join(missing)}")
+    for path in paths:
+        run_id = log_result(path.stem, json.loads(path.read_text()), path)
+        print(f"{path.stem}: run {run_id} in experiment {EXPERIMENT}")
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    main()
