@@ -169,8 +169,8 @@ def main() -> None:
     parser.add_argument("--profile", default="quick")
     parser.add_argument("--work", type=Path, help="a bench/experts.py work folder to reuse (default: train here)")
     parser.add_argument("--tasks", nargs="*", help="default: the shipped tasks + the optional ones found on disk")
-    parser.add_argument("--val-cap", type=int, default=40, help="validation samples per task in the search")
-    parser.add_argument("--test-cap", type=int, default=150, help="test samples per task")
+    parser.add_argument("--val-cap", type=int, default=100, help="validation samples per task in the search")
+    parser.add_argument("--test-cap", type=int, default=600, help="test samples per task")
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS))
     args = parser.parse_args()
 
