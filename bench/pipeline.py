@@ -27,6 +27,9 @@ def main() -> None:
     parser.add_argument("--profile", default="quick")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="medexperts-bench-"))
+    # The flow runs against a temporary store; the result itself is logged to the user's store (write_result).
+    keys = ("MEDEXPERTS_PROJECT_DIR", "MEDEXPERTS_ARTIFACTS_DIR", "MEDEXPERTS_ARTIFACT_ROOT", "MLFLOW_TRACKING_URI")
+    saved = {k: os.environ.get(k) for k in keys}
     os.environ.update({"MEDEXPERTS_PROJECT_DIR": str(ROOT), "MEDEXPERTS_ARTIFACTS_DIR": str(tmp / "artifacts"),
                        "MEDEXPERTS_ARTIFACT_ROOT": (tmp / "mlruns").as_uri(),
                        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}"})
@@ -63,6 +66,11 @@ def main() -> None:
         "fusion": {k: results["fusion"].get(k) for k in ("best_method", "methods", "curves")},
         "registry": results["promote"]["decisions"],
     }
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
     path = write_result("pipeline", payload)
     print(f"flow {wall:.1f}s, stage compute {compute:.1f}s, overhead {100 * (wall - compute) / wall:.1f}%, "
           f"unchanged re-run {unchanged:.1f}s")

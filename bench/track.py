@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 import tempfile
@@ -66,6 +67,9 @@ def log_result(name: str, payload: dict[str, Any], path: Path) -> str:
     from flows.environment import configure, mlruns_uri
 
     configure(ROOT)
+    # The store named by the environment (default: the project's mlflow.db), even if this process pointed MLflow
+    # elsewhere before (bench/pipeline.py runs its flow against a temporary store).
+    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
     mlflow.set_experiment(experiment_id=ensure_experiment(EXPERIMENT, mlruns_uri(ROOT)))
     machine = payload.get("machine", {})
     tags = {"bench": name, **{f"machine.{k}": str(v) for k, v in machine.items()}}

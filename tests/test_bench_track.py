@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -25,13 +26,19 @@ def test_metric_keys_keep_only_what_mlflow_accepts() -> None:
     assert metric_key("ms@batch=1 (p50)") == "ms_at_batch_1 _p50_"
 
 
-def test_log_result_records_params_metrics_file_and_figure(isolated_project: Path) -> None:
+def test_log_result_records_params_metrics_file_and_figure(isolated_project: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    import mlflow
     from mlflow.tracking import MlflowClient
 
     path = isolated_project / "fusion.json"
     path.write_text(json.dumps(FUSION))
+    # As bench/pipeline.py leaves it: MLflow pointed at the flow's temporary store, the environment restored.
+    store = os.environ["MLFLOW_TRACKING_URI"]
+    mlflow.set_tracking_uri(f"sqlite:///{isolated_project / 'flow.db'}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
     run_id = log_result("fusion", FUSION, path)
-    client = MlflowClient()
+    client = MlflowClient(tracking_uri=store)
     run = client.get_run(run_id)
     assert client.get_experiment(run.info.experiment_id).name == EXPERIMENT
     assert run.data.params["val_cap"] == "40"
