@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 import tempfile
 from pathlib import Path
@@ -23,28 +22,15 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 EXPERIMENT = "medexperts-bench"
-_BAD_KEY_CHARS = re.compile(r"[^/\w.\- :]")  # MLflow's allowed set for param and metric names
 
 
-def metric_key(path: str) -> str:
-    return _BAD_KEY_CHARS.sub("_", path.replace("@", "_at_"))
-
-
-def _numbers(tree: Any, prefix: str = "") -> dict[str, float]:
-    """Every finite number of a JSON tree (lists indexed by position), keyed by its path."""
-    import math
-
+def _lists_as_dicts(tree: Any) -> Any:
+    """JSON lists become {"0": ..., "1": ...} so log_metrics keys their numbers by position too."""
     if isinstance(tree, dict):
-        items = tree.items()
-    elif isinstance(tree, list):
-        items = ((str(i), v) for i, v in enumerate(tree))
-    else:
-        is_number = isinstance(tree, (int, float)) and not isinstance(tree, bool)
-        return {metric_key(prefix.rstrip("."))[:250]: float(tree)} if is_number and math.isfinite(tree) else {}
-    out: dict[str, float] = {}
-    for k, v in items:
-        out.update(_numbers(v, f"{prefix}{k}."))
-    return out
+        return {k: _lists_as_dicts(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return {str(i): _lists_as_dicts(v) for i, v in enumerate(tree)}
+    return tree
 
 
 def _figures(name: str, payload: dict[str, Any], folder: Path) -> list[Path]:
@@ -63,7 +49,7 @@ def log_result(name: str, payload: dict[str, Any], path: Path) -> str:
     """Log one benchmark result as an MLflow run; returns the run id."""
     import mlflow
 
-    from components.tracking.runs import ensure_experiment, log_params
+    from components.tracking.runs import ensure_experiment, log_metrics, log_params
     from flows.environment import configure, mlruns_uri
 
     configure(ROOT)
@@ -77,8 +63,7 @@ def log_result(name: str, payload: dict[str, Any], path: Path) -> str:
         tags["mlflow.source.git.commit"] = str(machine["git_commit"])
     with mlflow.start_run(run_name=f"bench-{name}", tags=tags) as run:
         log_params(payload.get("params", {}))
-        numbers = _numbers({k: v for k, v in payload.items() if k not in ("params", "machine")})
-        mlflow.log_metrics(numbers, synchronous=True)
+        log_metrics(_lists_as_dicts({k: v for k, v in payload.items() if k not in ("params", "machine")}))
         mlflow.log_artifact(str(path))
         with tempfile.TemporaryDirectory() as tmp:
             for figure in _figures(name, payload, Path(tmp)):

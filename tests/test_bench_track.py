@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from bench.track import EXPERIMENT, log_result, main, metric_key
+from bench.track import EXPERIMENT, log_result, main
+from components.tracking.runs import metric_key
 
 FUSION = {
     "params": {"tasks": ["pubmedqa", "hoc"], "val_cap": 40, "grids": {"fusion.lambdas": [0.3, 1.0]}},

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 import mlflow
@@ -10,6 +11,13 @@ from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
 MAX_PARAM = 500  # MLflow's limit on a param value's length (older servers)
+MAX_KEY = 250  # MLflow's limit on a metric name's length
+_BAD_KEY_CHARS = re.compile(r"[^/\w.\- :]")  # outside MLflow's allowed set for metric names
+
+
+def metric_key(path: str) -> str:
+    """A metric name MLflow accepts for a flattened path: '@' -> '_at_', other refused characters -> '_'."""
+    return _BAD_KEY_CHARS.sub("_", path.replace("@", "_at_"))[:MAX_KEY]
 
 
 def ensure_experiment(name: str, artifact_uri: str | None = None) -> str:
@@ -39,12 +47,13 @@ def log_params(tree: dict[str, Any], prefix: str = "") -> None:
 
 
 def log_metrics(tree: dict[str, Any], prefix: str = "", step: int = 0) -> None:
-    """Log every finite numeric leaf of a nested dict in one batch (~4 ms per single call on SQLite)."""
+    """Log every finite numeric leaf of a nested dict in batches (~4 ms per single call on SQLite); keys are the
+    leaves' paths (metric_key)."""
     import time
 
     now = int(time.time() * 1000)
     metrics = [
-        Metric(k.replace("@", "_at_"), float(v), now, step)
+        Metric(metric_key(k), float(v), now, step)
         for k, v in flatten(tree, prefix).items()
         if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
     ]
