@@ -6,10 +6,10 @@ PROFILE ?=
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help setup run test repro ui bench lint clean
+.PHONY: help setup run test test-fast repro ui bench lint clean
 
 help: ## list the targets
-	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-8s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-8s %s\n", $$1, $$2}'
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -21,8 +21,13 @@ setup: $(VENV)/.installed ## create .venv and install the project (CPU torch 2.1
 run: setup ## run the retrain pipeline on the shipped data (quick profile; PROFILE=full for all data)
 	$(BIN)/medexperts run $(if $(PROFILE),--profile $(PROFILE)) $(ARGS)
 
-test: setup ## run the test suite (what CI runs)
+test: setup ## run the test suite and the import-layer contract (what CI runs)
+	$(BIN)/lint-imports --no-cache
 	$(PY) -m pytest -q $(ARGS)
+
+test-fast: setup ## the suite without the end-to-end (slow) tests: a contributor's inner loop
+	$(BIN)/lint-imports --no-cache
+	$(PY) -m pytest -q -m "not slow" $(ARGS)
 
 repro: setup ## reproduce the stages with DVC (dvc.yaml)
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro $(ARGS)

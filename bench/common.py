@@ -51,12 +51,12 @@ def run_child(script: str, kind: str, spec: dict[str, Any]) -> dict[str, Any]:
 
 def time_training_steps(model: Any, loss_of: Any, device: Any, warmup: int, steps: int) -> dict[str, Any]:
     """Time AdamW training steps of ``model`` on ``loss_of()`` (bf16 autocast on CUDA): median ms over ``steps``
-    after ``warmup``, the memory those steps added (components.evaluation.memory.PeakMemory), trainable params."""
+    after ``warmup``, the memory those steps added (components.metrics.memory.PeakMemory), trainable params."""
     import statistics
 
     import torch
 
-    from components.evaluation.memory import PeakMemory
+    from components.metrics.memory import PeakMemory
 
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")

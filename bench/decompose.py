@@ -43,12 +43,13 @@ def quality(work: Path, profile: str, tasks: list[str]) -> dict[str, Any]:
     import torch
 
     from components.data.datasets import load_split
-    from components.decompose.train import decompose
-    from components.evaluation.evaluate import _teacher_head
-    from components.evaluation.metrics import compute_metrics
-    from components.models.bundle import load_bundle
-    from components.models.classifier import Classifier
-    from components.models.foundation import load_foundation
+    from components.stages.decompose import decompose
+    from components.stages.evaluate import _teacher_head
+    from components.metrics.classification import compute_metrics
+    import components.plugins  # noqa: F401
+    from components.bundle.format import load_bundle
+    from components.nn.classifier import Classifier
+    from components.nn.foundation import load_foundation
     from components.training.data import labels_tensor
     from components.training.inference import batched
 
@@ -88,8 +89,8 @@ def _setup_student(work: Path, modality: str, plain: bool = False):  # noqa: ANN
 
     from components.config import DecomposeParams
     from components.decompose.student import build_student
-    from components.models.classifier import make_head
-    from components.models.foundation import load_foundation
+    from components.nn.classifier import make_head
+    from components.nn.foundation import load_foundation
 
     found = load_foundation(work / "foundation", modality)
     heads = {f"task{t}": make_head(found.encoder.out_dim, 3) for t in range(TASKS_FOR_STEP)}
@@ -112,7 +113,7 @@ def one_step(spec: dict[str, Any]) -> dict[str, Any]:
 
     from components.decompose.deploy import fuse
     from components.decompose.loss import lorkd_loss
-    from components.models.classifier import Classifier, make_head
+    from components.nn.classifier import Classifier, make_head
     from components.training.module import task_loss
 
     work, modality, case = Path(spec["work"]), spec["modality"], spec["case"]
@@ -162,9 +163,9 @@ def switch_ms(work: Path, modality: str) -> float:
 
 
 def setup(work: Path, profile: str, tasks: list[str]) -> None:
-    from components.data.prepare import prepare_data
-    from components.models.foundation import describe_text_foundation
-    from components.models.pretrain import pretrain_image_foundation
+    from components.stages.data import prepare_data
+    from components.nn.foundation import describe_text_foundation
+    from components.stages.foundation import pretrain_image_foundation
 
     params = _params(profile, {"data.active": tasks})
     prepare_data(params.data, ROOT, work / "data", seed=params.pipeline.seed)

@@ -60,13 +60,14 @@ def one_quality(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from components.data.datasets import load_split
-    from components.evaluation.counts import count_parameters
-    from components.evaluation.metrics import compute_metrics
+    from components.metrics.counts import count_parameters
+    from components.metrics.classification import compute_metrics
     from components.experts.io import load_expert, stored_bytes
-    from components.experts.train import train_expert
-    from components.models.bundle import load_bundle
-    from components.models.classifier import Classifier
-    from components.models.foundation import load_foundation
+    from components.stages.experts import train_expert
+    import components.plugins  # noqa: F401
+    from components.bundle.format import load_bundle
+    from components.nn.classifier import Classifier
+    from components.nn.foundation import load_foundation
     from components.training.data import labels_tensor
     from components.training.inference import batched
 
@@ -102,8 +103,8 @@ def one_step(spec: dict[str, Any]) -> dict[str, Any]:
 
     from components.config import ExpertsParams, LoraParams, PromptParams
     from components.experts.methods import get_method
-    from components.models.classifier import Classifier, make_head
-    from components.models.foundation import load_foundation
+    from components.nn.classifier import Classifier, make_head
+    from components.nn.foundation import load_foundation
     from components.training.module import task_loss
 
     modality, method, path = spec["modality"], spec["method"], spec["path"]
@@ -129,9 +130,9 @@ def one_step(spec: dict[str, Any]) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- driver
 def setup(work: Path, profile: str, active: list[str]) -> None:
-    from components.data.prepare import prepare_data
-    from components.models.foundation import describe_text_foundation
-    from components.models.pretrain import pretrain_image_foundation
+    from components.stages.data import prepare_data
+    from components.nn.foundation import describe_text_foundation
+    from components.stages.foundation import pretrain_image_foundation
 
     params = _params(profile, {"data.active": active})
     prepare_data(params.data, ROOT, work / "data", seed=params.pipeline.seed)

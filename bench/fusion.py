@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.common import run_child, write_result  # noqa: E402
-from components.evaluation.memory import PeakMemory  # noqa: E402
+from components.metrics.memory import PeakMemory  # noqa: E402
 
 VARIANTS = {"full": ("full", "delta_w"), "lora": ("lora", "delta_w"), "lora_adapter": ("lora", "adapter"),
             "llora": ("llora", "delta_w")}
@@ -70,8 +70,9 @@ def ensure_experts(work: Path, profile: str, tasks: list[str]) -> None:
 
 def test_scores(work: Path, folder: Path, tasks: list[str], cap: int, seed: int) -> dict[str, dict[str, float]]:
     from components.data.datasets import load_split
-    from components.evaluation.metrics import compute_metrics
-    from components.models.bundle import load_bundle
+    from components.metrics.classification import compute_metrics
+    import components.plugins  # noqa: F401
+    from components.bundle.format import load_bundle
     from components.training.data import labels_tensor
     from components.training.inference import batched
 
@@ -86,7 +87,7 @@ def test_scores(work: Path, folder: Path, tasks: list[str], cap: int, seed: int)
 
 def run_variant(work: Path, profile: str, all_tasks: list[str], variant: str, subsets: list[tuple[str, ...]],
                 val_cap: int, test_cap: int) -> dict[str, Any]:
-    from components.fusion.fuse import fuse_experts
+    from components.stages.fusion import fuse_experts
 
     method, space = VARIANTS[variant]
     single: dict[str, dict[str, float]] = {}
@@ -122,7 +123,7 @@ def merge_cost(work: Path, tasks: list[str], method: str) -> dict[str, float]:
     """Time and added peak memory of task arithmetic over every text expert's ΔW, and of TIES."""
     from components.experts.io import load_expert
     from components.fusion.merge import merge
-    from components.models.foundation import load_foundation
+    from components.nn.foundation import load_foundation
 
     found = load_foundation(work / "foundation", "text")
     experts = [load_expert(work / "experts" / f"{t}-{method}", found) for t in tasks]
@@ -143,11 +144,12 @@ def merge_cost(work: Path, tasks: list[str], method: str) -> dict[str, float]:
 def latency(work: Path, task: str, repeats: int) -> dict[str, float]:
     """ms/sample (batch 1) of the base model, the merged-into-backbone LoRA expert and the un-merged adapter model."""
     from components.data.datasets import load_split
-    from components.evaluation.latency import measure_latency
+    from components.metrics.latency import measure_latency
     from components.experts.io import load_expert
-    from components.models.bundle import load_bundle
-    from components.models.classifier import Classifier
-    from components.models.foundation import load_foundation
+    import components.plugins  # noqa: F401
+    from components.bundle.format import load_bundle
+    from components.nn.classifier import Classifier
+    from components.nn.foundation import load_foundation
 
     found = load_foundation(work / "foundation", "text")
     expert = load_expert(work / "experts" / f"{task}-lora", found)

@@ -10,7 +10,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from components.evaluation.report import markdown_table  # noqa: E402
+from components.metrics.report import markdown_table  # noqa: E402
 
 
 def pipeline_section(result: dict) -> str:

@@ -34,7 +34,7 @@ def _lists_as_dicts(tree: Any) -> Any:
 
 
 def _figures(name: str, payload: dict[str, Any], folder: Path) -> list[Path]:
-    from components.evaluation.plots import plot_grouped_bars
+    from components.metrics.plots import plot_grouped_bars
 
     if name == "fusion" and "table" in payload:
         scores = {variant: {m: v["all_tasks_normalised"] for m, v in methods.items() if isinstance(v, dict)}

@@ -25,10 +25,10 @@ from bench.common import write_result  # noqa: E402
 def setup(modality: str, n: int) -> tuple:
     from components.config import LoraParams, TrainerParams, load_params
     from components.data.datasets import load_split
-    from components.data.prepare import prepare_data
+    from components.stages.data import prepare_data
     from components.experts.lora import attach_lora
-    from components.models.classifier import Classifier, make_head
-    from components.models.encoders import ImageEncoder, encoder_inputs, load_text_encoder, resolve_text_source
+    from components.nn.classifier import Classifier, make_head
+    from components.nn.encoders import ImageEncoder, encoder_inputs, load_text_encoder, resolve_text_source
     from components.training.data import TensorDictDataset, labels_tensor
 
     task = "pneumoniamnist" if modality == "image" else "medical_abstracts"

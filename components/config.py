@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from components.errors import ParamsError
+from components.core.errors import ParamsError
 
 SECTIONS: tuple[str, ...] = (
     "pipeline",
@@ -205,11 +205,16 @@ class PromptParams(Strict):
     init_text: str | None = Field(None, description="Init text (default: the task's description in data.yaml).")
 
 
+# The expert-method registry (components/experts/methods.py) checks at import that it implements exactly these.
+ExpertMethodName = Literal["lora", "llora", "prompt", "full"]
+WeightMethodName = Literal["lora", "llora", "full"]  # the methods that change weights (image tasks: no prompt)
+
+
 class ExpertsParams(Strict):
-    method: Literal["lora", "llora", "prompt", "full"] = Field(
+    method: ExpertMethodName = Field(
         "lora", description="lora | llora (linearized LoRA) | prompt (soft prompt, text only) | full (full "
         "fine-tuning, the reference).")
-    image_method: Literal["lora", "llora", "full"] | None = Field(
+    image_method: WeightMethodName | None = Field(
         None, description="Method for image tasks if it differs from `method` (needed with prompt: the image "
         "foundation is a CNN, soft prompts are text-only).")
     llora_path: Literal["auto", "jvp", "frozen_a"] = Field(
@@ -221,7 +226,7 @@ class ExpertsParams(Strict):
         "probe", description="Start the expert's head from the probe (LP-FT) or at random."
     )
     trainer: ModalityTrainers = Field(default_factory=ModalityTrainers, description="Expert training per modality.")
-    method_lr: dict[Literal["lora", "llora", "prompt", "full"], dict[Literal["text", "image"], Annotated[float, Field(gt=0)]]] = Field(
+    method_lr: dict[ExpertMethodName, dict[Literal["text", "image"], Annotated[float, Field(gt=0)]]] = Field(
         default_factory=dict, description="Learning rate per method and modality where it differs from "
         "trainer.<modality>.lr (prompt tuning needs a larger step, full fine-tuning of a pre-trained "
         "transformer a much smaller one).")

@@ -14,7 +14,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
-from components.errors import MedExpertsError
+from components.core.errors import MedExpertsError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 # Wide enough for the results tables when the output is a log file, not a terminal.
@@ -29,7 +29,7 @@ def parse_sets(items: list[str] | None) -> dict[str, Any]:
     """KEY=VALUE pairs -> {dotted key: YAML-parsed value}."""
     import yaml
 
-    from components.errors import ParamsError
+    from components.core.errors import ParamsError
 
     out_: dict[str, Any] = {}
     for item in items or []:
@@ -102,7 +102,7 @@ def stage(name: Annotated[str, typer.Argument(help="data | foundation | experts 
     root = _setup()
     import mlflow
 
-    from components.errors import ParamsError
+    from components.core.errors import ParamsError
     from components.tracking.runs import ensure_experiment
     from flows.environment import artifacts_dir, console_logging, mlruns_uri
     from flows.stages import STAGES, StageContext, run_stage
@@ -157,7 +157,7 @@ def predict(model: Annotated[str, typer.Option(help="Model URI, e.g. models:/med
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from components.errors import RegistryError
+    from components.core.errors import RegistryError
 
     raw = load_raw_inputs(input)
     try:

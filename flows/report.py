@@ -10,13 +10,13 @@ import pandas as pd
 from rich.console import Console
 from rich.table import Table
 
-from components.errors import DataError
-from components.evaluation.report import results_table
+from components.core.errors import DataError
+from components.metrics.report import results_table
 
 
 def print_results(console: Console, root: Path, results: dict[str, Any]) -> None:
     """Per-task test metrics (probe / expert / fused), the registry decisions, and the UI command."""
-    from components.evaluation.evaluate import COLUMNS, report_rows
+    from components.stages.evaluate import COLUMNS, report_rows
 
     evaluation = results.get("evaluate")
     if evaluation:

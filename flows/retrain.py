@@ -9,7 +9,7 @@ from prefect import flow, task
 from prefect.cache_policies import NONE
 
 from components.config import load_params
-from components.fingerprint import json_hash
+from components.core.fingerprint import json_hash
 from components.tracking.lineage import git_info
 from components.tracking.runs import ensure_experiment, log_params
 from flows.environment import artifacts_dir, configure, mlruns_uri, project_dir
@@ -66,7 +66,7 @@ def deployment(name: str, cron: str, profile: str) -> Any:
     """A Prefect deployment of ``retrain`` on ``cron`` (validated here, so a typo is one clear line)."""
     from prefect.client.schemas.schedules import CronSchedule
 
-    from components.errors import ParamsError
+    from components.core.errors import ParamsError
 
     try:
         CronSchedule(cron=cron)

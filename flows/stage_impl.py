@@ -9,15 +9,15 @@ import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from components.artifacts import STAGE_FILE, SUMMARY_FILE, read_json, read_manifest
-from components.data.prepare import prepare_data
-from components.decompose.train import decompose
-from components.evaluation.evaluate import evaluate_models
+from components.core.artifacts import STAGE_FILE, SUMMARY_FILE, read_json, read_manifest
+from components.stages.data import prepare_data
+from components.stages.decompose import decompose
+from components.stages.evaluate import evaluate_models
 from components.experts.methods import get_method
-from components.experts.train import train_expert
-from components.fusion.fuse import fuse_experts
-from components.models.foundation import describe_text_foundation
-from components.models.pretrain import copy_image_checkpoint, pretrain_image_foundation
+from components.stages.experts import train_expert
+from components.stages.fusion import fuse_experts
+from components.nn.foundation import describe_text_foundation
+from components.stages.foundation import copy_image_checkpoint, pretrain_image_foundation
 from components.tracking.lineage import git_info, log_datasets
 from components.tracking.registry import gate, register_bundle
 from components.tracking.runs import log_metrics, log_params

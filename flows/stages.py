@@ -18,12 +18,12 @@ import mlflow
 from mlflow.exceptions import MlflowException
 
 import components
-from components.artifacts import STAGE_FILE, SUMMARY_FILE, atomic_dir, mark_stage, read_json, stage_is_current, write_json
+from components.core.artifacts import STAGE_FILE, SUMMARY_FILE, atomic_dir, mark_stage, read_json, stage_is_current, write_json
 from components.config import Params, expand_env
-from components.errors import ArtifactError
-from components.fingerprint import code_hash, json_hash, sha256_file, tree_hash
-from components.models.encoders import resolve_text_source
-from components.models.foundation import text_weights_hash
+from components.core.errors import ArtifactError
+from components.core.fingerprint import code_hash, json_hash, sha256_file, tree_hash
+from components.nn.encoders import resolve_text_source
+from components.nn.foundation import text_weights_hash
 from components.tracking.lineage import git_info
 from flows import stage_impl as impl
 

@@ -21,7 +21,7 @@ def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import torch
     from transformers import BertConfig, BertModel
 
-    from components.models.encoders import resolve_text_source
+    from components.nn.encoders import resolve_text_source
 
     folder = tmp_path_factory.mktemp("tiny-bert")
     torch.manual_seed(0)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from components.config import expand_env, load_params, profile_names
-from components.errors import ParamsError
+from components.core.errors import ParamsError
 
 PARAMS = Path(__file__).resolve().parents[1] / "params"
 
@@ -89,8 +89,8 @@ def test_profile_section_must_be_a_mapping(params_copy: Path) -> None:
 
 
 def test_corrupt_stage_files_are_artifact_errors(tmp_path: Path) -> None:
-    from components.artifacts import read_json, stage_is_current
-    from components.errors import ArtifactError
+    from components.core.artifacts import read_json, stage_is_current
+    from components.core.errors import ArtifactError
 
     (tmp_path / "_stage.json").write_text("[1, 2]")
     assert not stage_is_current(tmp_path, "x")  # corrupt: the stage simply runs again

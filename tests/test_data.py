@@ -8,19 +8,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from components.artifacts import atomic_dir
+from components.core.artifacts import atomic_dir
 
 from components.config import DataParams, TaskSpec, load_params
-from components.data import (
-    array_content_hash,
-    load_source,
-    load_split,
-    partition,
-    prepare_data,
-    read_manifest,
-    split_task,
-)
-from components.errors import DataError
+from components.core.fingerprint import array_content_hash
+from components.data.datasets import load_split, read_manifest
+from components.data.loaders import load_source
+from components.data.shards import partition
+from components.data.splits import split_task
+from components.stages.data import prepare_data
+from components.core.errors import DataError
 
 PROJECT = Path(__file__).parents[1]
 SHARED = PROJECT.parent / "shared" / "data"

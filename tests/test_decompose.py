@@ -21,11 +21,11 @@ from components.decompose.module import DecomposeModule
 from components.config import DecomposeParams
 from components.decompose.student import LoRKDStudent, build_student
 from components.decompose.teacher import mixed_dataset, teacher_logits
-from components.errors import ArtifactError, DataError, ParamsError
-from components.fingerprint import sha256_file
-from components.models.bundle import load_bundle
-from components.models.classifier import make_head
-from components.models.encoders import ImageEncoder, TextEncoder
+from components.core.errors import ArtifactError, DataError, ParamsError
+from components.core.fingerprint import sha256_file
+from components.bundle.format import load_bundle
+from components.nn.classifier import make_head
+from components.nn.encoders import ImageEncoder, TextEncoder
 from components.training.data import loader
 from components.training.trainer import build_trainer
 

@@ -9,22 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from components.errors import ArtifactError
-from components.evaluation import (
-    PRIMARY_METRICS,
-    compute_metrics,
-    confusion,
-    count_parameters,
-    file_bytes,
-    markdown_table,
-    measure_latency,
-    normalised_score,
-    plot_confusion,
-    plot_fusion_curve,
-    predictions,
-    results_table,
-    tensor_bytes,
-)
+from components.core.errors import ArtifactError
+from components.metrics.classification import PRIMARY_METRICS, compute_metrics, confusion, normalised_score, predictions
+from components.metrics.counts import count_parameters, file_bytes, tensor_bytes
+from components.metrics.latency import measure_latency
+from components.metrics.plots import plot_confusion, plot_fusion_curve
+from components.metrics.report import markdown_table, results_table
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

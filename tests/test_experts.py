@@ -9,14 +9,14 @@ import pytest
 import torch
 
 from components.config import LoraParams, load_params
-from components.errors import ArtifactError, ParamsError
+from components.core.errors import ArtifactError, ParamsError
 from components.experts.io import load_expert, save_expert
 from components.experts.lora import attach_lora, delta_weights
 from components.fusion.merge import check_compatible, merge_average, merge_task_arithmetic
-from components.models.bundle import TaskHead, add_delta, load_bundle, save_bundle
-from components.models.classifier import Classifier, make_head
-from components.models.encoders import ImageEncoder, image_tensor
-from components.models.foundation import Foundation, describe_text_foundation, load_foundation
+from components.bundle.format import TaskHead, add_delta, load_bundle, save_bundle
+from components.nn.classifier import Classifier, make_head
+from components.nn.encoders import ImageEncoder, image_tensor
+from components.nn.foundation import Foundation, describe_text_foundation, load_foundation
 from components.training.inference import batched
 
 PARAMS = Path(__file__).resolve().parents[1] / "params"

@@ -16,25 +16,20 @@ import torch
 from peft import get_peft_model_state_dict
 
 from components.config import ExpertsParams, LoraParams, Params, load_params
-from components.errors import ArtifactError, ParamsError
+from components.core.errors import ArtifactError, ParamsError
 from components.experts.io import Expert, load_expert, save_expert
 from components.experts.linearize import LinearizedLayer, linearize
 from components.experts.lora import attach_lora, lora_layers, lora_targets
 from components.experts.methods import get_method
-from components.fusion import fuse
-from components.fusion.fuse import (
-    best_per_lambda,
-    check_adapter_space,
-    check_same_start,
-    fuse_experts,
-    search_coefficients,
-    task_vectors,
-)
+from components.fusion.search import Scorer, best_per_lambda, search_coefficients
+from components.fusion.spaces import check_adapter_space, check_same_start, shared_start_delta, task_vectors
+from components.stages import fusion as fusion_stage
+from components.stages.fusion import fuse_experts
 from components.fusion.merge import TaskVector, coefficient_grid, merge
-from components.models.bundle import TaskHead, load_bundle, save_bundle
-from components.models.classifier import Classifier, make_head
-from components.models.encoders import ImageEncoder
-from components.models.foundation import Foundation, describe_text_foundation, load_foundation
+from components.bundle.format import TaskHead, load_bundle, save_bundle
+from components.nn.classifier import Classifier, make_head
+from components.nn.encoders import ImageEncoder
+from components.nn.foundation import Foundation, describe_text_foundation, load_foundation
 from components.training.inference import batched
 
 PARAMS = Path(__file__).resolve().parents[1] / "params"
@@ -182,7 +177,7 @@ def test_llora_jvp_with_nonzero_b0_adds_the_shared_start_once(tmp_path: Path) ->
     found = image_foundation()
     experts = {t: jvp_expert(found, tmp_path, t, i) for i, t in enumerate(("a", "b"), start=1)}
     lam = 0.6
-    start = fuse.shared_start_delta(experts["a"])
+    start = shared_start_delta(experts["a"])
     assert start and any(v.abs().max() > 1e-3 for v in start.values())
     vectors, to_delta = task_vectors(experts, found, "delta_w")
     merged = to_delta(merge("task_arithmetic", vectors, lam=lam))
@@ -212,7 +207,7 @@ def test_full_fine_tuning_task_vector_is_every_weight(tmp_path: Path) -> None:
 
 # --- the coefficient search ---
 
-def synthetic_scorer(best_lam: float, best_k: float, top: float) -> fuse.Scorer:
+def synthetic_scorer(best_lam: float, best_k: float, top: float) -> Scorer:
     """Reads λ and the kept fraction back from the merged ΔW of one task vector (entries 1..n) and scores them
     by their distance to (best_lam, best_k); a point with λ = 1 scores NaN (an undefined metric)."""
     def score(delta: TaskVector) -> tuple[float, dict[str, dict[str, float]]]:
@@ -257,7 +252,7 @@ class FakeScorer:
 @pytest.mark.parametrize("space", ["delta_w", "adapter"])
 def test_fusion_stage_writes_a_bundle_and_search_per_method(space: str, tiny_bert: Path, tmp_path: Path,
                                                             monkeypatch: pytest.MonkeyPatch, mlflow_store: str) -> None:
-    monkeypatch.setattr(fuse, "ValidationScorer", FakeScorer)
+    monkeypatch.setattr(fusion_stage, "ValidationScorer", FakeScorer)
     params = text_params(tiny_bert, **{"fusion.lora_space": space, "fusion.methods": [
         "average", "task_arithmetic", "ties", "dare_linear", "dare_ties"], "fusion.lambdas": [0.5, 1.0]})
     foundation_dir = text_foundation_dir(tiny_bert, tmp_path)

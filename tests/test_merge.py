@@ -11,7 +11,7 @@ import pytest
 import torch
 from peft.utils.merge_utils import ties as peft_ties
 
-from components.errors import ArtifactError, ParamsError
+from components.core.errors import ArtifactError, ParamsError
 from components.fusion.merge import (
     MERGE_COEFFICIENTS,
     MERGE_METHODS,

@@ -11,16 +11,16 @@ import pytest
 import torch
 
 from components.config import ExpertsParams, LoraParams, PromptParams, load_params
-from components.errors import ArtifactError, ParamsError
+from components.core.errors import ArtifactError, ParamsError
 from components.experts.io import load_expert, save_expert
 from components.experts.linearize import LinearizedLayer, linearize
 from components.experts.lora import attach_lora, lora_layers
 from components.experts.methods import METHODS, get_method
 from components.experts.prompt import attach_prompt, prompt_tensors
-from components.models.bundle import TaskHead, add_delta, load_bundle, save_bundle
-from components.models.classifier import Classifier, make_head
-from components.models.encoders import ImageEncoder
-from components.models.foundation import Foundation, describe_text_foundation, load_foundation
+from components.bundle.format import TaskHead, add_delta, load_bundle, save_bundle
+from components.nn.classifier import Classifier, make_head
+from components.nn.encoders import ImageEncoder
+from components.nn.foundation import Foundation, describe_text_foundation, load_foundation
 from components.training.inference import batched
 
 PARAMS = Path(__file__).resolve().parents[1] / "params"
@@ -85,7 +85,7 @@ def test_method_round_trip_and_fold(method: str, path: str, found: Foundation, t
             expert.delta()
     # the deployable bundle (ΔW folded in, or the prompt carried) predicts what the trained expert does
     save_bundle(tmp_path / "b", found, expert.delta() if m.delta else {}, {"t": TaskHead(head, "multiclass", list("abc"))},
-                name="t", metadata={}, prompt=m.prompt(encoder) if m.prompt else None)
+                name="t", metadata={}, wrappers=m.wrappers(encoder) if m.wrappers else None)
     deployed = load_bundle(tmp_path / "b").model.for_task("t")
     torch.testing.assert_close(batched(deployed, x), trained, atol=1e-5, rtol=1e-4)
 

@@ -8,11 +8,11 @@ import mlflow
 import pytest
 import torch
 
-from components.errors import RegistryError
-from components.models.bundle import TaskHead, save_bundle
-from components.models.classifier import make_head
-from components.models.encoders import ImageEncoder
-from components.models.foundation import Foundation
+from components.core.errors import RegistryError
+from components.bundle.format import TaskHead, save_bundle
+from components.nn.classifier import make_head
+from components.nn.encoders import ImageEncoder
+from components.nn.foundation import Foundation
 from components.tracking.registry import CHALLENGER, CHAMPION, aliases, decide, gate, promote_manual, register_bundle
 
 

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from components.config import TrainerParams
-from components.errors import ArtifactError
-from components.models.classifier import Classifier
+from components.core.errors import ArtifactError
+from components.nn.classifier import Classifier
 from components.training.data import TensorDictDataset, loader
 from components.training.module import ClassifierModule
 from components.training.trainer import LAST, build_trainer, data_device, resume_from
@@ -126,7 +126,7 @@ def test_batches_are_sliced_in_one_step_and_match_rows() -> None:
 
 
 def test_peak_memory_sees_what_a_block_allocates() -> None:
-    from components.evaluation.memory import PeakMemory
+    from components.metrics.memory import PeakMemory
 
     with PeakMemory("cpu") as m:
         big = torch.ones(64 * 2**20 // 4)  # 64 MB, touched

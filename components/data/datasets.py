@@ -11,9 +11,9 @@ from typing import Any, Union
 
 import numpy as np
 
-from components.fingerprint import array_content_hash, sha256_bytes
+from components.core.fingerprint import array_content_hash, sha256_bytes
 from components.data.splits import strat_keys
-from components.errors import DataError
+from components.core.errors import DataError
 
 Inputs = Union[np.ndarray, list[str]]
 

@@ -13,8 +13,8 @@ import numpy as np
 import pandas as pd
 
 from components.config import TaskSpec, expand_env
-from components.fingerprint import array_content_hash, sha256_bytes, sha256_file, tree_hash
-from components.errors import DataError
+from components.core.fingerprint import array_content_hash, sha256_bytes, sha256_file, tree_hash
+from components.core.errors import DataError
 
 Inputs = Union[np.ndarray, list[str]]
 NPZ_SPLITS: tuple[str, ...] = ("train", "val", "test")

@@ -7,7 +7,7 @@ from typing import Literal
 import numpy as np
 
 from components.data.splits import strat_keys
-from components.errors import DataError
+from components.core.errors import DataError
 
 MAX_DRAWS = 100
 

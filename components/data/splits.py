@@ -8,7 +8,7 @@ import numpy as np
 
 from components.config import TaskSpec
 from components.data.loaders import Pool, RawTask
-from components.errors import DataError
+from components.core.errors import DataError
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 

@@ -13,8 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from components.errors import DataError, ParamsError
-from components.models.encoders import TextEncoder
+from components.core.errors import DataError, ParamsError
+from components.nn.encoders import TextEncoder
 
 
 def _norm(channels: int) -> nn.GroupNorm:

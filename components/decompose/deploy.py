@@ -15,17 +15,18 @@ from typing import Any
 from safetensors.torch import load_file, save
 from torch import nn
 
-from components.artifacts import read_manifest, save_tensors, write_manifest
+from components.core.artifacts import read_manifest, save_tensors, write_manifest
+from components.decompose.backbones import backbone_from_config
 from components.decompose.layers import fold_experts
 from components.decompose.student import LoRKDStudent, student_from_config
-from components.errors import ArtifactError
-from components.evaluation.counts import count_parameters
-from components.fingerprint import sha256_bytes
-from components.models.bundle import TaskHead, save_backbone_bundle
-from components.models.classifier import Classifier, make_head
+from components.core.errors import ArtifactError
+from components.metrics.counts import count_parameters
+from components.core.fingerprint import sha256_bytes
+from components.bundle.format import ARCHITECTURES, TaskHead, save_backbone_bundle
+from components.nn.classifier import Classifier, make_head
 
 STUDENT_FILE = "student.safetensors"
-ARCHITECTURE = "lorkd_student"  # the bundle architecture name (components.models.bundle.ARCHITECTURES)
+ARCHITECTURE = "lorkd_student"  # the bundle architecture name (components.bundle.format.ARCHITECTURES)
 
 
 def _state(module: nn.Module) -> dict[str, Any]:
@@ -88,7 +89,7 @@ def fuse(student: LoRKDStudent, task: str, expected_hash: str | None = None) -> 
 def save_fused(out_dir: Path, student: LoRKDStudent, task: str, *, kind: str, label_names: list[str],
                expected_hash: str | None = None, tokenizer: Any = None, max_length: int = 128,
                metadata: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Fuse ``task`` and write it as a model bundle (``components.models.bundle``): the plain network's weights,
+    """Fuse ``task`` and write it as a model bundle (``components.bundle.format``): the plain network's weights,
     its config, the head and (text) the tokenizer, so it deploys, registers and predicts like every other model;
     ``load_bundle(out_dir).model.for_task(task)`` is the fused network. The manifest records the deployed size
     and the hash of the decomposition it came from."""
@@ -101,3 +102,7 @@ def save_fused(out_dir: Path, student: LoRKDStudent, task: str, *, kind: str, la
         metadata={"task": task, "parameters": count_parameters(model),
                   "student_sha256": expected_hash or student_hash(student), **(metadata or {})},
         tokenizer=tokenizer, max_length=max_length)
+
+
+# A fused student deploys as a bundle of its plain (expert-free) backbone, rebuilt from the recorded config.
+ARCHITECTURES.add(ARCHITECTURE, lambda base: backbone_from_config(base["modality"], base["config"]))

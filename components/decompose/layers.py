@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from components.errors import ParamsError
+from components.core.errors import ParamsError
 
 TaskSel = int | torch.Tensor  # one task index for the whole batch, or a LongTensor (N,) of task ids
 

@@ -12,8 +12,8 @@ import torch
 from components.decompose.layers import ExpertLayer
 from components.decompose.loss import lorkd_loss, task_targets
 from components.decompose.student import LoRKDStudent
-from components.errors import ParamsError
-from components.evaluation.metrics import compute_metrics
+from components.core.errors import ParamsError
+from components.metrics.classification import compute_metrics
 
 EXTRA_KEYS = ("labels", "task_ids", "teacher_logits")
 

@@ -15,8 +15,8 @@ from torch import nn
 from components.decompose.backbones import ImageBackbone, backbone_from_config, text_backbone_from_teacher
 from components.decompose.layers import TaskSel, attach_experts, expert_layers, task_context
 from components.config import DecomposeParams
-from components.errors import DataError, ParamsError
-from components.models.classifier import make_head
+from components.core.errors import DataError, ParamsError
+from components.nn.classifier import make_head
 
 Task = str | int | torch.Tensor
 

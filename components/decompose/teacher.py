@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from components.decompose.student import LoRKDStudent
-from components.errors import ArtifactError, DataError
+from components.core.errors import ArtifactError, DataError
 from components.training.data import TensorDictDataset
 from components.training.inference import batched
 

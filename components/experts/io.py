@@ -9,11 +9,11 @@ from typing import Any
 from safetensors.torch import load_file
 from torch import nn
 
-from components.artifacts import read_manifest, save_tensors, write_manifest
-from components.errors import ArtifactError
+from components.core.artifacts import read_manifest, save_tensors, write_manifest
+from components.core.errors import ArtifactError
 from components.experts.methods import TaskVector, get_method
-from components.models.classifier import Classifier, make_head
-from components.models.foundation import Foundation
+from components.nn.classifier import Classifier, make_head
+from components.nn.foundation import Foundation
 
 
 @dataclass

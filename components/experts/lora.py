@@ -10,7 +10,7 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from components.config import LoraParams
-from components.errors import ParamsError
+from components.core.errors import ParamsError
 
 ADAPTER = "default"
 

@@ -7,7 +7,6 @@ The key is the value of ``method:`` in params/experts.yaml and the MLflow tag.
 from __future__ import annotations
 
 import copy
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,14 +17,15 @@ from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file
 from torch import nn
 
-from components.artifacts import save_tensors
-from components.config import ExpertsParams, LoraParams
-from components.errors import ArtifactError
+from components.core.artifacts import save_tensors
+from components.config import ExpertMethodName, ExpertsParams, LoraParams
+from components.core.errors import ArtifactError, ParamsError
+from components.core.registry import Registry
 from components.experts.linearize import LinearizedLayer, linearize, linearized_delta_weights
 from components.experts.lora import attach_lora, delta_weights
 from components.experts.prompt import attach_prompt, load_prompt, prompt_tensors
-from components.fingerprint import sha256_bytes
-from components.models.foundation import Foundation
+from components.core.fingerprint import sha256_bytes
+from components.nn.foundation import Foundation
 
 TaskVector = dict[str, torch.Tensor]
 
@@ -42,21 +42,16 @@ class ExpertMethod:
     # ΔW over the foundation (the task vector); None: the method changes no weight (a soft prompt), so it
     # cannot be folded into the backbone or merged in weight space.
     delta: Callable[[nn.Module, nn.Module], TaskVector] | None
-    # Tensors a deployed bundle must carry besides ΔW (the soft prompt), or None.
-    prompt: Callable[[nn.Module], dict[str, torch.Tensor]] | None = None
+    # Parts a deployed bundle must carry besides ΔW (the soft prompt), as {registered wrapper name: tensors}, or None.
+    wrappers: Callable[[nn.Module], dict[str, dict[str, torch.Tensor]]] | None = None
 
 
-METHODS: dict[str, ExpertMethod] = {}
+METHODS: Registry[ExpertMethod] = Registry("expert method", ParamsError)
 
 
 def register(method: ExpertMethod) -> ExpertMethod:
     """Add a method; a bad or duplicate name is an error at import."""
-    if not re.fullmatch(r"[a-z][a-z0-9_]*", method.name):
-        raise ValueError(f"expert method name {method.name!r} must be lower_snake_case")
-    if method.name in METHODS:
-        raise ValueError(f"expert method {method.name!r} registered twice")
-    METHODS[method.name] = method
-    return method
+    return METHODS.add(method.name, method)
 
 
 def init_hash(tensors: dict[str, torch.Tensor]) -> str:
@@ -182,10 +177,11 @@ def _prompt_load(encoder: nn.Module, manifest: dict[str, Any], modality: str, fo
 register(ExpertMethod("prompt", "Soft prompt (prompt tuning)", "Lester et al., EMNLP 2021",
                       "N trainable virtual-token embeddings before the input embeddings of the frozen text encoder "
                       "(PEFT prompt tuning; init from the task description); text only", _prompt_build,
-                      _prompt_save, _prompt_load, None, prompt_tensors))
+                      _prompt_save, _prompt_load, None, lambda model: {"prompt": prompt_tensors(model)}))
 
 
 def get_method(name: str) -> ExpertMethod:
-    if name not in METHODS:
-        raise ArtifactError(f"unknown expert method {name!r}; known: {sorted(METHODS)}")
-    return METHODS[name]
+    return METHODS.get(name)
+
+
+METHODS.check_names(ExpertMethodName)  # params validate `method:` against the same names

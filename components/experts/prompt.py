@@ -19,8 +19,9 @@ from peft import PromptTuningConfig, PromptTuningInit, TaskType, get_peft_model,
 from peft import set_peft_model_state_dict
 from torch import nn
 
+from components.bundle.format import WRAPPERS, Wrapper
 from components.config import PromptParams
-from components.errors import ArtifactError, ParamsError
+from components.core.errors import ArtifactError, ParamsError
 
 _INIT = {"text": PromptTuningInit.TEXT, "sample_vocab": PromptTuningInit.SAMPLE_VOCAB,
          "random": PromptTuningInit.RANDOM}
@@ -88,3 +89,6 @@ def load_prompt(encoder: nn.Module, tensors: dict[str, torch.Tensor], where: str
     model.model = _wrap(model.model, _config(n, "random", inference=True))
     set_peft_model_state_dict(model.model, tensors)
     return model.requires_grad_(False)
+
+
+WRAPPERS.add("prompt", Wrapper("prompt", load_prompt))  # a deployed soft-prompt expert carries its prompt

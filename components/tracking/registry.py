@@ -15,7 +15,7 @@ from mlflow.models import ModelSignature
 from mlflow.types import ParamSchema, ParamSpec
 from mlflow.tracking import MlflowClient
 
-from components.errors import RegistryError
+from components.core.errors import RegistryError
 from components.tracking.pyfunc import REQUIREMENTS
 
 CHAMPION, CHALLENGER = "champion", "challenger"

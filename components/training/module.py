@@ -8,8 +8,8 @@ import lightning as L
 import torch
 from torch import nn
 
-from components.errors import ArtifactError
-from components.evaluation.metrics import compute_metrics
+from components.core.errors import ArtifactError
+from components.metrics.classification import compute_metrics
 
 
 def task_loss(kind: str, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

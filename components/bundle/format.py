@@ -4,11 +4,16 @@ One format serves a probe (no update), a LoRA expert (ΔW of one task) and a fus
 at load the update is added to the base weights, so the deployed network has exactly the base
 architecture and zero adapter overhead. The packaged text encoder is referenced by hash (its pip
 package ships it); any other base is copied into the bundle.
+
+The format knows no expert method and no student architecture: the packages that add them register them
+here (``ARCHITECTURES``: networks other than the foundation, e.g. a fused LoRKD student; ``WRAPPERS``: parts
+that cannot fold into weights, e.g. a soft prompt). ``components.plugins`` imports every registering module.
 """
 
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,14 +23,28 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from components.artifacts import read_manifest, save_tensors, write_manifest
-from components.errors import ArtifactError
-from components.models.classifier import MultiTaskClassifier, make_head
-from components.models.encoders import PACKAGED, ImageEncoder, encoder_inputs, load_text_encoder, resolve_text_source
-from components.models.foundation import Foundation, text_weights_hash
-from components.experts.prompt import load_prompt
+from components.core.artifacts import read_manifest, save_tensors, write_manifest
+from components.core.errors import ArtifactError
+from components.core.registry import Registry
+from components.nn.classifier import MultiTaskClassifier, make_head
+from components.nn.encoders import PACKAGED, ImageEncoder, encoder_inputs, load_text_encoder, resolve_text_source
+from components.nn.foundation import Foundation, text_weights_hash
 
 FORMAT = "medexperts-bundle/1"
+
+
+@dataclass(frozen=True)
+class Wrapper:
+    """A part of a deployed encoder that is not a weight update (a soft prompt): stored as ``<name>.safetensors``,
+    attached at load by ``attach(encoder, tensors, where)``."""
+
+    name: str
+    attach: Callable[[nn.Module, dict[str, torch.Tensor], str], nn.Module]
+
+
+# Architectures a bundle can carry besides the foundation's own: name -> builder from the manifest's base.
+ARCHITECTURES: Registry[Callable[[dict[str, Any]], nn.Module]] = Registry("bundle architecture", ArtifactError)
+WRAPPERS: Registry[Wrapper] = Registry("bundle encoder wrapper", ArtifactError)
 
 
 @dataclass
@@ -51,14 +70,17 @@ def add_delta(encoder: nn.Module, delta: dict[str, torch.Tensor], scale: float =
 
 def save_bundle(out_dir: Path, foundation: Foundation, delta: dict[str, torch.Tensor],
                 heads: dict[str, TaskHead], name: str, metadata: dict[str, Any],
-                prompt: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
+                wrappers: dict[str, dict[str, torch.Tensor]] | None = None) -> dict[str, Any]:
     """Write a self-describing bundle folder (safetensors + manifest with sha256 of every file).
 
-    ``prompt``: a soft prompt the encoder runs with (it cannot be folded into weights, so it travels as is).
+    ``wrappers``: registered wrapper name -> its tensors (e.g. a soft prompt the encoder runs with; it cannot be
+    folded into weights, so it travels as is).
     """
     out_dir.mkdir(parents=True, exist_ok=True)
-    if prompt:
-        save_tensors(prompt, out_dir / "prompt.safetensors")
+    wrappers = wrappers or {}
+    for wrapper, tensors in wrappers.items():
+        WRAPPERS.get(wrapper)
+        save_tensors(tensors, out_dir / f"{wrapper}.safetensors")
     base: dict[str, Any] = {"modality": foundation.modality, "sha256": foundation.sha256}
     if foundation.modality == "text":
         base["max_length"] = foundation.max_length
@@ -70,7 +92,7 @@ def save_bundle(out_dir: Path, foundation: Foundation, delta: dict[str, torch.Te
     else:
         base["config"] = foundation.spec["config"]
         save_tensors(foundation.encoder.state_dict(), out_dir / "base.safetensors")
-    return _write(out_dir, base, delta, heads, name, {**metadata, "prompt": bool(prompt)})
+    return _write(out_dir, base, delta, heads, name, {**metadata, "wrappers": sorted(wrappers)})
 
 
 def save_backbone_bundle(out_dir: Path, backbone: nn.Module, architecture: str, modality: str, sha256: str,
@@ -78,8 +100,7 @@ def save_backbone_bundle(out_dir: Path, backbone: nn.Module, architecture: str, 
                          max_length: int = 128) -> dict[str, Any]:
     """A bundle of a network with its own architecture (e.g. a fused LoRKD student): its weights, the
     ``config`` it is rebuilt from, and (text) its tokenizer, so it deploys and predicts like any bundle."""
-    if architecture not in ARCHITECTURES:
-        raise ArtifactError(f"unknown bundle architecture {architecture!r}; known: {sorted(ARCHITECTURES)}")
+    ARCHITECTURES.get(architecture)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_tensors(backbone.state_dict(), out_dir / "base.safetensors")
     base: dict[str, Any] = {"modality": modality, "sha256": sha256, "architecture": architecture,
@@ -87,7 +108,7 @@ def save_backbone_bundle(out_dir: Path, backbone: nn.Module, architecture: str, 
     if modality == "text":
         tokenizer.save_pretrained(out_dir / "tokenizer")
         base["max_length"] = max_length
-    return _write(out_dir, base, {}, heads, name, {**metadata, "prompt": False})
+    return _write(out_dir, base, {}, heads, name, {**metadata, "wrappers": []})
 
 
 def _write(out_dir: Path, base: dict[str, Any], delta: dict[str, torch.Tensor], heads: dict[str, TaskHead],
@@ -102,16 +123,6 @@ def _write(out_dir: Path, base: dict[str, Any], delta: dict[str, torch.Tensor], 
         **metadata,
     }
     return write_manifest(out_dir, manifest)
-
-
-def _lorkd_backbone(base: dict[str, Any]) -> nn.Module:
-    from components.decompose.backbones import backbone_from_config  # the student's plain (fused) network
-
-    return backbone_from_config(base["modality"], base["config"])
-
-
-# Architectures a bundle can carry besides the foundation's own: name -> builder from the manifest's base.
-ARCHITECTURES = {"lorkd_student": _lorkd_backbone}
 
 
 @dataclass
@@ -138,9 +149,9 @@ def load_bundle(folder: Path) -> LoadedBundle:
     tokenizer = None
     if "architecture" in base:
         if base["architecture"] not in ARCHITECTURES:
-            raise ArtifactError(f"{folder}: unknown bundle architecture {base['architecture']!r}; "
-                                f"known: {sorted(ARCHITECTURES)}")
-        encoder = ARCHITECTURES[base["architecture"]](base)
+            raise ArtifactError(f"{folder}: unknown bundle architecture {base['architecture']!r}; known: "
+                                f"{ARCHITECTURES.names()} (import components.plugins to register the built-in ones)")
+        encoder = ARCHITECTURES.get(base["architecture"])(base)
         encoder.load_state_dict(load_file(folder / "base.safetensors"))
         if base["modality"] == "text":
             from transformers import AutoTokenizer
@@ -157,8 +168,13 @@ def load_bundle(folder: Path) -> LoadedBundle:
         encoder.load_state_dict(load_file(folder / "base.safetensors"))
     delta = {k: v for k, v in load_file(folder / "delta.safetensors").items() if k != "_empty"}
     add_delta(encoder, delta)
-    if manifest.get("prompt"):
-        encoder = load_prompt(encoder, load_file(folder / "prompt.safetensors"), str(folder / "prompt.safetensors"))
+    # bundles written before the wrapper registry recorded a soft prompt as "prompt": true
+    for wrapper in manifest.get("wrappers", ["prompt"] if manifest.get("prompt") else []):
+        if wrapper not in WRAPPERS:
+            raise ArtifactError(f"{folder}: unknown bundle encoder wrapper {wrapper!r}; known: {WRAPPERS.names()} "
+                                "(import components.plugins to register the built-in ones)")
+        path = folder / f"{wrapper}.safetensors"
+        encoder = WRAPPERS.get(wrapper).attach(encoder, load_file(path), str(path))
     tensors = load_file(folder / "heads.safetensors")
     heads = {}
     for task, info in manifest["tasks"].items():

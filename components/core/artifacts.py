@@ -19,8 +19,8 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from components.fingerprint import sha256_file
-from components.errors import ArtifactError
+from components.core.fingerprint import sha256_file
+from components.core.errors import ArtifactError
 
 MANIFEST = "manifest.json"
 STAGE_FILE = "_stage.json"

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from components.errors import ArtifactError
+from components.core.errors import ArtifactError
 
 
 def count_parameters(module: torch.nn.Module, trainable_only: bool = False) -> int:

@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from components.config import ProbeParams
-from components.evaluation.metrics import compute_metrics
-from components.models.classifier import make_head
+from components.metrics.classification import compute_metrics
+from components.nn.classifier import make_head
 from components.training.module import task_loss
 
 

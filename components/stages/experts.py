@@ -14,16 +14,16 @@ import torch
 
 from components.config import Params
 from components.data.datasets import TaskData, load_split
-from components.evaluation.counts import count_parameters
-from components.evaluation.memory import PeakMemory
-from components.evaluation.metrics import compute_metrics
+from components.metrics.counts import count_parameters
+from components.metrics.memory import PeakMemory
+from components.metrics.classification import compute_metrics
 from components.experts.io import save_expert
 from components.experts.lora import lora_targets
 from components.experts.methods import get_method
-from components.models.bundle import TaskHead, save_bundle
-from components.experts.probe import fit_probe
-from components.models.classifier import Classifier, make_head
-from components.models.foundation import Foundation, load_foundation
+from components.bundle.format import TaskHead, save_bundle
+from components.training.probe import fit_probe
+from components.nn.classifier import Classifier, make_head
+from components.nn.foundation import Foundation, load_foundation
 from components.training.data import TensorDictDataset, labels_tensor, loader
 from components.training.inference import batched
 from components.training.module import ClassifierModule
@@ -90,7 +90,7 @@ def train_expert(task: str, params: Params, data_dir: Path, foundation_dir: Path
     save_bundle(out_dir / "bundle", foundation, method.delta(encoder, foundation.encoder) if method.delta else {},
                 {task: TaskHead(head, train.kind, train.label_names)}, name=f"{task}-expert",
                 metadata={"method": method_name, "task": task, "val_metrics": expert_val},
-                prompt=method.prompt(encoder) if method.prompt else None)
+                wrappers=method.wrappers(encoder) if method.wrappers else None)
     manifest = save_expert(out_dir, encoder, head, probe, {
         "task": task, "method": method_name, "modality": train.modality, "task_kind": train.kind,
         "label_names": train.label_names, "base_sha256": foundation.sha256,

@@ -16,13 +16,13 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from components.artifacts import read_manifest, save_tensors, write_manifest
+from components.core.artifacts import read_manifest, save_tensors, write_manifest
 from components.config import FoundationParams
 from components.data.datasets import TaskData
-from components.fingerprint import sha256_file, tree_hash
-from components.errors import ArtifactError
-from components.models.classifier import MultiTaskClassifier, make_head
-from components.models.encoders import ImageEncoder, encoder_inputs, load_text_encoder, resolve_text_source
+from components.core.fingerprint import sha256_file, tree_hash
+from components.core.errors import ArtifactError
+from components.nn.classifier import MultiTaskClassifier, make_head
+from components.nn.encoders import ImageEncoder, encoder_inputs, load_text_encoder, resolve_text_source
 
 log = logging.getLogger("medexperts")
 

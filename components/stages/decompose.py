@@ -21,20 +21,20 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from components.artifacts import save_tensors
+from components.core.artifacts import save_tensors
 from components.config import Params
 from components.data.datasets import TaskData, load_split
 from components.decompose.deploy import fuse, save_fused, save_student, student_hash
 from components.decompose.module import DecomposeModule
 from components.decompose.student import LoRKDStudent, build_student
 from components.decompose.teacher import mixed_dataset
-from components.errors import ParamsError
-from components.evaluation.counts import count_parameters
-from components.evaluation.memory import PeakMemory
-from components.evaluation.metrics import compute_metrics
-from components.experts.probe import fit_probe
-from components.models.classifier import Classifier, make_head
-from components.models.foundation import Foundation, load_foundation
+from components.core.errors import ParamsError
+from components.metrics.counts import count_parameters
+from components.metrics.memory import PeakMemory
+from components.metrics.classification import compute_metrics
+from components.training.probe import fit_probe
+from components.nn.classifier import Classifier, make_head
+from components.nn.foundation import Foundation, load_foundation
 from components.training.data import labels_tensor, loader
 from components.training.inference import batched
 from components.training.trainer import build_trainer, data_device, resume_from

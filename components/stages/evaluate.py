@@ -9,18 +9,19 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from components.artifacts import read_json, write_json
+from components.core.artifacts import read_json, write_json
 from components.config import Params
 from components.data.datasets import load_split
-from components.evaluation.counts import count_parameters
-from components.evaluation.latency import measure_latency
-from components.evaluation.metrics import compute_metrics, confusion, normalised_score
-from components.evaluation.plots import plot_confusion
-from components.evaluation.report import markdown_table
+from components.metrics.counts import count_parameters
+from components.metrics.latency import measure_latency
+from components.metrics.classification import compute_metrics, confusion, normalised_score
+from components.metrics.plots import plot_confusion
+from components.metrics.report import markdown_table
 from components.experts.io import load_expert, stored_bytes
-from components.models.bundle import LoadedBundle, load_bundle
-from components.models.classifier import Classifier, make_head
-from components.models.foundation import Foundation, load_foundation
+import components.plugins  # noqa: F401  bundles of soft-prompt experts and LoRKD students
+from components.bundle.format import LoadedBundle, load_bundle
+from components.nn.classifier import Classifier, make_head
+from components.nn.foundation import Foundation, load_foundation
 from components.training.data import labels_tensor
 from components.training.inference import batched
 

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from components.errors import ArtifactError, ParamsError
+from components.core.errors import ArtifactError, ParamsError
 
 PACKAGED = "packaged"
 

@@ -10,12 +10,12 @@ from typing import Any
 import numpy as np
 
 from components.config import DataParams, TaskSpec, expand_env
-from components.fingerprint import array_content_hash, json_hash, sha256_bytes
+from components.core.fingerprint import array_content_hash, json_hash, sha256_bytes
 from components.data.loaders import Pool, load_source
 from components.data.shards import partition
 from components.data.splits import split_task
-from components.artifacts import write_json
-from components.errors import DataError
+from components.core.artifacts import write_json
+from components.core.errors import DataError
 
 
 def class_counts(labels: np.ndarray, label_names: list[str]) -> dict[str, int]:
@@ -88,7 +88,7 @@ def params_hash(params: DataParams) -> str:
 def prepare_data(params: DataParams, project_dir: Path, out_dir: Path, seed: int) -> dict[str, Any]:
     """Write out_dir/<task>/{split files, shards.json} and out_dir/manifest.json; return the manifest.
 
-    Callers write into ``components.artifacts.atomic_dir`` so a failure never damages a previous output.
+    Callers write into ``components.core.artifacts.atomic_dir`` so a failure never damages a previous output.
     """
     project_dir, out_dir = Path(project_dir), Path(out_dir)
     tasks = {

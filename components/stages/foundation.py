@@ -12,12 +12,12 @@ from typing import Any
 import lightning as L
 import torch
 
-from components.artifacts import read_manifest
+from components.core.artifacts import read_manifest
 from components.config import Params
 from components.data.datasets import TaskData, load_split
-from components.errors import DataError, ParamsError
-from components.models.encoders import image_tensor
-from components.models.foundation import new_image_model, save_image_foundation
+from components.core.errors import DataError, ParamsError
+from components.nn.encoders import image_tensor
+from components.nn.foundation import new_image_model, save_image_foundation
 from components.training.data import TensorDictDataset, loader
 from components.training.module import MultiTaskModule
 from components.training.trainer import build_trainer, data_device, resume_from
