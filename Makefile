@@ -38,12 +38,12 @@ ui: setup ## open the MLflow UI on 127.0.0.1:5000
 BENCH_WORK ?= .bench-work
 
 bench: setup ## run the benchmarks (bench/results/*.json + MLflow runs), then refresh the README tables
-	$(PY) bench/pipeline.py
-	$(PY) bench/train_throughput.py
-	$(PY) bench/experts.py --work $(BENCH_WORK)
-	$(PY) bench/decompose.py
-	$(PY) bench/fusion.py --work $(BENCH_WORK)
-	$(PY) bench/readme.py
+	$(BIN)/medexperts bench pipeline
+	$(BIN)/medexperts bench train_throughput
+	$(BIN)/medexperts bench experts --work $(BENCH_WORK)
+	$(BIN)/medexperts bench decompose
+	$(BIN)/medexperts bench fusion --work $(BENCH_WORK)
+	$(BIN)/medexperts bench readme
 
 lint: setup ## compile-check every module
 	$(PY) -m compileall -q components flows tests bench

@@ -10,13 +10,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parents[1]  # the project folder: `python -m bench.NAME` runs from here
+RESULTS = ROOT / "bench" / "results"
 
 
 def machine() -> dict[str, Any]:
     import torch
 
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=RESULTS.parent, capture_output=True, text=True).stdout.strip()
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     return {"platform": platform.platform(), "processor": platform.machine(), "cpus": os.cpu_count(),
             "python": platform.python_version(), "torch": torch.__version__,
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
@@ -26,7 +27,7 @@ def machine() -> dict[str, Any]:
 
 def write_result(name: str, payload: dict[str, Any]) -> Path:
     """Write bench/results/NAME.json (with the machine) and log it as a run of MLflow experiment
-    `medexperts-bench` (bench/track.py). MEDEXPERTS_BENCH_MLFLOW=0 skips the MLflow run."""
+    `medexperts-bench` (bench.track.log_result, inside its own run). MEDEXPERTS_BENCH_MLFLOW=0 skips the MLflow run."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
     full = {**payload, "machine": machine()}
@@ -38,14 +39,15 @@ def write_result(name: str, payload: dict[str, Any]) -> Path:
     return path
 
 
-def run_child(script: str, kind: str, spec: dict[str, Any]) -> dict[str, Any]:
-    """Run ``script --child KIND SPEC OUT`` in a fresh interpreter (clean memory) and return its JSON result."""
+def run_child(module: str, kind: str, spec: dict[str, Any]) -> dict[str, Any]:
+    """Run ``python -m MODULE --child KIND SPEC OUT`` (MODULE: ``bench.experts``, ...) from the project folder in a
+    fresh interpreter (clean memory) and return its JSON result."""
     import sys
     import tempfile
 
     with tempfile.NamedTemporaryFile("r", suffix=".json") as f:
-        subprocess.run([sys.executable, script, "--child", kind, json.dumps(spec), f.name], check=True,
-                       env={**os.environ, "DO_NOT_TRACK": "true"})
+        subprocess.run([sys.executable, "-m", module, "--child", kind, json.dumps(spec), f.name], check=True,
+                       cwd=ROOT, env={**os.environ, "DO_NOT_TRACK": "true"})
         return json.loads(Path(f.name).read_text())
 
 

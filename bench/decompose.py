@@ -1,10 +1,10 @@
 """LoRKD: quality and size of the decomposed experts, and the cost of the one-pass mixed-batch step.
-`python bench/decompose.py [--profile quick]` -> bench/results/decompose.json
+`medexperts bench decompose [--profile quick]` -> bench/results/decompose.json
 
-Quality: the decompose stage's own code (`decompose`) on the image tasks and the text tasks (shipped, plus
-Symptom2Disease and HoC when ../shared/data has them), then on each test split: the teacher (frozen foundation
-+ its head), the fused LoRKD expert and the same-size single-task student; parameters of the deployed model
-vs the teacher.
+Quality: the decompose stage's own code (`components.stages.decompose.run`) on the image tasks and the text
+tasks (shipped, plus Symptom2Disease and HoC when ../shared/data has them), then on each test split: the teacher
+(frozen foundation + its head), the fused LoRKD expert and the same-size single-task student; parameters of the
+deployed model vs the teacher.
 
 Step cost (4 tasks, random data, the default students): median time of one training step (forward, LoRKD
 loss, backward, AdamW) for (1) the one-pass mixed batch, (a) the plain student without experts (the fused
@@ -17,16 +17,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from bench.common import run_child, time_training_steps, write_result  # noqa: E402
+from bench.common import ROOT, run_child, time_training_steps, write_result
 
 TASKS_FOR_STEP = 4
 BATCH = {"image": 64, "text": 32}
@@ -42,8 +38,9 @@ def _params(profile: str, overrides: dict[str, Any]):  # noqa: ANN202
 def quality(work: Path, profile: str, tasks: list[str]) -> dict[str, Any]:
     import torch
 
+    from components.core.layout import lorkd_fused, lorkd_single
     from components.data.datasets import load_split
-    from components.stages.decompose import decompose
+    from components.stages.decompose import DecomposeInputs, run
     from components.stages.evaluate import _teacher_head
     from components.metrics.classification import compute_metrics
     import components.plugins  # noqa: F401
@@ -55,30 +52,30 @@ def quality(work: Path, profile: str, tasks: list[str]) -> dict[str, Any]:
 
     params = _params(profile, {"data.active": tasks})
     start = time.perf_counter()
-    summary = decompose(params, work / "data", work / "foundation", work / "decompose")
+    summary = run(DecomposeInputs.from_params(params), work / "data", work / "foundation", work / "decompose")
     seconds = time.perf_counter() - start
     out: dict[str, Any] = {}
-    for modality, s in summary["modalities"].items():
+    for modality, s in summary.modalities.items():
         found = load_foundation(work / "foundation", modality)
-        for task, r in s["tasks"].items():
+        for task, r in s.tasks.items():
             test = load_split(work / "data", task, "test")
             x, y = found.inputs(test.inputs), labels_tensor(test.labels, test.kind)
             teacher = Classifier(found.encoder, _teacher_head(work / "decompose", modality, task, found.encoder.out_dim))
             scores = {}
             with torch.no_grad():
                 scores["teacher"] = compute_metrics(test.kind, batched(teacher, x), y, test.num_labels)
-                for key, folder in (("lorkd", "fused"), ("single_student", "single")):
-                    model = load_bundle(work / "decompose" / modality / folder / task).model.for_task(task)
+                for key, bundle in (("lorkd", lorkd_fused), ("single_student", lorkd_single)):
+                    model = load_bundle(bundle(work / "decompose", modality, task)).model.for_task(task)
                     scores[key] = compute_metrics(test.kind, batched(model, x), y, test.num_labels)
-            out[task] = {"modality": modality, "test": scores, "val": {"teacher": r["teacher_val"], "lorkd": r["val"],
-                                                                        "single_student": r["single_val"]},
-                         "parameters": r["parameters"], "teacher_parameters": r["teacher_parameters"],
-                         "parameter_fraction": r["parameter_fraction"], "test_samples": len(test)}
+            out[task] = {"modality": modality, "test": scores, "val": {"teacher": r.teacher_val, "lorkd": r.val,
+                                                                        "single_student": r.single_val},
+                         "parameters": r.parameters, "teacher_parameters": r.teacher_parameters,
+                         "parameter_fraction": r.parameter_fraction, "test_samples": len(test)}
             m = scores
             print(f"{task:18s} macro-F1 teacher {m['teacher']['macro_f1']:.3f}  LoRKD {m['lorkd']['macro_f1']:.3f}  "
-                  f"single {m['single_student']['macro_f1']:.3f}  params {100 * r['parameter_fraction']:.1f}%",
+                  f"single {m['single_student']['macro_f1']:.3f}  params {100 * r.parameter_fraction:.1f}%",
                   flush=True)
-        out[f"_{modality}"] = {"student_parameters": s["student_parameters"], "train_seconds": s["train_seconds"]}
+        out[f"_{modality}"] = {"student_parameters": s.student_parameters, "train_seconds": s.train_seconds}
     return {"tasks": out, "decompose_seconds": seconds}
 
 
@@ -163,14 +160,9 @@ def switch_ms(work: Path, modality: str) -> float:
 
 
 def setup(work: Path, profile: str, tasks: list[str]) -> None:
-    from components.stages.data import prepare_data
-    from components.nn.foundation import describe_text_foundation
-    from components.stages.foundation import pretrain_image_foundation
+    from bench.experts import setup as experts_setup
 
-    params = _params(profile, {"data.active": tasks})
-    prepare_data(params.data, ROOT, work / "data", seed=params.pipeline.seed)
-    describe_text_foundation(params.foundation, ROOT, work / "foundation" / "text")
-    pretrain_image_foundation(params, work / "data", work / "foundation" / "image")
+    experts_setup(work, profile, tasks)  # the same data and foundations
 
 
 def main() -> None:
@@ -178,7 +170,8 @@ def main() -> None:
 
     from bench.experts import available_tasks
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="medexperts bench decompose", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", default="quick")
     parser.add_argument("--tasks", nargs="*", help="default: the shipped tasks + the optional ones found on disk")
     parser.add_argument("--steps", type=int, default=8)
@@ -200,8 +193,8 @@ def main() -> None:
     for _ in range(args.rounds):  # cases alternate inside a round; medians over rounds
         for modality in ("image", "text"):
             for case in cases:
-                r = run_child(__file__, "step", {"work": str(work), "modality": modality, "case": case,
-                                                 "warmup": 3, "steps": args.steps})
+                r = run_child("bench.decompose", "step", {"work": str(work), "modality": modality, "case": case,
+                                                          "warmup": 3, "steps": args.steps})
                 rounds.setdefault((modality, case), []).append(r)
     steps = {}
     for (modality, case), rs in rounds.items():

@@ -1,5 +1,5 @@
 """Every expert method on every task, next to the frozen-foundation linear probe; and the per-step cost and
-memory of each method. `python bench/experts.py [--profile quick]` -> bench/results/experts.json
+memory of each method. `medexperts bench experts [--profile quick]` -> bench/results/experts.json
 
 Quality: for every task (the shipped ones, plus Symptom2Disease and HoC when ../shared/data has them) and every
 method that applies (soft prompts are text-only), the experts stage's own training (`train_expert`, the quick
@@ -18,16 +18,12 @@ import argparse
 import json
 import resource
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from bench.common import run_child, time_training_steps, write_result  # noqa: E402
+from bench.common import ROOT, run_child, time_training_steps, write_result
 
 METHODS = {"image": ["lora", "llora", "full"], "text": ["lora", "llora", "prompt", "full"]}
 STEP_CASES = {"image": [("lora", "auto"), ("llora", "frozen_a"), ("llora", "jvp"), ("full", "auto")],
@@ -59,11 +55,12 @@ def _params(profile: str, overrides: dict[str, Any]):  # noqa: ANN202
 def one_quality(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
+    from components.core.layout import expert_bundle
     from components.data.datasets import load_split
     from components.metrics.counts import count_parameters
     from components.metrics.classification import compute_metrics
     from components.experts.io import load_expert, stored_bytes
-    from components.stages.experts import train_expert
+    from components.stages.experts import ExpertsInputs, train_expert
     import components.plugins  # noqa: F401
     from components.bundle.format import load_bundle
     from components.nn.classifier import Classifier
@@ -76,13 +73,13 @@ def one_quality(spec: dict[str, Any]) -> dict[str, Any]:
                                        "experts.image_method": "lora" if method == "prompt" else method})
     out = work / "experts" / f"{task}-{method}"
     start = time.perf_counter()
-    manifest = train_expert(task, params, work / "data", work / "foundation", out)
+    manifest = train_expert(task, ExpertsInputs.from_params(params), work / "data", work / "foundation", out)
     seconds = time.perf_counter() - start
     peak = peak_rss_mb()
     test = load_split(work / "data", task, "test")
     found = load_foundation(work / "foundation", test.modality)
     x, y = found.inputs(test.inputs), labels_tensor(test.labels, test.kind)
-    deployed = load_bundle(out / "bundle").model.for_task(task)
+    deployed = load_bundle(expert_bundle(out)).model.for_task(task)
     expert = load_expert(out, found)
     with torch.no_grad():
         expert_m = compute_metrics(test.kind, batched(deployed, x), y, test.num_labels)
@@ -130,14 +127,17 @@ def one_step(spec: dict[str, Any]) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- driver
 def setup(work: Path, profile: str, active: list[str]) -> None:
-    from components.stages.data import prepare_data
+    """The data and foundation stages' own code into ``work/data`` and ``work/foundation/<modality>``."""
+    from components.core.layout import foundation_dir
     from components.nn.foundation import describe_text_foundation
-    from components.stages.foundation import pretrain_image_foundation
+    from components.stages.data import prepare_data
+    from components.stages.foundation import FoundationInputs, pretrain_image_foundation
 
     params = _params(profile, {"data.active": active})
     prepare_data(params.data, ROOT, work / "data", seed=params.pipeline.seed)
-    describe_text_foundation(params.foundation, ROOT, work / "foundation" / "text")
-    pretrain_image_foundation(params, work / "data", work / "foundation" / "image")
+    describe_text_foundation(params.foundation, ROOT, foundation_dir(work / "foundation", "text"))
+    pretrain_image_foundation(FoundationInputs.from_params(params), work / "data",
+                              foundation_dir(work / "foundation", "image"))
 
 
 def available_tasks(profile: str) -> list[str]:
@@ -153,14 +153,15 @@ def available_tasks(profile: str) -> list[str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="medexperts bench experts", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", default="quick")
     parser.add_argument("--tasks", nargs="*", help="default: the shipped tasks + the optional ones found on disk")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per method and round (step cost)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of the step-cost part (median reported)")
     parser.add_argument("--skip-quality", action="store_true", help="step cost only")
-    parser.add_argument("--work", type=Path, help="folder for data, foundation and experts (kept: bench/fusion.py "
-                                                   "--work reuses it); default: a new temporary folder")
+    parser.add_argument("--work", type=Path, help="folder for data, foundation and experts (kept: `medexperts "
+                                                   "bench fusion --work` reuses it); default: a new temporary folder")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -170,7 +171,7 @@ def main() -> None:
         return
 
     tasks = args.tasks or available_tasks(args.profile)
-    work = args.work or Path(tempfile.mkdtemp(prefix="medexperts-bench-experts-"))
+    work = (args.work or Path(tempfile.mkdtemp(prefix="medexperts-bench-experts-"))).resolve()
     setup(work, args.profile, tasks)
     print(f"work folder: {work}", flush=True)
     params = _params(args.profile, {"data.active": tasks})
@@ -178,8 +179,8 @@ def main() -> None:
     for task in [] if args.skip_quality else tasks:
         modality = params.data.tasks[task].modality
         for method in METHODS[modality]:
-            r = run_child(__file__, "quality", {"work": str(work), "profile": args.profile, "active": tasks, "task": task,
-                                  "method": method})
+            r = run_child("bench.experts", "quality", {"work": str(work), "profile": args.profile, "active": tasks,
+                                                       "task": task, "method": method})
             runs.append(r)
             print(f"{task:18s} {method:7s} test macro-F1 {r['test']['macro_f1']:.3f} (probe "
                   f"{r['probe_test']['macro_f1']:.3f})  trainable {r['trainable_params']:>9,d}  "
@@ -190,8 +191,8 @@ def main() -> None:
     for _ in range(args.rounds):
         for modality, cases in STEP_CASES.items():
             for method, path in cases:
-                r = run_child(__file__, "step", {"work": str(work), "modality": modality, "method": method, "path": path,
-                                   "warmup": 3, "steps": args.steps})
+                r = run_child("bench.experts", "step", {"work": str(work), "modality": modality, "method": method,
+                                                        "path": path, "warmup": 3, "steps": args.steps})
                 rounds.setdefault((modality, method, path), []).append(r)
     steps = []
     for runs_of_case in rounds.values():

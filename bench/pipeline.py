@@ -1,29 +1,26 @@
-"""Pipeline overhead and quick-profile quality: `python bench/pipeline.py [--profile quick]`.
+"""Pipeline overhead and quick-profile quality: `medexperts bench pipeline [--profile quick]`.
 
 Runs the retrain flow in an isolated store (temp artifacts + MLflow), times the whole flow against the
-compute inside the stages (data, foundation, experts, fusion, evaluate), then runs it again with nothing
-changed. Writes bench/results/pipeline.json.
+compute inside the stages (sources, data, foundation, experts, decompose, fusion, evaluate), then runs it
+again with nothing changed. Writes bench/results/pipeline.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from bench.common import ROOT, write_result
 
-from bench.common import write_result  # noqa: E402
-
-COMPUTE_STAGES = ("data", "foundation", "experts", "decompose", "fusion", "evaluate")  # promote = registration
+# The stages that compute (sources hashes the inputs outside the project); promote = registration.
+COMPUTE_STAGES = ("sources", "data", "foundation", "experts", "decompose", "fusion", "evaluate")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(prog="medexperts bench pipeline", description=__doc__)
     parser.add_argument("--profile", default="quick")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="medexperts-bench-"))

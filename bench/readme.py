@@ -1,16 +1,13 @@
-"""Fill the README's result tables from bench/results/*.json (never by hand): `python bench/readme.py`."""
+"""Fill the README's result tables from bench/results/*.json (never by hand): `medexperts bench readme`."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from components.metrics.report import markdown_table  # noqa: E402
+from bench.common import RESULTS, ROOT
+from components.metrics.report import markdown_table
 
 
 def pipeline_section(result: dict) -> str:
@@ -193,17 +190,19 @@ def replace(text: str, name: str, body: str) -> str:
 
 
 def main() -> None:
+    # no options; --help says what it does
+    argparse.ArgumentParser(prog="medexperts bench readme", description=__doc__).parse_args()
     readme = ROOT / "README.md"
     text = readme.read_text()
     text = replace(text, "methods", methods_section())
-    path = ROOT / "bench" / "results" / "pipeline.json"
+    path = RESULTS / "pipeline.json"
     if path.is_file():
         text = replace(text, "pipeline", pipeline_section(json.loads(path.read_text())))
-    path = ROOT / "bench" / "results" / "train_throughput.json"
+    path = RESULTS / "train_throughput.json"
     if path.is_file():
         text = replace(text, "throughput", throughput_section(json.loads(path.read_text())))
     for name, section in (("experts", experts_section), ("decompose", decompose_section), ("fusion", fusion_section)):
-        path = ROOT / "bench" / "results" / f"{name}.json"
+        path = RESULTS / f"{name}.json"
         if path.is_file():
             text = replace(text, name, section(json.loads(path.read_text())))
     readme.write_text(text)

@@ -2,7 +2,7 @@
 store (the same SQLite store `medexperts ui` opens), so figures sit beside the pipeline's runs.
 
 `write_result` calls `log_result` after writing the JSON; to (re)log committed files, e.g. after a `git pull`:
-`python bench/track.py [NAME ...]` (default: every file in bench/results).
+`medexperts bench track [NAME ...]` (default: every file in bench/results).
 
 A run holds: the result's `params` as params, every finite number elsewhere as a metric (keys are the JSON path,
 with the characters MLflow refuses replaced by '_'), the machine and commit as tags, the JSON file itself, and
@@ -19,8 +19,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "bench" / "results"
+from bench.common import RESULTS, ROOT
+
 EXPERIMENT = "medexperts-bench"
 
 
@@ -46,10 +46,11 @@ def _figures(name: str, payload: dict[str, Any], folder: Path) -> list[Path]:
 
 
 def log_result(name: str, payload: dict[str, Any], path: Path) -> str:
-    """Log one benchmark result as an MLflow run; returns the run id."""
+    """Log one benchmark result as an MLflow run; returns the run id. Params and metrics are logged inside that
+    run (components.tracking.runs raises TrackingError when no run is active)."""
     import mlflow
 
-    from components.tracking.runs import ensure_experiment, log_metrics, log_params
+    from components.tracking.runs import ensure_experiment, log_metrics, log_params, run
     from flows.environment import configure, mlruns_uri
 
     configure(ROOT)
@@ -61,18 +62,19 @@ def log_result(name: str, payload: dict[str, Any], path: Path) -> str:
     tags = {"bench": name, **{f"machine.{k}": str(v) for k, v in machine.items()}}
     if "git_commit" in machine:
         tags["mlflow.source.git.commit"] = str(machine["git_commit"])
-    with mlflow.start_run(run_name=f"bench-{name}", tags=tags) as run:
+    with run(f"bench-{name}", tags=tags) as run_id:
         log_params(payload.get("params", {}))
         log_metrics(_lists_as_dicts({k: v for k, v in payload.items() if k not in ("params", "machine")}))
         mlflow.log_artifact(str(path))
         with tempfile.TemporaryDirectory() as tmp:
             for figure in _figures(name, payload, Path(tmp)):
                 mlflow.log_artifact(str(figure), artifact_path="plots")
-        return run.info.run_id
+        return run_id
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="medexperts bench track", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("names", nargs="*", help="result names (bench/results/NAME.json); default: all")
     args = parser.parse_args()
     paths = [RESULTS / f"{n}.json" for n in args.names] or sorted(RESULTS.glob("*.json"))
@@ -85,5 +87,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(ROOT))
     main()

@@ -2,24 +2,20 @@
 
 Same model (LoRA expert on the frozen foundation), data, batch size, optimiser and precision; no validation.
 Runs alternate (Lightning, loop, Lightning, ...) and the median samples/s of each is reported with the ratio.
-`python bench/train_throughput.py [--repeats 3]` -> bench/results/train_throughput.json
+`medexperts bench train_throughput [--repeats 3]` -> bench/results/train_throughput.json
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import torch
 
-import torch  # noqa: E402
-
-from bench.common import write_result  # noqa: E402
+from bench.common import ROOT, write_result
 
 
 def setup(modality: str, n: int) -> tuple:
@@ -92,7 +88,7 @@ def run_loop(ds, make_model, tp, train) -> float:  # noqa: ANN001
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(prog="medexperts bench train_throughput", description=__doc__)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     from flows.environment import configure

@@ -17,10 +17,22 @@ from rich.console import Console
 from components.core.errors import MedExpertsError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+
+
+def _flag_type(self: typer.core.TyperOption, ctx: Any) -> str | None:
+    """Typer 0.29's help shows a `<bool>` value for on/off flags (`--dry-run <bool>`), as if they took one."""
+    return None if self.is_flag else _option_type(self, ctx)
+
+
+_option_type = typer.core.TyperOption.display_type_rich
+typer.core.TyperOption.display_type_rich = _flag_type  # type: ignore[method-assign]
 # Wide enough for the results tables when the output is a log file, not a terminal.
 out = Console(width=None if sys.stdout.isatty() else 160)
 err = Console(stderr=True)
 
+# The stage names, for help texts (kept in step with flows.stages.STAGES by a test; importing the table here
+# would load torch for every command).
+STAGE_NAMES = ("sources", "data", "foundation", "experts", "decompose", "fusion", "evaluate", "promote")
 Profile = Annotated[str | None, typer.Option(help="Profile under params/profiles/ (default: pipeline.yaml's).")]
 Sets = Annotated[list[str] | None, typer.Option("--set", help="Override a param: --set experts.lora.rank=16 (YAML value).")]
 
@@ -65,10 +77,10 @@ def _setup() -> Path:
     return root
 
 
-def _params(root: Path, profile: str | None, print_config: bool, sets: list[str] | None = None) -> Any:
+def _params(root: Path, profile: str | None, print_config: bool, overrides: dict[str, Any] | None = None) -> Any:
     from components.config import load_params
 
-    params = load_params(root / "params", profile, parse_sets(sets))
+    params = load_params(root / "params", profile, overrides)
     if print_config:
         out.print_json(json.dumps(params.model_dump(mode="json")))
     return params
@@ -81,39 +93,59 @@ def run(profile: Profile = None, set_: Sets = None, force: Annotated[bool, typer
         dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate params and stop.")] = False) -> None:
     """Run the retrain flow end to end (Prefect, MLflow, DVC) and print the results."""
     root = _setup()
-    params = _params(root, profile, print_config, set_)
+    overrides = parse_sets(set_)
+    params = _params(root, profile, print_config, overrides)
     if dry_run:
-        out.print(f"params OK (profile {params.pipeline.profile}); stages: data, foundation, experts, fusion, "
-                  "evaluate, promote")
+        from flows.stages import ORDER
+
+        out.print(f"params OK (profile {params.pipeline.profile}); stages: {', '.join(ORDER)}")
         return
     from flows.report import print_results
     from flows.retrain import retrain
 
-    results = retrain(profile=params.pipeline.profile, force=force, overrides=parse_sets(set_))
+    results = retrain(profile=params.pipeline.profile, force=force, overrides=overrides)
     print_results(out, root, results)
 
 
 @app.command()
 @user_errors
-def stage(name: Annotated[str, typer.Argument(help="data | foundation | experts | fusion | evaluate | promote")],
-          profile: Profile = None, set_: Sets = None, force: bool = False,
-          print_config: Annotated[bool, typer.Option("--print-config")] = False) -> None:
+def stage(name: Annotated[str, typer.Argument(help=f"One of: {' | '.join(STAGE_NAMES)}.")],
+          profile: Profile = None, set_: Sets = None,
+          force: Annotated[bool, typer.Option("--force", help="Re-run even if unchanged.")] = False,
+          print_config: Annotated[bool, typer.Option("--print-config", help="Print the merged params.")] = False) -> None:
     """Run one stage without Prefect (what `dvc repro` calls)."""
     root = _setup()
-    import mlflow
-
     from components.core.errors import ParamsError
-    from components.tracking.runs import ensure_experiment
+    from components.tracking import runs
     from flows.environment import artifacts_dir, console_logging, mlruns_uri
     from flows.stages import STAGES, StageContext, run_stage
 
     console_logging()
     if name not in STAGES:
         raise ParamsError(f"unknown stage {name!r}; stages: {list(STAGES)}")
-    params = _params(root, profile, print_config, set_)
-    mlflow.set_experiment(experiment_id=ensure_experiment(params.pipeline.experiment, mlruns_uri(root)))
+    params = _params(root, profile, print_config, parse_sets(set_))
+    runs.use_experiment(params.pipeline.experiment, mlruns_uri(root))
     run_stage(name, StageContext(root, artifacts_dir(root), params, os.environ.get("MEDEXPERTS_PARENT_RUN_ID")),
               force=force)
+
+
+@app.command("dvc-yaml")
+@user_errors
+def dvc_yaml(check: Annotated[bool, typer.Option("--check", help="Exit 1 if dvc.yaml differs from the table.")] = False
+             ) -> None:
+    """Write dvc.yaml from the stage table (flows/stages.py), or check that the committed one equals it."""
+    from flows.dvc_yaml import render
+
+    root = _setup()
+    text, path = render(), root / "dvc.yaml"
+    if check:
+        if not path.is_file() or path.read_text() != text:
+            err.print(f"{path} differs from the stage table; run `medexperts dvc-yaml` and commit it")
+            raise typer.Exit(1)
+        out.print(f"{path} matches the stage table")
+        return
+    path.write_text(text)
+    out.print(f"wrote {path}")
 
 
 @app.command()
@@ -151,24 +183,18 @@ def predict(model: Annotated[str, typer.Option(help="Model URI, e.g. models:/med
             input: Annotated[Path, typer.Option("--input", help="Text file (one input per line) or .npy/.npz images.")],
             task: Annotated[str | None, typer.Option(help="Task head of a multi-task model.")] = None) -> None:
     """Load a registered model and print predictions for raw inputs."""
+    from components.tracking.serving import load_model
     from flows.report import load_raw_inputs, print_predictions
 
     _setup()
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
-    from components.core.errors import RegistryError
-
     raw = load_raw_inputs(input)
-    try:
-        loaded = mlflow.pyfunc.load_model(model)
-    except MlflowException as exc:
-        raise RegistryError(f"cannot load {model!r}: {exc.message.splitlines()[0]}") from None
+    loaded = load_model(model)
     frame = loaded.predict(raw, params={"task": task} if task else None)
     print_predictions(out, frame)
 
 
 @app.command()
+@user_errors
 def ui(port: int = 5000, host: str = "127.0.0.1") -> None:
     """Open the MLflow UI over the project's tracking store."""
     root = _setup()
@@ -176,6 +202,31 @@ def ui(port: int = 5000, host: str = "127.0.0.1") -> None:
     out.print(f"MLflow UI on http://{host}:{port} over {uri} (Ctrl-C stops)")
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
     raise typer.Exit(subprocess.call(cmd, cwd=root))
+
+
+def _bench_names() -> list[str]:
+    """The benchmarks: the modules of the project's bench/ that define a `main` (not the shared `common`), read as
+    text so that listing them imports nothing."""
+    from flows.environment import project_dir
+
+    return sorted(p.stem for p in (project_dir() / "bench").glob("*.py")
+                  if p.stem not in ("__init__", "common") and "\ndef main(" in p.read_text())
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True,
+                               "allow_interspersed_args": False},
+             help="Run benchmark NAME: `python -m bench.NAME ARGS...` in the project folder, its exit status passed "
+                  "through; everything after NAME goes to the benchmark (`medexperts bench track --help`). "
+                  f"Benchmarks: {', '.join(_bench_names()) or 'none in this folder'}.")
+@user_errors
+def bench(ctx: typer.Context, name: Annotated[str, typer.Argument(help="The benchmark (bench/NAME.py).")]) -> None:
+    from components.core.errors import ParamsError
+    from flows.environment import project_dir
+
+    names = _bench_names()
+    if name not in names:
+        raise ParamsError(f"unknown benchmark {name!r}; benchmarks: {', '.join(names) or 'none in this folder'}")
+    raise typer.Exit(subprocess.call([sys.executable, "-m", f"bench.{name}", *ctx.args], cwd=project_dir()))
 
 
 def main() -> None:

@@ -1,17 +1,17 @@
-"""The end-to-end Prefect flow: data -> foundation -> experts -> fusion -> evaluate -> promote."""
+"""The end-to-end Prefect flow: every stage of ``flows.stages.ORDER`` (sources -> data -> foundation -> experts,
+decompose -> fusion -> evaluate -> promote), then the outputs versioned with DVC."""
 
 from __future__ import annotations
 
 from typing import Any
 
-import mlflow
 from prefect import flow, task
 from prefect.cache_policies import NONE
 
 from components.config import load_params
 from components.core.fingerprint import json_hash
 from components.tracking.lineage import git_info
-from components.tracking.runs import ensure_experiment, log_params
+from components.tracking import runs
 from flows.environment import artifacts_dir, configure, mlruns_uri, project_dir
 from flows.stages import ORDER, StageContext, run_stage
 from flows.versioning import dvc_commit
@@ -21,7 +21,7 @@ from flows.versioning import dvc_commit
 # Prefect's cache machinery (prefect#17547); our own fingerprints decide what is skipped.
 @task(name="stage", cache_policy=NONE)
 def stage_task(name: str, ctx: StageContext, force: bool) -> dict[str, Any]:
-    return run_stage(name, ctx, force=force)
+    return run_stage(name, ctx, force=force).model_dump(mode="json")
 
 
 @task(name="dvc-commit", cache_policy=NONE)
@@ -44,21 +44,21 @@ def retrain(profile: str | None = None, force: bool = False, stages: list[str] |
     configure(root)
     params = load_params(root / "params", profile, overrides)
     ctx = StageContext(root, artifacts_dir(root), params)
-    mlflow.set_experiment(experiment_id=ensure_experiment(params.pipeline.experiment, mlruns_uri(root)))
+    runs.use_experiment(params.pipeline.experiment, mlruns_uri(root))
     selected = [s for s in ORDER if stages is None or s in stages]
     as_dvc_would = not overrides and params.pipeline.profile == load_params(root / "params").pipeline.profile
     tags = {**git_info(root), "profile": params.pipeline.profile, "driver": "prefect",
             "params_hash": json_hash(params.model_dump(mode="json"))}
     results: dict[str, Any] = {}
-    with mlflow.start_run(run_name=f"retrain:{params.pipeline.profile}", tags=tags) as parent:
-        log_params(params.pipeline.model_dump())
-        ctx.parent_run_id = parent.info.run_id
+    with runs.run(f"retrain:{params.pipeline.profile}", tags=tags) as parent_run_id:
+        runs.log_params(params.pipeline.model_dump())
+        ctx.parent_run_id = parent_run_id
         for name in selected:
             results[name] = stage_task.with_options(name=f"stage:{name}")(name, ctx, force)
             if name == "data":
-                mlflow.set_tags(version_task(ctx, ["data"], as_dvc_would))
-        mlflow.set_tags(version_task(ctx, selected, as_dvc_would))
-        results["run_id"] = parent.info.run_id
+                runs.set_tags(version_task(ctx, ["sources", "data"], as_dvc_would))
+        runs.set_tags(version_task(ctx, selected, as_dvc_would))
+        results["run_id"] = parent_run_id
     return results
 
 

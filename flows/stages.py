@@ -1,7 +1,12 @@
 """One implementation per stage, two drivers: the Prefect retrain flow and `medexperts stage NAME` (DVC).
 
-Each stage: fingerprint (params + upstream fingerprints + code) -> skip if its output already has it ->
-else call the component into an atomic folder -> log a child MLflow run.
+``STAGES`` is the one table of the pipeline: per stage, its typed inputs (exactly the params it reads), what it
+needs from upstream, its component call and what it records in MLflow. The stage fingerprint hashes exactly
+those inputs, the upstream fingerprints and the code; ``dvc.yaml`` is generated from the same table
+(``flows/dvc_yaml.py``), so the two drivers cannot disagree on what a stage depends on.
+
+Each stage: fingerprint -> skip if its output already has it -> else call the component into an atomic
+folder -> log a child MLflow run.
 """
 
 from __future__ import annotations
@@ -14,20 +19,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import mlflow
-from mlflow.exceptions import MlflowException
-
 import components
-from components.core.artifacts import STAGE_FILE, SUMMARY_FILE, atomic_dir, mark_stage, read_json, stage_is_current, write_json
-from components.config import Params, expand_env
+from components.config import Params
+from components.core.artifacts import atomic_dir, mark_stage, read_json, read_model, stage_is_current, write_model
 from components.core.errors import ArtifactError
-from components.core.fingerprint import code_hash, json_hash, sha256_file, tree_hash
-from components.nn.encoders import resolve_text_source
-from components.nn.foundation import text_weights_hash
+from components.core.fingerprint import code_hash, json_hash, sha256_file
+from components.core.layout import STAGE_FILE, SUMMARY_FILE, checkpoints_root, stage_checkpoints, stage_dir
+from components.stages.base import StageInputs, StageSummary
+from components.tracking import runs
 from components.tracking.lineage import git_info
 from flows import stage_impl as impl
 
 log = logging.getLogger("medexperts")
+
+# What a stage's fingerprint hashes as its code, and what dvc.yaml lists as each stage's code deps: the library
+# plus the stage table and implementations here (a docstring edit re-runs every stage: conservative and simple).
+FLOW_CODE: tuple[str, ...] = ("flows/stages.py", "flows/stage_impl.py")
+CODE_DEPS: tuple[str, ...] = ("components", *FLOW_CODE)
 
 
 @dataclass
@@ -39,119 +47,98 @@ class StageContext:
     fingerprints: dict[str, str] = field(default_factory=dict)  # of the stages run in this context
 
     def out(self, stage: str) -> Path:
-        return self.artifacts / stage
+        return stage_dir(self.artifacts, stage)
 
     def checkpoints(self, stage: str) -> Path:
         """Training checkpoints of a stage, outside its atomic output folder so a killed run leaves them; keyed
         by the stage fingerprint, so a run with other params, data or code never resumes from them."""
-        return self.artifacts / "checkpoints" / stage / self.fingerprints[stage][:16]
+        return stage_checkpoints(self.artifacts, stage, self.fingerprints[stage])
 
 
 @dataclass(frozen=True)
 class Stage:
+    inputs: type[StageInputs]
+    summary: type[StageSummary]
+    # Upstream, relative to the artifacts folder: a stage folder (its fingerprint counts) or a file (its sha256).
     needs: tuple[str, ...]
-    params: Callable[[Params], Any]
-    run: Callable[[StageContext, Path], dict[str, Any]]
-    log: Callable[[StageContext, Path, dict[str, Any]], None]
-
-
-def _source_hashes(ctx: StageContext) -> dict[str, str]:
-    out = {}
-    for name, spec in ctx.params.data.active_tasks().items():
-        for raw in filter(None, (spec.path, spec.test_ids_path)):
-            path = Path(expand_env(raw))
-            path = path if path.is_absolute() else ctx.root / path
-            out[f"{name}:{raw}"] = tree_hash(path) if path.exists() else "missing"
-    return out
-
-
-def _foundation_sources(ctx: StageContext) -> dict[str, str]:
-    """Hashes of the weights the foundation stage starts from (a new package version or checkpoint re-runs it)."""
-    out = {}
-    fp = ctx.params.foundation
-    if ctx.params.data.active_tasks("text"):
-        out["text_weights"] = text_weights_hash(resolve_text_source(fp.text.source, ctx.root))
-    if ctx.params.data.active_tasks("image") and fp.image.source != "pretrain":
-        path = ctx.root / fp.image.source
-        out["image_checkpoint"] = tree_hash(path) if path.exists() else "missing"
-    return out
+    run: Callable[[StageContext, Any, Path], StageSummary]
+    log: Callable[[StageContext, Any, Any, Path], None]
+    # Fingerprinted besides the inputs: what no params file holds (hashes of files outside the project, the
+    # tracking server a promotion registers in). DVC cannot see these: such a stage is `always_changed` there.
+    extra: Callable[[StageContext, Any], dict[str, Any]] | None = None
+    cache: bool = True  # DVC caches the output (promote's output is a record of registry calls: not cached)
+    always_changed: bool = False  # DVC runs it at every `dvc repro` (it reads what DVC cannot watch)
 
 
 def _code_hash() -> str:
-    """Stage code: the library plus the stage table and implementations here."""
-    here = Path(__file__).parent
-    return json_hash([code_hash(Path(components.__file__).parent),
-                      *(sha256_file(here / f) for f in ("stages.py", "stage_impl.py"))])
+    root = Path(components.__file__).parent.parent
+    return json_hash([code_hash(Path(components.__file__).parent), *(sha256_file(root / f) for f in FLOW_CODE)])
 
 
-def fingerprint(name: str, ctx: StageContext) -> tuple[str, dict[str, str]]:
-    """Hash of what decides a stage's output; and the upstream fingerprints it used."""
-    inputs = {}
-    for up in STAGES[name].needs:
-        stage_file = ctx.out(up) / STAGE_FILE
-        inputs[up] = read_json(stage_file, f"{up} stage output").get("fingerprint") if stage_file.is_file() else "missing"
-    if name == "data":
-        inputs.update(_source_hashes(ctx))
-    if name == "foundation":
-        inputs.update(_foundation_sources(ctx))
-    payload = {"stage": name, "params": STAGES[name].params(ctx.params), "seed": ctx.params.pipeline.seed,
-               "inputs": inputs, "code": _code_hash()}
-    return json_hash(payload), inputs
+def _upstream(ctx: StageContext, need: str) -> str:
+    path = ctx.artifacts / need
+    if path.is_dir():
+        stage_file = path / STAGE_FILE
+        return read_json(stage_file, f"{need} stage output").get("fingerprint", "missing") if stage_file.is_file() \
+            else "missing"
+    return sha256_file(path) if path.is_file() else "missing"
 
 
-def run_stage(name: str, ctx: StageContext, force: bool = False) -> dict[str, Any]:
+def fingerprint(name: str, ctx: StageContext) -> tuple[str, dict[str, str], StageInputs]:
+    """Hash of what decides a stage's output; the upstream fingerprints it used; its inputs."""
+    stage = STAGES[name]
+    inp = stage.inputs.from_params(ctx.params)
+    upstream = {need: _upstream(ctx, need) for need in stage.needs}
+    payload = {"stage": name, "inputs": inp.model_dump(mode="json"), "upstream": upstream, "code": _code_hash(),
+               "extra": stage.extra(ctx, inp) if stage.extra else {}}
+    return json_hash(payload), upstream, inp
+
+
+def run_stage(name: str, ctx: StageContext, force: bool = False) -> StageSummary:
     """Run (or skip) one stage inside a nested MLflow run; returns its summary."""
     stage = STAGES[name]
-    fp, inputs = fingerprint(name, ctx)
+    fp, upstream, inp = fingerprint(name, ctx)
     out = ctx.out(name)
     tags = {"stage": name, "fingerprint": fp, "profile": ctx.params.pipeline.profile, **git_info(ctx.root)}
-    try:
-        run = mlflow.start_run(run_name=f"stage:{name}", nested=True, parent_run_id=ctx.parent_run_id, tags=tags)
-    except MlflowException as exc:
-        raise ArtifactError(f"cannot start the MLflow run of stage {name!r} (parent {ctx.parent_run_id}): "
-                            f"{exc.message.splitlines()[0]}") from None
-    with run:
+    with runs.run(f"stage:{name}", nested=True, parent_run_id=ctx.parent_run_id, tags=tags):
         if not force and stage_is_current(out, fp) and (out / SUMMARY_FILE).is_file():
             log.info("[%s] inputs, params and code unchanged: skipped (fingerprint %s)", name, fp[:12])
-            mlflow.set_tag("skipped", "true")
-            return read_json(out / SUMMARY_FILE)
-        for up in stage.needs:
-            if inputs.get(up) == "missing":
-                raise ArtifactError(f"stage {name!r} needs the output of stage {up!r} ({ctx.out(up)}); run it first")
-        mlflow.set_tag("skipped", "false")
+            runs.set_tags({"skipped": "true"})
+            return read_model(out / SUMMARY_FILE, stage.summary, f"{name} summary")
+        for need, value in upstream.items():
+            if value == "missing":
+                owner = need.split("/")[0]  # a need is a stage folder or a file inside one
+                raise ArtifactError(f"stage {name!r} needs the output of stage {owner!r} ({ctx.artifacts / need}); "
+                                    "run it first")
+        runs.set_tags({"skipped": "false"})
         ctx.fingerprints[name] = fp
         with atomic_dir(out) as tmp:
             start = time.perf_counter()
-            summary = stage.run(ctx, tmp)
-            summary["compute_seconds"] = time.perf_counter() - start
-            write_json(tmp / SUMMARY_FILE, summary)
-            mark_stage(tmp, fp, inputs)
-        shutil.rmtree(ctx.artifacts / "checkpoints" / name, ignore_errors=True)  # done: resume points obsolete
-        stage.log(ctx, out, summary)
+            summary = stage.run(ctx, inp, tmp)
+            summary.compute_seconds = time.perf_counter() - start
+            write_model(tmp / SUMMARY_FILE, summary)
+            mark_stage(tmp, fp, upstream)
+        shutil.rmtree(checkpoints_root(ctx.artifacts) / name, ignore_errors=True)  # done: resume points obsolete
+        stage.log(ctx, inp, summary, out)
         return summary
 
 
 # --------------------------------------------------------------------------- the stages
 STAGES: dict[str, Stage] = {
-    "data": Stage((), lambda p: p.data.model_dump(mode="json"), impl.run_data, impl.log_data),
-    "foundation": Stage(("data",), lambda p: {"foundation": p.foundation.model_dump(mode="json"),
-                                              "image_tasks": list(p.data.active_tasks("image"))},
+    "sources": Stage(impl.SourcesInputs, impl.SourcesSummary, (), impl.run_sources, impl.log_sources,
+                     extra=impl.source_hashes, always_changed=True),
+    "data": Stage(impl.DataInputs, impl.DataSummary, ("sources/data.json",), impl.run_data, impl.log_data),
+    "foundation": Stage(impl.FoundationInputs, impl.FoundationSummary, ("data", "sources/foundation.json"),
                         impl.run_foundation, impl.log_foundation),
-    "experts": Stage(("data", "foundation"), lambda p: {"experts": p.experts.model_dump(mode="json"),
-                                                       "metric": p.evaluate.primary_metric,
-                                                       "tasks": p.data.active},
-                     impl.run_experts, impl.log_experts),
-    "decompose": Stage(("data", "foundation"), lambda p: {"decompose": p.decompose.model_dump(mode="json"),
-                                                       "metric": p.evaluate.primary_metric, "tasks": p.data.active,
-                                                       "probe": p.experts.probe.model_dump(mode="json")},
-                       impl.run_decompose, impl.log_decompose),
-    "fusion": Stage(("data", "foundation", "experts"), lambda p: {"fusion": p.fusion.model_dump(mode="json"),
-                                                                  "metric": p.evaluate.primary_metric},
-                    impl.run_fusion, impl.log_fusion),
-    "evaluate": Stage(("data", "foundation", "experts", "decompose", "fusion"), lambda p: p.evaluate.model_dump(mode="json"),
+    "experts": Stage(impl.ExpertsInputs, impl.ExpertsSummary, ("data", "foundation"), impl.run_experts,
+                     impl.log_experts),
+    "decompose": Stage(impl.DecomposeInputs, impl.DecomposeSummary, ("data", "foundation"), impl.run_decompose,
+                       impl.log_decompose),
+    "fusion": Stage(impl.FusionInputs, impl.FusionSummary, ("data", "foundation", "experts"), impl.run_fusion,
+                    impl.log_fusion),
+    "evaluate": Stage(impl.EvaluateInputs, impl.EvaluateSummary, ("data", "foundation", "experts", "decompose", "fusion"),
                       impl.run_evaluate, impl.log_evaluate),
-    "promote": Stage(("experts", "decompose", "fusion", "evaluate"), lambda p: {"registry": p.registry.model_dump(mode="json"),
-                                                                   "tracking_uri": mlflow.get_tracking_uri()},
-                     impl.run_promote, impl.log_promote),
+    "promote": Stage(impl.PromoteInputs, impl.PromoteSummary, ("experts", "decompose", "fusion", "evaluate"),
+                     impl.run_promote, impl.log_promote, extra=impl.registry_target, cache=False),
 }
 ORDER: tuple[str, ...] = tuple(STAGES)

@@ -50,6 +50,8 @@ def test_stage_needs_its_inputs(isolated_project: Path) -> None:
 
 
 def test_missing_data_file_keeps_previous_output(isolated_project: Path, tmp_path: Path) -> None:
+    assert invoke("stage", "data", "--profile", "tiny")[1].count("needs the output of stage 'sources'") == 1
+    assert invoke("stage", "sources", "--profile", "tiny")[0] == 0
     assert invoke("stage", "data", "--profile", "tiny")[0] == 0
     manifest = (isolated_project / "artifacts" / "data" / "manifest.json").read_bytes()
     code, output = invoke("stage", "data", "--profile", "tiny", "--set",

@@ -70,8 +70,13 @@ def test_malformed_yaml(params_copy: Path) -> None:
 
 
 def test_lambda_range(params_copy: Path) -> None:
+    fusion = params_copy / "fusion.yaml"
+    fusion.write_text(fusion.read_text() + "\nlambdas: [0.5, 3.0]\n")
     with pytest.raises(ParamsError, match=r"fusion\.yaml: key 'lambdas'.*\(0, 2\]"):
-        load_params(params_copy, overrides={"fusion.lambdas": [0.5, 3.0]})
+        load_params(params_copy)
+    # the same value given with --set is blamed on --set
+    with pytest.raises(ParamsError, match=r"^--set: key 'lambdas'.*\(0, 2\]"):
+        load_params(PARAMS, overrides={"fusion.lambdas": [0.5, 3.0]})
 
 
 def test_env_expansion(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -97,3 +102,13 @@ def test_corrupt_stage_files_are_artifact_errors(tmp_path: Path) -> None:
     (tmp_path / "m.json").write_bytes(b"\xff\xfe")
     with pytest.raises(ArtifactError, match="corrupt"):
         read_json(tmp_path / "m.json")
+
+
+def test_a_bad_set_value_blames_set_not_a_params_file() -> None:
+    with pytest.raises(ParamsError) as err:
+        load_params(PARAMS, "tiny", {"experts.lora.rank": 0})
+    assert str(err.value).startswith("--set: key 'lora.rank'") and "params/experts.yaml" not in str(err.value)
+    with pytest.raises(ParamsError, match=r"--set: key 'lora.bogus': Extra inputs are not permitted"):
+        load_params(PARAMS, "tiny", {"experts.lora.bogus": 1})
+    with pytest.raises(ParamsError, match=r"--set: unknown section\(s\) \['expert'\]"):
+        load_params(PARAMS, "tiny", {"expert.lora.rank": 4})

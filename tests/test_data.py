@@ -12,7 +12,7 @@ from components.core.artifacts import atomic_dir
 
 from components.config import DataParams, TaskSpec, load_params
 from components.core.fingerprint import array_content_hash
-from components.data.datasets import load_split, read_manifest
+from components.data.datasets import load_split, read_data_manifest
 from components.data.loaders import load_source
 from components.data.shards import partition
 from components.data.splits import split_task
@@ -56,7 +56,7 @@ def test_medmnist_content_hash(name: str, digest: str) -> None:
 
 def test_official_sizes_and_manifest(prepared: tuple[Path, dict]) -> None:
     out, manifest = prepared
-    assert read_manifest(out) == manifest
+    assert read_data_manifest(out) == manifest
     sizes = {t: {s: v["n"] for s, v in e["splits"].items()} for t, e in manifest["tasks"].items()}
     assert sizes["breastmnist"] == {"train": 546, "val": 78, "test": 156}
     assert sizes["pneumoniamnist"] == {"train": 4708, "val": 524, "test": 624}

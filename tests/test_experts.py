@@ -96,10 +96,10 @@ def test_expert_save_load_round_trip_and_checks(found: Foundation, tmp_path: Pat
     other = Foundation(found.modality, found.encoder, "0" * 64, found.spec, found.tokenizer, found.max_length)
     with pytest.raises(ArtifactError, match=r"trained on foundation ffff|trained on foundation \w{12}, but"):
         load_expert(tmp_path / "e", other)
-    data = bytearray((tmp_path / "e" / "adapter.safetensors").read_bytes())
+    data = bytearray((tmp_path / "e" / "adapter_model.safetensors").read_bytes())
     data[-1] ^= 0xFF
-    (tmp_path / "e" / "adapter.safetensors").write_bytes(bytes(data))
-    with pytest.raises(ArtifactError, match=r"adapter\.safetensors: sha256 does not match its manifest"):
+    (tmp_path / "e" / "adapter_model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match=r"adapter_model\.safetensors: sha256 does not match its manifest"):
         load_expert(tmp_path / "e", found)
 
 

@@ -24,7 +24,7 @@ from components.experts.methods import get_method
 from components.fusion.search import Scorer, best_per_lambda, search_coefficients
 from components.fusion.spaces import check_adapter_space, check_same_start, shared_start_delta, task_vectors
 from components.stages import fusion as fusion_stage
-from components.stages.fusion import fuse_experts
+from components.stages.fusion import FusionInputs, fuse_experts
 from components.fusion.merge import TaskVector, coefficient_grid, merge
 from components.bundle.format import TaskHead, load_bundle, save_bundle
 from components.nn.classifier import Classifier, make_head
@@ -260,21 +260,24 @@ def test_fusion_stage_writes_a_bundle_and_search_per_method(space: str, tiny_ber
     tasks = list(params.data.active_tasks("text"))
     for i, task in enumerate(tasks, start=1):
         expert(found, tmp_path / "experts", task, move=i)
-    summary = fuse_experts(params, tmp_path / "no-data", foundation_dir, tmp_path / "experts", tmp_path / "out")
-    assert summary["tasks"] == tasks and summary["lora_space"] == space and summary["seed"] == params.pipeline.seed
+    inp = FusionInputs.from_params(params)
+    summary = fuse_experts(inp, tmp_path / "no-data", foundation_dir, tmp_path / "experts", tmp_path / "out")
+    assert summary.tasks == tasks and summary.lora_space == space and summary.seed == params.pipeline.seed
     sizes = {"average": 1, "task_arithmetic": 2, "ties": 2, "dare_linear": 2, "dare_ties": 2}  # tiny: 1 k, 1 p
-    for method, r in summary["methods"].items():
-        assert len(r["grid"]) == sizes[method]
-        assert max(p["val_normalised"] for p in r["grid"]) == r["val_normalised"]
-        assert r["lambda"] == r["coefficients"].get("lam") and set(r["val_metrics"]) == set(tasks)
-        assert ("seed" in r) == method.startswith("dare")
+    for method, r in summary.methods.items():
+        assert len(r.grid) == sizes[method]
+        assert max(p["val_normalised"] for p in r.grid) == r.val_normalised
+        assert r.lam == r.coefficients.get("lam") and set(r.val_metrics) == set(tasks)
+        assert (r.seed is not None) == method.startswith("dare")
         manifest = load_bundle(tmp_path / "out" / method).manifest
-        assert manifest["coefficients"] == r["coefficients"] and manifest["lora_space"] == space
-        assert [lam for lam, _ in summary["curves"][method]] == ([0.5] if method == "average" else [0.5, 1.0])
-    assert summary["methods"]["ties"]["coefficients"].keys() == {"lam", "k"}
-    assert summary["methods"]["dare_ties"]["coefficients"].keys() == {"lam", "p", "k"}
-    assert summary["best_method"] in summary["methods"] and summary["single_val"] == {t: 0.8 for t in tasks}
-    assert (tmp_path / "out" / "fusion_curve.png").is_file() and (tmp_path / "out" / "summary.json").is_file()
+        assert manifest["coefficients"] == r.coefficients and manifest["lora_space"] == space
+        assert [lam for lam, _ in summary.curves[method]] == ([0.5] if method == "average" else [0.5, 1.0])
+    assert summary.methods["ties"].coefficients.keys() == {"lam", "k"}
+    assert summary.methods["dare_ties"].coefficients.keys() == {"lam", "p", "k"}
+    assert summary.best_method in summary.methods and summary.single_val == {t: 0.8 for t in tasks}
+    assert (tmp_path / "out" / "fusion_curve.png").is_file()
+    # one summary per stage: the driver writes it (_summary.json), fusion no longer writes its own copy
+    assert not (tmp_path / "out" / "summary.json").exists()
 
     # what the stage records in MLflow: chosen coefficients as metrics, the whole search as a JSON artifact
     import mlflow
@@ -282,14 +285,14 @@ def test_fusion_stage_writes_a_bundle_and_search_per_method(space: str, tiny_ber
     from flows.stage_impl import log_fusion
 
     with mlflow.start_run() as run:
-        log_fusion(SimpleNamespace(params=params), tmp_path / "out", summary)
+        log_fusion(SimpleNamespace(params=params), inp, summary, tmp_path / "out")
     logged = mlflow.MlflowClient().get_run(run.info.run_id)
-    ties = summary["methods"]["ties"]["coefficients"]
+    ties = summary.methods["ties"].coefficients
     assert logged.data.metrics["ties.k"] == ties["k"] and logged.data.metrics["ties.lambda"] == ties["lam"]
     assert logged.data.tags["fusion.lora_space"] == space
     grid = mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/fusion_grid.json")
     assert grid["dare_ties"]["seed"] == params.pipeline.seed and grid["ties"]["chosen"] == ties
-    assert grid["ties"]["grid"] == summary["methods"]["ties"]["grid"]
+    assert grid["ties"]["grid"] == summary.methods["ties"].grid
 
 
 # --- bad input: refused with a message naming who conflicts, nothing written ---
@@ -368,7 +371,8 @@ def test_stage_refuses_before_writing(case: str, tiny_bert: Path, tmp_path: Path
         params = text_params(tiny_bert, **{"data.active": ["breastmnist"]})
         error, message = ArtifactError, "no experts to merge (empty expert list): no active text task"
     with pytest.raises(error, match=re.escape(message)):
-        fuse_experts(params, tmp_path / "no-data", foundation_dir, tmp_path / "experts", tmp_path / "out")
+        fuse_experts(FusionInputs.from_params(params), tmp_path / "no-data", foundation_dir, tmp_path / "experts",
+                     tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 
@@ -388,7 +392,7 @@ BAD_PARAMS = [
 
 @pytest.mark.parametrize(("overrides", "message"), BAD_PARAMS)
 def test_bad_fusion_params_name_the_key_and_range(overrides: dict[str, Any], message: str) -> None:
-    with pytest.raises(ParamsError, match=re.escape(f".yaml: {message}")):  # fusion.yaml or the profile
+    with pytest.raises(ParamsError, match="^" + re.escape(f"--set: {message}")):  # a --set value is blamed on --set
         load_params(PARAMS, "tiny", overrides)
 
 

@@ -9,10 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from components.config import ExpertsParams, LoraParams, PromptParams, load_params
 from components.core.errors import ArtifactError, ParamsError
-from components.experts.io import load_expert, save_expert
+from components.core.artifacts import read_manifest
+from components.experts.io import load_expert, save_expert, stored_bytes
 from components.experts.linearize import LinearizedLayer, linearize
 from components.experts.lora import attach_lora, lora_layers
 from components.experts.methods import METHODS, get_method
@@ -161,7 +163,7 @@ def test_closed_form_equals_jvp_when_b0_is_zero() -> None:
 
 def test_registry_and_unknown_method() -> None:
     assert {"lora", "llora", "full"} <= set(METHODS)
-    with pytest.raises(ParamsError, match=r"experts\.yaml: key 'method'"):
+    with pytest.raises(ParamsError, match=r"^--set: key 'method'"):
         load_params(PARAMS, overrides={"experts.method": "qlora"})
 
 
@@ -198,3 +200,75 @@ def test_prompt_method_needs_an_image_method() -> None:
         load_params(PARAMS, overrides={"experts.method": "prompt"})
     p = load_params(PARAMS, overrides={"experts.method": "prompt", "experts.image_method": "lora"})
     assert (p.experts.method_for("text"), p.experts.method_for("image")) == ("prompt", "lora")
+
+
+# --------------------------------------------------------------------------- PEFT's adapter layout
+PEFT_FILES = {"adapter_config.json", "adapter_model.safetensors"}
+
+
+def saved_lora_expert(method: str, path: str, found: Foundation, folder: Path) -> torch.nn.Module:
+    """A moved (as if trained) LoRA or L-LoRA encoder, saved as an expert in ``folder``; returns the encoder."""
+    ep = ExpertsParams(method=method, llora_path=path, lora=LoraParams(rank=2, alpha=4))
+    torch.manual_seed(0)
+    encoder = get_method(method).build(found, ep, "a radiology report")
+    perturb(encoder)
+    head = make_head(found.encoder.out_dim, 3).eval()
+    save_expert(folder, encoder, head, head, {"task": "t", "method": method, "base_sha256": found.sha256,
+                                              "lora": ep.lora.model_dump()})
+    return encoder.eval()
+
+
+@pytest.mark.parametrize(("method", "path"), [("lora", "auto"), ("llora", "frozen_a")])
+def test_lora_expert_opens_with_peft_from_pretrained(method: str, path: str, found: Foundation,
+                                                     tmp_path: Path) -> None:
+    from peft import PeftModel
+
+    encoder = saved_lora_expert(method, path, found, tmp_path / "e")
+    names = {p.name for p in (tmp_path / "e").iterdir()}
+    assert PEFT_FILES <= names
+    assert not names & {"README.md", "adapter.safetensors"}  # no Hub model card, no old bare adapter
+    assert not [n for n in names if n.startswith(".")]  # PEFT's scratch folder is gone
+    assert PEFT_FILES <= set(read_manifest(tmp_path / "e", kind="expert")["files"])  # hashed like every file
+    # the expert folder is a plain PEFT adapter: PEFT alone opens it on the foundation's encoder
+    base = copy.deepcopy(found.encoder)
+    peft_model = PeftModel.from_pretrained(base, tmp_path / "e").eval()
+    expert = load_expert(tmp_path / "e", found)
+    x = inputs_for(found)
+    ours = batched(expert.encoder, x)
+    torch.testing.assert_close(batched(peft_model, x), ours, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ours, batched(encoder, x), atol=1e-5, rtol=0)  # and both are the trained encoder
+    assert not torch.allclose(ours, batched(found.encoder, x), atol=1e-4)  # the adapter does change the output
+    adapter, head = (tmp_path / "e" / n for n in ("adapter_model.safetensors", "head.safetensors"))
+    extra = {"adapter_init.safetensors"} if method == "llora" else set()
+    # stored size: tensor files only (PEFT's adapter_config.json is settings, like the manifest)
+    assert stored_bytes(tmp_path / "e") == sum((tmp_path / "e" / n).stat().st_size
+                                               for n in {adapter.name, head.name} | extra)
+
+
+def test_llora_jvp_expert_keeps_its_own_files_and_no_peft_adapter(tmp_path: Path) -> None:
+    saved_lora_expert("llora", "jvp", image_foundation(), tmp_path / "e")
+    names = {p.name for p in (tmp_path / "e").iterdir()}
+    # PEFT cannot represent the linearized model: φ0 and δ are its own files, no (misleading) PEFT adapter
+    assert {"adapter_init.safetensors", "delta.safetensors"} <= names
+    assert not names & (PEFT_FILES | {"adapter.safetensors", "README.md"})
+
+
+@pytest.mark.filterwarnings("ignore:Found missing adapter keys")  # PEFT only warns; the loader raises
+def test_lora_adapter_checks_name_the_file(tmp_path: Path) -> None:
+    found = image_foundation()
+    saved_lora_expert("lora", "auto", found, tmp_path / "e")
+    manifest = read_manifest(tmp_path / "e", kind="expert")
+    load = get_method("lora").load  # the method's loader, past the manifest's hash check
+    with pytest.raises(ArtifactError, match=r"adapter_config\.json: adapter settings .* differ from the manifest"):
+        load(found.encoder, {**manifest, "lora": LoraParams(rank=2, alpha=8).model_dump()}, "image", tmp_path / "e")
+    weights = tmp_path / "e" / "adapter_model.safetensors"
+    state = load_file(weights)
+    save_file({**state, "base_model.model.stray.lora_A.weight": torch.zeros(2, 2)}, weights)
+    with pytest.raises(ArtifactError, match=r"adapter_model\.safetensors: unexpected keys .*stray"):
+        load(found.encoder, manifest, "image", tmp_path / "e")
+    save_file({k: v for k, v in state.items() if "blocks.0." not in k}, weights)
+    with pytest.raises(ArtifactError, match=r"adapter_model\.safetensors: missing keys .*blocks\.0\."):
+        load(found.encoder, manifest, "image", tmp_path / "e")
+    (tmp_path / "e" / "adapter_config.json").unlink()
+    with pytest.raises(ArtifactError, match=r"no adapter_config\.json \(PEFT's adapter layout\)"):
+        load(found.encoder, manifest, "image", tmp_path / "e")

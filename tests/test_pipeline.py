@@ -7,10 +7,10 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from components.data.datasets import read_manifest
+from components.data.datasets import read_data_manifest
 
 pytestmark = pytest.mark.slow
-STAGES = ["data", "foundation", "experts", "decompose", "fusion", "evaluate", "promote"]
+STAGES = ["sources", "data", "foundation", "experts", "decompose", "fusion", "evaluate", "promote"]
 TASKS = ["pneumoniamnist", "breastmnist", "pubmedqa", "medical_abstracts"]
 
 
@@ -37,7 +37,7 @@ def test_retrain_end_to_end(isolated_project: Path, tiny_bert: Path) -> None:
         assert expert.data.metrics["train_peak_memory_mb"] >= 0
 
     # datasets: one input per task split, digest = content hash from the data manifest
-    manifest = read_manifest(isolated_project / "artifacts" / "data")
+    manifest = read_data_manifest(isolated_project / "artifacts" / "data")
     inputs = runs["stage:data"].inputs.dataset_inputs
     digests = {i.dataset.name: i.dataset.digest for i in inputs}
     assert digests["pubmedqa/test"] == manifest["tasks"]["pubmedqa"]["splits"]["test"]["sha256"][:36]

@@ -7,13 +7,25 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, RESOURCE_DOES_NOT_EXIST, TEMPORARILY_UNAVAILABLE
 
 from components.core.errors import RegistryError
 from components.bundle.format import TaskHead, save_bundle
 from components.nn.classifier import make_head
 from components.nn.encoders import ImageEncoder
 from components.nn.foundation import Foundation
-from components.tracking.registry import CHALLENGER, CHAMPION, aliases, decide, gate, promote_manual, register_bundle
+from components.tracking.registry import (
+    CHALLENGER,
+    CHAMPION,
+    aliases,
+    champion,
+    decide,
+    gate,
+    promote_manual,
+    register_bundle,
+    register_foundation,
+)
 
 
 @pytest.mark.parametrize(
@@ -69,3 +81,113 @@ def test_unknown_model_or_version(mlflow_store: str) -> None:
         promote_manual("nope", "1")
     with pytest.raises(RegistryError, match=r"registered model 'nope' does not exist"):
         aliases("nope")
+
+
+# --------------------------------------------------------------------------- transient registry failures
+def _versions(name: str, n: int) -> list[str]:
+    """A registered model with ``n`` versions (no artifacts: the gate only reads tags and aliases)."""
+    client = mlflow.MlflowClient()
+    client.create_registered_model(name)
+    return [str(client.create_model_version(name, f"file:///nowhere/{i}").version) for i in range(n)]
+
+
+def _fail(monkeypatch: pytest.MonkeyPatch, code: int, *methods: str) -> None:
+    def boom(*args: object, **kwargs: object) -> None:
+        raise MlflowException("database is locked\n(sqlite3.OperationalError)", code)
+
+    for method in methods:
+        monkeypatch.setattr(mlflow.MlflowClient, method, boom)
+
+
+@pytest.mark.parametrize("code", [TEMPORARILY_UNAVAILABLE, INTERNAL_ERROR])
+def test_gate_moves_nothing_when_the_champion_cannot_be_read(mlflow_store: str, monkeypatch: pytest.MonkeyPatch,
+                                                             code: int) -> None:
+    (v1,) = _versions("m", 1)
+    with monkeypatch.context() as m:  # both ways of reading an alias fail, as they would with a locked store
+        _fail(m, code, "get_registered_model", "get_model_version_by_alias")
+        with pytest.raises(RegistryError, match=r"registered model 'm'") as err:
+            gate("m", v1, 0.9, margin=0.01, floor=0.5)
+    assert "\n" not in str(err.value)
+    assert aliases("m") == {}  # the first-model rule did not fire on a transient failure
+
+
+def test_gate_keeps_the_champion_when_it_cannot_be_read(mlflow_store: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    v1, v2 = _versions("m", 2)
+    gate("m", v1, 0.70, margin=0.01, floor=0.5)
+    with monkeypatch.context() as m:
+        _fail(m, TEMPORARILY_UNAVAILABLE, "get_registered_model", "get_model_version_by_alias", "get_model_version")
+        with pytest.raises(RegistryError, match="'m'"):
+            gate("m", v2, 0.60, margin=0.01, floor=0.5)  # below the champion, above the floor
+    assert aliases("m") == {CHAMPION: v1, CHALLENGER: v1}
+
+
+def test_champion_absent_only_when_the_alias_is(mlflow_store: str) -> None:
+    client = mlflow.MlflowClient()
+    assert champion(client, "nope") is None  # no model, no champion
+    (v1,) = _versions("m", 1)
+    assert champion(client, "m") is None
+    client.set_registered_model_alias("m", CHALLENGER, v1)
+    assert champion(client, "m") is None
+    client.set_model_version_tag("m", v1, "val_metric", "0.75")
+    client.set_registered_model_alias("m", CHAMPION, v1)
+    assert champion(client, "m") == (v1, pytest.approx(0.75))
+
+
+def test_promote_manual_and_aliases_tell_failure_from_absence(mlflow_store: str,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    v1, v2 = _versions("m", 2)
+    gate("m", v1, 0.70, margin=0.01, floor=0.5)
+    with monkeypatch.context() as m:
+        _fail(m, INTERNAL_ERROR, "get_model_version")
+        with pytest.raises(RegistryError, match=r"cannot read model 'm' version 2: INTERNAL_ERROR") as err:
+            promote_manual("m", v2)
+    assert "does not exist" not in str(err.value)
+    with monkeypatch.context() as m:
+        _fail(m, TEMPORARILY_UNAVAILABLE, "get_registered_model")
+        with pytest.raises(RegistryError, match=r"registered model 'm': TEMPORARILY_UNAVAILABLE") as err:
+            aliases("m")
+    assert "does not exist" not in str(err.value)
+    assert aliases("m") == {CHAMPION: v1, CHALLENGER: v1}  # the failed promotion moved nothing
+    with monkeypatch.context() as m:  # a server's 404 is still "does not exist"
+        _fail(m, RESOURCE_DOES_NOT_EXIST, "get_registered_model")
+        with pytest.raises(RegistryError, match=r"registered model 'm' does not exist"):
+            aliases("m")
+
+
+# --------------------------------------------------------------------------- foundation registration
+def _weights(folder: Path, content: bytes) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "model.safetensors").write_bytes(content)
+    (folder / "manifest.json").write_text("{}")
+    return folder
+
+
+def test_register_foundation_once_per_hash(tmp_path: Path, mlflow_store: str) -> None:
+    a, b = _weights(tmp_path / "a", b"aaaa"), _weights(tmp_path / "b", b"bbbb")
+    with mlflow.start_run() as run:
+        v1 = register_foundation("f", a, "1" * 64)
+        assert register_foundation("f", a, "1" * 64) == v1  # same weights: no new version
+        v2 = register_foundation("f", b, "2" * 64)
+    assert (v1, v2) == ("1", "2")
+    client = mlflow.MlflowClient()
+    assert client.get_registered_model("f").description == "MedExperts foundation model (frozen)"
+    versions = {str(mv.version): mv for mv in client.search_model_versions("name='f'")}
+    assert sorted(versions) == ["1", "2"] and versions["2"].tags["sha256"] == "2" * 64
+    assert versions["1"].run_id == run.info.run_id
+    logged = {Path(f.path).name for f in client.list_artifacts(run.info.run_id, "f")}
+    assert logged == {"model.safetensors", "manifest.json"}
+    with mlflow.start_run():  # a later run finds the version by its hash
+        assert register_foundation("f", b, "2" * 64) == v2
+
+
+def test_register_foundation_needs_a_run(tmp_path: Path, mlflow_store: str) -> None:
+    with pytest.raises(RegistryError, match=r"foundation 'f' needs an active MLflow run"):
+        register_foundation("f", _weights(tmp_path / "a", b"a"), "1" * 64)
+
+
+def test_register_foundation_only_swallows_already_exists(tmp_path: Path, mlflow_store: str,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    _fail(monkeypatch, TEMPORARILY_UNAVAILABLE, "create_registered_model")
+    with mlflow.start_run() as run, pytest.raises(RegistryError, match=r"model 'f': TEMPORARILY_UNAVAILABLE"):
+        register_foundation("f", _weights(tmp_path / "a", b"a"), "1" * 64)
+    assert mlflow.MlflowClient().list_artifacts(run.info.run_id) == []

@@ -14,17 +14,18 @@ import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from safetensors.torch import save_file
 
-from components.core.fingerprint import sha256_file
-from components.core.errors import ArtifactError
+from pydantic import BaseModel, ValidationError
 
-MANIFEST = "manifest.json"
-STAGE_FILE = "_stage.json"
-SUMMARY_FILE = "_summary.json"
+from components.core.errors import ArtifactError
+from components.core.fingerprint import sha256_file
+from components.core.layout import MANIFEST, STAGE_FILE
+
+M = TypeVar("M", bound=BaseModel)
 
 
 def _sibling(out_dir: Path, tag: str) -> Path:
@@ -32,17 +33,42 @@ def _sibling(out_dir: Path, tag: str) -> Path:
     return out_dir.parent / f".{out_dir.name}.{tag}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
-def write_json(path: Path, obj: Any) -> None:
-    """Write JSON atomically (temp file + rename)."""
+@contextlib.contextmanager
+def atomic_file(path: Path) -> Iterator[Path]:
+    """Yield a temp path next to ``path``; on success it replaces ``path``, on failure it is removed, so a reader
+    never sees a half-written file. The temp file is made by whoever writes it with open(), not mkstemp, so the
+    final file gets the usual umask permissions."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _sibling(path, "tmp")
     try:
-        with open(tmp, "w") as fh:  # open(), not mkstemp: the file gets the usual umask permissions
-            json.dump(obj, fh, indent=2, sort_keys=True, default=str)
+        yield tmp
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write JSON atomically (temp file + rename)."""
+    with atomic_file(path) as tmp, open(tmp, "w") as fh:
+        json.dump(obj, fh, indent=2, sort_keys=True, default=str)
+
+
+def write_model(path: Path, model: BaseModel) -> None:
+    """A typed record (summary, manifest) as JSON, atomically."""
+    write_json(path, model.model_dump(mode="json"))
+
+
+def read_model(path: Path, cls: type[M], what: str) -> M:
+    """A typed record back; a missing, corrupt or wrong-shaped file is an ArtifactError naming it."""
+    try:
+        return cls.model_validate(read_json(path, what))
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "(top level)"
+        raise ArtifactError(f"{path}: {what} does not match its schema ({where}: {first['msg']}); re-run the stage "
+                            "that writes it") from None
 
 
 def read_json(path: Path, what: str = "file") -> dict[str, Any]:

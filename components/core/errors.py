@@ -21,3 +21,7 @@ class ArtifactError(MedExpertsError):
 
 class RegistryError(MedExpertsError):
     """A registered model, version or alias does not exist or cannot be promoted."""
+
+
+class TrackingError(MedExpertsError):
+    """The tracking server or store cannot be reached or refuses a run, a param or a metric."""

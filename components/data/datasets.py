@@ -11,9 +11,13 @@ from typing import Any, Union
 
 import numpy as np
 
+from components.core.artifacts import read_manifest
+from components.core.errors import ArtifactError, DataError
 from components.core.fingerprint import array_content_hash, sha256_bytes
+from components.core.layout import MANIFEST, split_file
 from components.data.splits import strat_keys
-from components.core.errors import DataError
+
+DATA_KIND = "data"  # the data stage's manifest kind
 
 Inputs = Union[np.ndarray, list[str]]
 
@@ -53,24 +57,25 @@ class TaskData:
         return TaskData(self.name, self.modality, self.kind, list(self.label_names), inputs, self.labels[idx])
 
 
-def read_manifest(data_dir: Path) -> dict[str, Any]:
-    """data_dir/manifest.json, checked to have a 'tasks' mapping."""
-    path = Path(data_dir) / "manifest.json"
+def read_data_manifest(data_dir: Path) -> dict[str, Any]:
+    """The data stage's manifest (``components.core.artifacts`` format, kind ``data``), checked to have a 'tasks'
+    mapping. Split files are verified one by one when loaded (``load_split``), not all at every read."""
+    path = Path(data_dir) / MANIFEST
     if not path.is_file():
         raise DataError(f"{path} not found; run the data stage first")
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DataError(f"{path} is corrupt ({exc}); re-run the data stage") from None
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("tasks"), dict):
+        manifest = read_manifest(Path(data_dir), kind=DATA_KIND, verify=False)
+    except ArtifactError as exc:
+        raise DataError(f"{exc}; re-run the data stage") from None
+    if not isinstance(manifest.get("tasks"), dict):
         raise DataError(f"{path} is corrupt (no 'tasks' mapping); re-run the data stage")
     return manifest
 
 
 def _task_entry(data_dir: Path, task: str) -> dict[str, Any]:
-    tasks = read_manifest(data_dir)["tasks"]
+    tasks = read_data_manifest(data_dir)["tasks"]
     if task not in tasks:
-        raise DataError(f"unknown task {task!r} in {Path(data_dir) / 'manifest.json'}; known: {sorted(tasks)}")
+        raise DataError(f"unknown task {task!r} in {Path(data_dir) / MANIFEST}; known: {sorted(tasks)}")
     return tasks[task]
 
 
@@ -80,7 +85,7 @@ def load_split(data_dir: Path, task: str, split: str) -> TaskData:
     if split not in entry.get("splits", {}):
         raise DataError(f"task {task}: unknown split {split!r}; known: {sorted(entry.get('splits', {}))}")
     image = entry["modality"] == "image"
-    path = Path(data_dir) / task / f"{split}{'.npz' if image else '.jsonl'}"
+    path = split_file(data_dir, task, split, entry["modality"])
     if not path.is_file():
         raise DataError(f"task {task}: {path} not found; re-run the data stage")
     data = path.read_bytes()
@@ -103,14 +108,3 @@ def load_split(data_dir: Path, task: str, split: str) -> TaskData:
         if entry["kind"] == "multilabel":
             labels = labels.reshape(len(rows), len(entry["label_names"]))
     return TaskData(task, entry["modality"], entry["kind"], list(entry["label_names"]), inputs, labels)
-
-
-def load_shards(data_dir: Path, task: str) -> list[np.ndarray]:
-    """Train-index arrays per federated client, from <task>/shards.json."""
-    _task_entry(data_dir, task)
-    path = Path(data_dir) / task / "shards.json"
-    try:
-        shards = json.loads(path.read_text(encoding="utf-8"))
-        return [np.asarray(c, dtype=np.int64) for c in shards["clients"]]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise DataError(f"task {task}: {path} is missing or corrupt ({exc}); re-run the data stage") from None

@@ -55,7 +55,7 @@ def resolve_path(name: str, spec: TaskSpec, raw_path: str, project_dir: Path) ->
     if not path.exists():
         if spec.optional:
             raise DataError(
-                f"optional task {name}: {path} not found; set MEDEXPERTS_SHARED_DATA or the path in params/data.yaml"
+                f"optional task {name}: {path} not found; set MEDEXPERTS_SHARED_DATA or data.tasks.{name}.path"
             )
         raise DataError(f"task {name}: source {path} not found")
     return path

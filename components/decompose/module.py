@@ -8,19 +8,20 @@ from typing import Any
 
 import lightning as L
 import torch
+from torch import nn
 
 from components.decompose.layers import ExpertLayer
 from components.decompose.loss import lorkd_loss, task_targets
 from components.decompose.student import LoRKDStudent
 from components.core.errors import ParamsError
-from components.metrics.classification import compute_metrics
+from components.training.module import ValidationScore, log_score
 
 EXTRA_KEYS = ("labels", "task_ids", "teacher_logits")
 
 
 class DecomposeModule(L.LightningModule):
     """Trains the whole student (shared weights, experts, heads); validates ``val_<metric>`` averaged over tasks
-    (per task as ``val_<metric>_<task>``)."""
+    (per task as ``val_<metric>_<task>``, each over the whole validation split, all DDP ranks together)."""
 
     def __init__(self, student: LoRKDStudent, kinds: Mapping[str, str], kd_weight: float, temperature: float,
                  lr: float, weight_decay: float, metric: str = "macro_f1") -> None:
@@ -33,7 +34,9 @@ class DecomposeModule(L.LightningModule):
         self.widths = [student.num_labels[t] for t in student.task_names]
         self.kd_weight, self.temperature = kd_weight, temperature
         self.lr, self.weight_decay, self.metric = lr, weight_decay, metric
-        self._val: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        # one per task, in task-id order (a list, not a dict: task names need not be valid module names)
+        self.val_scores = nn.ModuleList(ValidationScore(kind, width, metric)
+                                        for kind, width in zip(self.kinds, self.widths, strict=True))
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         inputs = {k: v for k, v in batch.items() if k not in EXTRA_KEYS}
@@ -51,29 +54,33 @@ class DecomposeModule(L.LightningModule):
         self.log("train_kd_loss", parts["kd"], on_step=False, on_epoch=True, batch_size=n)
         return loss
 
+    def on_validation_epoch_start(self) -> None:
+        for scores in self.val_scores:
+            scores.reset()  # nothing left over from an interrupted validation
+
     def validation_step(self, batch: dict[str, torch.Tensor], _: int) -> None:
         logits = self(batch)
         loss, _ = self._loss(batch, logits)
         self.log("val_loss", loss, on_epoch=True, batch_size=len(batch["task_ids"]))
-        self._val.append((logits.float().cpu(), batch["labels"].cpu(), batch["task_ids"].cpu()))
+        ids, labels = batch["task_ids"], batch["labels"]
+        for t, (kind, width, scores) in enumerate(zip(self.kinds, self.widths, self.val_scores, strict=True)):
+            # every task every batch, empty or not: each rank then runs the same metric syncs at epoch end
+            mask = ids == t
+            scores.add(logits[mask, :width], task_targets(labels[mask], kind, width))
 
     def on_validation_epoch_end(self) -> None:
-        if not self._val:
+        values: dict[str, float] = {}
+        for name, scores in zip(self.student.task_names, self.val_scores, strict=True):
+            value = scores.score()
+            scores.reset()
+            if value is not None:  # else no rank had a sample of this task
+                values[name] = value
+                log_score(self, f"val_{self.metric}_{name}", value)
+        if not values:
             return
-        logits, labels, ids = (torch.cat(parts) for parts in zip(*self._val, strict=True))
-        self._val.clear()
-        scores = []
-        for t, (name, kind, width) in enumerate(zip(self.student.task_names, self.kinds, self.widths, strict=True)):
-            mask = ids == t
-            if not mask.any():
-                continue
-            value = compute_metrics(kind, logits[mask, :width], task_targets(labels[mask], kind, width),
-                                    width)[self.metric]
-            self.log(f"val_{self.metric}_{name}", value, sync_dist=True)
-            if not math.isnan(value):
-                scores.append(value)
-        mean = sum(scores) / len(scores) if scores else float("nan")
-        self.log(f"val_{self.metric}", mean, prog_bar=True, sync_dist=True)
+        defined = [v for v in values.values() if not math.isnan(v)]  # auroc is nan where a task lacks a class
+        mean = sum(defined) / len(defined) if defined else float("nan")
+        log_score(self, f"val_{self.metric}", mean, prog_bar=True)
 
     def configure_optimizers(self) -> Any:
         # No weight decay on experts: AdamW decays every parameter every step, so a task's expert would

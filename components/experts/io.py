@@ -38,8 +38,15 @@ class Expert:
 
 
 def stored_bytes(folder: Path) -> int:
-    """Bytes an expert needs on disk: its method's weights and its head (not the probe, bundle or manifest)."""
-    skip = {"probe_head.safetensors", "manifest.json"}
+    """Bytes an expert needs on disk: its method's weights and its head (not the probe, bundle or manifest).
+
+    Only tensor files count. A LoRA expert's PEFT ``adapter_config.json`` (~1 KB of settings, no weights) is left
+    out on purpose, like the manifest that holds the other methods' settings: counting it would charge LoRA and
+    frozen-A L-LoRA for a file format rather than for their parameters (on small adapters it is as large as their
+    weights); without it sizes compare across methods, and a LoRA expert counts the same tensors as before PEFT's
+    layout (adapter_model.safetensors replaced adapter.safetensors).
+    """
+    skip = {"probe_head.safetensors"}
     return sum(p.stat().st_size for p in Path(folder).glob("*.safetensors") if p.name not in skip)
 
 

@@ -35,7 +35,7 @@ def attach_lora(encoder: nn.Module, lp: LoraParams, modality: str) -> PeftModel:
     """A trainable LoRA copy of a frozen encoder (the encoder itself is left untouched)."""
     targets = lora_targets(lp, modality)
     key = "text_targets" if modality == "text" else "image_targets"
-    check_targets(encoder, targets, f"params/experts.yaml: key 'lora.{key}'")
+    check_targets(encoder, targets, f"experts.lora.{key}")
     config = LoraConfig(r=lp.rank, lora_alpha=lp.alpha, lora_dropout=lp.dropout, target_modules=targets,
                         bias="none")
     return get_peft_model(copy.deepcopy(encoder), config)

@@ -7,13 +7,18 @@ The key is the value of ``method:`` in params/experts.yaml and the MLflow tag.
 from __future__ import annotations
 
 import copy
+import os
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from peft import get_peft_model_state_dict, set_peft_model_state_dict
+from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
+from peft.utils import CONFIG_NAME as PEFT_CONFIG
+from peft.utils import SAFETENSORS_WEIGHTS_NAME as PEFT_WEIGHTS
+from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
@@ -22,7 +27,7 @@ from components.config import ExpertMethodName, ExpertsParams, LoraParams
 from components.core.errors import ArtifactError, ParamsError
 from components.core.registry import Registry
 from components.experts.linearize import LinearizedLayer, linearize, linearized_delta_weights
-from components.experts.lora import attach_lora, delta_weights
+from components.experts.lora import ADAPTER, attach_lora, delta_weights, lora_targets
 from components.experts.prompt import attach_prompt, load_prompt, prompt_tensors
 from components.core.fingerprint import sha256_bytes
 from components.nn.foundation import Foundation
@@ -65,22 +70,57 @@ def _lora_build(found: Foundation, ep: ExpertsParams, description: str) -> nn.Mo
     return attach_lora(found.encoder, ep.lora, found.modality)
 
 
-def _lora_save(model: nn.Module, folder: Path) -> dict[str, Any]:
-    save_tensors(get_peft_model_state_dict(model), folder / "adapter.safetensors")
-    return {}
+def save_peft_adapter(model: PeftModel, folder: Path) -> None:
+    """PEFT's standard adapter layout in ``folder``: ``adapter_config.json`` + ``adapter_model.safetensors``,
+    written by ``PeftModel.save_pretrained``, so ``PeftModel.from_pretrained(foundation encoder, folder)`` opens
+    the expert without this project's code.
+
+    save_pretrained also writes a Hub model card (README.md, placeholder text); an expert folder is no Hub repo
+    (its manifest is its record), so PEFT writes into a scratch folder and only the two adapter files are moved in:
+    nothing else in ``folder`` is touched (PEFT would update a README.md already there).
+    """
+    with tempfile.TemporaryDirectory(dir=folder, prefix=".peft-") as tmp:
+        model.save_pretrained(tmp, selected_adapters=[ADAPTER])
+        for name in (PEFT_CONFIG, PEFT_WEIGHTS):
+            os.replace(Path(tmp) / name, folder / name)
 
 
-def _lora_load(encoder: nn.Module, manifest: dict[str, Any], modality: str, folder: Path) -> nn.Module:
-    model = attach_lora(encoder, LoraParams(**manifest["lora"]), modality)
-    result = set_peft_model_state_dict(model, load_file(folder / "adapter.safetensors"))
-    if getattr(result, "unexpected_keys", None):
-        raise ArtifactError(f"{folder}/adapter.safetensors: unexpected keys {result.unexpected_keys[:3]}")
+def load_peft_adapter(encoder: nn.Module, manifest: dict[str, Any], modality: str, folder: Path) -> PeftModel:
+    """A LoRA expert saved by :func:`save_peft_adapter`, opened with PEFT's own loader on a copy of ``encoder``."""
+    config_path, weights_path = folder / PEFT_CONFIG, folder / PEFT_WEIGHTS
+    missing = [p.name for p in (config_path, weights_path) if not p.is_file()]
+    if missing:  # checked here: PEFT would look a missing local file up on the Hub
+        raise ArtifactError(f"{folder}: no {' and '.join(missing)} (PEFT's adapter layout); an expert saved with a "
+                            "bare adapter.safetensors predates it: re-run the experts stage")
+    try:
+        model = PeftModel.from_pretrained(copy.deepcopy(encoder), str(folder), adapter_name=ADAPTER)
+    except (ValueError, RuntimeError, KeyError, TypeError, OSError) as exc:
+        raise ArtifactError(f"{folder}: PEFT cannot open the adapter ({type(exc).__name__}: {exc})") from exc
+    # the adapter must be the one the manifest records (fusion rebuilds φ0 and compares from those settings)
+    lp, config = LoraParams(**manifest["lora"]), model.peft_config[ADAPTER]
+    saved = {"rank": config.r, "alpha": float(config.lora_alpha), "targets": sorted(config.target_modules or [])}
+    wanted = {"rank": lp.rank, "alpha": float(lp.alpha), "targets": sorted(lora_targets(lp, modality))}
+    if saved != wanted:
+        raise ArtifactError(f"{config_path}: adapter settings {saved} differ from the manifest's LoRA {wanted}")
+    # PEFT only warns about stray or missing adapter weights; here they are an error naming the file
+    with safe_open(weights_path, "pt") as fh:
+        stored = set(fh.keys())
+    expected = set(get_peft_model_state_dict(model))
+    if stored - expected:
+        raise ArtifactError(f"{weights_path}: unexpected keys {sorted(stored - expected)[:3]}")
+    if expected - stored:
+        raise ArtifactError(f"{weights_path}: missing keys {sorted(expected - stored)[:3]}")
     return model
+
+
+def _lora_save(model: nn.Module, folder: Path) -> dict[str, Any]:
+    save_peft_adapter(model, folder)
+    return {}
 
 
 register(ExpertMethod("lora", "LoRA", "Hu et al., ICLR 2022",
                       "low-rank update W0 + (alpha/r)·B·A on the target layers (PEFT); foundation frozen",
-                      _lora_build, _lora_save, _lora_load,
+                      _lora_build, _lora_save, load_peft_adapter,
                       lambda model, _: delta_weights(model)))
 
 
@@ -98,22 +138,28 @@ def _deltas(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _llora_save(model: nn.Module, folder: Path) -> dict[str, Any]:
+    """φ0 (``adapter_init.safetensors``) and the trained point. On the frozen-A path the trained adapter is a plain
+    LoRA adapter (B trained from B0 = 0, A at A0), stored in PEFT's layout like the lora method's. On the jvp path
+    the LoRA weights stay at φ0 and the task vector δ lives in the linearized wrappers (``delta.safetensors``):
+    PEFT cannot represent that model, so no PEFT adapter is written (its weights would just repeat φ0)."""
     init = model.medexperts_init
     save_tensors(init, folder / "adapter_init.safetensors")
-    save_tensors(get_peft_model_state_dict(model), folder / "adapter.safetensors")
     if model.medexperts_path == "jvp":
         save_tensors(_deltas(model), folder / "delta.safetensors")
+    else:
+        save_peft_adapter(model, folder)
     return {"llora_path": model.medexperts_path, "init_sha256": init_hash(init)}
 
 
 def _llora_load(encoder: nn.Module, manifest: dict[str, Any], modality: str, folder: Path) -> nn.Module:
-    model = attach_lora(encoder, LoraParams(**manifest["lora"]), modality)
     init = load_file(folder / "adapter_init.safetensors")
-    model.medexperts_init, model.medexperts_path = init, manifest["llora_path"]
-    if model.medexperts_path == "frozen_a":
+    if manifest["llora_path"] == "frozen_a":
         # trained B with A0: plain LoRA weights that are exactly the linearization at B0 = 0
-        set_peft_model_state_dict(model, load_file(folder / "adapter.safetensors"))
+        model = load_peft_adapter(encoder, manifest, modality, folder)
+        model.medexperts_init, model.medexperts_path = init, "frozen_a"
         return model
+    model = attach_lora(encoder, LoraParams(**manifest["lora"]), modality)
+    model.medexperts_init, model.medexperts_path = init, "jvp"
     set_peft_model_state_dict(model, init)
     linearize(model, "jvp")
     deltas = load_file(folder / "delta.safetensors")

@@ -32,7 +32,7 @@ def check_prompt_fits(encoder: nn.Module, num_virtual_tokens: int, max_length: i
     limit = getattr(getattr(encoder.model, "config", None), "max_position_embeddings", None)
     if limit is not None and num_virtual_tokens + max_length > limit:
         raise ParamsError(
-            f"params/experts.yaml: key 'prompt.num_virtual_tokens': {num_virtual_tokens} virtual tokens + "
+            f"experts.prompt.num_virtual_tokens: {num_virtual_tokens} virtual tokens + "
             f"{max_length} input tokens (foundation.text.max_length) = {num_virtual_tokens + max_length} "
             f"exceed the text encoder's {limit} positions"
         )
@@ -43,7 +43,7 @@ def _config(num_virtual_tokens: int, init: str, init_text: str = "", tokenizer_f
     kwargs = {}
     if init == "text":
         if not init_text.strip():
-            raise ParamsError("params/experts.yaml: key 'prompt.init' is 'text' but the task has no description "
+            raise ParamsError("experts.prompt.init is 'text' but the task has no description "
                               "(data.yaml 'description') and 'prompt.init_text' is empty")
         # PEFT tokenizes the init text itself; the tokenizer is the foundation's own local folder (offline).
         kwargs = {"prompt_tuning_init_text": init_text, "tokenizer_name_or_path": str(tokenizer_folder),
@@ -63,7 +63,7 @@ def attach_prompt(encoder: nn.Module, pp: PromptParams, *, description: str, tok
                   max_length: int) -> nn.Module:
     """A copy of the frozen text encoder with a trainable soft prompt (the encoder itself is left untouched)."""
     if not hasattr(encoder, "model") or not hasattr(encoder.model, "get_input_embeddings"):
-        raise ParamsError("params/experts.yaml: method 'prompt' (soft prompts) needs a transformer text encoder; "
+        raise ParamsError("experts.method 'prompt' (soft prompts) needs a transformer text encoder; "
                           "the image foundation is a CNN, which has no token sequence: set 'image_method' "
                           "(lora, llora or full) for image tasks")
     check_prompt_fits(encoder, pp.num_virtual_tokens, max_length)

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+
+from components.core.artifacts import atomic_file
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -17,17 +17,9 @@ if TYPE_CHECKING:
 
 def _save_atomic(fig: Figure, path: Path) -> Path:
     """Write the figure next to `path` then rename, so readers never see a half-written PNG."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            fig.savefig(handle, format="png", dpi=120, bbox_inches="tight")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    with atomic_file(path) as tmp, open(tmp, "wb") as handle:
+        fig.savefig(handle, format="png", dpi=120, bbox_inches="tight")
+    return Path(path)
 
 
 def _new_figure(width: float, height: float) -> Figure:

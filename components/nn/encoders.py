@@ -29,7 +29,7 @@ def resolve_text_source(source: str, project_dir: Path | None = None) -> Path:
         path = project_dir / path
     if not (path / "config.json").is_file():
         raise ParamsError(
-            f"params/foundation.yaml: key 'text.source': {path} is not a Hugging Face model folder "
+            f"foundation.text.source: {path} is not a Hugging Face model folder "
             "(no config.json); use 'packaged' or a local folder"
         )
     return path

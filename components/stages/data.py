@@ -1,4 +1,4 @@
-"""The data stage: load, split and shard every active task, write it atomically with a manifest."""
+"""The data stage: load, split and shard every active task, write it with a manifest (kind ``data``)."""
 
 from __future__ import annotations
 
@@ -10,12 +10,24 @@ from typing import Any
 import numpy as np
 
 from components.config import DataParams, TaskSpec, expand_env
+from components.core.artifacts import write_manifest
+from components.core.errors import DataError
 from components.core.fingerprint import array_content_hash, json_hash, sha256_bytes
+from components.core.layout import shards_file, split_file
+from components.data.datasets import DATA_KIND
 from components.data.loaders import Pool, load_source
 from components.data.shards import partition
 from components.data.splits import split_task
-from components.core.artifacts import write_json
-from components.core.errors import DataError
+from components.stages.base import StageInputs, StageSummary, param
+
+
+class DataInputs(StageInputs):
+    data: DataParams = param("data")
+    seed: int = param("pipeline.seed")
+
+
+class DataSummary(StageSummary):
+    tasks: dict[str, dict[str, int]]  # task -> split -> rows
 
 
 def class_counts(labels: np.ndarray, label_names: list[str]) -> dict[str, int]:
@@ -58,8 +70,8 @@ def _prepare_task(name: str, spec: TaskSpec, params: DataParams, project_dir: Pa
         **stats,
     }
     for split, pool in splits.items():
-        data, suffix, digest = encode_split(pool)
-        (task_dir / f"{split}{suffix}").write_bytes(data)
+        data, _, digest = encode_split(pool)
+        split_file(task_dir.parent, name, split, spec.modality).write_bytes(data)
         entry["splits"][split] = {
             "n": len(pool),
             "class_counts": class_counts(pool.labels, spec.label_names),
@@ -71,7 +83,7 @@ def _prepare_task(name: str, spec: TaskSpec, params: DataParams, project_dir: Pa
     except DataError as exc:
         raise DataError(f"task {name}: {exc}") from None
     shards = {"mode": fed.partition, "alpha": fed.alpha, "clients": [c.tolist() for c in clients]}
-    (task_dir / "shards.json").write_text(json.dumps(shards))
+    shards_file(task_dir.parent, name).write_text(json.dumps(shards))
     return entry
 
 
@@ -95,6 +107,10 @@ def prepare_data(params: DataParams, project_dir: Path, out_dir: Path, seed: int
         name: _prepare_task(name, spec, params, project_dir, out_dir / name, seed)
         for name, spec in params.active_tasks().items()
     }
-    manifest = {"tasks": tasks, "seed": seed, "params_hash": params_hash(params)}
-    write_json(out_dir / "manifest.json", manifest)
-    return manifest
+    return write_manifest(out_dir, {"kind": DATA_KIND, "tasks": tasks, "seed": seed, "params_hash": params_hash(params)})
+
+
+def run(inp: DataInputs, project_dir: Path, out_dir: Path) -> DataSummary:
+    """The stage: every active task prepared into ``out_dir``; the summary counts rows per split."""
+    manifest = prepare_data(inp.data, project_dir, out_dir, inp.seed)
+    return DataSummary(tasks={t: {s: v["n"] for s, v in i["splits"].items()} for t, i in manifest["tasks"].items()})

@@ -4,8 +4,8 @@ the no-decomposition baseline.
 
 Teacher heads: the image foundation's own pre-training heads; for text (and any image task the foundation was
 not pre-trained on) a linear probe fitted here exactly as the experts stage fits it (same features, grid, seed).
-Output per modality: ``student/`` (the whole decomposed student), ``teacher_heads.safetensors``,
-``fused/<task>/`` and ``single/<task>/`` (bundles), and the summary's per-task validation metrics and sizes.
+Output per modality (``components.core.layout``): the whole decomposed student, the teacher heads, one fused
+bundle and one single-task bundle per task, and the summary's per-task validation metrics and sizes.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,34 +22,81 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from components.config import DecomposeParams, Modality, PrimaryMetric, ProbeParams
 from components.core.artifacts import save_tensors
-from components.config import Params
+from components.core.errors import ArtifactError
+from components.core.layout import IMAGE_HEADS, foundation_dir as foundation_sub
+from components.core.layout import lorkd_dir, lorkd_fused, lorkd_single, lorkd_student, teacher_heads as heads_file
 from components.data.datasets import TaskData, load_split
 from components.decompose.deploy import fuse, save_fused, save_student, student_hash
 from components.decompose.module import DecomposeModule
 from components.decompose.student import LoRKDStudent, build_student
 from components.decompose.teacher import mixed_dataset
-from components.core.errors import ParamsError
+from components.metrics.classification import compute_metrics
 from components.metrics.counts import count_parameters
 from components.metrics.memory import PeakMemory
-from components.metrics.classification import compute_metrics
-from components.training.probe import fit_probe
 from components.nn.classifier import Classifier, make_head
 from components.nn.foundation import Foundation, load_foundation
+from components.stages.base import StageSummary, TaskInputs, param
 from components.training.data import labels_tensor, loader
 from components.training.inference import batched
+from components.training.probe import fit_probe
 from components.training.trainer import build_trainer, data_device, resume_from
 
 log = logging.getLogger("medexperts")
 
 
+class DecomposeInputs(TaskInputs):
+    decompose: DecomposeParams = param("decompose")
+    probe: ProbeParams = param("experts.probe", "the teacher's probe heads are fitted as the experts stage fits its probe")
+    metric: PrimaryMetric = param("evaluate.primary_metric")
+    seed: int = param("pipeline.seed")
+
+
+class LoRKDTask(StageSummary):
+    val: dict[str, float]  # the fused LoRKD expert
+    teacher_val: dict[str, float]
+    single_val: dict[str, float]  # the same-size single-task student
+    parameters: int  # deployed (fused) parameters
+    teacher_parameters: int
+    parameter_fraction: float
+    single_train_seconds: float
+
+
+class ModalityDecomposition(StageSummary):
+    tasks: dict[str, LoRKDTask]
+    student_sha256: str
+    student_parameters: int
+    teacher_seconds: float
+    train_seconds: float
+    train_peak_memory_mb: float
+    train_peak_memory_kind: str
+
+
+class DecomposeSummary(StageSummary):
+    modalities: dict[str, ModalityDecomposition]
+
+
+@dataclass
+class DistillSplit:
+    """One split of every task, ready to distil: encoder inputs, labels and the frozen teacher's logits per task."""
+
+    inputs: dict[str, dict[str, torch.Tensor]]
+    labels: dict[str, torch.Tensor]
+    logits: dict[str, torch.Tensor]
+
+    def of(self, tasks: list[str]) -> tuple[dict, dict, dict]:
+        return ({t: self.inputs[t] for t in tasks}, {t: self.labels[t] for t in tasks},
+                {t: self.logits[t] for t in tasks})
+
+
 def teacher_heads(found: Foundation, foundation_dir: Path, feats: dict[str, tuple[torch.Tensor, torch.Tensor]],
                   val_feats: dict[str, tuple[torch.Tensor, torch.Tensor]], data: dict[str, TaskData],
-                  params: Params) -> dict[str, nn.Linear]:
+                  inp: DecomposeInputs) -> dict[str, nn.Linear]:
     """The teacher's head per task: pre-training head (image) where there is one, else a fitted probe."""
     stored = {}
     if found.modality == "image":
-        tensors = load_file(Path(foundation_dir) / "image" / "heads.safetensors")
+        tensors = load_file(foundation_sub(foundation_dir, "image") / IMAGE_HEADS)
         stored = {k.rsplit(".", 1)[0] for k in tensors}
     heads = {}
     for task, td in data.items():
@@ -56,20 +104,17 @@ def teacher_heads(found: Foundation, foundation_dir: Path, feats: dict[str, tupl
             head = make_head(found.encoder.out_dim, td.num_labels)
             head.load_state_dict({k.rsplit(".", 1)[1]: v for k, v in tensors.items() if k.rsplit(".", 1)[0] == task})
         else:
-            head, _ = fit_probe(feats[task], val_feats[task], td.kind, td.num_labels, params.experts.probe,
-                                params.evaluate.primary_metric, params.pipeline.seed)
+            head, _ = fit_probe(feats[task], val_feats[task], td.kind, td.num_labels, inp.probe, inp.metric, inp.seed)
         heads[task] = head.eval().requires_grad_(False)
     return heads
 
 
-def _train(student: LoRKDStudent, kinds: dict[str, str], tasks: list[str], x: dict, y: dict, logits: dict,
-           x_va: dict, y_va: dict, logits_va: dict, params: Params, modality: str, logger: Any,
-           checkpoint_dir: Path | None) -> float:
-    dp, metric, seed = params.decompose, params.evaluate.primary_metric, params.pipeline.seed
+def _train(student: LoRKDStudent, kinds: dict[str, str], tasks: list[str], train: DistillSplit, val: DistillSplit,
+           inp: DecomposeInputs, modality: Modality, logger: Any, checkpoint_dir: Path | None) -> float:
+    dp, metric, seed = inp.decompose, inp.metric, inp.seed
     tp = dp.trainer.of(modality)
-    train_ds = mixed_dataset(student, {t: x[t] for t in tasks}, {t: y[t] for t in tasks}, {t: logits[t] for t in tasks})
-    val_ds = mixed_dataset(student, {t: x_va[t] for t in tasks}, {t: y_va[t] for t in tasks},
-                           {t: logits_va[t] for t in tasks})
+    train_ds = mixed_dataset(student, *train.of(tasks))
+    val_ds = mixed_dataset(student, *val.of(tasks))
     module = DecomposeModule(student, {t: kinds[t] for t in tasks}, dp.kd_weight, dp.temperature, tp.lr,
                              tp.weight_decay, metric)
     device = data_device(tp)
@@ -87,19 +132,17 @@ def _val_metrics(model: nn.Module, x: dict[str, torch.Tensor], y: torch.Tensor, 
     return compute_metrics(td.kind, batched(model, x), y, td.num_labels)
 
 
-def decompose_modality(modality: str, params: Params, data_dir: Path, foundation_dir: Path, out_dir: Path,
-                       logger: Any = False, checkpoint_dir: Path | None = None) -> dict[str, Any]:
-    """Decompose ``modality``'s foundation over its active tasks; write ``out_dir``; return the summary."""
-    dp, seed = params.decompose, params.pipeline.seed
+def decompose_modality(modality: Modality, inp: DecomposeInputs, data_dir: Path, foundation_dir: Path,
+                       out_root: Path, logger: Any = False, checkpoint_dir: Path | None = None) -> ModalityDecomposition:
+    """Decompose ``modality``'s foundation over its active tasks; write under ``out_root`` (the stage folder)."""
+    dp, seed = inp.decompose, inp.seed
     tp = dp.trainer.of(modality)
-    tasks = list(params.data.active_tasks(modality))
+    tasks = list(inp.active_tasks(modality))
     found = load_foundation(foundation_dir, modality)
-    if modality == "text":
-        needed = found.max_length
-        if dp.student.text.max_positions < needed:
-            raise ParamsError(f"params/decompose.yaml: key 'student.text.max_positions' is "
-                              f"{dp.student.text.max_positions}, below foundation.text.max_length {needed}: the "
-                              "student could not read the inputs the foundation reads")
+    if modality == "text" and dp.student.text.max_positions < found.max_length:
+        # checked again here: the foundation's own max_length is what the student must read
+        raise ArtifactError(f"decompose.student.text.max_positions is {dp.student.text.max_positions}, below the "
+                            f"foundation's max_length {found.max_length}: the student could not read its inputs")
     train = {t: load_split(data_dir, t, "train").subset(tp.max_train_samples, seed) for t in tasks}
     val = {t: load_split(data_dir, t, "val") for t in tasks}
     x = {t: found.inputs(d.inputs) for t, d in train.items()}
@@ -111,64 +154,64 @@ def decompose_modality(modality: str, params: Params, data_dir: Path, foundation
     start = time.perf_counter()
     feats = {t: (batched(found.encoder, x[t]), y[t]) for t in tasks}
     feats_va = {t: (batched(found.encoder, x_va[t]), y_va[t]) for t in tasks}
-    heads = teacher_heads(found, foundation_dir, feats, feats_va, train, params)
+    heads = teacher_heads(found, foundation_dir, feats, feats_va, train, inp)
     with torch.no_grad():
-        logits = {t: heads[t](feats[t][0]) for t in tasks}
-        logits_va = {t: heads[t](feats_va[t][0]) for t in tasks}
+        tr = DistillSplit(x, y, {t: heads[t](feats[t][0]) for t in tasks})
+        va = DistillSplit(x_va, y_va, {t: heads[t](feats_va[t][0]) for t in tasks})
     teacher_seconds = time.perf_counter() - start
-    out_dir.mkdir(parents=True, exist_ok=True)
+    lorkd_dir(out_root, modality).mkdir(parents=True, exist_ok=True)
     save_tensors({f"{t}.{k}": v for t, h in heads.items() for k, v in h.state_dict().items()},
-                 out_dir / "teacher_heads.safetensors")
+                 heads_file(out_root, modality))
     teacher_params = count_parameters(found.encoder)
 
     L.seed_everything(seed, workers=True, verbose=False)
     student = build_student(dp, modality, found.encoder, heads, seed)
     with PeakMemory(data_device(tp).type) as memory:
-        train_seconds = _train(student, kinds, tasks, x, y, logits, x_va, y_va, logits_va, params, modality, logger,
+        train_seconds = _train(student, kinds, tasks, tr, va, inp, modality, logger,
                                checkpoint_dir / "student" if checkpoint_dir else None)
     sha = student_hash(student)
-    save_student(out_dir / "student", student, {"tasks_kinds": kinds, "teacher_sha256": found.sha256})
+    save_student(lorkd_student(out_root, modality), student, {"tasks_kinds": kinds, "teacher_sha256": found.sha256})
 
-    summary_tasks: dict[str, Any] = {}
+    summary_tasks: dict[str, LoRKDTask] = {}
     for task in tasks:
         td = train[task]
         label_names = td.label_names
         fused = fuse(student, task, expected_hash=sha)
         fused_val = _val_metrics(fused, x_va[task], y_va[task], td)
         single = build_student(dp, modality, found.encoder, {task: heads[task]}, seed)
-        single_seconds = _train(single, kinds, [task], x, y, logits, x_va, y_va, logits_va, params, modality, False,
+        single_seconds = _train(single, kinds, [task], tr, va, inp, modality, False,
                                 checkpoint_dir / f"single-{task}" if checkpoint_dir else None)
         single_fused = fuse(single, task)
         single_val = _val_metrics(single_fused, x_va[task], y_va[task], td)
         deployed = count_parameters(fused)
         teacher_total = teacher_params + count_parameters(heads[task])
-        info = {"val": fused_val, "teacher_val": _val_metrics(Classifier(found.encoder, heads[task]), x_va[task],
-                                                               y_va[task], td),
-                "single_val": single_val, "parameters": deployed, "teacher_parameters": teacher_total,
-                "parameter_fraction": deployed / teacher_total, "single_train_seconds": single_seconds}
+        info = LoRKDTask(val=fused_val, teacher_val=_val_metrics(Classifier(found.encoder, heads[task]), x_va[task],
+                                                                 y_va[task], td),
+                         single_val=single_val, parameters=deployed, teacher_parameters=teacher_total,
+                         parameter_fraction=deployed / teacher_total, single_train_seconds=single_seconds)
         common = {"teacher_sha256": found.sha256, "teacher_parameters": teacher_total}
-        for method, model, metrics, folder, h in (("lorkd", student, fused_val, "fused", sha),
-                                                   ("single_student", single, single_val, "single", None)):
-            save_fused(out_dir / folder / task, model, task, kind=td.kind, label_names=label_names, expected_hash=h,
-                       tokenizer=found.tokenizer, max_length=found.max_length,
+        for method, model, metrics, folder, h in (("lorkd", student, fused_val, lorkd_fused, sha),
+                                                   ("single_student", single, single_val, lorkd_single, None)):
+            save_fused(folder(out_root, modality, task), model, task, kind=td.kind, label_names=label_names,
+                       expected_hash=h, tokenizer=found.tokenizer, max_length=found.max_length,
                        metadata={"method": method, **common, "val_metrics": metrics})
         summary_tasks[task] = info
-        metric = params.evaluate.primary_metric
+        metric = inp.metric
         log.info("[decompose] %s: val %s teacher %.3f, LoRKD fused %.3f, single-task student %.3f; %d params "
-                 "(%.1f%% of the teacher)", task, metric, info["teacher_val"][metric], fused_val[metric],
-                 single_val[metric], deployed, 100 * info["parameter_fraction"])
-    return {"tasks": summary_tasks, "student_sha256": sha, "student_parameters": count_parameters(student),
-            "teacher_seconds": teacher_seconds, "train_seconds": train_seconds,
-            "train_peak_memory_mb": memory.added_mb, "train_peak_memory_kind": memory.kind}
+                 "(%.1f%% of the teacher)", task, metric, info.teacher_val[metric], fused_val[metric],
+                 single_val[metric], deployed, 100 * info.parameter_fraction)
+    return ModalityDecomposition(tasks=summary_tasks, student_sha256=sha, student_parameters=count_parameters(student),
+                                 teacher_seconds=teacher_seconds, train_seconds=train_seconds,
+                                 train_peak_memory_mb=memory.added_mb, train_peak_memory_kind=memory.kind)
 
 
-def decompose(params: Params, data_dir: Path, foundation_dir: Path, out_dir: Path, logger: Any = False,
-              checkpoint_dir: Path | None = None) -> dict[str, Any]:
-    """Every configured modality that has active tasks."""
+def run(inp: DecomposeInputs, data_dir: Path, foundation_dir: Path, out_dir: Path, logger: Any = False,
+        checkpoint_dir: Path | None = None) -> DecomposeSummary:
+    """The stage: every configured modality that has active tasks."""
     summary = {}
-    for modality in params.decompose.modalities:
-        if not params.data.active_tasks(modality):
+    for modality in inp.decompose.modalities:
+        if not inp.active_tasks(modality):
             continue
-        summary[modality] = decompose_modality(modality, params, data_dir, foundation_dir, out_dir / modality,
-                                               logger, checkpoint_dir / modality if checkpoint_dir else None)
-    return {"modalities": summary}
+        summary[modality] = decompose_modality(modality, inp, data_dir, foundation_dir, out_dir, logger,
+                                               checkpoint_dir / modality if checkpoint_dir else None)
+    return DecomposeSummary(modalities=summary)

@@ -9,23 +9,50 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from components.core.artifacts import read_json, write_json
-from components.config import Params
-from components.data.datasets import load_split
-from components.metrics.counts import count_parameters
-from components.metrics.latency import measure_latency
-from components.metrics.classification import compute_metrics, confusion, normalised_score
-from components.metrics.plots import plot_confusion
-from components.metrics.report import markdown_table
-from components.experts.io import load_expert, stored_bytes
 import components.plugins  # noqa: F401  bundles of soft-prompt experts and LoRKD students
 from components.bundle.format import LoadedBundle, load_bundle
+from components.config import EvaluateParams
+from components.core.artifacts import read_model
+from components.core.layout import (SUMMARY_FILE, evaluation_plots, evaluation_report, expert_bundle, expert_dir,
+                                    fused_bundle, lorkd_fused, lorkd_single, teacher_heads)
+from components.data.datasets import load_split
+from components.experts.io import load_expert, stored_bytes
+from components.metrics.classification import compute_metrics, confusion, normalised_score
+from components.metrics.counts import count_parameters
+from components.metrics.latency import measure_latency
+from components.metrics.plots import plot_confusion
+from components.metrics.report import markdown_table
 from components.nn.classifier import Classifier, make_head
 from components.nn.foundation import Foundation, load_foundation
+from components.stages.base import StageSummary, TaskInputs, param
+from components.stages.fusion import FusionSummary
 from components.training.data import labels_tensor
 from components.training.inference import batched
 
 log = logging.getLogger("medexperts")
+
+
+class EvaluateInputs(TaskInputs):
+    evaluate: EvaluateParams = param("evaluate")
+    seed: int = param("pipeline.seed")
+
+
+class TaskEvaluation(StageSummary):
+    modality: str
+    kind: str
+    test_samples: int
+    metrics: dict[str, dict[str, float]]  # model (probe, expert, fused, teacher, lorkd, single_student) -> metrics
+    normalised: float | None  # fused / expert on the primary metric
+    merge_max_abs_diff: float
+    params: dict[str, int]
+    latency_ms_per_sample: dict[str, float]
+    plots: dict[str, str]  # relative to the stage folder
+
+
+class EvaluateSummary(StageSummary):
+    metric: str
+    tasks: dict[str, TaskEvaluation]
+    fusion: dict[str, Any]  # which fused model was scored: best_method, tasks
 
 EQUALITY_SAMPLES = 64
 COLUMNS = [("task", "task"), ("probe", "probe"), ("expert", "expert"), ("fused", "fused"),
@@ -39,84 +66,86 @@ def _latency(model: torch.nn.Module, x: dict[str, torch.Tensor], batch: int, rep
     return measure_latency(lambda: model(**one), n_samples=len(next(iter(one.values()))), repeats=repeats)["ms_per_sample"]
 
 
-def _fused(fusion_dir: Path | None) -> tuple[LoadedBundle | None, dict[str, Any]]:
-    if fusion_dir is None or not (fusion_dir / "summary.json").is_file():
-        return None, {}
-    summary = read_json(fusion_dir / "summary.json", "fusion summary")
-    return load_bundle(fusion_dir / summary["best_method"]), summary
+def _fused(fusion_dir: Path | None) -> tuple[LoadedBundle | None, FusionSummary]:
+    if fusion_dir is None or not (fusion_dir / SUMMARY_FILE).is_file():
+        return None, FusionSummary(skipped="no fusion stage output")
+    summary = read_model(fusion_dir / SUMMARY_FILE, FusionSummary, "fusion summary")
+    if summary.best_method is None:
+        return None, summary
+    return load_bundle(fused_bundle(fusion_dir, summary.best_method)), summary
 
 
 def _teacher_head(decompose_dir: Path, modality: str, task: str, in_dim: int) -> torch.nn.Module:
-    tensors = load_file(decompose_dir / modality / "teacher_heads.safetensors")
+    tensors = load_file(teacher_heads(decompose_dir, modality))
     state = {k.rsplit(".", 1)[1]: v for k, v in tensors.items() if k.rsplit(".", 1)[0] == task}
     head = make_head(in_dim, state["weight"].shape[0])
     head.load_state_dict(state)
     return head.eval()
 
 
-def evaluate_models(params: Params, data_dir: Path, foundation_dir: Path, experts_dir: Path,
-                    fusion_dir: Path | None, out_dir: Path, decompose_dir: Path | None = None) -> dict[str, Any]:
+def evaluate_models(inp: EvaluateInputs, data_dir: Path, foundation_dir: Path, experts_dir: Path,
+                    fusion_dir: Path | None, out_dir: Path, decompose_dir: Path | None = None) -> EvaluateSummary:
     """Score every active task's probe, deployed expert, (if fused) the fused model and (if decomposed) the
     LoRKD teacher, fused LoRKD expert and same-size single-task student on test."""
-    ep, metric, seed = params.evaluate, params.evaluate.primary_metric, params.pipeline.seed
+    ep, metric, seed = inp.evaluate, inp.evaluate.primary_metric, inp.seed
     fused, fusion_summary = _fused(fusion_dir)
+    plots_dir = evaluation_plots(out_dir)
     foundations: dict[str, Foundation] = {}
-    results: dict[str, Any] = {}
-    for task, spec in params.data.active_tasks().items():
+    results: dict[str, TaskEvaluation] = {}
+
+    def latency(model: torch.nn.Module, x: dict[str, torch.Tensor]) -> float:
+        return _latency(model, x, ep.latency_batch_size, ep.latency_repeats)
+
+    for task, spec in inp.active_tasks().items():
         if spec.modality not in foundations:
             foundations[spec.modality] = load_foundation(foundation_dir, spec.modality)
         found = foundations[spec.modality]
         test = load_split(data_dir, task, "test").subset(ep.max_test_samples, seed)
         x, y = found.inputs(test.inputs), labels_tensor(test.labels, test.kind)
-        expert = load_expert(experts_dir / task, found)
-        deployed = load_bundle(experts_dir / task / "bundle").model.for_task(task)
+
+        def score_and_plot(key: str, logits: torch.Tensor, title: str) -> dict[str, float]:
+            plots[key] = plot_confusion(confusion(test.kind, logits, y, test.num_labels), test.label_names,
+                                        f"{task}: {title} (test)", plots_dir / f"confusion_{task}_{key}.png")
+            return compute_metrics(test.kind, logits, y, test.num_labels)
+
+        plots: dict[str, Path] = {}
+        expert = load_expert(expert_dir(experts_dir, task), found)
+        deployed = load_bundle(expert_bundle(expert_dir(experts_dir, task))).model.for_task(task)
         probe_model = Classifier(found.encoder, expert.probe_head).eval()
         deployed_logits = batched(deployed, x)
         # The un-merged adapter model is only needed to check that merging did not move the outputs.
         check = {k: v[:EQUALITY_SAMPLES] for k, v in x.items()}
         merge_diff = float((batched(expert.classifier(), check) - deployed_logits[:EQUALITY_SAMPLES]).abs().max())
         scores = {"probe": compute_metrics(test.kind, batched(probe_model, x), y, test.num_labels),
-                  "expert": compute_metrics(test.kind, deployed_logits, y, test.num_labels)}
-        plots = {"expert": plot_confusion(confusion(test.kind, deployed_logits, y, test.num_labels),
-                                          test.label_names, f"{task}: {expert.manifest['method']} expert (test)",
-                                          out_dir / "plots" / f"confusion_{task}_expert.png")}
+                  "expert": score_and_plot("expert", deployed_logits, f"{expert.manifest['method']} expert")}
+        sizes = {"foundation": count_parameters(found.encoder), "trainable": expert.manifest["trainable_params"],
+                 "stored_bytes": stored_bytes(expert_dir(experts_dir, task)), "deployed": count_parameters(deployed)}
+        latencies = {"base": latency(probe_model, x), "expert_merged": latency(deployed, x),
+                     "expert_adapter": latency(expert.classifier(), x)}
         if fused is not None and task in fused.tasks:
-            fused_logits = batched(fused.model.for_task(task), x)
-            scores["fused"] = compute_metrics(test.kind, fused_logits, y, test.num_labels)
-            plots["fused"] = plot_confusion(confusion(test.kind, fused_logits, y, test.num_labels),
-                                            test.label_names, f"{task}: fused {fusion_summary['best_method']} (test)",
-                                            out_dir / "plots" / f"confusion_{task}_fused.png")
-        lorkd = decompose_dir is not None and (decompose_dir / spec.modality / "fused" / task).is_dir()
-        if lorkd:
+            scores["fused"] = score_and_plot("fused", batched(fused.model.for_task(task), x),
+                                             f"fused {fusion_summary.best_method}")
+        if decompose_dir is not None and lorkd_fused(decompose_dir, spec.modality, task).is_dir():
             teacher = Classifier(found.encoder, _teacher_head(decompose_dir, spec.modality, task, found.encoder.out_dim))
             scores["teacher"] = compute_metrics(test.kind, batched(teacher, x), y, test.num_labels)
-            for key, folder in (("lorkd", "fused"), ("single_student", "single")):
-                b = load_bundle(decompose_dir / spec.modality / folder / task)
-                scores[key] = compute_metrics(test.kind, batched(b.model.for_task(task), x), y, test.num_labels)
-                if key == "lorkd":
-                    lorkd_params = {"lorkd_deployed": b.manifest["parameters"], "teacher": b.manifest["teacher_parameters"]}
-                    lorkd_ms = _latency(b.model.for_task(task), x, ep.latency_batch_size, ep.latency_repeats)
-        results[task] = {
-            "modality": spec.modality, "kind": test.kind, "test_samples": len(test), "metrics": scores,
-            "normalised": normalised_score(scores["fused"][metric], scores["expert"][metric]) if "fused" in scores else None,
+            lorkd = load_bundle(lorkd_fused(decompose_dir, spec.modality, task))
+            single = load_bundle(lorkd_single(decompose_dir, spec.modality, task))
+            scores["lorkd"] = compute_metrics(test.kind, batched(lorkd.model.for_task(task), x), y, test.num_labels)
+            scores["single_student"] = compute_metrics(test.kind, batched(single.model.for_task(task), x), y,
+                                                       test.num_labels)
+            sizes.update(lorkd_deployed=lorkd.manifest["parameters"], teacher=lorkd.manifest["teacher_parameters"])
+            latencies["lorkd"] = latency(lorkd.model.for_task(task), x)
+        results[task] = TaskEvaluation(
+            modality=spec.modality, kind=test.kind, test_samples=len(test), metrics=scores,
+            normalised=normalised_score(scores["fused"][metric], scores["expert"][metric]) if "fused" in scores else None,
             # Merge-into-backbone must not move outputs (peft#1043): record the largest deviation.
-            "merge_max_abs_diff": merge_diff,
-            "params": {"foundation": count_parameters(found.encoder),
-                       "trainable": expert.manifest["trainable_params"],
-                       "stored_bytes": stored_bytes(experts_dir / task),
-                       "deployed": count_parameters(deployed), **(lorkd_params if lorkd else {})},
-            "latency_ms_per_sample": {
-                "base": _latency(probe_model, x, ep.latency_batch_size, ep.latency_repeats),
-                "expert_merged": _latency(deployed, x, ep.latency_batch_size, ep.latency_repeats),
-                "expert_adapter": _latency(expert.classifier(), x, ep.latency_batch_size, ep.latency_repeats),
-                **({"lorkd": lorkd_ms} if lorkd else {})},
-            "plots": {k: str(Path(p).relative_to(out_dir)) for k, p in plots.items()},
-        }
+            merge_max_abs_diff=merge_diff, params=sizes, latency_ms_per_sample=latencies,
+            plots={k: str(Path(p).relative_to(out_dir)) for k, p in plots.items()})
         log.info("[evaluate] %s: test %s probe=%.3f expert=%.3f%s", task, metric, scores["probe"][metric],
                  scores["expert"][metric], f" fused={scores['fused'][metric]:.3f}" if "fused" in scores else "")
-    summary = {"metric": metric, "tasks": results, "fusion": {k: fusion_summary.get(k) for k in ("best_method", "tasks")}}
-    write_json(out_dir / "metrics.json", summary)
-    (out_dir / "report.md").write_text(markdown_table(report_rows(summary), COLUMNS) + "\n")
+    summary = EvaluateSummary(metric=metric, tasks=results,
+                              fusion={"best_method": fusion_summary.best_method, "tasks": fusion_summary.tasks})
+    evaluation_report(out_dir).write_text(markdown_table(report_rows(summary.model_dump(mode="json")), COLUMNS) + "\n")
     return summary
 
 

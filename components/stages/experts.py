@@ -1,4 +1,7 @@
-"""Train one task's expert: a frozen-foundation linear probe, then the expert (params: experts.method) from it."""
+"""The experts stage: per task, a frozen-foundation linear probe, then the expert (experts.method) from it.
+
+The driver runs ``train_expert`` once per active task (each in its own MLflow run) and collects ``ExpertRun``s.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +15,9 @@ from typing import Any
 import lightning as L
 import torch
 
-from components.config import Params
+from components.config import ExpertsParams, PrimaryMetric
+from components.core.errors import ParamsError
+from components.core.layout import expert_bundle
 from components.data.datasets import TaskData, load_split
 from components.metrics.counts import count_parameters
 from components.metrics.memory import PeakMemory
@@ -29,7 +34,30 @@ from components.training.inference import batched
 from components.training.module import ClassifierModule
 from components.training.trainer import build_trainer, data_device, resume_from
 
+from components.stages.base import StageSummary, TaskInputs, param
+
 log = logging.getLogger("medexperts")
+
+
+class ExpertsInputs(TaskInputs):
+    experts: ExpertsParams = param("experts")
+    metric: PrimaryMetric = param("evaluate.primary_metric")
+    seed: int = param("pipeline.seed")
+
+
+class ExpertRun(StageSummary):
+    """One task's expert as later stages see it (the full record is the expert's manifest)."""
+
+    method: str
+    val: dict[str, float]
+    probe_val: dict[str, float]
+    trainable_params: int
+    train_seconds: float
+    run_id: str | None = None  # the MLflow run that trained it
+
+
+class ExpertsSummary(StageSummary):
+    tasks: dict[str, ExpertRun]
 
 
 def task_tensors(foundation: Foundation, data: TaskData) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -37,15 +65,18 @@ def task_tensors(foundation: Foundation, data: TaskData) -> tuple[dict[str, torc
     return foundation.inputs(data.inputs), labels_tensor(data.labels, data.kind)
 
 
-def train_expert(task: str, params: Params, data_dir: Path, foundation_dir: Path, out_dir: Path,
+def train_expert(task: str, inp: ExpertsInputs, data_dir: Path, foundation_dir: Path, out_dir: Path,
                  logger: Any = False, checkpoint_dir: Path | None = None) -> dict[str, Any]:
     """Fit the probe and the expert of ``task``; write ``out_dir`` (an expert folder).
 
     ``checkpoint_dir``: where training checkpoints every epoch; a killed run called again with the same
     folder resumes from its last epoch. The caller keys the folder by everything that decides the result.
     """
-    seed, metric = params.pipeline.seed, params.evaluate.primary_metric
-    tp = params.experts.trainer.of(params.data.tasks[task].modality)
+    seed, metric, ep = inp.seed, inp.metric, inp.experts
+    if task not in inp.active_tasks():
+        raise ParamsError(f"unknown task {task!r} for the experts stage; active: {inp.active}")
+    spec = inp.tasks[task]
+    tp = ep.trainer.of(spec.modality)
     train = load_split(data_dir, task, "train").subset(tp.max_train_samples, seed)
     val = load_split(data_dir, task, "val")
     foundation = load_foundation(foundation_dir, train.modality)
@@ -54,16 +85,16 @@ def train_expert(task: str, params: Params, data_dir: Path, foundation_dir: Path
 
     t0 = time.perf_counter()
     probe, probe_val = fit_probe((batched(foundation.encoder, x_tr), y_tr), (batched(foundation.encoder, x_va), y_va),
-                                 train.kind, train.num_labels, params.experts.probe, metric, seed)
+                                 train.kind, train.num_labels, ep.probe, metric, seed)
     probe_seconds = time.perf_counter() - t0
     log.info("[experts] %s: probe val %s=%.3f (%d train samples)", task, metric, probe_val[metric], len(train))
 
     L.seed_everything(seed, workers=True, verbose=False)  # same seed: every task starts from the same φ0
-    method_name = params.experts.method_for(train.modality)
+    method_name = ep.method_for(train.modality)
     method = get_method(method_name)
-    encoder = method.build(foundation, params.experts, params.data.tasks[task].description)
-    lr = params.experts.lr_for(method_name, train.modality)
-    head = copy.deepcopy(probe) if params.experts.head_init == "probe" else make_head(
+    encoder = method.build(foundation, ep, spec.description)
+    lr = ep.lr_for(method_name, train.modality)
+    head = copy.deepcopy(probe) if ep.head_init == "probe" else make_head(
         foundation.encoder.out_dim, train.num_labels)
     head.requires_grad_(True)
     model = Classifier(encoder, head)
@@ -85,9 +116,9 @@ def train_expert(task: str, params: Params, data_dir: Path, foundation_dir: Path
     log.info("[experts] %s: %s val %s=%.3f (probe %.3f) in %.1fs", task, method.pretty, metric,
              expert_val[metric], probe_val[metric], train_seconds)
 
-    lp = params.experts.lora
+    lp = ep.lora
     # The deployable form: ΔW folded into the foundation's weights, plain architecture, zero overhead.
-    save_bundle(out_dir / "bundle", foundation, method.delta(encoder, foundation.encoder) if method.delta else {},
+    save_bundle(expert_bundle(out_dir), foundation, method.delta(encoder, foundation.encoder) if method.delta else {},
                 {task: TaskHead(head, train.kind, train.label_names)}, name=f"{task}-expert",
                 metadata={"method": method_name, "task": task, "val_metrics": expert_val},
                 wrappers=method.wrappers(encoder) if method.wrappers else None)
@@ -103,3 +134,10 @@ def train_expert(task: str, params: Params, data_dir: Path, foundation_dir: Path
         "train_peak_memory_mb": memory.added_mb, "train_peak_memory_kind": memory.kind,
     })
     return manifest
+
+
+def expert_run(manifest: dict[str, Any], run_id: str | None) -> ExpertRun:
+    """What the stage summary keeps of an expert's manifest."""
+    return ExpertRun(method=manifest["method"], val=manifest["metrics"]["val"],
+                     probe_val=manifest["metrics"]["probe_val"], trainable_params=manifest["trainable_params"],
+                     train_seconds=manifest["train_seconds"], run_id=run_id)

@@ -1,4 +1,5 @@
-"""Pre-train the image foundation: one CNN, one head per image task, trained on mixed batches."""
+"""The foundation stage: describe the text encoder (weights hash) and pre-train (or copy) the image foundation:
+one CNN, one head per image task, trained on mixed batches."""
 
 from __future__ import annotations
 
@@ -12,17 +13,35 @@ from typing import Any
 import lightning as L
 import torch
 
+from components.config import FoundationParams
 from components.core.artifacts import read_manifest
-from components.config import Params
-from components.data.datasets import TaskData, load_split
 from components.core.errors import DataError, ParamsError
+from components.core.layout import foundation_dir
+from components.data.datasets import TaskData, load_split
 from components.nn.encoders import image_tensor
-from components.nn.foundation import new_image_model, save_image_foundation
+from components.nn.foundation import describe_text_foundation, new_image_model, save_image_foundation
+from components.stages.base import StageSummary, TaskInputs, param
 from components.training.data import TensorDictDataset, loader
 from components.training.module import MultiTaskModule
 from components.training.trainer import build_trainer, data_device, resume_from
 
 log = logging.getLogger("medexperts")
+
+
+class FoundationInputs(TaskInputs):
+    foundation: FoundationParams = param("foundation")
+    seed: int = param("pipeline.seed")
+
+
+class FoundationInfo(StageSummary):
+    sha256: str
+    parameters: int
+    source: str
+
+
+class FoundationSummary(StageSummary):
+    text: FoundationInfo | None = None
+    image: FoundationInfo | None = None
 
 
 def _mixed(tasks: dict[str, TaskData]) -> TensorDictDataset:
@@ -35,15 +54,15 @@ def _mixed(tasks: dict[str, TaskData]) -> TensorDictDataset:
     return TensorDictDataset({"pixels": pixels}, labels, ids)
 
 
-def pretrain_image_foundation(params: Params, data_dir: Path, out_dir: Path, logger: Any = False,
+def pretrain_image_foundation(inp: FoundationInputs, data_dir: Path, out_dir: Path, logger: Any = False,
                               checkpoint_dir: Path | None = None) -> dict[str, Any]:
     """Multi-task pre-training on the union of the active image tasks' train splits (resumable from
     ``checkpoint_dir``, see ``train_expert``)."""
-    ip, seed = params.foundation.image, params.pipeline.seed
-    specs = params.data.active_tasks("image")
+    ip, seed = inp.foundation.image, inp.seed
+    specs = inp.active_tasks("image")
     multilabel = [n for n, s in specs.items() if s.kind == "multilabel"]
     if multilabel:
-        raise ParamsError(f"params/data.yaml: image pre-training supports single-label tasks; {multilabel} are multilabel")
+        raise ParamsError(f"data.tasks: image pre-training supports single-label tasks; {multilabel} are multilabel")
     cap = ip.trainer.max_train_samples
     train = {n: load_split(data_dir, n, "train").subset(cap, seed) for n in specs}
     val = {n: load_split(data_dir, n, "val") for n in specs}
@@ -71,6 +90,24 @@ def copy_image_checkpoint(source: Path, out_dir: Path) -> dict[str, Any]:
     """Use an image foundation written earlier by this stage (verified against its manifest)."""
     manifest = read_manifest(source, kind="foundation")
     if manifest.get("modality") != "image":
-        raise ParamsError(f"params/foundation.yaml: key 'image.source': {source} is not an image foundation")
+        raise ParamsError(f"foundation.image.source: {source} is not an image foundation")
     shutil.copytree(source, out_dir, dirs_exist_ok=True)
     return manifest
+
+
+def run(inp: FoundationInputs, project_dir: Path, data_dir: Path, out_dir: Path, logger: Any = False,
+        checkpoint_dir: Path | None = None) -> FoundationSummary:
+    """The stage: one foundation per modality that has active tasks, under ``out_dir/<modality>``."""
+    summary = FoundationSummary()
+    if inp.active_tasks("text"):
+        m = describe_text_foundation(inp.foundation, project_dir, foundation_dir(out_dir, "text"))
+        summary.text = FoundationInfo(sha256=m["sha256"], parameters=m["parameters"], source=m["source"])
+    if inp.active_tasks("image"):
+        image_out = foundation_dir(out_dir, "image")
+        if inp.foundation.image.source == "pretrain":
+            m = pretrain_image_foundation(inp, data_dir, image_out, logger=logger,
+                                          checkpoint_dir=checkpoint_dir / "image" if checkpoint_dir else None)
+        else:
+            m = copy_image_checkpoint(project_dir / inp.foundation.image.source, image_out)
+        summary.image = FoundationInfo(sha256=m["sha256"], parameters=m["parameters"], source=m["source"])
+    return summary

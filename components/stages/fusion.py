@@ -9,29 +9,87 @@ from pathlib import Path
 from typing import Any
 
 from components.bundle.format import TaskHead, save_bundle
-from components.config import Params
-from components.core.artifacts import write_json
+from components.config import FusionParams, PrimaryMetric
+from components.core.artifacts import read_manifest
 from components.core.errors import ArtifactError
+from components.core.layout import expert_dir, fused_bundle, fusion_curve
 from components.experts.io import load_expert
+from components.experts.methods import get_method
 from components.fusion.merge import MERGE_METHODS, check_compatible, coefficient_grid
 from components.fusion.search import Searched, ValidationScorer, _finite, best_per_lambda, search_coefficients
 from components.fusion.spaces import check_same_start, task_vectors
 from components.metrics.plots import plot_fusion_curve
 from components.nn.foundation import load_foundation
+from components.stages.base import StageSummary, TaskInputs, param
 
 log = logging.getLogger("medexperts")
 
 
-def fuse_experts(params: Params, data_dir: Path, foundation_dir: Path, experts_dir: Path,
-                 out_dir: Path) -> dict[str, Any]:
+class FusionInputs(TaskInputs):
+    fusion: FusionParams = param("fusion")
+    metric: PrimaryMetric = param("evaluate.primary_metric")
+    seed: int = param("pipeline.seed")
+
+
+class MergeResult(StageSummary):
+    """One merge method's chosen point and its whole search."""
+
+    coefficients: dict[str, float]
+    val_normalised: float
+    val_metrics: dict[str, dict[str, float]]
+    seed: int | None = None  # stochastic methods (DARE) only
+    grid: list[dict[str, Any]]
+
+    @property
+    def lam(self) -> float | None:
+        return self.coefficients.get("lam")
+
+
+class FusionSummary(StageSummary):
+    skipped: str | None = None  # why nothing was merged (then every other field is empty)
+    modality: str | None = None
+    tasks: list[str] = []
+    metric: str | None = None
+    methods: dict[str, MergeResult] = {}
+    best_method: str | None = None
+    single_val: dict[str, float] = {}
+    curves: dict[str, list[tuple[float, float]]] = {}
+    lora_space: str | None = None
+    seed: int | None = None
+    search_seconds: float | None = None
+
+    def best_val_mean(self) -> float:
+        """The best method's validation metric, averaged over the merged tasks (what promotion compares)."""
+        per_task = self.methods[self.best_method].val_metrics
+        return sum(v[self.metric] for v in per_task.values()) / len(per_task)
+
+
+def run(inp: FusionInputs, data_dir: Path, foundation_dir: Path, experts_dir: Path, out_dir: Path) -> FusionSummary:
+    """The stage: skipped (with the reason) when fewer than 2 experts of the modality exist or their method changes
+    no weight; else ``fuse_experts``."""
+    tasks = list(inp.active_tasks(inp.fusion.modality))
+    if len(tasks) < 2:
+        return FusionSummary(skipped=f"fewer than 2 active {inp.fusion.modality} tasks ({tasks})")
+    method = get_method(read_expert_method(experts_dir, tasks[0]))
+    if method.delta is None:
+        return FusionSummary(skipped=f"{method.pretty} experts change no weight: nothing to merge in weight space")
+    return fuse_experts(inp, data_dir, foundation_dir, experts_dir, out_dir)
+
+
+def read_expert_method(experts_dir: Path, task: str) -> str:
+    return str(read_manifest(expert_dir(experts_dir, task), kind="expert", verify=False)["method"])
+
+
+def fuse_experts(inp: FusionInputs, data_dir: Path, foundation_dir: Path, experts_dir: Path,
+                 out_dir: Path) -> FusionSummary:
     """Merge by every configured method, its coefficients by validation normalised score; write one bundle per
-    method, the curve and summary.json. Every check runs before the first bundle is written."""
-    fp, metric, seed = params.fusion, params.evaluate.primary_metric, params.pipeline.seed
-    tasks = list(params.data.active_tasks(fp.modality))  # the stage skips fusion with fewer than 2
+    method and the curve. Every check runs before the first bundle is written."""
+    fp, metric, seed = inp.fusion, inp.metric, inp.seed
+    tasks = list(inp.active_tasks(fp.modality))  # the stage skips fusion with fewer than 2
     if not tasks:
         raise ArtifactError(f"no experts to merge (empty expert list): no active {fp.modality} task")
     foundation = load_foundation(foundation_dir, fp.modality)
-    experts = {t: load_expert(experts_dir / t, foundation) for t in tasks}
+    experts = {t: load_expert(expert_dir(experts_dir, t), foundation) for t in tasks}
     check_same_start(experts)
     t0 = time.perf_counter()
     vectors, to_delta = task_vectors(experts, foundation, fp.lora_space)
@@ -47,23 +105,19 @@ def fuse_experts(params: Params, data_dir: Path, foundation_dir: Path, experts_d
     search_seconds = time.perf_counter() - t0  # task vectors, merges and validation scoring
 
     heads = {t: TaskHead(e.head, e.manifest["task_kind"], e.manifest["label_names"]) for t, e in experts.items()}
-    results: dict[str, Any] = {}
+    results: dict[str, MergeResult] = {}
     for method, s in searched.items():
         chosen = {"lambda": s.coefficients.get("lam"), "coefficients": s.coefficients, "val_normalised": s.score,
                   "val_metrics": s.per_task, **({"seed": seed} if MERGE_METHODS[method].stochastic else {})}
-        save_bundle(out_dir / method, foundation, s.delta, heads, name=f"fused-{fp.modality}-{method}", metadata={
-            "method": method, **chosen, "lora_space": fp.lora_space, "tasks_merged": tasks,
-            "single_val": scorer.single, "metric": metric,
-        })
-        results[method] = {**chosen, "grid": s.grid}
+        save_bundle(fused_bundle(out_dir, method), foundation, s.delta, heads, name=f"fused-{fp.modality}-{method}",
+                    metadata={"method": method, **chosen, "lora_space": fp.lora_space, "tasks_merged": tasks,
+                              "single_val": scorer.single, "metric": metric})
+        results[method] = MergeResult(coefficients=s.coefficients, val_normalised=s.score, val_metrics=s.per_task,
+                                      seed=chosen.get("seed"), grid=s.grid)
     curves = {m: best_per_lambda(s.grid, len(tasks)) for m, s in searched.items()}
-    best_method = max(results, key=lambda m: _finite(results[m]["val_normalised"]))
-    summary = {
-        "modality": fp.modality, "tasks": tasks, "metric": metric, "methods": results, "best_method": best_method,
-        "single_val": scorer.single, "curves": {m: [list(p) for p in c] for m, c in curves.items()},
-        "lora_space": fp.lora_space, "seed": seed, "search_seconds": search_seconds,
-    }
+    best_method = max(results, key=lambda m: _finite(results[m].val_normalised))
     chosen_lam = {m: s.coefficients.get("lam", 1.0 / len(tasks)) for m, s in searched.items()}
-    plot_fusion_curve(curves, chosen_lam, f"normalised val {metric}", out_dir / "fusion_curve.png")
-    write_json(out_dir / "summary.json", summary)
-    return summary
+    plot_fusion_curve(curves, chosen_lam, f"normalised val {metric}", fusion_curve(out_dir))
+    return FusionSummary(modality=fp.modality, tasks=tasks, metric=metric, methods=results, best_method=best_method,
+                         single_val=scorer.single, curves=curves, lora_space=fp.lora_space, seed=seed,
+                         search_seconds=search_seconds)

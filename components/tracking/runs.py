@@ -1,14 +1,22 @@
-"""MLflow run helpers: experiments in the project store, flattened params, batched metrics."""
+"""MLflow runs: the one door through which the pipeline starts runs and logs params, metrics, tags and files.
+
+Every helper that logs needs an active run and raises ``TrackingError`` without one (a silent no-op would hide
+a run that was never started). Metrics go through ``mlflow.log_metrics``, which batches by itself.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import mlflow
-from mlflow.entities import Metric, Param
-from mlflow.tracking import MlflowClient
+from mlflow.exceptions import MlflowException
+
+from components.core.errors import TrackingError
 
 MAX_PARAM = 500  # MLflow's limit on a param value's length (older servers)
 MAX_KEY = 250  # MLflow's limit on a metric name's length
@@ -20,12 +28,56 @@ def metric_key(path: str) -> str:
     return _BAD_KEY_CHARS.sub("_", path.replace("@", "_at_"))[:MAX_KEY]
 
 
+def _first_line(exc: MlflowException) -> str:
+    return exc.message.splitlines()[0] if exc.message else type(exc).__name__
+
+
+def tracking_uri() -> str:
+    return mlflow.get_tracking_uri()
+
+
 def ensure_experiment(name: str, artifact_uri: str | None = None) -> str:
     """Id of experiment ``name``, created with ``artifact_uri`` as its artifact root if new."""
     found = mlflow.get_experiment_by_name(name)
     if found is not None:
         return found.experiment_id
     return mlflow.create_experiment(name, artifact_location=artifact_uri)
+
+
+def use_experiment(name: str, artifact_uri: str | None = None) -> str:
+    """Make experiment ``name`` (created if new) the one runs start in; returns its id."""
+    try:
+        experiment_id = ensure_experiment(name, artifact_uri)
+        mlflow.set_experiment(experiment_id=experiment_id)
+    except MlflowException as exc:
+        raise TrackingError(f"cannot open MLflow experiment {name!r} at {tracking_uri()}: {_first_line(exc)}") from None
+    return experiment_id
+
+
+@contextlib.contextmanager
+def run(name: str, *, tags: dict[str, str] | None = None, nested: bool = False,
+        parent_run_id: str | None = None) -> Iterator[str]:
+    """Start (and on exit end) an MLflow run; yields its id. A failure to start is a TrackingError."""
+    try:
+        active = mlflow.start_run(run_name=name, nested=nested, parent_run_id=parent_run_id, tags=tags)
+    except MlflowException as exc:
+        raise TrackingError(f"cannot start the MLflow run {name!r} (parent {parent_run_id}): {_first_line(exc)}") from None
+    with active:
+        yield active.info.run_id
+
+
+def active_run_id() -> str:
+    run_ = mlflow.active_run()
+    if run_ is None:
+        raise TrackingError("no active MLflow run: start one with components.tracking.runs.run()")
+    return run_.info.run_id
+
+
+def lightning_logger() -> Any:
+    """A Lightning MLFlowLogger writing into the active run (epoch curves land beside the run's other metrics)."""
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    return MLFlowLogger(tracking_uri=tracking_uri(), run_id=active_run_id())
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -40,24 +92,39 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 def log_params(tree: dict[str, Any], prefix: str = "") -> None:
     """Log a nested params tree in one batch (values cut to MLflow's length limit)."""
+    active_run_id()
     flat = {k: str(v)[:MAX_PARAM] for k, v in flatten(tree, prefix).items()}
-    run = mlflow.active_run()
-    if run and flat:
-        MlflowClient().log_batch(run.info.run_id, params=[Param(k, v) for k, v in flat.items()])
+    if flat:
+        mlflow.log_params(flat)
 
 
 def log_metrics(tree: dict[str, Any], prefix: str = "", step: int = 0) -> None:
-    """Log every finite numeric leaf of a nested dict in batches (~4 ms per single call on SQLite); keys are the
-    leaves' paths (metric_key)."""
-    import time
+    """Log every finite numeric leaf of a nested dict (one batched call); keys are the leaves' paths
+    (``metric_key``)."""
+    active_run_id()
+    metrics = {metric_key(k): float(v) for k, v in flatten(tree, prefix).items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))}
+    if metrics:
+        mlflow.log_metrics(metrics, step=step)
 
-    now = int(time.time() * 1000)
-    metrics = [
-        Metric(metric_key(k), float(v), now, step)
-        for k, v in flatten(tree, prefix).items()
-        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
-    ]
-    run = mlflow.active_run()
-    for i in range(0, len(metrics), 1000):  # MLflow's per-batch limit
-        if run:
-            MlflowClient().log_batch(run.info.run_id, metrics=metrics[i : i + 1000])
+
+def set_tags(tags: dict[str, Any]) -> None:
+    active_run_id()
+    if tags:
+        mlflow.set_tags({k: str(v) for k, v in tags.items()})
+
+
+def log_file(path: Path, artifact_path: str | None = None) -> None:
+    """Attach a file (or every file of a folder) to the active run."""
+    active_run_id()
+    path = Path(path)
+    if path.is_dir():
+        mlflow.log_artifacts(str(path), artifact_path=artifact_path)
+    else:
+        mlflow.log_artifact(str(path), artifact_path=artifact_path)
+
+
+def log_json(obj: Any, artifact_file: str) -> None:
+    """A dict or list as a JSON artifact of the active run."""
+    active_run_id()
+    mlflow.log_dict(obj, artifact_file)

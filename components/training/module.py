@@ -2,14 +2,31 @@
 
 from __future__ import annotations
 
+import math
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import lightning as L
 import torch
 from torch import nn
+from torchmetrics import Metric, MetricCollection
+from torchmetrics.classification import (
+    BinaryAUROC,
+    MulticlassAccuracy,
+    MulticlassAUROC,
+    MulticlassF1Score,
+    MulticlassMatthewsCorrCoef,
+    MultilabelAccuracy,
+    MultilabelAUROC,
+    MultilabelF1Score,
+    MultilabelMatthewsCorrCoef,
+)
+from torchmetrics.utilities.data import dim_zero_cat
 
 from components.core.errors import ArtifactError
-from components.metrics.classification import compute_metrics
+from components.metrics.classification import PRIMARY_METRICS, _auroc_defined, predictions
 
 
 def task_loss(kind: str, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -37,8 +54,148 @@ class TrainableCheckpoint(L.LightningModule):
                                 f"unexpected {extra}); delete it to start over")
 
 
+# torchmetrics' warnings on degenerate validation data (one class only, empty F1 denominators, a rank that saw no
+# sample of a task): the values it returns are the ones compute_metrics returns, so these are noise.
+_DEGENERATE_WARNINGS = (
+    r"No (positive|negative) samples",
+    r".*was `nan`\. Ignoring these classes",
+    r"Detected zero division",
+    r"The ``compute`` method of metric .* was called before the ``update`` method",
+)
+
+
+@contextmanager
+def _quiet_degenerate() -> Iterator[None]:
+    with warnings.catch_warnings():
+        for message in _DEGENERATE_WARNINGS:
+            warnings.filterwarnings("ignore", message=message, category=UserWarning)
+        yield
+
+
+def _auroc_or_nan(kind: str, width: int, target: torch.Tensor | list[torch.Tensor],
+                  compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """nan, as compute_metrics gives, where the labels lack a class; ``target`` is already synced across ranks."""
+    labels = dim_zero_cat(target)
+    if not _auroc_defined(kind, labels, width):
+        return torch.tensor(math.nan, device=labels.device)
+    return compute()
+
+
+class _BinaryAUROC(BinaryAUROC):
+    def compute(self) -> torch.Tensor:
+        return _auroc_or_nan("binary", 2, self.target, super().compute)
+
+
+class _MulticlassAUROC(MulticlassAUROC):
+    def compute(self) -> torch.Tensor:
+        return _auroc_or_nan("multiclass", self.num_classes, self.target, super().compute)
+
+
+class _MultilabelAUROC(MultilabelAUROC):
+    def compute(self) -> torch.Tensor:
+        return _auroc_or_nan("multilabel", self.num_labels, self.target, super().compute)
+
+
+class _Samples(Metric):
+    """How many samples were scored, over all ranks."""
+
+    full_state_update = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_state("count", default=torch.tensor(0), dist_reduce_fx="sum")
+
+    def update(self, target: torch.Tensor) -> None:
+        self.count += target.shape[0]
+
+    def compute(self) -> torch.Tensor:
+        return self.count
+
+
+def _score_metric(kind: str, width: int, metric: str) -> Metric:
+    """The torchmetrics twin of ``compute_metrics(kind, ...)[metric]``: same task, average and inputs."""
+    if kind not in ("binary", "multiclass", "multilabel"):
+        raise ValueError(f"unknown task kind {kind!r}; expected binary, multiclass or multilabel")
+    if metric not in PRIMARY_METRICS:
+        raise ValueError(f"unknown metric {metric!r}; expected one of {list(PRIMARY_METRICS)}")
+    if metric == "auroc":
+        if kind == "binary":
+            return _BinaryAUROC()
+        if kind == "multilabel":
+            return _MultilabelAUROC(width, average="macro")
+        return _MulticlassAUROC(width, average="macro")
+    if kind == "multilabel":  # accuracy element-wise (micro), mcc over the pooled decisions
+        if metric == "accuracy":
+            return MultilabelAccuracy(width, average="micro")
+        return MultilabelF1Score(width, average="macro") if metric == "macro_f1" else MultilabelMatthewsCorrCoef(width)
+    # binary is scored as two-class multiclass, so macro F1 covers the negative class too
+    if metric == "accuracy":
+        return MulticlassAccuracy(width, average="micro")
+    return MulticlassF1Score(width, average="macro") if metric == "macro_f1" else MulticlassMatthewsCorrCoef(width)
+
+
+class ValidationScore(MetricCollection):
+    """``compute_metrics(kind, logits, labels, num_labels)[metric]``, accumulated batch by batch over every rank.
+
+    Stateful torchmetrics: the states (confusion counts; for auroc the scores and labels) are gathered across
+    DDP ranks before computing, so the score is that of the whole validation split, not a mean of per-rank
+    scores. The states are not persistent: they never enter a ``state_dict``, hence never a checkpoint.
+    """
+
+    SAMPLES = "samples"
+
+    def __init__(self, kind: str, num_labels: int, metric: str) -> None:
+        width = 2 if kind == "binary" else num_labels
+        super().__init__({metric: _score_metric(kind, width, metric), self.SAMPLES: _Samples()}, compute_groups=False)
+        self.task_kind, self.metric_name = kind, metric
+
+    def add(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        """Score a batch; an empty one (a task absent from a mixed batch) is allowed."""
+        x = logits.detach().float()  # bf16 logits from mixed precision, as compute_metrics does
+        y = labels.detach()
+        if self.task_kind == "multilabel":
+            y = (y > 0.5).long() if y.is_floating_point() else y.long()  # BCE targets may be float 0/1
+        else:
+            y = y.reshape(-1).long()
+        self[self.SAMPLES].update(y)
+        score = self[self.metric_name]
+        if self.metric_name == "auroc":
+            # auroc keeps scores and labels (list states). It takes empty batches too, so that a rank without
+            # samples of a task still holds tensors of the right shape and dtype to gather under DDP.
+            if self.task_kind == "multilabel":
+                score.update(x.sigmoid(), y)
+            else:
+                probs = x.softmax(dim=-1)
+                score.update(probs[:, 1] if self.task_kind == "binary" else probs, y)
+        elif len(y):  # count states stay zero without updates; torchmetrics refuses empty batches here
+            score.update(predictions(self.task_kind, x), y)
+
+    def score(self) -> float | None:
+        """The metric over every rank's samples (nan where auroc is undefined); None where no rank scored any.
+
+        Under DDP every rank must call it (it gathers the states); ranks that called ``add`` equally often
+        take the same branches.
+        """
+        samples = self[self.SAMPLES]
+        if not samples.update_called:
+            return None
+        with _quiet_degenerate():
+            if int(samples.compute()) == 0:
+                return None
+            return float(self[self.metric_name].compute())
+
+
+def log_score(module: L.LightningModule, name: str, value: float, prog_bar: bool = False) -> None:
+    """Log a value that is already the same on every rank (computed from synced metric states).
+
+    ``sync_dist`` with ``max`` keeps it exact (a mean of copies can be off by an ulp) and tells Lightning it is
+    synchronised (else it suggests syncing a per-rank mean, the very mistake avoided here).
+    """
+    module.log(name, value, prog_bar=prog_bar, sync_dist=True, reduce_fx="max")
+
+
 class ClassifierModule(TrainableCheckpoint):
-    """Trains whatever parameters of ``model`` require grad; validates on ``metric``."""
+    """Trains whatever parameters of ``model`` require grad; validates on ``metric`` (over all ranks under DDP)."""
 
     def __init__(
         self, model: nn.Module, kind: str, num_labels: int, lr: float, weight_decay: float, metric: str
@@ -46,8 +203,7 @@ class ClassifierModule(TrainableCheckpoint):
         super().__init__()
         self.model, self.kind, self.num_labels = model, kind, num_labels
         self.lr, self.weight_decay, self.metric = lr, weight_decay, metric
-        self._val_logits: list[torch.Tensor] = []
-        self._val_labels: list[torch.Tensor] = []
+        self.val_score = ValidationScore(kind, num_labels, metric)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         inputs = {k: v for k, v in batch.items() if k not in ("labels", "task_ids")}
@@ -58,22 +214,20 @@ class ClassifierModule(TrainableCheckpoint):
         self.log("train_loss", loss, prog_bar=True, on_step=False, on_epoch=True, batch_size=len(batch["labels"]))
         return loss
 
+    def on_validation_epoch_start(self) -> None:
+        self.val_score.reset()  # nothing left over from an interrupted validation
+
     def validation_step(self, batch: dict[str, torch.Tensor], _: int) -> None:
         logits = self(batch)
         self.log("val_loss", task_loss(self.kind, logits, batch["labels"]), on_epoch=True,
                  batch_size=len(batch["labels"]))
-        self._val_logits.append(logits.float().cpu())
-        self._val_labels.append(batch["labels"].cpu())
+        self.val_score.add(logits, batch["labels"])
 
     def on_validation_epoch_end(self) -> None:
-        if not self._val_logits:
-            return
-        metrics = compute_metrics(
-            self.kind, torch.cat(self._val_logits), torch.cat(self._val_labels), self.num_labels
-        )
-        self.log(f"val_{self.metric}", metrics[self.metric], prog_bar=True, sync_dist=True)
-        self._val_logits.clear()
-        self._val_labels.clear()
+        value = self.val_score.score()
+        self.val_score.reset()
+        if value is not None:
+            log_score(self, f"val_{self.metric}", value, prog_bar=True)
 
     def configure_optimizers(self) -> Any:
         params = [p for p in self.model.parameters() if p.requires_grad]

@@ -1,0 +1,46 @@
+"""The root of the params tree: one section per params file, and the rules that span sections."""
+
+from __future__ import annotations
+
+from pydantic import model_validator
+
+from components.config.base import Strict
+from components.config.data import DataParams
+from components.config.decompose import DecomposeParams
+from components.config.evaluate import EvaluateParams
+from components.config.experts import ExpertsParams
+from components.config.foundation import FoundationParams
+from components.config.fusion import FusionParams
+from components.config.pipeline import PipelineParams
+from components.config.registry import RegistryParams
+
+SECTIONS: tuple[str, ...] = ("pipeline", "data", "foundation", "experts", "decompose", "fusion", "evaluate", "registry")
+
+
+class Params(Strict):
+    pipeline: PipelineParams
+    data: DataParams
+    foundation: FoundationParams
+    experts: ExpertsParams
+    decompose: DecomposeParams
+    fusion: FusionParams
+    evaluate: EvaluateParams
+    registry: RegistryParams
+
+    @model_validator(mode="after")
+    def _prompt_is_text_only(self) -> "Params":
+        # Checked here, not per task, so a run does not fail half-way at its first image task.
+        image = list(self.data.active_tasks("image"))
+        if image and self.experts.method_for("image") == "prompt":
+            raise ValueError(f"experts.method 'prompt' (soft prompts) is text-only: the image foundation is a CNN "
+                             f"with no token sequence; set experts.image_method (lora, llora or full) for the "
+                             f"active image tasks {image}")
+        return self
+
+    @model_validator(mode="after")
+    def _student_reads_the_foundation_inputs(self) -> "Params":
+        positions, length = self.decompose.student.text.max_positions, self.foundation.text.max_length
+        if self.data.active_tasks("text") and "text" in self.decompose.modalities and positions < length:
+            raise ValueError(f"decompose.student.text.max_positions ({positions}) is below foundation.text.max_length "
+                             f"({length}): the LoRKD text student could not read the inputs the foundation reads")
+        return self

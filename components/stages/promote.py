@@ -1,0 +1,81 @@
+"""The promote stage's domain half: which models this run offers to the registry, with their validation metric.
+
+Registration and the champion/challenger gate are MLflow work (``components.tracking.registry``); the driver
+calls them for every candidate listed here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from components.config import PrimaryMetric, RegistryParams
+from components.core.artifacts import read_manifest, read_model
+from components.core.layout import SUMMARY_FILE, expert_bundle, expert_dir, fused_bundle, lorkd_fused
+from components.stages.base import StageSummary, StageInputs, param
+from components.stages.decompose import DecomposeSummary
+from components.stages.experts import ExpertsSummary
+from components.stages.fusion import FusionSummary
+
+
+class PromoteInputs(StageInputs):
+    registry: RegistryParams = param("registry")
+    active: list[str] = param("data.active")
+    metric: PrimaryMetric = param("evaluate.primary_metric")
+    profile: str = param("pipeline.profile", "recorded on every registered version")
+
+
+class Decision(StageSummary):
+    model: str
+    version: str
+    metric: float
+    champion_version: str | None
+    champion_metric: float | None
+    promoted: bool
+    reason: str
+
+
+class PromoteSummary(StageSummary):
+    decisions: list[Decision]
+
+
+@dataclass
+class Candidate:
+    """A deployable bundle offered to the registry under ``name``, judged by ``metric`` (validation)."""
+
+    name: str
+    bundle: Path
+    metric: float
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+def candidates(inp: PromoteInputs, experts: Path, decompose: Path, fusion: Path) -> list[Candidate]:
+    """Every model this run offers: each task's expert, each fused LoRKD expert, the best fused model."""
+    prefix, metric, out = inp.registry.prefix, inp.metric, []
+    runs = read_model(experts / SUMMARY_FILE, ExpertsSummary, "experts summary").tasks
+    for task in inp.active:
+        bundle = expert_bundle(expert_dir(experts, task))
+        out.append(Candidate(f"{prefix}-{task}", bundle, float(runs[task].val[metric]),
+                             {"method": runs[task].method, **_run_tag(runs[task].run_id), **_size(bundle)}))
+    decomposed = read_model(decompose / SUMMARY_FILE, DecomposeSummary, "decompose summary")
+    for modality, s in decomposed.modalities.items():
+        for task, r in s.tasks.items():
+            bundle = lorkd_fused(decompose, modality, task)
+            out.append(Candidate(f"{prefix}-{task}-lorkd", bundle, float(r.val[metric]),
+                                 {"method": "lorkd", **_size(bundle)}))
+    fused = read_model(fusion / SUMMARY_FILE, FusionSummary, "fusion summary")
+    if fused.best_method is not None:
+        bundle = fused_bundle(fusion, fused.best_method)
+        out.append(Candidate(f"{prefix}-fused-{fused.modality}", bundle, fused.best_val_mean(),
+                             {"method": fused.best_method, **_size(bundle)}))
+    return out
+
+
+def _run_tag(run_id: str | None) -> dict[str, str]:
+    return {"training_run_id": run_id} if run_id else {}
+
+
+def _size(bundle: Path) -> dict[str, str]:
+    """The deployed parameter count, where the bundle records it (LoRKD students)."""
+    manifest = read_manifest(bundle, kind="bundle", verify=False)
+    return {"parameters": str(manifest["parameters"])} if "parameters" in manifest else {}
