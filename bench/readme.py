@@ -182,6 +182,22 @@ def fusion_section(result: dict) -> str:
             f"{lat['adapter']:.2f} ms ({lat['adapter_vs_base']:.2f}× base).\n")
 
 
+def architecture_section(result: dict) -> str:
+    rows = []
+    for when in ("before", "after"):
+        m = result[when]
+        rows.append({"when": f"{when} ({result['params']['before_commit'] if when == 'before' else 'this commit'})",
+                     "packages": m["n_packages"], "edges": m["n_edges"], "cycles": m["n_cycles"],
+                     "which": "; ".join(" ⇄ ".join(c) for c in m["cycles"]) or "none",
+                     "lines": sum(m["lines"].values())})
+    graph = markdown_table(rows, [("when", "library"), ("packages", "packages"), ("edges", "package edges"),
+                                  ("cycles", "cycles"), ("which", "cycles between"), ("lines", "lines")])
+    after = result["after"]["lines"]
+    lines = markdown_table([{"package": k, "lines": v} for k, v in after.items() if v],
+                           [("package", "package (after)"), ("lines", "lines")])
+    return f"{graph}\n{lines}\n{machine_line(result)}.\n"
+
+
 def replace(text: str, name: str, body: str) -> str:
     pattern = re.compile(rf"(<!-- results:{name} -->\n).*?(<!-- /results:{name} -->)", re.S)
     if not pattern.search(text):
@@ -201,7 +217,8 @@ def main() -> None:
     path = RESULTS / "train_throughput.json"
     if path.is_file():
         text = replace(text, "throughput", throughput_section(json.loads(path.read_text())))
-    for name, section in (("experts", experts_section), ("decompose", decompose_section), ("fusion", fusion_section)):
+    for name, section in (("experts", experts_section), ("decompose", decompose_section), ("fusion", fusion_section),
+                          ("architecture", architecture_section)):
         path = RESULTS / f"{name}.json"
         if path.is_file():
             text = replace(text, name, section(json.loads(path.read_text())))

@@ -16,14 +16,16 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
+from pydantic import BaseModel, ConfigDict, ValidationError
 from safetensors.torch import load_file
 from torch import nn
 
 from components.core.artifacts import read_manifest, save_tensors, write_manifest
+from components.config import Modality, TaskKind
 from components.core.errors import ArtifactError
 from components.core.registry import Registry
 from components.nn.classifier import MultiTaskClassifier, make_head
@@ -31,6 +33,54 @@ from components.nn.encoders import PACKAGED, ImageEncoder, encoder_inputs, load_
 from components.nn.foundation import Foundation, text_weights_hash
 
 FORMAT = "medexperts-bundle/1"
+
+
+class BundleBase(BaseModel):
+    """The network a bundle deploys: the foundation (by hash) or a registered architecture rebuilt from ``config``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    modality: Modality
+    sha256: str
+    source: str | None = None  # text foundation: "packaged" (by hash) or "base" (copied into the bundle)
+    max_length: int | None = None  # text: tokens per input
+    architecture: str | None = None  # a registered ARCHITECTURES name; None: the foundation's own
+    config: dict[str, Any] | None = None  # image CNN or architecture config
+
+
+class BundleTask(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    kind: TaskKind
+    label_names: list[str]
+    num_labels: int
+
+
+class BundleManifest(BaseModel):
+    """``manifest.json`` of a bundle: the format every deployable model shares. Producers add their own metadata
+    (method, coefficients, validation metrics, sizes) beside these fields; the ones other stages read are typed."""
+
+    model_config = ConfigDict(extra="allow", ser_json_inf_nan="constants")
+
+    kind: Literal["bundle"] = "bundle"
+    format: Literal["medexperts-bundle/1"] = FORMAT
+    name: str
+    base: BundleBase
+    tasks: dict[str, BundleTask]
+    wrappers: list[str] = []
+    method: str | None = None
+    parameters: int | None = None  # deployed parameters, where the producer counted them (LoRKD)
+    teacher_parameters: int | None = None
+    files: dict[str, str] = {}
+
+
+def check_bundle_manifest(manifest: dict[str, Any], where: Path) -> BundleManifest:
+    try:
+        return BundleManifest.model_validate(manifest)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        key = ".".join(str(p) for p in first["loc"]) or "(top level)"
+        raise ArtifactError(f"{where}: bundle manifest key {key!r}: {first['msg']}") from None
 
 
 @dataclass(frozen=True)
@@ -122,6 +172,7 @@ def _write(out_dir: Path, base: dict[str, Any], delta: dict[str, torch.Tensor], 
                   for t, th in heads.items()},
         **metadata,
     }
+    check_bundle_manifest(manifest, out_dir)
     return write_manifest(out_dir, manifest)
 
 
@@ -130,6 +181,10 @@ class LoadedBundle:
     model: MultiTaskClassifier
     manifest: dict[str, Any]
     tokenizer: Any = None
+
+    @property
+    def info(self) -> BundleManifest:
+        return BundleManifest.model_validate(self.manifest)
 
     @property
     def tasks(self) -> list[str]:
@@ -145,6 +200,7 @@ def load_bundle(folder: Path) -> LoadedBundle:
     """Load a bundle, verifying file hashes and the base encoder's hash."""
     folder = Path(folder)
     manifest = read_manifest(folder, kind="bundle")
+    check_bundle_manifest(manifest, folder)
     base = manifest["base"]
     tokenizer = None
     if "architecture" in base:

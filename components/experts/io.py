@@ -4,16 +4,57 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+from pydantic import BaseModel, ConfigDict, ValidationError
 from safetensors.torch import load_file
 from torch import nn
 
+from components.config import ExpertMethodName, LoraParams, Modality, TaskKind
 from components.core.artifacts import read_manifest, save_tensors, write_manifest
 from components.core.errors import ArtifactError
 from components.experts.methods import TaskVector, get_method
 from components.nn.classifier import Classifier, make_head
 from components.nn.foundation import Foundation
+
+
+class ExpertManifest(BaseModel):
+    """``manifest.json`` of an expert folder: what the fusion, evaluate and promote stages may rely on."""
+
+    model_config = ConfigDict(extra="forbid", ser_json_inf_nan="constants")
+
+    kind: Literal["expert"] = "expert"
+    task: str
+    method: ExpertMethodName
+    base_sha256: str  # the foundation it was trained on (loading onto another one is refused)
+    lora: LoraParams
+    modality: Modality | None = None
+    task_kind: TaskKind | None = None
+    label_names: list[str] = []
+    targets: list[str] = []
+    seed: int | None = None  # fixes the shared adapter start φ0 (fusion rebuilds A0 from it)
+    train_samples: int | None = None
+    val_samples: int | None = None
+    metrics: dict[str, dict[str, float]] = {}  # "val" (the expert), "probe_val"
+    trainable_params: int | None = None
+    train_seconds: float | None = None
+    probe_seconds: float | None = None
+    train_peak_memory_mb: float | None = None
+    train_peak_memory_kind: str | None = None
+    # written by the method's save (components.experts.methods)
+    llora_path: Literal["jvp", "frozen_a"] | None = None
+    init_sha256: str | None = None
+    num_virtual_tokens: int | None = None
+    files: dict[str, str] = {}  # sha256 per file (components.core.artifacts.write_manifest)
+
+
+def check_expert_manifest(manifest: dict[str, Any], where: Path) -> ExpertManifest:
+    try:
+        return ExpertManifest.model_validate(manifest)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        key = ".".join(str(p) for p in first["loc"]) or "(top level)"
+        raise ArtifactError(f"{where}: expert manifest key {key!r}: {first['msg']}") from None
 
 
 @dataclass
@@ -24,6 +65,11 @@ class Expert:
     probe_head: nn.Linear
     manifest: dict[str, Any]
     base: nn.Module
+
+    @property
+    def info(self) -> ExpertManifest:
+        """The manifest, typed (checked when the expert was saved and when it was loaded)."""
+        return ExpertManifest.model_validate(self.manifest)
 
     def classifier(self) -> Classifier:
         return Classifier(self.encoder, self.head).eval()
@@ -52,16 +98,20 @@ def stored_bytes(folder: Path) -> int:
 
 def save_expert(out_dir: Path, encoder: nn.Module, head: nn.Module, probe_head: nn.Module,
                 manifest: dict[str, Any]) -> dict[str, Any]:
+    check_expert_manifest({"kind": "expert", **manifest}, out_dir)  # before anything is written
     out_dir.mkdir(parents=True, exist_ok=True)
     extra = get_method(manifest["method"]).save(encoder, out_dir)
     save_tensors(head.state_dict(), out_dir / "head.safetensors")
     save_tensors(probe_head.state_dict(), out_dir / "probe_head.safetensors")
-    return write_manifest(out_dir, {"kind": "expert", **manifest, **extra})
+    full = {"kind": "expert", **manifest, **extra}
+    check_expert_manifest(full, out_dir)
+    return write_manifest(out_dir, full)
 
 
 def load_expert(folder: Path, foundation: Foundation) -> Expert:
     """Load an expert onto ``foundation``; refuse one trained on another foundation."""
     manifest = read_manifest(folder, kind="expert")
+    check_expert_manifest(manifest, folder)
     if manifest["base_sha256"] != foundation.sha256:
         raise ArtifactError(
             f"{folder}: expert for task {manifest['task']!r} was trained on foundation "

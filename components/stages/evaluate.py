@@ -117,8 +117,8 @@ def evaluate_models(inp: EvaluateInputs, data_dir: Path, foundation_dir: Path, e
         check = {k: v[:EQUALITY_SAMPLES] for k, v in x.items()}
         merge_diff = float((batched(expert.classifier(), check) - deployed_logits[:EQUALITY_SAMPLES]).abs().max())
         scores = {"probe": compute_metrics(test.kind, batched(probe_model, x), y, test.num_labels),
-                  "expert": score_and_plot("expert", deployed_logits, f"{expert.manifest['method']} expert")}
-        sizes = {"foundation": count_parameters(found.encoder), "trainable": expert.manifest["trainable_params"],
+                  "expert": score_and_plot("expert", deployed_logits, f"{expert.info.method} expert")}
+        sizes = {"foundation": count_parameters(found.encoder), "trainable": expert.info.trainable_params or 0,
                  "stored_bytes": stored_bytes(expert_dir(experts_dir, task)), "deployed": count_parameters(deployed)}
         latencies = {"base": latency(probe_model, x), "expert_merged": latency(deployed, x),
                      "expert_adapter": latency(expert.classifier(), x)}
@@ -133,7 +133,7 @@ def evaluate_models(inp: EvaluateInputs, data_dir: Path, foundation_dir: Path, e
             scores["lorkd"] = compute_metrics(test.kind, batched(lorkd.model.for_task(task), x), y, test.num_labels)
             scores["single_student"] = compute_metrics(test.kind, batched(single.model.for_task(task), x), y,
                                                        test.num_labels)
-            sizes.update(lorkd_deployed=lorkd.manifest["parameters"], teacher=lorkd.manifest["teacher_parameters"])
+            sizes.update(lorkd_deployed=lorkd.info.parameters, teacher=lorkd.info.teacher_parameters)
             latencies["lorkd"] = latency(lorkd.model.for_task(task), x)
         results[task] = TaskEvaluation(
             modality=spec.modality, kind=test.kind, test_samples=len(test), metrics=scores,

@@ -104,7 +104,7 @@ def fuse_experts(inp: FusionInputs, data_dir: Path, foundation_dir: Path, expert
                  s.coefficients or "no coefficients", len(s.grid), metric, s.score)
     search_seconds = time.perf_counter() - t0  # task vectors, merges and validation scoring
 
-    heads = {t: TaskHead(e.head, e.manifest["task_kind"], e.manifest["label_names"]) for t, e in experts.items()}
+    heads = {t: TaskHead(e.head, e.info.task_kind, e.info.label_names) for t, e in experts.items()}
     results: dict[str, MergeResult] = {}
     for method, s in searched.items():
         chosen = {"lambda": s.coefficients.get("lam"), "coefficients": s.coefficients, "val_normalised": s.score,

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from components.bundle.format import check_bundle_manifest
 from components.config import PrimaryMetric, RegistryParams
 from components.core.artifacts import read_manifest, read_model
 from components.core.layout import SUMMARY_FILE, expert_bundle, expert_dir, fused_bundle, lorkd_fused
@@ -77,5 +78,5 @@ def _run_tag(run_id: str | None) -> dict[str, str]:
 
 def _size(bundle: Path) -> dict[str, str]:
     """The deployed parameter count, where the bundle records it (LoRKD students)."""
-    manifest = read_manifest(bundle, kind="bundle", verify=False)
-    return {"parameters": str(manifest["parameters"])} if "parameters" in manifest else {}
+    manifest = check_bundle_manifest(read_manifest(bundle, kind="bundle", verify=False), bundle)
+    return {"parameters": str(manifest.parameters)} if manifest.parameters is not None else {}
