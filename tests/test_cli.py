@@ -105,3 +105,24 @@ def test_ui_serves_the_project_store(isolated_project: Path, monkeypatch: pytest
     assert cmd[1:4] == ["-m", "mlflow", "ui"]
     assert cmd[cmd.index("--backend-store-uri") + 1] == f"sqlite:///{isolated_project / 'mlflow.db'}"
     assert cmd[cmd.index("--host") + 1] == "127.0.0.1"
+
+
+def test_dry_run_and_stage_help_list_every_stage(isolated_project: Path) -> None:
+    from flows.stages import ORDER
+
+    code, output = invoke("run", "--dry-run", "--profile", "tiny")
+    assert code == 0 and f"stages: {', '.join(ORDER)}" in output
+    code, output = invoke("stage", "--help")
+    assert code == 0 and all(name in output for name in ORDER)
+
+
+@pytest.mark.parametrize("command", ["run", "stage", "dvc-yaml"])
+def test_flags_render_as_flags(command: str) -> None:
+    """On/off options take no value: the help must not show one (typer 0.29 printed `--force <bool>`)."""
+    code, output = invoke(command, "--help")
+    assert code == 0 and "--help" in output and "<bool>" not in output
+
+
+def test_bad_set_value_is_blamed_on_set(isolated_project: Path) -> None:
+    code, output = invoke("run", "--dry-run", "--set", "experts.lora.rank=0")
+    assert code == 2 and "--set: key 'lora.rank'" in output and "experts.yaml" not in output
