@@ -20,11 +20,11 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict
 from safetensors.torch import load_file
 from torch import nn
 
-from components.core.artifacts import read_manifest, save_tensors, write_manifest
+from components.core.artifacts import check_record, read_manifest, save_tensors, write_manifest
 from components.config import Modality, TaskKind
 from components.core.errors import ArtifactError
 from components.core.registry import Registry
@@ -75,12 +75,7 @@ class BundleManifest(BaseModel):
 
 
 def check_bundle_manifest(manifest: dict[str, Any], where: Path) -> BundleManifest:
-    try:
-        return BundleManifest.model_validate(manifest)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        key = ".".join(str(p) for p in first["loc"]) or "(top level)"
-        raise ArtifactError(f"{where}: bundle manifest key {key!r}: {first['msg']}") from None
+    return check_record(BundleManifest, manifest, where, "bundle manifest")
 
 
 @dataclass(frozen=True)

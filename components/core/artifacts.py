@@ -60,15 +60,20 @@ def write_model(path: Path, model: BaseModel) -> None:
     write_json(path, model.model_dump(mode="json"))
 
 
-def read_model(path: Path, cls: type[M], what: str) -> M:
-    """A typed record back; a missing, corrupt or wrong-shaped file is an ArtifactError naming it."""
+def check_record(cls: type[M], data: Any, where: Path, what: str) -> M:
+    """``data`` as a typed record (summary, manifest); a wrong shape is an ArtifactError naming the file and key."""
     try:
-        return cls.model_validate(read_json(path, what))
+        return cls.model_validate(data)
     except ValidationError as exc:
         first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "(top level)"
-        raise ArtifactError(f"{path}: {what} does not match its schema ({where}: {first['msg']}); re-run the stage "
+        key = ".".join(str(p) for p in first["loc"]) or "(top level)"
+        raise ArtifactError(f"{where}: {what} does not match its schema ({key}: {first['msg']}); re-run the stage "
                             "that writes it") from None
+
+
+def read_model(path: Path, cls: type[M], what: str) -> M:
+    """A typed record back; a missing, corrupt or wrong-shaped file is an ArtifactError naming it."""
+    return check_record(cls, read_json(path, what), path, what)
 
 
 def read_json(path: Path, what: str = "file") -> dict[str, Any]:

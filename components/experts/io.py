@@ -6,12 +6,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict
 from safetensors.torch import load_file
 from torch import nn
 
 from components.config import ExpertMethodName, LoraParams, Modality, TaskKind
-from components.core.artifacts import read_manifest, save_tensors, write_manifest
+from components.core.artifacts import check_record, read_manifest, save_tensors, write_manifest
 from components.core.errors import ArtifactError
 from components.experts.methods import TaskVector, get_method
 from components.nn.classifier import Classifier, make_head
@@ -49,12 +49,7 @@ class ExpertManifest(BaseModel):
 
 
 def check_expert_manifest(manifest: dict[str, Any], where: Path) -> ExpertManifest:
-    try:
-        return ExpertManifest.model_validate(manifest)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        key = ".".join(str(p) for p in first["loc"]) or "(top level)"
-        raise ArtifactError(f"{where}: expert manifest key {key!r}: {first['msg']}") from None
+    return check_record(ExpertManifest, manifest, where, "expert manifest")
 
 
 @dataclass
