@@ -1,0 +1,187 @@
+"""The server's round loop: broadcast the global payload, collect client updates, screen, FedAvg, evaluate.
+
+Clients are plain callables, so the in-process simulator and a Flower adapter plug into the same loop. In the
+simulator clients run one after another, so a client slower than ``timeout_s`` is dropped after the fact
+(its update is discarded as if it never arrived); the Flower path enforces the budget live (round timeout).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from time import perf_counter
+from typing import NamedTuple
+
+from torch import nn
+
+from components.core.errors import MedExpertsError, ParamsError
+from components.federated.aggregate import fedavg, screen
+from components.federated.client import ClientResult
+from components.federated.payload import KeyFilter, Payload, clone_payload, load_payload, payload_bytes, to_payload
+
+log = logging.getLogger("medexperts")
+
+UpdateFn = Callable[[Payload, int], ClientResult]  # (global payload, round number) -> the client's result
+Evaluate = Callable[[nn.Module], dict[str, float]]
+
+
+class FederatedError(MedExpertsError):
+    """A federated round cannot complete: too few clients answered or passed screening."""
+
+
+@dataclass(frozen=True)
+class Client:
+    """A federated participant: its id (lower_snake, used in metric names), its shard size, its update."""
+
+    id: str
+    num_examples: int
+    update: UpdateFn
+
+
+@dataclass
+class RoundReport:
+    """One round, as the stage logs it (MLflow step = ``round``)."""
+
+    round: int
+    client_losses: dict[str, float]  # accepted and rejected clients' mean local loss
+    num_examples: dict[str, int]  # accepted clients' FedAvg weights
+    accepted: list[str]
+    missing: dict[str, str]  # client id -> why no update arrived (exception, timeout)
+    rejected: dict[str, str]  # client id -> why its update was screened out
+    metrics: dict[str, float]  # evaluate() of the aggregated model
+    # clients (sum of client wall times), aggregate (FedAvg + load), evaluate, overhead (payload copies,
+    # screening), total
+    seconds: dict[str, float]
+    client_seconds: dict[str, float]
+    bytes_down: int  # global payload sent to each client
+    bytes_up: dict[str, int] = field(default_factory=dict)  # payload received from each answering client
+
+    def as_metrics(self) -> dict[str, float]:
+        """Flat name -> value for step-wise logging."""
+        out: dict[str, float] = {f"val_{k}": v for k, v in self.metrics.items()}
+        out |= {"clients_accepted": len(self.accepted), "clients_missing": len(self.missing),
+                "clients_rejected": len(self.rejected), "bytes_down_per_client": self.bytes_down,
+                "bytes_up_total": sum(self.bytes_up.values())}
+        out |= {f"seconds_{k}": v for k, v in self.seconds.items()}
+        out |= {f"loss_{c}": v for c, v in self.client_losses.items()}
+        if self.client_losses and self.num_examples:
+            n = sum(self.num_examples.values())
+            out["train_loss"] = sum(self.client_losses[c] * k for c, k in self.num_examples.items()) / n
+        return out
+
+
+class FederatedRun(NamedTuple):
+    payload: Payload  # the final global payload
+    reports: list[RoundReport]
+
+
+def _check_run(clients: Sequence[Client], rounds: int, min_clients: int, max_norm: float | None,
+               timeout_s: float | None) -> None:
+    if not clients:
+        raise ParamsError("federated training needs at least one client; got none (check federation.num_clients)")
+    ids = [c.id for c in clients]
+    if len(set(ids)) != len(ids):
+        raise ParamsError(f"client ids must be unique; got {ids}")
+    if rounds < 1:
+        raise ParamsError(f"rounds={rounds} must be >= 1")
+    if not 1 <= min_clients <= len(clients):
+        raise ParamsError(f"min_clients={min_clients} must be between 1 and the number of clients ({len(clients)})")
+    if max_norm is not None and not max_norm > 0:
+        raise ParamsError(f"max_norm={max_norm} must be positive (or None for no bound)")
+    if timeout_s is not None and not timeout_s > 0:
+        raise ParamsError(f"timeout_s={timeout_s} must be positive (or None for no limit)")
+
+
+Answer = tuple[ClientResult | None, str, float]  # (result, why it is missing, wall seconds)
+
+
+def _call(client: Client, payload: Payload, round_: int, timeout_s: float | None) -> Answer:
+    """Any exception of the client is its failure, not the round's."""
+    t0 = perf_counter()
+    try:
+        result = client.update(clone_payload(payload), round_)  # a clone: no client can alter the global copy
+    except Exception as exc:  # noqa: BLE001 - a failing client is recorded, the round goes on
+        return None, f"{type(exc).__name__}: {exc}", perf_counter() - t0
+    seconds = perf_counter() - t0
+    if timeout_s is not None and seconds > timeout_s:
+        return None, f"took {seconds:.1f}s, over timeout_s={timeout_s:g}", seconds
+    return result, "", seconds
+
+
+def run_round(global_model: nn.Module, clients: Sequence[Client], round_: int, *, min_clients: int,
+              max_norm: float | None, timeout_s: float | None, keys: KeyFilter, evaluate: Evaluate | None
+              ) -> RoundReport:
+    """One round; on failure (too few usable updates) the global model is left as it was."""
+    t_round = perf_counter()
+    glob = to_payload(global_model, keys)
+    losses: dict[str, float] = {}
+    seconds: dict[str, float] = {}
+    weights: dict[str, int] = {}
+    up: dict[str, int] = {}
+    updates: dict[str, Payload] = {}
+    missing: dict[str, str] = {}
+    rejected: dict[str, str] = {}
+    for client in clients:
+        result, why, seconds[client.id] = _call(client, glob, round_, timeout_s)
+        if result is None:
+            missing[client.id] = why
+            log.warning("[federated] round %d: client %s missing: %s", round_, client.id, why)
+            continue
+        losses[client.id], up[client.id] = result.loss, payload_bytes(result.payload)
+        reason = screen(result.payload, glob, max_norm)
+        if reason is None and not 0 < result.num_examples <= client.num_examples:
+            reason = f"reported {result.num_examples} examples; its shard has {client.num_examples}"
+        if reason is not None:
+            rejected[client.id] = reason
+            log.warning("[federated] round %d: client %s rejected: %s", round_, client.id, reason)
+            continue
+        updates[client.id], weights[client.id] = result.payload, result.num_examples
+    t_agg = perf_counter()
+    if len(updates) < min_clients:
+        raise FederatedError(
+            f"round {round_}: {len(updates)} of {len(clients)} clients sent a usable update, fewer than "
+            f"min_clients={min_clients}; missing: {missing or 'none'}; rejected: {rejected or 'none'}")
+    ids = list(updates)
+    load_payload(global_model, fedavg([updates[c] for c in ids], [weights[c] for c in ids], ids))
+    t_eval = perf_counter()
+    metrics = evaluate(global_model) if evaluate is not None else {}
+    t_end = perf_counter()
+    clients_s = sum(seconds.values())
+    timing = {"clients": clients_s, "aggregate": t_eval - t_agg, "evaluate": t_end - t_eval,
+              "overhead": t_agg - t_round - clients_s, "total": t_end - t_round}
+    return RoundReport(round_, losses, weights, ids, missing, rejected, metrics, timing, seconds,
+                       payload_bytes(glob), up)
+
+
+def run_rounds(
+    global_model: nn.Module,
+    clients: Sequence[Client],
+    rounds: int,
+    *,
+    min_clients: int = 1,
+    max_norm: float | None = None,
+    timeout_s: float | None = None,
+    keys: KeyFilter = None,
+    on_round: Callable[[RoundReport], None] | None = None,
+    evaluate: Evaluate | None = None,
+) -> FederatedRun:
+    """``rounds`` rounds of FedAvg over ``clients``; the aggregate is loaded into ``global_model`` each round.
+
+    Every client trains from the same global payload (``keys`` selects what is federated). A client that raises
+    or runs past ``timeout_s`` is missing; an update with NaN/inf or farther than ``max_norm`` (L2) from the
+    global weights is rejected. Fewer than ``min_clients`` usable updates fail the run with ``FederatedError``
+    and no partial aggregate is applied. After each round ``evaluate(global_model)`` fills the report's metrics
+    and ``on_round(report)`` is called (the stage logs it).
+    """
+    _check_run(clients, rounds, min_clients, max_norm, timeout_s)
+    reports = []
+    for r in range(1, rounds + 1):
+        report = run_round(global_model, clients, r, min_clients=min_clients, max_norm=max_norm,
+                           timeout_s=timeout_s, keys=keys, evaluate=evaluate)
+        log.info("[federated] round %d/%d: %d accepted, %d missing, %d rejected; %s", r, rounds,
+                 len(report.accepted), len(report.missing), len(report.rejected), report.metrics)
+        reports.append(report)
+        if on_round is not None:
+            on_round(report)
+    return FederatedRun(to_payload(global_model, keys), reports)
