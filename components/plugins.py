@@ -9,3 +9,4 @@ from __future__ import annotations
 
 import components.decompose.deploy  # noqa: F401  registers the "lorkd_student" bundle architecture
 import components.experts.methods  # noqa: F401  registers the expert methods (and, via prompt, the prompt wrapper)
+import components.moe.routed  # noqa: F401  registers the "routing" bundle wrapper (AT-MoE routed experts)

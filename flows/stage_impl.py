@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from components.core.artifacts import read_json
 from components.core.layout import (MANIFEST, STAGE_FILE, evaluation_plots, evaluation_report, expert_dir,
-                                    foundation_dir, fusion_curve, lorkd_student)
+                                    foundation_dir, fusion_curve, lorkd_student, routing_heatmap, routing_weights)
 from components.stages import data as data_stage
 from components.stages import decompose as decompose_stage
 from components.stages import evaluate as evaluate_stage
@@ -15,6 +15,7 @@ from components.stages import experts as experts_stage
 from components.stages import foundation as foundation_stage
 from components.stages import fusion as fusion_stage
 from components.stages import promote as promote_stage
+from components.stages import routing as routing_stage
 from components.stages import sources as sources_stage
 from components.stages.data import DataInputs, DataSummary
 from components.stages.decompose import DecomposeInputs, DecomposeSummary
@@ -23,6 +24,7 @@ from components.stages.experts import ExpertsInputs, ExpertsSummary
 from components.stages.foundation import FoundationInputs, FoundationSummary
 from components.stages.fusion import FusionInputs, FusionSummary
 from components.stages.promote import Decision, PromoteInputs, PromoteSummary
+from components.stages.routing import RoutingInputs, RoutingSummary
 from components.stages.sources import SourcesInputs, SourcesSummary
 from components.tracking import runs
 from components.tracking.lineage import git_info, log_datasets
@@ -33,7 +35,8 @@ if TYPE_CHECKING:
 
 __all__ = ["DataInputs", "DataSummary", "DecomposeInputs", "DecomposeSummary", "EvaluateInputs", "EvaluateSummary",
            "ExpertsInputs", "ExpertsSummary", "FoundationInputs", "FoundationSummary", "FusionInputs",
-           "FusionSummary", "PromoteInputs", "PromoteSummary", "SourcesInputs", "SourcesSummary"]
+           "FusionSummary", "PromoteInputs", "PromoteSummary", "RoutingInputs", "RoutingSummary", "SourcesInputs",
+           "SourcesSummary"]
 
 
 # --------------------------------------------------------------------------- sources
@@ -122,6 +125,25 @@ def log_decompose(ctx: StageContext, inp: DecomposeInputs, summary: DecomposeSum
         runs.log_file(lorkd_student(out, modality) / MANIFEST, artifact_path=f"{modality}/student")
 
 
+# --------------------------------------------------------------------------- routing (AT-MoE)
+def run_routing(ctx: StageContext, inp: RoutingInputs, out: Path) -> RoutingSummary:
+    return routing_stage.run(inp, ctx.out("data"), ctx.out("foundation"), ctx.out("experts"), out,
+                             logger=runs.lightning_logger(), checkpoint_dir=ctx.checkpoints("routing"))
+
+
+def log_routing(ctx: StageContext, inp: RoutingInputs, summary: RoutingSummary, out: Path) -> None:
+    runs.log_params(inp.routing.model_dump(mode="json"))
+    if summary.skipped:
+        runs.set_tags({"routing.skipped": summary.skipped})
+        return
+    runs.log_metrics({t: {"val_routed": summary.val[t], "val_own_expert": summary.val_oracle[t],
+                          "val_uniform": summary.val_uniform[t]} for t in summary.experts})
+    runs.log_metrics({"trainable_params": summary.trainable_params, "train_seconds": summary.train_seconds})
+    runs.log_file(routing_weights(out))
+    for task in summary.experts:
+        runs.log_file(routing_heatmap(out, task), artifact_path="plots")
+
+
 # --------------------------------------------------------------------------- fusion
 def run_fusion(ctx: StageContext, inp: FusionInputs, out: Path) -> FusionSummary:
     return fusion_stage.run(inp, ctx.out("data"), ctx.out("foundation"), ctx.out("experts"), out)
@@ -148,7 +170,7 @@ def log_fusion(ctx: StageContext, inp: FusionInputs, summary: FusionSummary, out
 # --------------------------------------------------------------------------- evaluate
 def run_evaluate(ctx: StageContext, inp: EvaluateInputs, out: Path) -> EvaluateSummary:
     return evaluate_stage.evaluate_models(inp, ctx.out("data"), ctx.out("foundation"), ctx.out("experts"),
-                                          ctx.out("fusion"), out, ctx.out("decompose"))
+                                          ctx.out("fusion"), out, ctx.out("decompose"), ctx.out("routing"))
 
 
 def log_evaluate(ctx: StageContext, inp: EvaluateInputs, summary: EvaluateSummary, out: Path) -> None:
@@ -171,9 +193,10 @@ def run_promote(ctx: StageContext, inp: PromoteInputs, out: Path) -> PromoteSumm
     # Lineage: the fingerprint chain from raw data (source hashes) to this model, plus the git commit.
     lineage = {**git_info(ctx.root), "profile": inp.profile, "metric": inp.metric,
                **{f"fingerprint.{s}": read_json(ctx.out(s) / STAGE_FILE).get("fingerprint", "")
-                  for s in ("sources", "data", "foundation", "experts", "decompose", "fusion", "evaluate")}}
+                  for s in ("sources", "data", "foundation", "experts", "decompose", "routing", "fusion", "evaluate")}}
     decisions = []
-    for c in promote_stage.candidates(inp, ctx.out("experts"), ctx.out("decompose"), ctx.out("fusion")):
+    for c in promote_stage.candidates(inp, ctx.out("experts"), ctx.out("decompose"), ctx.out("fusion"),
+                                      ctx.out("routing")):
         version = register_bundle(c.name, c.bundle, c.metric, {**lineage, **c.tags})
         d = gate(c.name, version, c.metric, inp.registry.margin, inp.registry.floor_for(c.name))
         decisions.append(Decision(**d.__dict__))

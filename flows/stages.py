@@ -134,11 +134,14 @@ STAGES: dict[str, Stage] = {
                      impl.log_experts),
     "decompose": Stage(impl.DecomposeInputs, impl.DecomposeSummary, ("data", "foundation"), impl.run_decompose,
                        impl.log_decompose),
+    "routing": Stage(impl.RoutingInputs, impl.RoutingSummary, ("data", "foundation", "experts"), impl.run_routing,
+                     impl.log_routing),
     "fusion": Stage(impl.FusionInputs, impl.FusionSummary, ("data", "foundation", "experts"), impl.run_fusion,
                     impl.log_fusion),
-    "evaluate": Stage(impl.EvaluateInputs, impl.EvaluateSummary, ("data", "foundation", "experts", "decompose", "fusion"),
+    "evaluate": Stage(impl.EvaluateInputs, impl.EvaluateSummary,
+                      ("data", "foundation", "experts", "decompose", "routing", "fusion"),
                       impl.run_evaluate, impl.log_evaluate),
-    "promote": Stage(impl.PromoteInputs, impl.PromoteSummary, ("experts", "decompose", "fusion", "evaluate"),
+    "promote": Stage(impl.PromoteInputs, impl.PromoteSummary, ("experts", "decompose", "routing", "fusion", "evaluate"),
                      impl.run_promote, impl.log_promote, extra=impl.registry_target, cache=False),
 }
 ORDER: tuple[str, ...] = tuple(STAGES)

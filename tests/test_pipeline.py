@@ -10,7 +10,7 @@ import pytest
 from components.data.datasets import read_data_manifest
 
 pytestmark = pytest.mark.slow
-STAGES = ["sources", "data", "foundation", "experts", "decompose", "fusion", "evaluate", "promote"]
+STAGES = ["sources", "data", "foundation", "experts", "decompose", "routing", "fusion", "evaluate", "promote"]
 TASKS = ["pneumoniamnist", "breastmnist", "pubmedqa", "medical_abstracts"]
 
 
@@ -58,7 +58,7 @@ def test_retrain_end_to_end(isolated_project: Path, tiny_bert: Path) -> None:
     # registry: every expert and the fused model, with aliases; the champion loads and predicts
     decisions = results["promote"]["decisions"]
     assert {d["model"] for d in decisions} == ({f"medexperts-{t}" for t in TASKS} | {"medexperts-fused-text"}
-                                               | {f"medexperts-{t}-lorkd" for t in TASKS})
+                                               | {f"medexperts-{t}-lorkd" for t in TASKS} | {"medexperts-routed-text"})
     for d in decisions:
         mv = client.get_model_version_by_alias(d["model"], "challenger")
         assert str(mv.version) == d["version"]
@@ -72,6 +72,10 @@ def test_retrain_end_to_end(isolated_project: Path, tiny_bert: Path) -> None:
     assert 0 < int(mv.tags["parameters"]) < metrics["medical_abstracts.params.teacher"]  # size on the version
     lorkd = mlflow.pyfunc.load_model("models:/medexperts-medical_abstracts-lorkd@champion")
     assert len(lorkd.predict(["Colon adenocarcinoma with lymph node metastasis."])) == 1
+    assert {"pubmedqa.metrics.routed.macro_f1", "medical_abstracts.metrics.routed.macro_f1"} <= set(metrics)
+    routed = mlflow.pyfunc.load_model("models:/medexperts-routed-text@champion")
+    frame = routed.predict(["Is smoking protective?"], params={"task": "pubmedqa"})
+    assert frame["label"].iloc[0] in {"yes", "no", "maybe"}
     fused = mlflow.pyfunc.load_model("models:/medexperts-fused-text@champion")
     frame = fused.predict(["Colon adenocarcinoma with lymph node metastasis."], params={"task": "medical_abstracts"})
     assert frame["task"].iloc[0] == "medical_abstracts"

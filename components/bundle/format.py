@@ -68,6 +68,7 @@ class BundleManifest(BaseModel):
     base: BundleBase
     tasks: dict[str, BundleTask]
     wrappers: list[str] = []
+    wrapper_config: dict[str, dict[str, Any]] = {}
     method: str | None = None
     parameters: int | None = None  # deployed parameters, where the producer counted them (LoRKD)
     teacher_parameters: int | None = None
@@ -80,11 +81,12 @@ def check_bundle_manifest(manifest: dict[str, Any], where: Path) -> BundleManife
 
 @dataclass(frozen=True)
 class Wrapper:
-    """A part of a deployed encoder that is not a weight update (a soft prompt): stored as ``<name>.safetensors``,
-    attached at load by ``attach(encoder, tensors, where)``."""
+    """A part of a deployed encoder that is not a weight update (a soft prompt, routed experts): stored as
+    ``<name>.safetensors`` with a JSON config in the manifest, attached at load by
+    ``attach(encoder, tensors, config, where)``."""
 
     name: str
-    attach: Callable[[nn.Module, dict[str, torch.Tensor], str], nn.Module]
+    attach: Callable[[nn.Module, dict[str, torch.Tensor], dict[str, Any], str], nn.Module]
 
 
 # Architectures a bundle can carry besides the foundation's own: name -> builder from the manifest's base.
@@ -115,14 +117,17 @@ def add_delta(encoder: nn.Module, delta: dict[str, torch.Tensor], scale: float =
 
 def save_bundle(out_dir: Path, foundation: Foundation, delta: dict[str, torch.Tensor],
                 heads: dict[str, TaskHead], name: str, metadata: dict[str, Any],
-                wrappers: dict[str, dict[str, torch.Tensor]] | None = None) -> dict[str, Any]:
+                wrappers: dict[str, dict[str, torch.Tensor]] | None = None,
+                wrapper_config: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     """Write a self-describing bundle folder (safetensors + manifest with sha256 of every file).
 
     ``wrappers``: registered wrapper name -> its tensors (e.g. a soft prompt the encoder runs with; it cannot be
-    folded into weights, so it travels as is).
+    folded into weights, so it travels as is); ``wrapper_config``: name -> the JSON config it is rebuilt from.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     wrappers = wrappers or {}
+    if wrapper_config:
+        metadata = {**metadata, "wrapper_config": wrapper_config}
     for wrapper, tensors in wrappers.items():
         WRAPPERS.get(wrapper)
         save_tensors(tensors, out_dir / f"{wrapper}.safetensors")
@@ -225,7 +230,8 @@ def load_bundle(folder: Path) -> LoadedBundle:
             raise ArtifactError(f"{folder}: unknown bundle encoder wrapper {wrapper!r}; known: {WRAPPERS.names()} "
                                 "(import components.plugins to register the built-in ones)")
         path = folder / f"{wrapper}.safetensors"
-        encoder = WRAPPERS.get(wrapper).attach(encoder, load_file(path), str(path))
+        config = manifest.get("wrapper_config", {}).get(wrapper, {})
+        encoder = WRAPPERS.get(wrapper).attach(encoder, load_file(path), config, str(path))
     tensors = load_file(folder / "heads.safetensors")
     heads = {}
     for task, info in manifest["tasks"].items():

@@ -17,13 +17,14 @@ from components.config.load import expand_env, load_params, profile_names
 from components.config.params import SECTIONS, Params
 from components.config.pipeline import PipelineParams
 from components.config.registry import RegistryParams
+from components.config.routing import RouterName, RoutingParams
 from components.config.training import ModalityTrainers, TrainerParams
 
 __all__ = [
     "SECTIONS", "DataParams", "DecomposeParams", "EvaluateParams", "ExpertMethodName", "ExpertsParams",
     "FederationSpec", "FoundationParams", "FusionParams", "ImageFoundationParams", "ImageStudentParams", "LoraParams",
     "MergeMethodName", "Modality", "ModalityTrainers", "Params", "PipelineParams", "PrimaryMetric", "ProbeParams",
-    "PromptParams", "RegistryParams", "SplitSpec", "Strict", "StudentParams", "TaskKind", "TaskSpec",
+    "PromptParams", "RegistryParams", "RouterName", "RoutingParams", "SplitSpec", "Strict", "StudentParams", "TaskKind", "TaskSpec",
     "TextFoundationParams", "TextStudentParams", "TrainerParams", "WeightMethodName", "expand_env", "load_params",
     "profile_names",
 ]

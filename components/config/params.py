@@ -13,8 +13,10 @@ from components.config.foundation import FoundationParams
 from components.config.fusion import FusionParams
 from components.config.pipeline import PipelineParams
 from components.config.registry import RegistryParams
+from components.config.routing import RoutingParams
 
-SECTIONS: tuple[str, ...] = ("pipeline", "data", "foundation", "experts", "decompose", "fusion", "evaluate", "registry")
+SECTIONS: tuple[str, ...] = ("pipeline", "data", "foundation", "experts", "decompose", "routing", "fusion", "evaluate",
+                             "registry")
 
 
 class Params(Strict):
@@ -23,6 +25,7 @@ class Params(Strict):
     foundation: FoundationParams
     experts: ExpertsParams
     decompose: DecomposeParams
+    routing: RoutingParams
     fusion: FusionParams
     evaluate: EvaluateParams
     registry: RegistryParams
@@ -35,6 +38,19 @@ class Params(Strict):
             raise ValueError(f"experts.method 'prompt' (soft prompts) is text-only: the image foundation is a CNN "
                              f"with no token sequence; set experts.image_method (lora, llora or full) for the "
                              f"active image tasks {image}")
+        return self
+
+    @model_validator(mode="after")
+    def _routing_groups_name_tasks(self) -> "Params":
+        grouped = {t for tasks in self.routing.groups.values() for t in tasks}
+        unknown = sorted(grouped - set(self.data.tasks))
+        if unknown:
+            raise ValueError(f"routing.groups names {unknown}, which are not tasks in data.tasks (known: "
+                             f"{sorted(self.data.tasks)})")
+        loose = [t for t in self.data.active_tasks(self.routing.modality) if t not in grouped]
+        if loose:
+            raise ValueError(f"routing.groups: active {self.routing.modality} task(s) {loose} are in no group; add "
+                             "each to one group")
         return self
 
     @model_validator(mode="after")

@@ -94,6 +94,20 @@ def fusion_curve(fusion: Path) -> Path:
     return Path(fusion) / "fusion_curve.png"
 
 
+# --------------------------------------------------------------------------- routing (AT-MoE)
+def routed_bundle(routing: Path) -> Path:
+    return Path(routing) / "routed"
+
+
+def routing_weights(routing: Path) -> Path:
+    """Mean router weight per task, layer and expert on validation (JSON)."""
+    return Path(routing) / "routing_weights.json"
+
+
+def routing_heatmap(routing: Path, task: str) -> Path:
+    return Path(routing) / "plots" / f"routing_{task}.png"
+
+
 # --------------------------------------------------------------------------- evaluate
 def evaluation_metrics(evaluate: Path) -> Path:
     return Path(evaluate) / "metrics.json"

@@ -91,4 +91,4 @@ def load_prompt(encoder: nn.Module, tensors: dict[str, torch.Tensor], where: str
     return model.requires_grad_(False)
 
 
-WRAPPERS.add("prompt", Wrapper("prompt", load_prompt))  # a deployed soft-prompt expert carries its prompt
+WRAPPERS.add("prompt", Wrapper("prompt", lambda encoder, tensors, config, where: load_prompt(encoder, tensors, where)))  # a deployed soft-prompt expert carries its prompt

@@ -143,3 +143,19 @@ def plot_grouped_bars(
     ax.grid(axis="y", alpha=0.3)
     fig.legend(loc="outside lower center", fontsize=8, ncols=min(len(bars), 5))  # below the axes, never on a bar
     return _save_atomic(fig, path)
+
+
+def plot_heatmap(values: np.ndarray, row_names: list[str], col_names: list[str], title: str, path: Path) -> Path:
+    """Save a (rows, cols) matrix of values in [0, 1] (e.g. router weights per layer and expert), each cell labelled."""
+    values = np.asarray(values, dtype=np.float64)
+    if values.shape != (len(row_names), len(col_names)):
+        raise ValueError(f"heatmap of shape {values.shape} with {len(row_names)} row and {len(col_names)} column names")
+    fig = _new_figure(max(4.0, 0.9 * len(col_names) + 2.5), max(3.0, 0.28 * len(row_names) + 1.5))
+    ax = fig.add_subplot()
+    ax.imshow(values, cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto")
+    for (i, j), value in np.ndenumerate(values):
+        ax.text(j, i, f"{value:.2f}", ha="center", va="center", color="white" if value < 0.6 else "black", fontsize=7)
+    ax.set_xticks(range(len(col_names)), col_names, rotation=30, ha="right", fontsize=8)
+    ax.set_yticks(range(len(row_names)), row_names, fontsize=7)
+    ax.set_title(title, fontsize=9)
+    return _save_atomic(fig, path)

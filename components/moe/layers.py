@@ -102,6 +102,7 @@ class MoLoRALinear(nn.Module):
         self.general_a: torch.Tensor | None = None
         self.routing: Routing | None = None
         self.last_weights: torch.Tensor | None = None
+        self.bypass = False
 
     def add_general(self, factors: LoraFactors | None = None, *, rank: int | None = None, alpha: float | None = None,
                     trainable: bool | None = None, mix: float = 0.5, learn_mix: bool = False,
@@ -158,6 +159,8 @@ class MoLoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
+        if self.bypass:  # the frozen foundation alone (AT-MoE reads its pooled input embedding this way)
+            return out
         n = x.shape[0]
         weights = self._weights(n)
         h = self.dropout(x).reshape(n, -1, self.in_features)  # (N, in) -> (N, 1, in); tokens stay a sequence
@@ -269,6 +272,19 @@ def routing_context(layers: Iterable[MoLoRALinear] | Mapping[str, MoLoRALinear],
     finally:
         for layer, prev in zip(layers, previous, strict=True):
             layer.routing = prev
+
+
+@contextlib.contextmanager
+def foundation_only(layers: Iterable[MoLoRALinear] | Mapping[str, MoLoRALinear]) -> Iterator[None]:
+    """Inside: every mixture layer is its frozen base Linear (no experts, no general adapter)."""
+    layers = list(layers.values() if isinstance(layers, Mapping) else layers)
+    for layer in layers:
+        layer.bypass = True
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.bypass = False
 
 
 @torch.no_grad()

@@ -14,15 +14,15 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from numbers import Integral
-from typing import Literal, NamedTuple
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
+from components.config import RouterName  # the params validate `router:` against the same names
 from components.core.registry import Registry
 from components.moe.errors import MoEParamsError
 
-RouterName = Literal["grouped", "flat", "uniform"]
 
 
 class GroupLayout(NamedTuple):

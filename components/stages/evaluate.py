@@ -14,7 +14,7 @@ from components.bundle.format import LoadedBundle, load_bundle
 from components.config import EvaluateParams
 from components.core.artifacts import read_model
 from components.core.layout import (SUMMARY_FILE, evaluation_plots, evaluation_report, expert_bundle, expert_dir,
-                                    fused_bundle, lorkd_fused, lorkd_single, teacher_heads)
+                                    fused_bundle, lorkd_fused, lorkd_single, routed_bundle, teacher_heads)
 from components.data.datasets import load_split
 from components.experts.io import load_expert, stored_bytes
 from components.metrics.classification import compute_metrics, confusion, normalised_score
@@ -26,6 +26,7 @@ from components.nn.classifier import Classifier, make_head
 from components.nn.foundation import Foundation, load_foundation
 from components.stages.base import StageSummary, TaskInputs, param
 from components.stages.fusion import FusionSummary
+from components.stages.routing import RoutingSummary
 from components.training.data import labels_tensor
 from components.training.inference import batched
 
@@ -55,7 +56,7 @@ class EvaluateSummary(StageSummary):
     fusion: dict[str, Any]  # which fused model was scored: best_method, tasks
 
 EQUALITY_SAMPLES = 64
-COLUMNS = [("task", "task"), ("probe", "probe"), ("expert", "expert"), ("fused", "fused"),
+COLUMNS = [("task", "task"), ("probe", "probe"), ("expert", "expert"), ("fused", "fused"), ("routed", "routed"),
            ("normalised", "fused / expert"), ("expert_stored_kb", "expert KB"),
            ("expert_ms", "expert ms/sample"), ("base_ms", "base ms/sample"), ("teacher", "LoRKD teacher"),
            ("lorkd", "LoRKD expert"), ("single_student", "single-task student"), ("lorkd_params_pct", "LoRKD params %")]
@@ -75,6 +76,14 @@ def _fused(fusion_dir: Path | None) -> tuple[LoadedBundle | None, FusionSummary]
     return load_bundle(fused_bundle(fusion_dir, summary.best_method)), summary
 
 
+def _routed(routing_dir: Path | None) -> LoadedBundle | None:
+    if routing_dir is None or not (routing_dir / SUMMARY_FILE).is_file():
+        return None
+    if read_model(routing_dir / SUMMARY_FILE, RoutingSummary, "routing summary").skipped is not None:
+        return None
+    return load_bundle(routed_bundle(routing_dir))
+
+
 def _teacher_head(decompose_dir: Path, modality: str, task: str, in_dim: int) -> torch.nn.Module:
     tensors = load_file(teacher_heads(decompose_dir, modality))
     state = {k.rsplit(".", 1)[1]: v for k, v in tensors.items() if k.rsplit(".", 1)[0] == task}
@@ -84,11 +93,13 @@ def _teacher_head(decompose_dir: Path, modality: str, task: str, in_dim: int) ->
 
 
 def evaluate_models(inp: EvaluateInputs, data_dir: Path, foundation_dir: Path, experts_dir: Path,
-                    fusion_dir: Path | None, out_dir: Path, decompose_dir: Path | None = None) -> EvaluateSummary:
+                    fusion_dir: Path | None, out_dir: Path, decompose_dir: Path | None = None,
+                    routing_dir: Path | None = None) -> EvaluateSummary:
     """Score every active task's probe, deployed expert, (if fused) the fused model and (if decomposed) the
     LoRKD teacher, fused LoRKD expert and same-size single-task student on test."""
     ep, metric, seed = inp.evaluate, inp.evaluate.primary_metric, inp.seed
     fused, fusion_summary = _fused(fusion_dir)
+    routed = _routed(routing_dir)
     plots_dir = evaluation_plots(out_dir)
     foundations: dict[str, Foundation] = {}
     results: dict[str, TaskEvaluation] = {}
@@ -125,6 +136,10 @@ def evaluate_models(inp: EvaluateInputs, data_dir: Path, foundation_dir: Path, e
         if fused is not None and task in fused.tasks:
             scores["fused"] = score_and_plot("fused", batched(fused.model.for_task(task), x),
                                              f"fused {fusion_summary.best_method}")
+        if routed is not None and task in routed.tasks:
+            routed_task = routed.model.for_task(task)
+            scores["routed"] = score_and_plot("routed", batched(routed_task, x), "AT-MoE routed experts")
+            latencies["routed"] = latency(routed_task, x)
         if decompose_dir is not None and lorkd_fused(decompose_dir, spec.modality, task).is_dir():
             teacher = Classifier(found.encoder, _teacher_head(decompose_dir, spec.modality, task, found.encoder.out_dim))
             scores["teacher"] = compute_metrics(test.kind, batched(teacher, x), y, test.num_labels)
@@ -155,7 +170,8 @@ def report_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
     for task, r in summary["tasks"].items():
         m = r["metrics"]
         rows.append({"task": task, "probe": m["probe"][metric], "expert": m["expert"][metric],
-                     "fused": m.get("fused", {}).get(metric), "normalised": r["normalised"],
+                     "fused": m.get("fused", {}).get(metric), "routed": m.get("routed", {}).get(metric),
+                     "normalised": r["normalised"],
                      "expert_stored_kb": r["params"]["stored_bytes"] / 1024,
                      "expert_ms": r["latency_ms_per_sample"]["expert_merged"],
                      "base_ms": r["latency_ms_per_sample"]["base"],

@@ -12,11 +12,12 @@ from pathlib import Path
 from components.bundle.format import check_bundle_manifest
 from components.config import PrimaryMetric, RegistryParams
 from components.core.artifacts import read_manifest, read_model
-from components.core.layout import SUMMARY_FILE, expert_bundle, expert_dir, fused_bundle, lorkd_fused
+from components.core.layout import SUMMARY_FILE, expert_bundle, expert_dir, fused_bundle, lorkd_fused, routed_bundle
 from components.stages.base import StageSummary, StageInputs, param
 from components.stages.decompose import DecomposeSummary
 from components.stages.experts import ExpertsSummary
 from components.stages.fusion import FusionSummary
+from components.stages.routing import RoutingSummary
 
 
 class PromoteInputs(StageInputs):
@@ -24,6 +25,7 @@ class PromoteInputs(StageInputs):
     active: list[str] = param("data.active")
     metric: PrimaryMetric = param("evaluate.primary_metric")
     profile: str = param("pipeline.profile", "recorded on every registered version")
+    routing_modality: str = param("routing.modality", "names the registered routed model")
 
 
 class Decision(StageSummary):
@@ -50,8 +52,9 @@ class Candidate:
     tags: dict[str, str] = field(default_factory=dict)
 
 
-def candidates(inp: PromoteInputs, experts: Path, decompose: Path, fusion: Path) -> list[Candidate]:
-    """Every model this run offers: each task's expert, each fused LoRKD expert, the best fused model."""
+def candidates(inp: PromoteInputs, experts: Path, decompose: Path, fusion: Path, routing: Path) -> list[Candidate]:
+    """Every model this run offers: each task's expert, each fused LoRKD expert, the best fused model, the routed
+    (AT-MoE) model."""
     prefix, metric, out = inp.registry.prefix, inp.metric, []
     runs = read_model(experts / SUMMARY_FILE, ExpertsSummary, "experts summary").tasks
     for task in inp.active:
@@ -69,6 +72,11 @@ def candidates(inp: PromoteInputs, experts: Path, decompose: Path, fusion: Path)
         bundle = fused_bundle(fusion, fused.best_method)
         out.append(Candidate(f"{prefix}-fused-{fused.modality}", bundle, fused.best_val_mean(),
                              {"method": fused.best_method, **_size(bundle)}))
+    routed = read_model(routing / SUMMARY_FILE, RoutingSummary, "routing summary")
+    if routed.skipped is None:
+        bundle = routed_bundle(routing)
+        out.append(Candidate(f"{prefix}-routed-{inp.routing_modality}", bundle, routed.val_mean(),
+                             {"method": f"atmoe_{routed.router}", **_size(bundle)}))
     return out
 
 

@@ -56,3 +56,24 @@ def _as_is(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def labels_tensor(labels, kind: str) -> torch.Tensor:  # noqa: ANN001 - numpy array
     t = torch.as_tensor(labels)
     return t.float() if kind == "multilabel" else t.long()
+
+
+def mixed_tasks(inputs: dict[str, dict[str, torch.Tensor]], labels: dict[str, torch.Tensor],
+                kinds: dict[str, str], widths: dict[str, int]) -> TensorDictDataset:
+    """Every task's rows in one dataset (task id = position in ``inputs``), so batches mix tasks. Labels stay class
+    ids when every task is single-label; with a multilabel task they become (N, max width) floats, single-label rows
+    one-hot (``components.training.module.task_labels`` takes a task's own back out)."""
+    names = list(inputs)
+    multilabel = any(kinds[n] == "multilabel" for n in names)
+    width = max(widths[n] for n in names)
+    ys = []
+    for n in names:
+        y = labels[n]
+        if multilabel:
+            y = y.float() if kinds[n] == "multilabel" else torch.nn.functional.one_hot(y.long(), widths[n]).float()
+            y = torch.nn.functional.pad(y, (0, width - y.shape[1]))
+        ys.append(y)
+    keys = list(inputs[names[0]])
+    data = {k: torch.cat([inputs[n][k] for n in names]) for k in keys}
+    ids = torch.cat([torch.full((len(labels[n]),), i, dtype=torch.long) for i, n in enumerate(names)])
+    return TensorDictDataset(data, torch.cat(ys), ids)

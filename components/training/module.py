@@ -234,6 +234,15 @@ class ClassifierModule(TrainableCheckpoint):
         return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
 
 
+def task_labels(labels: torch.Tensor, kind: str, width: int) -> torch.Tensor:
+    """One task's labels out of a mixed batch: class ids as they are; padded rows (``mixed_tasks`` with a multilabel
+    task present) cut to the task's width, and back to class ids for a single-label task."""
+    if labels.ndim == 1:
+        return labels
+    labels = labels[:, :width]
+    return labels if kind == "multilabel" else labels.argmax(dim=1)
+
+
 class MultiTaskModule(TrainableCheckpoint):
     """Mixed batches of several tasks: shared encoder features, each sample scored by its own head."""
 
@@ -251,7 +260,8 @@ class MultiTaskModule(TrainableCheckpoint):
             mask = batch["task_ids"] == i
             if mask.any():
                 logits = self.model.heads[name](feats[mask])
-                total = total + task_loss(self.kinds[name], logits, batch["labels"][mask]) * mask.sum()
+                labels = task_labels(batch["labels"][mask], self.kinds[name], logits.shape[1])
+                total = total + task_loss(self.kinds[name], logits, labels) * mask.sum()
         return total / len(batch["labels"])
 
     def training_step(self, batch: dict[str, torch.Tensor], _: int) -> torch.Tensor:

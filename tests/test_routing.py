@@ -1,0 +1,95 @@
+"""AT-MoE routing stage: frozen LoRA experts from the experts stage, per-layer grouped routers, the routed bundle."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from components.config import load_params
+from components.core.errors import ParamsError
+from components.nn.foundation import describe_text_foundation
+from components.stages.data import prepare_data
+from components.stages.experts import ExpertsInputs, train_expert
+from components.stages.routing import RoutingInputs, run
+
+PROJECT = Path(__file__).resolve().parents[1]
+TASKS = ["pubmedqa", "medical_abstracts"]
+
+
+def params(tiny_bert: Path, **overrides: object):  # noqa: ANN201
+    return load_params(PROJECT / "params", "tiny", {"foundation.text.source": str(tiny_bert), "data.active": TASKS,
+                                                   "routing.trainer.max_epochs": 1, **overrides})
+
+
+@pytest.fixture(scope="module")
+def stage_inputs(tiny_bert: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Data, text foundation and one LoRA expert per task, as the earlier stages write them."""
+    root = tmp_path_factory.mktemp("routing")
+    p = params(tiny_bert)
+    prepare_data(p.data, PROJECT, root / "data", p.pipeline.seed)
+    describe_text_foundation(p.foundation, PROJECT, root / "foundation" / "text")
+    for task in TASKS:
+        train_expert(task, ExpertsInputs.from_params(p), root / "data", root / "foundation", root / "experts" / task)
+    return root
+
+
+@pytest.mark.parametrize("router", ["grouped", "flat", "uniform"])
+def test_routes_the_experts_and_deploys_a_bundle(stage_inputs: Path, tiny_bert: Path, tmp_path: Path,
+                                                 router: str) -> None:
+    import components.plugins  # noqa: F401
+    from components.bundle.format import load_bundle
+    from components.experts.io import load_expert
+    from components.nn.foundation import load_foundation
+    from components.training.inference import batched
+
+    groups = {"qa": ["pubmedqa"], "classification": ["medical_abstracts", "hoc"]}
+    inp = RoutingInputs.from_params(params(tiny_bert, **{"routing.router": router, "routing.groups": groups}))
+    root = stage_inputs
+    summary = run(inp, root / "data", root / "foundation", root / "experts", tmp_path / "out")
+    assert summary.skipped is None and summary.experts == TASKS and summary.router == router
+    assert summary.groups == {"qa": ["pubmedqa"], "classification": ["medical_abstracts"]}  # hoc is not active
+    assert (summary.trainable_params > 0) == (router != "uniform")
+    weights = __import__("json").loads((tmp_path / "out" / "routing_weights.json").read_text())
+    for task in TASKS:
+        per_layer = weights[task]
+        assert len(per_layer) == 4  # query and value of the tiny BERT's 2 layers
+        assert all(abs(sum(w) - 1) < 1e-5 for w in per_layer.values())
+        assert (tmp_path / "out" / "plots" / f"routing_{task}.png").is_file()
+    found = load_foundation(root / "foundation", "text")
+    x = found.inputs(["Does aspirin prevent stroke in older adults?", "Colon adenocarcinoma with nodal spread."])
+    bundle = load_bundle(tmp_path / "out" / "routed")
+    routed = bundle.model.encoder
+    for e, task in enumerate(TASKS):  # one-hot routing is that expert exactly (the oracle)
+        routed.fixed = torch.nn.functional.one_hot(torch.tensor(e), len(TASKS)).float()
+        expert = load_expert(root / "experts" / task, found)
+        torch.testing.assert_close(batched(bundle.model.for_task(task), x), batched(expert.classifier(), x),
+                                   atol=1e-5, rtol=1e-4)
+    routed.fixed = None
+    logits = batched(bundle.model.for_task("pubmedqa"), x)
+    assert logits.shape == (2, 3) and torch.isfinite(logits).all()
+    last = routed.last_weights()  # the routing of the last request, per layer, for inspection
+    assert len(last) == 4 and all(w.shape == (2, len(TASKS)) for w in last.values())
+    if router == "uniform":
+        assert all(torch.allclose(w, torch.full_like(w, 0.5)) for w in last.values())
+
+
+def test_skips_with_the_reason(stage_inputs: Path, tiny_bert: Path, tmp_path: Path) -> None:
+    root = stage_inputs
+    one = RoutingInputs.from_params(params(tiny_bert, **{"data.active": ["pubmedqa"]}))
+    summary = run(one, root / "data", root / "foundation", root / "experts", tmp_path / "out")
+    assert summary.skipped == "fewer than 2 active text tasks to route (['pubmedqa'])"
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"routing.groups": {"qa": ["pubmedqa"], "x": ["nope"]}}, "routing.groups names ['nope'], which are not tasks"),
+    ({"routing.groups": {"qa": ["pubmedqa"], "x": []}}, "group 'x' is empty"),
+    ({"routing.groups": {"qa": ["pubmedqa"], "x": ["pubmedqa"]}}, "task 'pubmedqa' is in two groups"),
+    ({"routing.groups": {"qa": ["pubmedqa"]}}, "active text task(s) ['medical_abstracts'] are in no group"),
+    ({"routing.tau": 0}, "key 'tau': Input should be greater than 0"),
+    ({"routing.router": "topk"}, "key 'router': Input should be 'grouped', 'flat' or 'uniform'"),
+])
+def test_bad_routing_params_are_one_clear_error(tiny_bert: Path, overrides: dict, message: str) -> None:
+    with pytest.raises(ParamsError, match=__import__("re").escape(message)):
+        params(tiny_bert, **overrides)
