@@ -1,0 +1,653 @@
+"""FedKIM's server side (Wang et al., EMNLP 2024, arXiv 2408.10276): inject the aggregated client encoders into the
+frozen text foundation through M3OE, train only what was added on the server's own small split, evaluate.
+
+The injected model (``InjectedFoundation``), per sample of task t:
+- the text part: the sample's text for a text task; for an image task its description (``"<modality
+  description>: <task description>"``), since the foundation is a text model;
+- extra tokens, prepended to the word embeddings (HF ``inputs_embeds``): the frozen aggregated client image
+  encoder's feature of the pixels (image tasks), or the frozen aggregated client text encoder's pooled feature of
+  the text (text tasks), each through a trainable projection to ``extra_tokens`` foundation-width tokens; the
+  attention mask is extended by ones for them (zeros where no client encoder of that modality was given);
+- M3OE: every targeted Linear of the frozen foundation (attention and feed-forward) carries E fresh rank-r LoRA
+  experts (``attach_molora``); the gate (``M3OEGate``: the modality description's token embeddings attend to the
+  task description's, both embedded by the foundation's own word embeddings) gives one weight vector per task,
+  hence per sample, shared by every mixture layer (``routing_context``);
+- mean pooling over the real tokens, extra tokens included (as ``TextEncoder``), then the task's head.
+
+Trainable on the server: the experts, the gate, the projections and the heads; the foundation and the client
+encoders stay frozen (and in eval mode). ``no_injection`` is the same pipeline with E = 0 and no client
+encoders: the frozen foundation and trained heads only. ``fit_head_on`` adds a held-out task (no client trained
+on it) and fits only its head on top of the injected model. ``save_injected`` / ``load_injected`` write and
+rebuild it (safetensors + manifest with the config; the foundation is checked by its hash).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import nn
+
+from components.config import TrainerParams
+from components.core.artifacts import read_manifest, save_tensors, write_manifest
+from components.core.errors import ArtifactError, DataError, ParamsError
+from components.data.datasets import TaskData
+from components.decompose.backbones import ImageBackbone, TextBackbone
+from components.federated.clients import MODALITIES, ClientModel, TaskSpec, check_task_spec, frozen_encoders
+from components.metrics.classification import compute_metrics
+from components.moe.layers import attach_molora, molora_layers, routing_context
+from components.moe.m3oe import M3OEGate, describe, masked_mean
+from components.nn.encoders import ImageEncoder, TextEncoder, image_tensor, tokenize
+from components.nn.foundation import Foundation
+from components.training.data import TensorDictDataset, labels_tensor, loader
+from components.training.module import task_loss
+from components.training.trainer import on_gpu, resolve_precision
+
+KIND = "fedkim"  # manifest kind of a saved injected model
+TRAINABLE_FILE = "injected.safetensors"
+ENCODERS_FILE = "client_encoders.safetensors"
+
+# Every Linear of a BertLayer: attention q/k/v and output, feed-forward in and out (suffix names, as PEFT).
+DEFAULT_TARGETS: tuple[str, ...] = ("query", "key", "value", "attention.output.dense", "intermediate.dense",
+                                    "output.dense")
+DEFAULT_MODALITY_DESCRIPTIONS = {"image": "medical image", "text": "clinical text"}
+
+# Client encoders the server can rebuild from their ``config`` (what a saved injected model records).
+_ENCODER_TYPES: dict[str, type[nn.Module]] = {"ImageEncoder": ImageEncoder, "ImageBackbone": ImageBackbone,
+                                              "TextBackbone": TextBackbone}
+
+
+def _encoder_spec(modality: str, encoder: nn.Module) -> dict[str, Any]:
+    name = type(encoder).__name__
+    if name not in _ENCODER_TYPES or not isinstance(getattr(encoder, "config", None), dict):
+        raise ArtifactError(f"client {modality} encoder {name} cannot be saved: the server rebuilds only "
+                            f"{sorted(_ENCODER_TYPES)} from their config")
+    return {"type": name, "config": copy.deepcopy(encoder.config)}
+
+
+def _encoder_from_spec(modality: str, spec: Any) -> nn.Module:
+    if not isinstance(spec, dict) or spec.get("type") not in _ENCODER_TYPES or not isinstance(spec.get("config"),
+                                                                                              dict):
+        raise ArtifactError(f"saved client {modality} encoder spec {spec!r} is not one of {sorted(_ENCODER_TYPES)} "
+                            "with a config")
+    try:
+        return _ENCODER_TYPES[spec["type"]](**spec["config"])
+    except (TypeError, ValueError, ParamsError) as exc:
+        raise ArtifactError(f"saved client {modality} encoder cannot be rebuilt from its config ({exc})") from None
+
+
+class InjectedFoundation(nn.Module):
+    """The frozen text foundation + M3OE experts + injected client encoders + per-task heads (see the module doc).
+
+    Build it with ``build_injected`` (or ``no_injection``); ``forward`` gives pooled features, ``task_logits``
+    the logits of one task, ``encode`` turns task splits into its inputs.
+    """
+
+    def __init__(self, encoder: TextEncoder, tokenizer: Any, tasks: Mapping[str, Any],
+                 client_encoders: Mapping[str, nn.Module], *, num_experts: int, rank: int, alpha: float | None,
+                 targets: Sequence[str], extra_tokens: int, gate_heads: int, max_length: int,
+                 description_length: int, seed: int, foundation_sha256: str) -> None:
+        super().__init__()
+        if not tasks:
+            raise ParamsError("FedKIM: no tasks given; the injected model needs at least one task head")
+        specs = {name: check_task_spec(name, spec) for name, spec in tasks.items()}
+        unknown = sorted(set(client_encoders) - set(MODALITIES))
+        if unknown:
+            raise ParamsError(f"FedKIM: client encoders are keyed by modality {list(MODALITIES)}; got {unknown}")
+        if num_experts < 0 or (num_experts and (rank < 1 or not targets)):
+            raise ParamsError(f"FedKIM: num_experts={num_experts} must be >= 0 (0: no experts); with experts rank "
+                              f"must be >= 1 (got {rank}) and targets non-empty (got {list(targets)})")
+        if extra_tokens < 1 or gate_heads < 1 or description_length < 2:
+            raise ParamsError(f"FedKIM: extra_tokens={extra_tokens} and gate_heads={gate_heads} must be >= 1, "
+                              f"description_length={description_length} >= 2")
+        self.encoder = encoder.requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.dim = int(encoder.out_dim)
+        self.num_experts, self.rank, self.alpha, self.targets = num_experts, rank, alpha, list(targets)
+        self.extra_tokens, self.gate_heads, self.seed = extra_tokens, gate_heads, seed
+        self.description_length, self.foundation_sha256 = description_length, foundation_sha256
+        positions = int(encoder.model.config.max_position_embeddings)
+        slots = extra_tokens if client_encoders else 0
+        if max_length + slots > positions:
+            raise ParamsError(f"FedKIM: max_length {max_length} + {slots} extra token(s) exceeds the foundation's "
+                              f"{positions} positions; lower max_length")
+        self.max_length = max_length
+        self.client_encoders = nn.ModuleDict({m: e.eval().requires_grad_(False) for m, e in client_encoders.items()})
+        for modality, enc in self.client_encoders.items():
+            if not isinstance(getattr(enc, "out_dim", None), int):
+                raise ParamsError(f"FedKIM: client {modality} encoder {type(enc).__name__} has no integer out_dim")
+            limit = getattr(enc, "max_positions", None)
+            if modality == "text" and limit is not None and limit < max_length:
+                raise ParamsError(f"FedKIM: the client text encoder keeps {limit} positions, fewer than the "
+                                  f"foundation's max_length {max_length}; build it with max_positions >= {max_length}")
+        self.project = nn.ModuleDict({m: nn.Linear(e.out_dim, extra_tokens * self.dim)
+                                      for m, e in self.client_encoders.items()})
+        if num_experts:
+            attach_molora(encoder.model, self.targets, num_experts, rank, alpha, seed=seed)
+            self.gate: M3OEGate | None = M3OEGate(self.dim, num_experts, gate_heads)
+        else:
+            self.gate = None
+        self.tasks: dict[str, TaskSpec] = {}
+        self.heads = nn.ModuleDict()
+        for name, spec in specs.items():
+            self.tasks[name] = spec
+            self.heads[name] = nn.Linear(self.dim, spec.num_labels)
+        self._describe()
+        self.train(self.training)
+
+    # --- tasks and their descriptions ---
+
+    @property
+    def task_names(self) -> list[str]:
+        return list(self.tasks)
+
+    def task_index(self, task: str) -> int:
+        if task not in self.tasks:
+            raise DataError(f"unknown task {task!r}; the injected model's tasks are {self.task_names} "
+                            "(a held-out task is added by fit_head_on)")
+        return self.task_names.index(task)
+
+    @torch.no_grad()
+    def _describe(self) -> None:
+        """Embed every task's modality and task description with the foundation's word embeddings (frozen, so
+        once); buffers, not saved: they are rebuilt from the descriptions."""
+        embedding = self.encoder.model.embeddings.word_embeddings
+        specs = list(self.tasks.values())
+        mod, mod_mask = describe([s.modality_description for s in specs], self.tokenizer, embedding,
+                                 self.description_length)
+        task, task_mask = describe([s.description for s in specs], self.tokenizer, embedding, self.description_length)
+        self.register_buffer("modality_embeddings", mod.detach(), persistent=False)
+        self.register_buffer("modality_mask", mod_mask, persistent=False)
+        self.register_buffer("task_embeddings", task.detach(), persistent=False)
+        self.register_buffer("task_mask", task_mask, persistent=False)
+        device = embedding.weight.device
+        self.register_buffer("task_is_image", torch.tensor([s.modality == "image" for s in specs], device=device),
+                             persistent=False)
+
+    def add_task(self, name: str, spec: Any) -> None:
+        """A new task (e.g. held out from the clients): its head (fresh) and its descriptions for the gate."""
+        if name in self.tasks:
+            raise ParamsError(f"task {name!r} is already a task of the injected model")
+        spec = check_task_spec(name, spec)
+        self.tasks[name] = spec
+        self.heads[name] = nn.Linear(self.dim, spec.num_labels).to(self.modality_embeddings.device)
+        self._describe()
+
+    def description_text(self, task: str) -> str:
+        """The text part of an image sample: its modality and task descriptions."""
+        spec = self.tasks[task]
+        return f"{spec.modality_description}: {spec.description}"
+
+    # --- the forward ---
+
+    def train(self, mode: bool = True) -> "InjectedFoundation":
+        super().train(mode)
+        self.encoder.eval()  # frozen foundation and client encoders: no dropout noise, whatever the mode
+        self.client_encoders.eval()
+        return self
+
+    def routing_weights(self, task_ids: torch.Tensor) -> torch.Tensor:
+        """The M3OE gate's expert weights (N, E): one vector per task from its descriptions, indexed per sample."""
+        if self.gate is None:
+            raise ParamsError("this injected model has no experts (num_experts=0), hence no routing")
+        per_task = self.gate(self.modality_embeddings, self.task_embeddings, self.modality_mask, self.task_mask)
+        return per_task[task_ids]
+
+    def _check_task_ids(self, task_ids: torch.Tensor) -> None:
+        if task_ids.ndim != 1 or task_ids.dtype not in (torch.int64, torch.int32):
+            raise DataError(f"task_ids must be an integer tensor (N,), got {task_ids.dtype} {tuple(task_ids.shape)}")
+        if len(task_ids) and (int(task_ids.min()) < 0 or int(task_ids.max()) >= len(self.tasks)):
+            raise DataError(f"task ids range [{int(task_ids.min())}, {int(task_ids.max())}]; the injected model has "
+                            f"{len(self.tasks)} tasks {self.task_names}")
+
+    def _extra(self, task_ids: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+               pixels: torch.Tensor | None, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Projected client features as (N, K, d) extra tokens and their mask (N, K)."""
+        n, k = len(task_ids), self.extra_tokens
+        tokens = like.new_zeros(n, k, self.dim)
+        mask = attention_mask.new_zeros(n, k)
+        is_image = self.task_is_image[task_ids]
+        for modality, rows in (("image", is_image.nonzero().flatten()), ("text", (~is_image).nonzero().flatten())):
+            if not len(rows) or modality not in self.client_encoders:
+                continue
+            with torch.no_grad():  # frozen client encoder: only the projection learns
+                if modality == "image":
+                    if pixels is None:
+                        raise DataError("image-task samples need pixels; encode the split with model.encode(...)")
+                    feats = self.client_encoders["image"](pixels=pixels[rows])
+                else:
+                    feats = self.client_encoders["text"](input_ids=input_ids[rows],
+                                                         attention_mask=attention_mask[rows])
+            projected = self.project[modality](feats.to(like.dtype)).reshape(len(rows), k, self.dim)
+            tokens = tokens.index_copy(0, rows, projected.to(tokens.dtype))
+            mask[rows] = 1
+        return tokens, mask
+
+    def forward(self, task_ids: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                pixels: torch.Tensor | None = None) -> torch.Tensor:
+        """Pooled features (N, d) of a (mixed-task) batch: ``task_ids`` (N,) index ``task_names``; ``input_ids`` /
+        ``attention_mask`` (N, L) the text part; ``pixels`` (N, C, H, W) for image samples (ignored elsewhere)."""
+        self._check_task_ids(task_ids)
+        words = self.encoder.model.embeddings.word_embeddings(input_ids)
+        mask = attention_mask
+        if len(self.client_encoders):
+            tokens, extra_mask = self._extra(task_ids, input_ids, attention_mask, pixels, words)
+            words = torch.cat([tokens, words], 1)
+            mask = torch.cat([extra_mask, attention_mask], 1)
+        if words.shape[1] > self.encoder.model.config.max_position_embeddings:
+            raise DataError(f"{words.shape[1]} tokens (text + extra) exceed the foundation's "
+                            f"{self.encoder.model.config.max_position_embeddings} positions; tokenize to "
+                            f"max_length={self.max_length}")
+        if self.gate is not None:
+            with routing_context(molora_layers(self.encoder.model), weights=self.routing_weights(task_ids)):
+                hidden = self.encoder.model(inputs_embeds=words, attention_mask=mask).last_hidden_state
+        else:
+            hidden = self.encoder.model(inputs_embeds=words, attention_mask=mask).last_hidden_state
+        return masked_mean(hidden, mask)
+
+    def task_logits(self, task: str, **inputs: torch.Tensor) -> torch.Tensor:
+        """Logits of one task on a batch of that task only (``task_ids`` are filled in)."""
+        index = self.task_index(task)
+        n = len(inputs["input_ids"])
+        ids = torch.full((n,), index, dtype=torch.long, device=inputs["input_ids"].device)
+        return self.heads[task](self(ids, **inputs))
+
+    # --- data ---
+
+    def encode(self, data: Mapping[str, TaskData]) -> TensorDictDataset:
+        """Task splits (name -> TaskData) as one mixed dataset: input_ids / attention_mask (text, or the task's
+        description for image samples), pixels (zeros for text samples) when an image task is present, labels
+        (class ids (N,); (N, max L) floats, single-label rows one-hot, when a task is multilabel), task_ids."""
+        if not data:
+            raise DataError("FedKIM: no task data given")
+        texts: list[str] = []
+        images: list[torch.Tensor] = []
+        ids, labels, image_rows = [], [], []
+        in_channels = getattr(self.client_encoders["image"], "config", {}).get("in_channels", 3) \
+            if "image" in self.client_encoders else 3
+        for task, split in data.items():
+            index = self.task_index(task)
+            spec = self.tasks[task]
+            if (split.modality, split.kind, split.num_labels) != (spec.modality, spec.kind, spec.num_labels):
+                raise DataError(f"task {task!r}: the split is {split.modality}/{split.kind} with {split.num_labels} "
+                                f"labels; the injected model's head expects {spec.modality}/{spec.kind} with "
+                                f"{spec.num_labels}")
+            if len(split) == 0:
+                raise DataError(f"task {task!r}: the split has no rows")
+            y = labels_tensor(split.labels, split.kind)
+            if split.kind != "multilabel" and (y.ndim != 1 or int(y.min()) < 0 or int(y.max()) >= spec.num_labels):
+                raise DataError(f"task {task!r}: labels must be class ids in [0, {spec.num_labels}), got shape "
+                                f"{tuple(y.shape)}")
+            if split.kind == "multilabel" and (y.ndim != 2 or y.shape[1] != spec.num_labels):
+                raise DataError(f"task {task!r}: multilabel labels must be (N, {spec.num_labels}), got "
+                                f"{tuple(y.shape)}")
+            labels.append(y)
+            ids.append(torch.full((len(split),), index, dtype=torch.long))
+            if spec.modality == "text":
+                texts.extend(split.inputs)
+                image_rows.append(torch.zeros(len(split), dtype=torch.bool))
+            else:
+                texts.extend([self.description_text(task)] * len(split))
+                images.append(image_tensor(np.asarray(split.inputs), in_channels)["pixels"])
+                image_rows.append(torch.ones(len(split), dtype=torch.bool))
+        inputs = tokenize(self.tokenizer, texts, self.max_length)
+        if images:
+            shapes = {tuple(x.shape[1:]) for x in images}
+            if len(shapes) > 1:
+                raise DataError(f"image tasks of one batch must share their image shape; got {sorted(shapes)}")
+            pixels = torch.zeros(len(texts), *shapes.pop())
+            pixels[torch.cat(image_rows)] = torch.cat(images)
+            inputs["pixels"] = pixels
+        if any(y.ndim == 2 for y in labels):
+            width = max(self.tasks[t].num_labels for t in data)
+            padded = []
+            for y, task in zip(labels, data, strict=True):
+                n_labels = self.tasks[task].num_labels
+                y = y.float() if y.ndim == 2 else nn.functional.one_hot(y, n_labels).float()
+                padded.append(nn.functional.pad(y, (0, width - n_labels)))
+            labels = padded
+        return TensorDictDataset(inputs, torch.cat(labels), torch.cat(ids))
+
+    # --- what trains, what is saved ---
+
+    def trainable_names(self) -> list[str]:
+        return [n for n, p in self.named_parameters() if p.requires_grad]
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """The trainable parameters (experts, gate, projections, heads), detached CPU copies."""
+        params = dict(self.named_parameters())
+        return {n: params[n].detach().cpu().clone() for n in self.trainable_names()}
+
+    def config(self) -> dict[str, Any]:
+        """Everything ``load_injected`` needs, besides the foundation and the saved tensors."""
+        return {
+            "tasks": [{"name": n, **s._asdict()} for n, s in self.tasks.items()],  # a list: the order is the task ids
+            "num_experts": self.num_experts, "rank": self.rank, "alpha": self.alpha, "targets": list(self.targets),
+            "extra_tokens": self.extra_tokens, "gate_heads": self.gate_heads, "max_length": self.max_length,
+            "description_length": self.description_length, "seed": self.seed,
+            "client_encoders": {m: _encoder_spec(m, e) for m, e in self.client_encoders.items()},
+            "foundation_sha256": self.foundation_sha256,
+        }
+
+
+def build_injected(
+    foundation: Foundation,
+    client_encoders: Mapping[str, nn.Module] | ClientModel | None,
+    tasks: Mapping[str, Any],
+    num_experts: int = 4,
+    rank: int = 4,
+    alpha: float | None = None,
+    targets: Sequence[str] = DEFAULT_TARGETS,
+    *,
+    extra_tokens: int = 1,
+    gate_heads: int = 1,
+    max_length: int | None = None,
+    description_length: int = 32,
+    seed: int = 0,
+) -> InjectedFoundation:
+    """The injected model over a copy of ``foundation``'s text encoder (the caller's stays untouched).
+
+    ``client_encoders``: modality -> aggregated client encoder (or the aggregated ``ClientModel`` itself), copied
+    and frozen; None / {} injects none. ``tasks``: name -> ``TaskSpec`` (modality, description,
+    modality_description, num_labels, kind). ``num_experts`` E rank-``rank`` experts per targeted Linear (0: none);
+    ``alpha`` the LoRA scale numerator (None: scale 1). ``max_length`` defaults to the foundation's. Fresh weights
+    (experts, gate, projections, heads) are drawn under ``seed``."""
+    if foundation.modality != "text" or not isinstance(foundation.encoder, TextEncoder):
+        raise ParamsError(f"FedKIM injects into a text foundation (a TextEncoder); got a {foundation.modality} one")
+    if foundation.tokenizer is None:
+        raise ParamsError("FedKIM: the text foundation has no tokenizer")
+    if isinstance(client_encoders, ClientModel):
+        encoders = frozen_encoders(client_encoders)
+    else:
+        encoders = {m: copy.deepcopy(e) for m, e in (client_encoders or {}).items()}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return InjectedFoundation(
+            copy.deepcopy(foundation.encoder), foundation.tokenizer, tasks, encoders, num_experts=num_experts,
+            rank=rank, alpha=alpha, targets=targets, extra_tokens=extra_tokens, gate_heads=gate_heads,
+            max_length=foundation.max_length if max_length is None else max_length,
+            description_length=description_length, seed=seed, foundation_sha256=foundation.sha256)
+
+
+def no_injection(foundation: Foundation, tasks: Mapping[str, Any], *, max_length: int | None = None,
+                 seed: int = 0) -> InjectedFoundation:
+    """The baseline: the frozen foundation and trainable heads only (no experts, no client encoders)."""
+    return build_injected(foundation, None, tasks, num_experts=0, max_length=max_length, seed=seed)
+
+
+# --- training and evaluation ---
+
+def _task_targets(labels: torch.Tensor, spec: TaskSpec) -> torch.Tensor:
+    """A task's labels out of a mixed batch: class ids (N,) or (N, L) floats."""
+    if spec.kind == "multilabel":
+        return labels[:, :spec.num_labels].float()
+    return labels[:, :spec.num_labels].argmax(-1) if labels.ndim == 2 else labels
+
+
+def mixed_loss(model: InjectedFoundation, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Mean task loss of a mixed batch, each sample scored by its own task's head."""
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", "task_ids")}
+    task_ids, labels = batch["task_ids"], batch["labels"]
+    feats = model(task_ids, **inputs)
+    total = feats.new_zeros(())
+    for index in task_ids.unique().tolist():
+        name = model.task_names[index]
+        rows = task_ids == index
+        spec = model.tasks[name]
+        logits = model.heads[name](feats[rows])
+        total = total + task_loss(spec.kind, logits, _task_targets(labels[rows], spec)) * rows.sum()
+    return total / len(task_ids)
+
+
+def _check_training(epochs: int, batch_size: int, lr: float, weight_decay: float, what: str) -> None:
+    for name, value, ok in (("epochs", epochs, epochs >= 1), ("batch_size", batch_size, batch_size >= 1),
+                            ("lr", lr, lr > 0), ("weight_decay", weight_decay, weight_decay >= 0)):
+        if not ok:
+            raise ParamsError(f"{what}: {name}={value} is out of range (epochs, batch_size >= 1; lr > 0; "
+                              "weight_decay >= 0)")
+
+
+def _cap(data: Mapping[str, TaskData], n: int | None, seed: int) -> dict[str, TaskData]:
+    return {t: d.subset(n, seed) for t, d in data.items()}
+
+
+def train_injected(
+    model: InjectedFoundation,
+    train: Mapping[str, TaskData],
+    val: Mapping[str, TaskData] | None = None,
+    trainer: TrainerParams | None = None,
+    *,
+    epochs: int = 3,
+    batch_size: int = 32,
+    lr: float = 1e-3,
+    weight_decay: float = 0.0,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+) -> dict[str, float]:
+    """Train the experts, the gate, the projections and the heads on the server's split (mixed-task batches,
+    AdamW, each sample by its own head); the foundation and client encoders stay frozen.
+
+    ``trainer`` (TrainerParams), when given, sets epochs, batch size, lr, weight decay, the per-task sample cap
+    and the device (GPU when its accelerator resolves to one; bf16 autocast when its precision does). Returns
+    ``train_loss`` (last epoch) and, with ``val``, ``val_<task>_<metric>``; ``on_epoch(epoch, metrics)`` is called
+    after each epoch. Deterministic for a given ``seed`` on CPU; the global RNG is left as is."""
+    autocast = False
+    if trainer is not None:
+        epochs, batch_size, lr, weight_decay = trainer.max_epochs, trainer.batch_size, trainer.lr, trainer.weight_decay
+        train = _cap(train, trainer.max_train_samples, seed)
+        device = torch.device("cuda") if on_gpu(trainer) else torch.device("cpu")
+        autocast = resolve_precision(trainer) == "bf16-mixed" and device.type == "cuda"
+    _check_training(epochs, batch_size, lr, weight_decay, "FedKIM server training")
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ParamsError("FedKIM server training: the injected model has no trainable parameter")
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    model.to(device)
+    data = model.encode(train).to(device)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    batches = loader(data, batch_size, shuffle=True, seed=seed)
+    metrics: dict[str, float] = {}
+    mode = model.training
+    model.train()
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            for epoch in range(1, epochs + 1):
+                total, seen = torch.zeros((), device=device), 0
+                for batch in batches:
+                    with torch.autocast("cuda", torch.bfloat16, enabled=autocast):
+                        loss = mixed_loss(model, batch)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    total += loss.detach() * len(batch["task_ids"])
+                    seen += len(batch["task_ids"])
+                metrics = {"train_loss": float(total) / seen}
+                if not math.isfinite(metrics["train_loss"]):
+                    raise DataError(f"FedKIM server training diverged at epoch {epoch} (loss "
+                                    f"{metrics['train_loss']}); lower lr")
+                if val is not None:
+                    scores = evaluate_injected(model, val)
+                    metrics |= {f"val_{t}_{k}": v for t, m in scores.items() for k, v in m.items()}
+                if on_epoch is not None:
+                    on_epoch(epoch, metrics)
+    finally:
+        for p in params:
+            p.grad = None
+        model.train(mode)
+    return metrics
+
+
+@torch.no_grad()
+def injected_logits(model: InjectedFoundation, task: str, split: TaskData, batch_size: int = 64) -> torch.Tensor:
+    """Logits (N, labels) of one task's split, in eval mode (the model's mode is restored), on CPU."""
+    data = model.encode({task: split})
+    device = next(model.parameters()).device
+    mode = model.training
+    model.eval()
+    try:
+        outs = []
+        for i in range(0, len(data), batch_size):
+            rows = {k: v[i:i + batch_size].to(device) for k, v in data.inputs.items()}
+            outs.append(model.heads[task](model(data.task_ids[i:i + batch_size].to(device), **rows)).float().cpu())
+    finally:
+        model.train(mode)
+    return torch.cat(outs)
+
+
+def evaluate_injected(model: InjectedFoundation, split: Mapping[str, TaskData],
+                      batch_size: int = 64) -> dict[str, dict[str, float]]:
+    """Per-task ``compute_metrics`` (accuracy, macro_f1, auroc, mcc) of the injected model on task splits."""
+    if not split:
+        raise DataError("FedKIM evaluation: no task data given")
+    out = {}
+    for task, data in split.items():
+        logits = injected_logits(model, task, data, batch_size)
+        out[task] = compute_metrics(data.kind, logits, labels_tensor(data.labels, data.kind), data.num_labels)
+    return out
+
+
+def fit_head_on(
+    model: InjectedFoundation,
+    name: str,
+    spec: Any,
+    train: TaskData,
+    val: TaskData | None = None,
+    *,
+    shots: int | None = None,
+    epochs: int = 50,
+    batch_size: int = 32,
+    lr: float = 1e-2,
+    weight_decay: float = 0.0,
+    seed: int = 0,
+) -> dict[str, float]:
+    """A held-out task (no client trained on it): add it to ``model`` (the gate routes it from its descriptions
+    alone) and fit only its new head on the frozen injected model's features of ``train`` (``shots`` rows, class
+    shares kept, when given). Returns ``train_loss`` and, with ``val``, ``val_<metric>``."""
+    _check_training(epochs, batch_size, lr, weight_decay, f"held-out task {name!r}")
+    if shots is not None and shots < 1:
+        raise ParamsError(f"held-out task {name!r}: shots={shots} must be >= 1 (or None for the whole split)")
+    spec = check_task_spec(name, spec)
+    model.add_task(name, spec)
+    try:
+        train = train.subset(shots, seed)
+        data = model.encode({name: train})
+        device = next(model.parameters()).device
+        mode = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                feats = torch.cat([model(data.task_ids[i:i + 256].to(device),
+                                         **{k: v[i:i + 256].to(device) for k, v in data.inputs.items()})
+                                   for i in range(0, len(data), 256)])
+        finally:
+            model.train(mode)
+        head = model.heads[name]
+        labels = _task_targets(data.labels.to(device), spec)
+        opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
+        rows = TensorDictDataset({"features": feats}, labels)
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            for epoch in range(epochs):
+                total, seen = 0.0, 0
+                for batch in loader(rows, batch_size, shuffle=True, seed=seed + epoch):
+                    loss = task_loss(spec.kind, head(batch["features"]), batch["labels"])
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    total += float(loss.detach()) * len(batch["labels"])
+                    seen += len(batch["labels"])
+        for p in head.parameters():
+            p.grad = None
+    except BaseException:
+        _drop_task(model, name)  # a failed fit leaves the model as it was
+        raise
+    metrics = {"train_loss": total / seen}
+    if val is not None:
+        metrics |= {f"val_{k}": v for k, v in evaluate_injected(model, {name: val})[name].items()}
+    return metrics
+
+
+def _drop_task(model: InjectedFoundation, name: str) -> None:
+    if name in model.tasks:
+        del model.tasks[name]
+        del model.heads[name]
+        model._describe()
+
+
+# --- save / load ---
+
+def save_injected(model: InjectedFoundation, out_dir: Path, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Write the trainable state (``injected.safetensors``), the frozen client encoders
+    (``client_encoders.safetensors``) and a ``fedkim`` manifest with the config into ``out_dir`` (write into a
+    fresh folder, e.g. under ``atomic_dir``). Returns the manifest."""
+    out_dir = Path(out_dir)
+    config = model.config()  # before writing anything: an unsavable client encoder fails here
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_tensors(model.trainable_state(), out_dir / TRAINABLE_FILE)
+    if len(model.client_encoders):
+        save_tensors({f"{m}.{k}": v.detach().cpu() for m, e in model.client_encoders.items()
+                      for k, v in e.state_dict().items()}, out_dir / ENCODERS_FILE)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    manifest = {"kind": KIND, "config": config, "trainable_parameters": trainable,
+                "parameters": sum(p.numel() for p in model.parameters()), **(extra or {})}
+    return write_manifest(out_dir, manifest)
+
+
+def _load(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(path)
+    except (OSError, SafetensorError) as exc:
+        raise ArtifactError(f"{path}: cannot read the saved tensors ({exc})") from None
+
+
+def _load_into(module: nn.Module, state: Mapping[str, torch.Tensor], expected: Sequence[str], where: str) -> None:
+    missing, extra = sorted(set(expected) - set(state))[:3], sorted(set(state) - set(expected))[:3]
+    if missing or extra:
+        raise ArtifactError(f"{where}: saved tensors do not match the model (missing {missing}, unexpected {extra})")
+    current = {**dict(module.named_parameters()), **dict(module.named_buffers())}
+    for key in expected:
+        if tuple(state[key].shape) != tuple(current[key].shape):
+            raise ArtifactError(f"{where}: {key!r} has shape {tuple(state[key].shape)}; the model expects "
+                                f"{tuple(current[key].shape)}")
+    with torch.no_grad():
+        for key in expected:
+            current[key].copy_(state[key])
+
+
+def load_injected(folder: Path, foundation: Foundation) -> InjectedFoundation:
+    """Rebuild a saved injected model on ``foundation`` (which must be the one it was trained on, by hash)."""
+    folder = Path(folder)
+    manifest = read_manifest(folder, kind=KIND)
+    config = manifest.get("config")
+    if not isinstance(config, dict):
+        raise ArtifactError(f"{folder}: the {KIND} manifest has no config")
+    if config.get("foundation_sha256") != foundation.sha256:
+        raise ArtifactError(f"{folder}: trained on the foundation with sha256 {config.get('foundation_sha256')}; the "
+                            f"given one has {foundation.sha256}; re-run the federated stage")
+    try:
+        tasks = {s["name"]: TaskSpec(**{k: v for k, v in s.items() if k != "name"}) for s in config["tasks"]}
+        specs = config["client_encoders"]
+        with torch.random.fork_rng(devices=[]):  # random init, overwritten by the saved weights
+            encoders = {m: _encoder_from_spec(m, s) for m, s in specs.items()}
+        if encoders:
+            state = _load(folder / ENCODERS_FILE)
+            for m, enc in encoders.items():
+                mine = {k.removeprefix(f"{m}."): v for k, v in state.items() if k.startswith(f"{m}.")}
+                _load_into(enc, mine, list(enc.state_dict()), f"{folder / ENCODERS_FILE} ({m} encoder)")
+        model = build_injected(foundation, encoders, tasks, config["num_experts"], config["rank"], config["alpha"],
+                               config["targets"], extra_tokens=config["extra_tokens"], gate_heads=config["gate_heads"],
+                               max_length=config["max_length"], description_length=config["description_length"],
+                               seed=config["seed"])
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise ArtifactError(f"{folder}: the {KIND} manifest's config is incomplete or malformed ({exc!r})") from None
+    _load_into(model, _load(folder / TRAINABLE_FILE), model.trainable_names(), str(folder / TRAINABLE_FILE))
+    return model
