@@ -181,7 +181,9 @@ def promote(model: Annotated[str, typer.Option(help="Registered model name.")],
 @user_errors
 def predict(model: Annotated[str, typer.Option(help="Model URI, e.g. models:/medexperts-pubmedqa@champion.")],
             input: Annotated[Path, typer.Option("--input", help="Text file (one input per line) or .npy/.npz images.")],
-            task: Annotated[str | None, typer.Option(help="Task head of a multi-task model.")] = None) -> None:
+            task: Annotated[str | None, typer.Option(help="Task head of a multi-task model.")] = None,
+            routing: Annotated[bool, typer.Option("--routing", help="A routed model: also print each input's "
+                                                  "expert weights per layer.")] = False) -> None:
     """Load a registered model and print predictions for raw inputs."""
     from components.tracking.serving import load_model
     from flows.report import load_raw_inputs, print_predictions
@@ -189,7 +191,8 @@ def predict(model: Annotated[str, typer.Option(help="Model URI, e.g. models:/med
     _setup()
     raw = load_raw_inputs(input)
     loaded = load_model(model)
-    frame = loaded.predict(raw, params={"task": task} if task else None)
+    params = {**({"task": task} if task else {}), **({"routing": True} if routing else {})}
+    frame = loaded.predict(raw, params=params or None)
     print_predictions(out, frame)
 
 

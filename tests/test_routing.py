@@ -73,6 +73,13 @@ def test_routes_the_experts_and_deploys_a_bundle(stage_inputs: Path, tiny_bert: 
     assert len(last) == 4 and all(w.shape == (2, len(TASKS)) for w in last.values())
     if router == "uniform":
         assert all(torch.allclose(w, torch.full_like(w, 0.5)) for w in last.values())
+    # a request's routing, as served (MLflow pyfunc / medexperts predict --routing)
+    from components.tracking.pyfunc import predict_frame
+
+    frame = predict_frame(bundle, ["Does aspirin prevent stroke?"], "pubmedqa", routing=True)
+    route = __import__("json").loads(frame["routing"].iloc[0])
+    assert set(route) == set(last) and all(abs(sum(w.values()) - 1) < 1e-5 for w in route.values())
+    assert set(next(iter(route.values()))) == set(TASKS)
 
 
 def test_skips_with_the_reason(stage_inputs: Path, tiny_bert: Path, tmp_path: Path) -> None:

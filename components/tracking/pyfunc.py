@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from pathlib import Path
 from typing import Any
 
@@ -58,13 +60,28 @@ def to_raw(model_input: Any, modality: str) -> list[str] | np.ndarray:
     return np.asarray(model_input)
 
 
-def predict_frame(bundle: Any, raw: list[str] | np.ndarray, task: str, batch_size: int = 64) -> pd.DataFrame:
-    """Predicted label and per-class probability for each input."""
+def predict_frame(bundle: Any, raw: list[str] | np.ndarray, task: str, batch_size: int = 64,
+                  routing: bool = False) -> pd.DataFrame:
+    """Predicted label and per-class probability for each input; with ``routing`` (a routed model only), the
+    router's expert weights per layer for each input, as JSON ({layer: {expert: weight}})."""
     from components.training.inference import batched
 
     info = bundle.manifest["tasks"][task]
     inputs = bundle.inputs(raw)
-    logits = batched(lambda **x: bundle.model(task, **x), inputs, batch_size)
+    routes: list[dict[str, dict[str, float]]] = []
+    encoder = bundle.model.encoder
+    if routing and not hasattr(encoder, "last_weights"):
+        raise ArtifactError(f"routing weights were asked for, but {bundle.manifest['name']!r} is not a routed model")
+
+    def forward(**x: torch.Tensor) -> torch.Tensor:
+        logits = bundle.model(task, **x)
+        if routing:
+            per_layer = encoder.last_weights()
+            for i in range(len(logits)):
+                routes.append({layer: dict(zip(encoder.experts, w[i].tolist())) for layer, w in per_layer.items()})
+        return logits
+
+    logits = batched(forward, inputs, batch_size)
     if info["kind"] == "multilabel":
         probs = torch.sigmoid(logits)
         labels = [",".join(n for n, p in zip(info["label_names"], row) if p > 0.5) for row in probs.tolist()]
@@ -74,6 +91,8 @@ def predict_frame(bundle: Any, raw: list[str] | np.ndarray, task: str, batch_siz
     frame = pd.DataFrame({"task": task, "label": labels})
     for i, name in enumerate(info["label_names"]):
         frame[f"p_{name}"] = probs[:, i].numpy()
+    if routing:
+        frame["routing"] = [json.dumps(r) for r in routes]
     return frame
 
 
@@ -95,4 +114,5 @@ class BundleModel(mlflow.pyfunc.PythonModel):
         task = (params or {}).get("task") or (tasks[0] if len(tasks) == 1 else None)
         if task not in tasks:
             raise ArtifactError(f"choose a task with params={{'task': ...}}; this model serves {tasks}")
-        return predict_frame(self.bundle, to_raw(model_input, self.bundle.manifest["base"]["modality"]), task)
+        return predict_frame(self.bundle, to_raw(model_input, self.bundle.manifest["base"]["modality"]), task,
+                             routing=bool((params or {}).get("routing")))

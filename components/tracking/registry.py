@@ -28,7 +28,8 @@ from components.tracking.pyfunc import inference_requirements
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 # Only the params are declared (MLflow drops undeclared predict params); inputs are texts or image arrays.
-SIGNATURE = ModelSignature(inputs=None, params=ParamSchema([ParamSpec("task", "string", "")]))
+SIGNATURE = ModelSignature(inputs=None, params=ParamSchema([ParamSpec("task", "string", ""),
+                                                          ParamSpec("routing", "boolean", False)]))
 METRIC_TAG = "val_metric"
 LIBRARY = Path(__file__).resolve().parents[1]  # the components package, shipped with every model (code_paths)
 LIBRARY_MAX_BYTES = 20 * 2**20  # the library's sources are well under this; more means something else got in
