@@ -7,10 +7,12 @@ from typing import TYPE_CHECKING, Any
 
 from components.core.artifacts import read_json
 from components.core.layout import (MANIFEST, STAGE_FILE, evaluation_plots, evaluation_report, expert_dir,
-                                    foundation_dir, fusion_curve, lorkd_student, routing_heatmap, routing_weights)
+                                    federated_curve, foundation_dir, fusion_curve, lorkd_student, routing_heatmap,
+                                    routing_weights)
 from components.stages import data as data_stage
 from components.stages import decompose as decompose_stage
 from components.stages import evaluate as evaluate_stage
+from components.stages import federated as federated_stage
 from components.stages import experts as experts_stage
 from components.stages import foundation as foundation_stage
 from components.stages import fusion as fusion_stage
@@ -21,6 +23,7 @@ from components.stages.data import DataInputs, DataSummary
 from components.stages.decompose import DecomposeInputs, DecomposeSummary
 from components.stages.evaluate import EvaluateInputs, EvaluateSummary
 from components.stages.experts import ExpertsInputs, ExpertsSummary
+from components.stages.federated import FederatedInputs, FederatedSummary
 from components.stages.foundation import FoundationInputs, FoundationSummary
 from components.stages.fusion import FusionInputs, FusionSummary
 from components.stages.promote import Decision, PromoteInputs, PromoteSummary
@@ -34,7 +37,7 @@ if TYPE_CHECKING:
     from flows.stages import StageContext
 
 __all__ = ["DataInputs", "DataSummary", "DecomposeInputs", "DecomposeSummary", "EvaluateInputs", "EvaluateSummary",
-           "ExpertsInputs", "ExpertsSummary", "FoundationInputs", "FoundationSummary", "FusionInputs",
+           "ExpertsInputs", "ExpertsSummary", "FederatedInputs", "FederatedSummary", "FoundationInputs", "FoundationSummary", "FusionInputs",
            "FusionSummary", "PromoteInputs", "PromoteSummary", "RoutingInputs", "RoutingSummary", "SourcesInputs",
            "SourcesSummary"]
 
@@ -125,6 +128,30 @@ def log_decompose(ctx: StageContext, inp: DecomposeInputs, summary: DecomposeSum
         runs.log_file(lorkd_student(out, modality) / MANIFEST, artifact_path=f"{modality}/student")
 
 
+# --------------------------------------------------------------------------- federated (FedKIM)
+def run_federated(ctx: StageContext, inp: FederatedInputs, out: Path) -> FederatedSummary:
+    def log_step(metrics: dict[str, float], step: int) -> None:
+        runs.log_metrics(metrics, prefix="round.", step=step)
+
+    return federated_stage.run(inp, ctx.out("data"), ctx.out("foundation"), out,
+                               on_round=federated_stage.round_logger(log_step))
+
+
+def log_federated(ctx: StageContext, inp: FederatedInputs, summary: FederatedSummary, out: Path) -> None:
+    runs.log_params(inp.federated.model_dump(mode="json"))
+    if summary.skipped:
+        runs.set_tags({"federated.skipped": summary.skipped})
+        return
+    runs.set_tags({"federated.clients": ",".join(summary.clients), "federated.rounds": str(len(summary.rounds))})
+    runs.log_metrics({t: {"val_fedkim": summary.val[t], "val_no_injection": summary.val_no_injection[t]}
+                      for t in summary.client_tasks})
+    runs.log_metrics({f"held_out.{t}": v for t, v in summary.held_out_val.items()})
+    runs.log_metrics({"client_seconds": summary.client_seconds, "server_seconds": summary.server_seconds})
+    if federated_curve(out).is_file():
+        runs.log_file(federated_curve(out))
+    runs.log_json(summary.model_dump(mode="json"), "federated_summary.json")
+
+
 # --------------------------------------------------------------------------- routing (AT-MoE)
 def run_routing(ctx: StageContext, inp: RoutingInputs, out: Path) -> RoutingSummary:
     return routing_stage.run(inp, ctx.out("data"), ctx.out("foundation"), ctx.out("experts"), out,
@@ -170,7 +197,8 @@ def log_fusion(ctx: StageContext, inp: FusionInputs, summary: FusionSummary, out
 # --------------------------------------------------------------------------- evaluate
 def run_evaluate(ctx: StageContext, inp: EvaluateInputs, out: Path) -> EvaluateSummary:
     return evaluate_stage.evaluate_models(inp, ctx.out("data"), ctx.out("foundation"), ctx.out("experts"),
-                                          ctx.out("fusion"), out, ctx.out("decompose"), ctx.out("routing"))
+                                          ctx.out("fusion"), out, ctx.out("decompose"), ctx.out("routing"),
+                                          ctx.out("federated"))
 
 
 def log_evaluate(ctx: StageContext, inp: EvaluateInputs, summary: EvaluateSummary, out: Path) -> None:

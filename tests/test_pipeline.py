@@ -10,7 +10,8 @@ import pytest
 from components.data.datasets import read_data_manifest
 
 pytestmark = pytest.mark.slow
-STAGES = ["sources", "data", "foundation", "experts", "decompose", "routing", "fusion", "evaluate", "promote"]
+STAGES = ["sources", "data", "foundation", "experts", "decompose", "federated", "routing", "fusion", "evaluate",
+          "promote"]
 TASKS = ["pneumoniamnist", "breastmnist", "pubmedqa", "medical_abstracts"]
 
 
@@ -73,6 +74,9 @@ def test_retrain_end_to_end(isolated_project: Path, tiny_bert: Path) -> None:
     lorkd = mlflow.pyfunc.load_model("models:/medexperts-medical_abstracts-lorkd@champion")
     assert len(lorkd.predict(["Colon adenocarcinoma with lymph node metastasis."])) == 1
     assert {"pubmedqa.metrics.routed.macro_f1", "medical_abstracts.metrics.routed.macro_f1"} <= set(metrics)
+    assert {f"{t}.metrics.fedkim.macro_f1" for t in TASKS} <= set(metrics)  # FedKIM scored on test
+    rounds = client.get_metric_history(runs["stage:federated"].info.run_id, "round.train_loss")
+    assert [m.step for m in rounds] == [1]  # one step per federated round (the tiny profile runs one)
     routed = mlflow.pyfunc.load_model("models:/medexperts-routed-text@champion")
     frame = routed.predict(["Is smoking protective?"], params={"task": "pubmedqa"})
     assert frame["label"].iloc[0] in {"yes", "no", "maybe"}

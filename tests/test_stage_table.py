@@ -45,11 +45,13 @@ def test_an_input_without_its_param_key_is_refused() -> None:
 @pytest.mark.parametrize(("key", "value", "changes"), [
     ("fusion.lambdas", [0.3], {"fusion"}),
     ("evaluate.latency_repeats", 7, {"evaluate"}),
-    ("evaluate.primary_metric", "accuracy", {"experts", "decompose", "routing", "fusion", "evaluate", "promote"}),
+    ("evaluate.primary_metric", "accuracy", {"experts", "decompose", "federated", "routing", "fusion", "evaluate",
+                                             "promote"}),
+    ("federated.rounds", 2, {"federated"}),
     ("routing.tau", 2.0, {"routing"}),
     ("registry.margin", 0.5, {"promote"}),
     ("experts.probe.epochs", 7, {"experts", "decompose"}),
-    ("pipeline.seed", 7, {"data", "foundation", "experts", "decompose", "routing", "fusion", "evaluate"}),
+    ("pipeline.seed", 7, {"data", "foundation", "experts", "decompose", "federated", "routing", "fusion", "evaluate"}),
 ])
 def test_a_param_changes_exactly_the_fingerprints_of_the_stages_that_read_it(tmp_path: Path, key: str, value: object,
                                                                             changes: set[str]) -> None:

@@ -11,6 +11,7 @@ from components.config.decompose import (DecomposeParams, ImageStudentParams, St
 from components.config.evaluate import EvaluateParams
 from components.config.experts import (ExpertMethodName, ExpertsParams, LoraParams, ProbeParams, PromptParams,
                                        WeightMethodName)
+from components.config.federated import ClientParams, FederatedParams, InjectionParams
 from components.config.foundation import FoundationParams, ImageFoundationParams, TextFoundationParams
 from components.config.fusion import FusionParams, MergeMethodName
 from components.config.load import expand_env, load_params, profile_names
@@ -21,7 +22,7 @@ from components.config.routing import RouterName, RoutingParams
 from components.config.training import ModalityTrainers, TrainerParams
 
 __all__ = [
-    "SECTIONS", "DataParams", "DecomposeParams", "EvaluateParams", "ExpertMethodName", "ExpertsParams",
+    "SECTIONS", "ClientParams", "DataParams", "FederatedParams", "InjectionParams", "DecomposeParams", "EvaluateParams", "ExpertMethodName", "ExpertsParams",
     "FederationSpec", "FoundationParams", "FusionParams", "ImageFoundationParams", "ImageStudentParams", "LoraParams",
     "MergeMethodName", "Modality", "ModalityTrainers", "Params", "PipelineParams", "PrimaryMetric", "ProbeParams",
     "PromptParams", "RegistryParams", "RouterName", "RoutingParams", "SplitSpec", "Strict", "StudentParams", "TaskKind", "TaskSpec",

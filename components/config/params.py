@@ -9,14 +9,15 @@ from components.config.data import DataParams
 from components.config.decompose import DecomposeParams
 from components.config.evaluate import EvaluateParams
 from components.config.experts import ExpertsParams
+from components.config.federated import FederatedParams
 from components.config.foundation import FoundationParams
 from components.config.fusion import FusionParams
 from components.config.pipeline import PipelineParams
 from components.config.registry import RegistryParams
 from components.config.routing import RoutingParams
 
-SECTIONS: tuple[str, ...] = ("pipeline", "data", "foundation", "experts", "decompose", "routing", "fusion", "evaluate",
-                             "registry")
+SECTIONS: tuple[str, ...] = ("pipeline", "data", "foundation", "experts", "decompose", "federated", "routing", "fusion",
+                             "evaluate", "registry")
 
 
 class Params(Strict):
@@ -25,6 +26,7 @@ class Params(Strict):
     foundation: FoundationParams
     experts: ExpertsParams
     decompose: DecomposeParams
+    federated: FederatedParams
     routing: RoutingParams
     fusion: FusionParams
     evaluate: EvaluateParams
@@ -51,6 +53,19 @@ class Params(Strict):
         if loose:
             raise ValueError(f"routing.groups: active {self.routing.modality} task(s) {loose} are in no group; add "
                              "each to one group")
+        return self
+
+    @model_validator(mode="after")
+    def _federated_tasks(self) -> "Params":
+        fp = self.federated
+        loose = [t for t in fp.held_out if t not in self.data.active]
+        if loose:
+            raise ValueError(f"federated.held_out lists {loose}, which are not active tasks (data.active)")
+        if fp.held_out and len(fp.held_out) == len(self.data.active):
+            raise ValueError("federated.held_out holds out every active task: no client would train on any")
+        if fp.min_clients is not None and fp.min_clients > self.data.federation.num_clients:
+            raise ValueError(f"federated.min_clients ({fp.min_clients}) exceeds data.federation.num_clients "
+                             f"({self.data.federation.num_clients})")
         return self
 
     @model_validator(mode="after")

@@ -94,6 +94,16 @@ def fusion_curve(fusion: Path) -> Path:
     return Path(fusion) / "fusion_curve.png"
 
 
+# --------------------------------------------------------------------------- federated (FedKIM)
+def injected_model(federated: Path) -> Path:
+    """The foundation with the federated knowledge injected (trainable state, client encoders, config)."""
+    return Path(federated) / "injected"
+
+
+def federated_curve(federated: Path) -> Path:
+    return Path(federated) / "rounds.png"
+
+
 # --------------------------------------------------------------------------- routing (AT-MoE)
 def routed_bundle(routing: Path) -> Path:
     return Path(routing) / "routed"

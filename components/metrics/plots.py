@@ -159,3 +159,18 @@ def plot_heatmap(values: np.ndarray, row_names: list[str], col_names: list[str],
     ax.set_yticks(range(len(row_names)), row_names, fontsize=7)
     ax.set_title(title, fontsize=9)
     return _save_atomic(fig, path)
+
+
+def plot_rounds(curves: dict[str, list[float | None]], ylabel: str, path: Path) -> Path:
+    """Save one line per series over federated rounds 1..R (e.g. each task's validation metric of the aggregate)."""
+    fig = _new_figure(6.0, 4.0)
+    ax = fig.add_subplot()
+    for name, values in curves.items():
+        points = [(r, v) for r, v in enumerate(values, start=1) if v is not None]
+        ax.plot([r for r, _ in points], [v for _, v in points], marker="o", markersize=3, label=name)
+    ax.set_xlabel("round")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    if curves:
+        ax.legend(fontsize=7)
+    return _save_atomic(fig, path)

@@ -25,6 +25,8 @@ from components.metrics.report import markdown_table
 from components.nn.classifier import Classifier, make_head
 from components.nn.foundation import Foundation, load_foundation
 from components.stages.base import StageSummary, TaskInputs, param
+from components.federated.fedkim import evaluate_injected
+from components.stages.federated import FederatedSummary, load_for_evaluation
 from components.stages.fusion import FusionSummary
 from components.stages.routing import RoutingSummary
 from components.training.data import labels_tensor
@@ -57,6 +59,7 @@ class EvaluateSummary(StageSummary):
 
 EQUALITY_SAMPLES = 64
 COLUMNS = [("task", "task"), ("probe", "probe"), ("expert", "expert"), ("fused", "fused"), ("routed", "routed"),
+           ("fedkim", "FedKIM"),
            ("normalised", "fused / expert"), ("expert_stored_kb", "expert KB"),
            ("expert_ms", "expert ms/sample"), ("base_ms", "base ms/sample"), ("teacher", "LoRKD teacher"),
            ("lorkd", "LoRKD expert"), ("single_student", "single-task student"), ("lorkd_params_pct", "LoRKD params %")]
@@ -84,6 +87,15 @@ def _routed(routing_dir: Path | None) -> LoadedBundle | None:
     return load_bundle(routed_bundle(routing_dir))
 
 
+def _injected(federated_dir: Path | None, foundation_dir: Path) -> tuple[Any, FederatedSummary]:
+    if federated_dir is None or not (federated_dir / SUMMARY_FILE).is_file():
+        return None, FederatedSummary(skipped="no federated stage output")
+    summary = read_model(federated_dir / SUMMARY_FILE, FederatedSummary, "federated summary")
+    if summary.skipped is not None:
+        return None, summary
+    return load_for_evaluation(federated_dir, foundation_dir), summary
+
+
 def _teacher_head(decompose_dir: Path, modality: str, task: str, in_dim: int) -> torch.nn.Module:
     tensors = load_file(teacher_heads(decompose_dir, modality))
     state = {k.rsplit(".", 1)[1]: v for k, v in tensors.items() if k.rsplit(".", 1)[0] == task}
@@ -94,12 +106,13 @@ def _teacher_head(decompose_dir: Path, modality: str, task: str, in_dim: int) ->
 
 def evaluate_models(inp: EvaluateInputs, data_dir: Path, foundation_dir: Path, experts_dir: Path,
                     fusion_dir: Path | None, out_dir: Path, decompose_dir: Path | None = None,
-                    routing_dir: Path | None = None) -> EvaluateSummary:
+                    routing_dir: Path | None = None, federated_dir: Path | None = None) -> EvaluateSummary:
     """Score every active task's probe, deployed expert, (if fused) the fused model and (if decomposed) the
     LoRKD teacher, fused LoRKD expert and same-size single-task student on test."""
     ep, metric, seed = inp.evaluate, inp.evaluate.primary_metric, inp.seed
     fused, fusion_summary = _fused(fusion_dir)
     routed = _routed(routing_dir)
+    injected, federated = _injected(federated_dir, foundation_dir)
     plots_dir = evaluation_plots(out_dir)
     foundations: dict[str, Foundation] = {}
     results: dict[str, TaskEvaluation] = {}
@@ -140,6 +153,8 @@ def evaluate_models(inp: EvaluateInputs, data_dir: Path, foundation_dir: Path, e
             routed_task = routed.model.for_task(task)
             scores["routed"] = score_and_plot("routed", batched(routed_task, x), "AT-MoE routed experts")
             latencies["routed"] = latency(routed_task, x)
+        if injected is not None and task in federated.client_tasks + federated.held_out:
+            scores["fedkim"] = evaluate_injected(injected, {task: test})[task]
         if decompose_dir is not None and lorkd_fused(decompose_dir, spec.modality, task).is_dir():
             teacher = Classifier(found.encoder, _teacher_head(decompose_dir, spec.modality, task, found.encoder.out_dim))
             scores["teacher"] = compute_metrics(test.kind, batched(teacher, x), y, test.num_labels)
@@ -171,6 +186,7 @@ def report_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
         m = r["metrics"]
         rows.append({"task": task, "probe": m["probe"][metric], "expert": m["expert"][metric],
                      "fused": m.get("fused", {}).get(metric), "routed": m.get("routed", {}).get(metric),
+                     "fedkim": m.get("fedkim", {}).get(metric),
                      "normalised": r["normalised"],
                      "expert_stored_kb": r["params"]["stored_bytes"] / 1024,
                      "expert_ms": r["latency_ms_per_sample"]["expert_merged"],

@@ -1,0 +1,169 @@
+"""The federated stage (FedKIM; Wang et al., EMNLP 2024): hospitals (the data stage's per-client shards) train small
+local models, the server aggregates them over rounds (example-weighted FedAvg; FedProx with client.mu > 0) and
+injects their knowledge into the frozen text foundation through M3OE (``components.federated``). The server trains
+the injection on its own small split (a share of each task's validation split); the rest validates it.
+
+Compared on the same split: the same server training without injection (the foundation + heads alone), and, for
+held-out tasks no client trained on, a few-shot head on the injected and on the non-injected model.
+Written: ``injected/`` (trainable state, aggregated client encoders, config) and the per-round reports.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from components.config import FederatedParams, PrimaryMetric
+from components.core.errors import DataError
+from components.core.layout import foundation_dir as foundation_sub
+from components.core.layout import federated_curve, injected_model
+from components.data.datasets import TaskData, load_split
+from components.federated.clients import TaskSpec, build_client_model, train_clients
+from components.federated.fedkim import (DEFAULT_MODALITY_DESCRIPTIONS, build_injected, evaluate_injected,
+                                         fit_head_on, load_injected, no_injection, save_injected, train_injected)
+from components.federated.rounds import RoundReport
+from components.federated.shards import read_shards, shard_data
+from components.metrics.plots import plot_rounds
+from components.nn.foundation import load_foundation
+from components.stages.base import StageSummary, TaskInputs, param
+
+log = logging.getLogger("medexperts")
+
+
+class FederatedInputs(TaskInputs):
+    federated: FederatedParams = param("federated")
+    num_clients: int = param("data.federation.num_clients", "how many shards (hospitals) the data stage wrote")
+    metric: PrimaryMetric = param("evaluate.primary_metric")
+    seed: int = param("pipeline.seed")
+
+
+class FederatedSummary(StageSummary):
+    skipped: str | None = None
+    clients: list[str] = []
+    client_tasks: list[str] = []
+    held_out: list[str] = []
+    metric: str | None = None
+    rounds: list[dict[str, float]] = []  # per round: aggregated validation, client losses, seconds, bytes
+    missing: dict[str, dict[str, str]] = {}  # round -> client -> why it sent nothing
+    rejected: dict[str, dict[str, str]] = {}  # round -> client -> why its update was refused
+    val: dict[str, dict[str, float]] = {}  # FedKIM (injected foundation), server's validation part
+    val_no_injection: dict[str, dict[str, float]] = {}
+    held_out_val: dict[str, dict[str, dict[str, float]]] = {}  # task -> {"fedkim": ..., "no_injection": ...}
+    client_seconds: float = 0.0
+    server_seconds: float = 0.0
+
+
+def _split_rows(data: TaskData, fraction: float, seed: int) -> tuple[TaskData, TaskData]:
+    """A seeded random split of ``data`` into (fraction, rest); both keep at least one row."""
+    n = len(data)
+    order = np.random.default_rng(seed).permutation(n)
+    k = min(max(1, round(fraction * n)), n - 1)
+
+    def take(idx: np.ndarray) -> TaskData:
+        idx = np.sort(idx)
+        inputs = data.inputs[idx] if isinstance(data.inputs, np.ndarray) else [data.inputs[i] for i in idx]
+        return TaskData(data.name, data.modality, data.kind, list(data.label_names), inputs, data.labels[idx])
+
+    return take(order[:k]), take(order[k:])
+
+
+def _specs(inp: FederatedInputs, tasks: list[str]) -> dict[str, TaskSpec]:
+    out = {}
+    for t in tasks:
+        spec = inp.tasks[t]
+        modality_text = inp.federated.modality_descriptions.get(t, DEFAULT_MODALITY_DESCRIPTIONS[spec.modality])
+        out[t] = TaskSpec(spec.modality, spec.description or t, modality_text, spec.num_labels, spec.kind)
+    return out
+
+
+def run(inp: FederatedInputs, data_dir: Path, foundation_dir: Path, out_dir: Path,
+        on_round: Callable[[RoundReport], None] | None = None) -> FederatedSummary:
+    """The stage; skipped (with the reason) without a text foundation to inject into."""
+    fp, seed, metric = inp.federated, inp.seed, inp.metric
+    if not foundation_sub(foundation_dir, "text").is_dir():
+        return FederatedSummary(skipped="FedKIM injects into the text foundation; no text task is active")
+    tasks = list(inp.active_tasks())
+    client_tasks = [t for t in tasks if t not in fp.held_out]
+    found = load_foundation(foundation_dir, "text")
+    specs = _specs(inp, tasks)
+
+    shards: list[dict[str, TaskData]] = [{} for _ in range(inp.num_clients)]
+    for t in client_tasks:
+        train = load_split(data_dir, t, "train")
+        per_client = shard_data(train, read_shards(data_dir, t, len(train)))
+        if len(per_client) != inp.num_clients:
+            raise DataError(f"task {t}: {len(per_client)} shards for {inp.num_clients} clients; re-run the data stage")
+        for c, data in enumerate(per_client):
+            shards[c][t] = data.subset(fp.client.max_train_samples, seed + c)
+    server_train, server_val = {}, {}
+    for t in tasks:
+        server_train[t], server_val[t] = _split_rows(load_split(data_dir, t, "val"), fp.server_fraction, seed)
+
+    cp = fp.client
+    start = time.perf_counter()
+    global_model = build_client_model({t: specs[t] for t in client_tasks}, teacher=found.encoder,
+                                      image_channels=cp.image_channels, text_layers=cp.text_layers,
+                                      embedding_rank=cp.embedding_rank, max_positions=found.max_length, seed=seed)
+    federated = train_clients(global_model, shards, tokenizer=found.tokenizer, max_length=found.max_length,
+                              rounds=fp.rounds, epochs=cp.epochs, batch_size=cp.batch_size, lr=cp.lr,
+                              weight_decay=cp.weight_decay, mu=cp.mu, min_clients=fp.min_clients,
+                              max_norm=fp.max_norm, timeout_s=fp.timeout_s, seed=seed,
+                              val={t: server_val[t] for t in client_tasks}, on_round=on_round)
+    client_seconds = time.perf_counter() - start
+
+    start = time.perf_counter()
+    ip = fp.injection
+    client_specs = {t: specs[t] for t in client_tasks}
+    injected = build_injected(found, federated.model, client_specs, num_experts=ip.num_experts, rank=ip.rank,
+                              alpha=ip.alpha, targets=ip.targets, extra_tokens=ip.extra_tokens, seed=seed)
+    plain = no_injection(found, client_specs, seed=seed)
+    for model in (injected, plain):
+        train_injected(model, {t: server_train[t] for t in client_tasks}, {t: server_val[t] for t in client_tasks},
+                       trainer=ip.trainer, seed=seed)
+    val = evaluate_injected(injected, {t: server_val[t] for t in client_tasks})
+    val_plain = evaluate_injected(plain, {t: server_val[t] for t in client_tasks})
+    held: dict[str, dict[str, dict[str, float]]] = {}
+    for t in fp.held_out:
+        train = load_split(data_dir, t, "train")
+        held[t] = {}
+        for name, model in (("fedkim", injected), ("no_injection", plain)):
+            fit_head_on(model, t, specs[t], train, shots=fp.held_out_shots, seed=seed)
+            held[t][name] = evaluate_injected(model, {t: server_val[t]})[t]
+    server_seconds = time.perf_counter() - start
+    for t in client_tasks:
+        log.info("[federated] %s: val %s FedKIM %.3f, no injection %.3f", t, metric, val[t][metric],
+                 val_plain[t][metric])
+    save_injected(injected, injected_model(out_dir), extra={"clients": [f"client_{i}" for i in range(len(shards))],
+                                                           "rounds": fp.rounds, "client_tasks": client_tasks})
+    reports = federated.reports
+    curve = {k: [r.metrics.get(k.removeprefix("val_")) for r in reports]
+             for k in reports[0].as_metrics() if k.startswith("val_") and k.endswith(f"_{metric}")} if reports else {}
+    if curve:  # the per-round curve: each task's validation metric of the aggregated client model
+        plot_rounds(curve, f"aggregated client model, validation {metric}", federated_curve(out_dir))
+    return FederatedSummary(
+        clients=[f"client_{i}" for i in range(len(shards))], client_tasks=client_tasks, held_out=list(fp.held_out),
+        metric=metric, rounds=[r.as_metrics() for r in reports],
+        missing={str(r.round): r.missing for r in reports if r.missing},
+        rejected={str(r.round): r.rejected for r in reports if r.rejected},
+        val=val, val_no_injection=val_plain, held_out_val=held, client_seconds=client_seconds,
+        server_seconds=server_seconds)
+
+
+def round_logger(log_step: Callable[[dict[str, float], int], None]) -> Callable[[RoundReport], None]:
+    """``on_round`` that hands each round's flat metrics to ``log_step(metrics, step)`` (the driver logs them to
+    MLflow as the run's steps)."""
+    def on_round(report: RoundReport) -> None:
+        log.info("[federated] round %d: %d accepted, %d missing, %d rejected", report.round, len(report.accepted),
+                 len(report.missing), len(report.rejected))
+        log_step(report.as_metrics(), report.round)
+    return on_round
+
+
+def load_for_evaluation(out_dir: Path, foundation_dir: Path) -> Any:
+    """The saved injected model over the text foundation (for the evaluate stage)."""
+    return load_injected(injected_model(out_dir), load_foundation(foundation_dir, "text"))
