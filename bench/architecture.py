@@ -36,12 +36,12 @@ def _lines(tree: Path) -> dict[str, int]:
 def measure(tree: Path) -> dict[str, Any]:
     """Graph of the ``components`` and ``flows`` packages found under ``tree`` (built in a child process so the
     right tree is imported)."""
-    code = f"""
-import json, sys
-sys.path.insert(0, {str(tree)!r})
+    # run in ``tree``: `python -c` puts the working folder first on the path, so that tree's packages are imported
+    code = """
+import json
 import grimp
 g = grimp.build_graph("components", "flows", cache_dir=None)
-print(json.dumps(sorted({{(a, b) for a in g.modules for b in g.find_modules_directly_imported_by(a)}})))
+print(json.dumps(sorted({(a, b) for a in g.modules for b in g.find_modules_directly_imported_by(a)})))
 """
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=tree)
     modules = __import__("json").loads(proc.stdout)
