@@ -221,11 +221,12 @@ def run_promote(ctx: StageContext, inp: PromoteInputs, out: Path) -> PromoteSumm
     # Lineage: the fingerprint chain from raw data (source hashes) to this model, plus the git commit.
     lineage = {**git_info(ctx.root), "profile": inp.profile, "metric": inp.metric,
                **{f"fingerprint.{s}": read_json(ctx.out(s) / STAGE_FILE).get("fingerprint", "")
-                  for s in ("sources", "data", "foundation", "experts", "decompose", "routing", "fusion", "evaluate")}}
+                  for s in ("sources", "data", "foundation", "experts", "decompose", "federated", "routing", "fusion",
+                            "evaluate")}}
     decisions = []
     for c in promote_stage.candidates(inp, ctx.out("experts"), ctx.out("decompose"), ctx.out("fusion"),
-                                      ctx.out("routing")):
-        version = register_bundle(c.name, c.bundle, c.metric, {**lineage, **c.tags})
+                                      ctx.out("routing"), ctx.out("federated"), ctx.out("data")):
+        version = register_bundle(c.name, c.bundle, c.metric, {**lineage, **c.tags}, needs=c.needs)
         d = gate(c.name, version, c.metric, inp.registry.margin, inp.registry.floor_for(c.name))
         decisions.append(Decision(**d.__dict__))
     return PromoteSummary(decisions=decisions)

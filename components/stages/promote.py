@@ -12,12 +12,16 @@ from pathlib import Path
 from components.bundle.format import check_bundle_manifest
 from components.config import PrimaryMetric, RegistryParams
 from components.core.artifacts import read_manifest, read_model
-from components.core.layout import SUMMARY_FILE, expert_bundle, expert_dir, fused_bundle, lorkd_fused, routed_bundle
+from components.core.layout import (SUMMARY_FILE, expert_bundle, expert_dir, fused_bundle, injected_model, lorkd_fused,
+                                    routed_bundle)
 from components.stages.base import StageSummary, StageInputs, param
 from components.stages.decompose import DecomposeSummary
 from components.stages.experts import ExpertsSummary
 from components.stages.fusion import FusionSummary
+from components.stages.federated import FederatedSummary
 from components.stages.routing import RoutingSummary
+
+FEDKIM_SERVING = frozenset({"lightning", "torchmetrics", "matplotlib"})  # see components.tracking.pyfunc
 
 
 class PromoteInputs(StageInputs):
@@ -50,11 +54,13 @@ class Candidate:
     bundle: Path
     metric: float
     tags: dict[str, str] = field(default_factory=dict)
+    needs: frozenset[str] = frozenset()  # packages its serving needs beyond a bundle's (FedKIM: its training code)
 
 
-def candidates(inp: PromoteInputs, experts: Path, decompose: Path, fusion: Path, routing: Path) -> list[Candidate]:
+def candidates(inp: PromoteInputs, experts: Path, decompose: Path, fusion: Path, routing: Path, federated: Path,
+               data: Path) -> list[Candidate]:
     """Every model this run offers: each task's expert, each fused LoRKD expert, the best fused model, the routed
-    (AT-MoE) model."""
+    (AT-MoE) model, the FedKIM injected foundation."""
     prefix, metric, out = inp.registry.prefix, inp.metric, []
     runs = read_model(experts / SUMMARY_FILE, ExpertsSummary, "experts summary").tasks
     for task in inp.active:
@@ -77,6 +83,16 @@ def candidates(inp: PromoteInputs, experts: Path, decompose: Path, fusion: Path,
         bundle = routed_bundle(routing)
         out.append(Candidate(f"{prefix}-routed-{inp.routing_modality}", bundle, routed.val_mean(),
                              {"method": f"atmoe_{routed.router}", **_size(bundle)}))
+    fed = read_model(federated / SUMMARY_FILE, FederatedSummary, "federated summary")
+    if fed.skipped is None:
+        # lineage: the rounds, the clients that took part and the hash of every shard file they trained on
+        shards = read_manifest(data, kind="data", verify=False)["files"]
+        took_part = sorted({c for r in fed.rounds_accepted for c in r})
+        mean = sum(v[inp.metric] for v in fed.val.values()) / len(fed.val)
+        out.append(Candidate(f"{prefix}-fedkim", injected_model(federated), mean, {
+            "method": "fedkim", "federated.rounds": str(len(fed.rounds)), "federated.clients": ",".join(took_part),
+            **{f"federated.shards.{t}": shards[f"{t}/shards.json"] for t in fed.client_tasks}},
+            needs=FEDKIM_SERVING))
     return out
 
 

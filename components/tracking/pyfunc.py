@@ -23,7 +23,7 @@ NOT_FOR_INFERENCE = frozenset({"prefect", "fastapi", "dvc", "typer", "rich", "li
                                "matplotlib", "mlflow"})
 
 
-def inference_requirements() -> list[str]:
+def inference_requirements(needs: frozenset[str] = frozenset()) -> list[str]:
     """pip requirements of a registered model: the installed ``medexperts`` distribution's own dependencies
     (pyproject.toml is the one place versions are pinned), less extras and :data:`NOT_FOR_INFERENCE`."""
     from importlib.metadata import PackageNotFoundError, requires
@@ -41,7 +41,7 @@ def inference_requirements() -> list[str]:
         req = Requirement(line)
         if req.marker is not None and "extra" in str(req.marker):
             continue  # an optional extra (test tools); platform markers stay, for pip on the serving host
-        if canonicalize_name(req.name) in NOT_FOR_INFERENCE:
+        if canonicalize_name(req.name) in NOT_FOR_INFERENCE - needs:
             continue
         out.append(str(req))
     return out
@@ -81,7 +81,40 @@ def predict_frame(bundle: Any, raw: list[str] | np.ndarray, task: str, batch_siz
                 routes.append({layer: dict(zip(encoder.experts, w[i].tolist())) for layer, w in per_layer.items()})
         return logits
 
-    logits = batched(forward, inputs, batch_size)
+    frame = frame_from_logits(batched(forward, inputs, batch_size), info, task)
+    if routing:
+        frame["routing"] = [json.dumps(r) for r in routes]
+    return frame
+
+
+class InjectedBundle:
+    """A FedKIM injected foundation behind the bundle interface the pyfunc serves (tasks, manifest, logits)."""
+
+    def __init__(self, folder: Path) -> None:
+        from components.stages.federated import load_deployable
+
+        self.model, self.manifest = load_deployable(folder)
+        self.tasks = list(self.model.tasks)
+
+    def modality(self, task: str) -> str:
+        return self.model.tasks[task].modality
+
+    def task_info(self, task: str) -> dict[str, Any]:
+        spec = self.model.tasks[task]
+        return {"kind": spec.kind, "label_names": self.manifest["label_names"][task]}
+
+    def logits(self, raw: list[str] | np.ndarray, task: str) -> torch.Tensor:
+        from components.data.datasets import TaskData
+        from components.federated.fedkim import injected_logits
+
+        info, n = self.task_info(task), len(raw)
+        dummy = np.zeros((n, len(info["label_names"])), np.float32) if info["kind"] == "multilabel" else \
+            np.zeros(n, np.int64)  # labels are not read for prediction; the split format wants them
+        split = TaskData(task, self.modality(task), info["kind"], info["label_names"], raw, dummy)
+        return injected_logits(self.model, task, split)
+
+
+def frame_from_logits(logits: torch.Tensor, info: dict[str, Any], task: str) -> pd.DataFrame:
     if info["kind"] == "multilabel":
         probs = torch.sigmoid(logits)
         labels = [",".join(n for n, p in zip(info["label_names"], row) if p > 0.5) for row in probs.tolist()]
@@ -91,19 +124,21 @@ def predict_frame(bundle: Any, raw: list[str] | np.ndarray, task: str, batch_siz
     frame = pd.DataFrame({"task": task, "label": labels})
     for i, name in enumerate(info["label_names"]):
         frame[f"p_{name}"] = probs[:, i].numpy()
-    if routing:
-        frame["routing"] = [json.dumps(r) for r in routes]
     return frame
 
 
 class BundleModel(mlflow.pyfunc.PythonModel):
-    """Loads the bundle artifact; ``params={'task': name}`` picks the head of a multi-task model."""
+    """Loads the bundle artifact (or a FedKIM injected model); ``params={'task': name}`` picks the head of a
+    multi-task model."""
 
     def load_context(self, context) -> None:  # noqa: ANN001 - MLflow's context type
         import components.plugins  # noqa: F401  registers what bundles may carry
         from components.bundle.format import load_bundle
+        from components.core.artifacts import read_json
 
-        self.bundle = load_bundle(Path(context.artifacts["bundle"]))
+        folder = Path(context.artifacts["bundle"])
+        kind = read_json(folder / "manifest.json", "model manifest").get("kind")
+        self.bundle = InjectedBundle(folder) if kind == "fedkim" else load_bundle(folder)
 
     # Inputs are texts (DataFrame/list) or image arrays: no single MLflow schema fits both, so type-hint
     # validation is off, and the hint is one MLflow knows not to build a schema from.
@@ -114,5 +149,8 @@ class BundleModel(mlflow.pyfunc.PythonModel):
         task = (params or {}).get("task") or (tasks[0] if len(tasks) == 1 else None)
         if task not in tasks:
             raise ArtifactError(f"choose a task with params={{'task': ...}}; this model serves {tasks}")
+        if isinstance(self.bundle, InjectedBundle):
+            raw = to_raw(model_input, self.bundle.modality(task))
+            return frame_from_logits(self.bundle.logits(raw, task), self.bundle.task_info(task), task)
         return predict_frame(self.bundle, to_raw(model_input, self.bundle.manifest["base"]["modality"]), task,
                              routing=bool((params or {}).get("routing")))

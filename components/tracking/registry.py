@@ -104,13 +104,14 @@ def _copy_library(dest: Path) -> Path:
     return out
 
 
-def register_bundle(name: str, bundle_dir: Path, metric: float, tags: dict[str, str]) -> str:
+def register_bundle(name: str, bundle_dir: Path, metric: float, tags: dict[str, str],
+                    needs: frozenset[str] = frozenset()) -> str:
     """Log the bundle as a pyfunc model in the active run and register it; returns the version.
 
     The model is self-contained: the ``components`` library travels in its ``code/`` folder and its
     requirements are the installed distribution's own (see :func:`inference_requirements`).
     """
-    requirements = inference_requirements()
+    requirements = inference_requirements(needs)
     # Models from code: the logged model is this small script plus the bundle, no pickled object.
     with tempfile.TemporaryDirectory(prefix="medexperts-code-") as tmp:
         info = mlflow.pyfunc.log_model(
