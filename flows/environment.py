@@ -37,7 +37,7 @@ def configure(root: Path) -> None:
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
     os.environ.setdefault("PREFECT_HOME", str(root / ".prefect"))
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "medexperts")
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "300")  # a loaded 2-core machine took 90 s
     # MLflow 3 logs INFO lines for every DB migration and model registration; keep the console readable.
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     # Bundles take texts or image arrays, so no signature is inferred; MLflow warns about it each time.
