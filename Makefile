@@ -6,7 +6,7 @@ PROFILE ?=
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help setup run test test-fast repro ui bench lint clean
+.PHONY: help setup run test test-fast test-flower repro ui bench lint clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-8s %s\n", $$1, $$2}'
@@ -21,9 +21,13 @@ setup: $(VENV)/.installed ## create .venv and install the project (CPU torch 2.1
 run: setup ## run the retrain pipeline on the shipped data (quick profile; PROFILE=full for all data)
 	$(BIN)/medexperts run $(if $(PROFILE),--profile $(PROFILE)) $(ARGS)
 
-test: setup ## run the test suite and the import-layer contract (what CI runs)
+test: setup ## what CI runs: the import-layer contract, the test suite, the Flower parity test in a site environment
 	$(BIN)/lint-imports --no-cache
 	$(PY) -m pytest -q $(ARGS)
+	bash .ci/flower
+
+test-flower: ## only the Flower parity test (a second venv, .flower-venv: the flwr extra, no orchestration stack)
+	bash .ci/flower
 
 test-fast: setup ## the suite without the end-to-end (slow) tests: a contributor's inner loop
 	$(BIN)/lint-imports --no-cache

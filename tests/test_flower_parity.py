@@ -1,0 +1,299 @@
+"""The Flower path (a real SuperLink and two SuperNodes on 127.0.0.1) aggregates exactly what the in-process core does.
+
+Needs the optional extra (``flwr``): the main environment skips this file; ``.ci/flower`` builds a second
+environment with the extra and without the orchestration stack, and runs it there.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+REQUIRED = os.environ.get("MEDEXPERTS_REQUIRE_FLOWER") == "1"  # set by .ci/flower: there a skip would hide a failure
+if not REQUIRED:
+    pytest.importorskip("flwr", reason="Flower is an optional extra (pip install '.[flower]'); .ci/flower runs "
+                                       "this test in an environment that has it")
+
+import torch  # noqa: E402
+
+from components.core.errors import ArtifactError, ParamsError  # noqa: E402
+from components.federated import flower  # noqa: E402
+from components.federated.client import client_seed, client_update  # noqa: E402
+from components.federated.payload import to_payload  # noqa: E402
+from components.federated.rounds import Client, run_rounds  # noqa: E402
+
+PROJECT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent  # flower-superlink, flower-supernode, flwr and flower-superexec live beside python
+SETTINGS = dict(num_rounds=1, local_epochs=2, batch_size=16, lr=0.05, seed=7, min_clients=2,
+                connect_timeout=60.0, round_timeout=120.0)
+
+
+def in_process(settings: flower.FlowerSettings, partitions: int = 2):
+    """The reference: the core's ``run_rounds`` over the same model, shards and seeds, all in this process."""
+    model = flower.build_model(settings.model, settings.seed)
+    worker = copy.deepcopy(model)
+    clients = []
+    for pid in range(partitions):
+        data = flower.smoke_data({"partition-id": pid})
+
+        def update(payload, round_, data=data, pid=pid):  # noqa: ANN001, ANN202
+            return client_update(worker, payload, data, settings.task, epochs=settings.local_epochs,
+                                 batch_size=settings.batch_size, lr=settings.lr, weight_decay=settings.weight_decay,
+                                 mu=settings.mu, seed=client_seed(settings.seed, round_, pid))
+
+        clients.append(Client(f"client_{pid}", len(data), update))
+    return run_rounds(model, clients, settings.num_rounds, min_clients=settings.min_clients,
+                      keys=settings.key_filter)
+
+
+# --------------------------------------------------------------------------- without a deployment
+def test_payload_travels_as_fp32_and_back() -> None:
+    payload = to_payload(flower.smoke_model())
+    back = flower.from_record(flower.to_record(payload))
+    assert list(back) == list(payload)
+    for k, v in payload.items():
+        assert back[k].dtype == torch.float32
+        torch.testing.assert_close(back[k], v, rtol=0, atol=0)
+    wide = flower.to_record({"w": torch.zeros(2, dtype=torch.float64)})
+    assert wide["w"].dtype == "float32"  # sent as fp32 whatever the model's dtype
+    from flwr.app import Array, ArrayRecord
+
+    with pytest.raises(ArtifactError, match="float64"):
+        flower.from_record(ArrayRecord({"w": Array(torch.zeros(2, dtype=torch.float64).numpy())}))
+
+
+def test_settings_and_node_config_are_checked() -> None:
+    with pytest.raises(ParamsError, match="lr"):
+        flower.FlowerSettings.from_config({"lr": -1.0})
+    with pytest.raises(ParamsError, match="num-rounds=.*int"):
+        flower.FlowerSettings.from_config({"num-rounds": "3"})
+    with pytest.raises(ParamsError, match="partition-id"):
+        flower.partition_of({"data-path": "/x.npz"})
+    assert flower.partition_of({"partition-id": 3}) == (3, "client_3")
+    s = flower.FlowerSettings.from_config({"lr": 1, "keys": "head.*, body.weight", "other-key": "kept for factories"})
+    assert s.lr == 1.0 and s.key_filter == ["head.*", "body.weight"]
+
+
+def test_train_handler_is_client_update(tmp_path: Path) -> None:
+    """The ClientApp's work on one message equals ``client_update`` with the simulator's seed for that client."""
+    from flwr.app import ConfigRecord, RecordDict
+
+    s = flower.FlowerSettings(**SETTINGS)
+    model = flower.build_model(s.model, s.seed)
+    glob = to_payload(model)
+    cfg = {"round": 2, "local-epochs": s.local_epochs, "batch-size": s.batch_size, "lr": s.lr,
+           "weight-decay": s.weight_decay, "mu": s.mu, "seed": s.seed, "task": s.task}
+    reply = flower.local_update(RecordDict({"payload": flower.to_record(glob), "config": ConfigRecord(cfg)}),
+                                {"partition-id": 1}, s.as_run_config())
+    ref = client_update(copy.deepcopy(model), glob, flower.smoke_data({"partition-id": 1}), "binary",
+                        epochs=s.local_epochs, batch_size=s.batch_size, lr=s.lr, seed=client_seed(s.seed, 2, 1))
+    got = flower.from_record(reply.array_records["payload"])
+    for k in glob:
+        torch.testing.assert_close(got[k], ref.payload[k], rtol=0, atol=0)
+    assert reply.metric_records["metrics"]["num-examples"] == 64
+    assert reply.metric_records["metrics"]["loss"] == pytest.approx(ref.loss)
+    assert reply.config_records["client"]["client-id"] == "client_1"
+
+
+def test_write_app_is_a_valid_flower_app(tmp_path: Path) -> None:
+    from flwr.cli.config_utils import load_and_validate
+
+    app = flower.write_app(tmp_path / "app", num_rounds=3, output_dir=str(tmp_path / "out"))
+    config, _ = load_and_validate(app / "pyproject.toml")  # also finds the components on the Python path
+    assert config["tool"]["flwr"]["app"]["config"]["num-rounds"] == 3
+    with pytest.raises(ParamsError, match="task"):
+        flower.write_app(tmp_path / "bad", task="regression")
+
+
+# --------------------------------------------------------------------------- a real deployment on loopback
+def _free_ports(n: int) -> list[int]:
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _wait_port(port: int, proc: subprocess.Popen, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"flower-superlink exited with {proc.returncode} before listening")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise TimeoutError(f"flower-superlink did not listen on 127.0.0.1:{port} within {timeout_s:g}s")
+
+
+def _marked_pids(marker: str) -> list[int]:
+    """Processes whose environment carries this test's marker: ours and the ones Flower started for us (its
+    SuperExec and app processes run in sessions of their own)."""
+    pids = []
+    needle = f"MEDEXPERTS_FLOWER_TEST={marker}".encode()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                zombie = (entry / "stat").read_text().rpartition(")")[2].split()[0] == "Z"  # dead, not yet reaped
+                if not zombie and needle in (entry / "environ").read_bytes().split(b"\0"):
+                    pids.append(int(entry.name))
+            except (OSError, IndexError):
+                continue
+    return pids
+
+
+def _stop(procs: list[subprocess.Popen], marker: str) -> None:
+    for p in procs:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGTERM)  # each was started in a session (process group) of its own
+    deadline = time.monotonic() + 10
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait(timeout=5)
+    deadline = time.monotonic() + 10
+    while (left := _marked_pids(marker)) and time.monotonic() < deadline:  # SuperExecs, app processes: ours only
+        for pid in left:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.2)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_superlink_and_two_supernodes_match_the_in_process_core(tmp_path: Path) -> None:
+    if not shutil.which("flower-superlink", path=str(BIN)) or not sys.platform.startswith("linux"):
+        why = "needs Flower's CLI beside this Python and Linux (/proc) to bound every process"
+        if REQUIRED:
+            pytest.fail(why)
+        pytest.skip(why)
+    settings = flower.FlowerSettings(**SETTINGS, output_dir=str(tmp_path / "out"))
+    app = flower.write_app(tmp_path / "app", **settings.as_run_config())
+    link_port, *node_ports = _free_ports(3)
+    marker = uuid.uuid4().hex
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(PROJECT), os.environ.get("PYTHONPATH", "")]).rstrip(":"),
+               PATH=os.pathsep.join([str(BIN), os.environ.get("PATH", "")]), FLWR_HOME=str(tmp_path / "home"),
+               FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1", MEDEXPERTS_FLOWER_TEST=marker)
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "config.toml").write_text(
+        f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\naddress = "127.0.0.1:{link_port}"\n'
+        "insecure = true\n")
+    procs: list[subprocess.Popen] = []
+    logs = {}
+
+    def start(name: str, cmd: list[str], **extra: str) -> subprocess.Popen:
+        logs[name] = tmp_path / f"{name}.log"
+        with logs[name].open("wb") as out:
+            p = subprocess.Popen(cmd, env=dict(env, **extra), stdout=out, stderr=subprocess.STDOUT,
+                                 stdin=subprocess.DEVNULL, start_new_session=True, cwd=tmp_path)
+        procs.append(p)
+        return p
+
+    try:
+        link = start("superlink", [str(BIN / "flower-superlink"), "--insecure", "--host", "127.0.0.1",
+                                   "--port", str(link_port), "--disable-runtime-dependency-installation"])
+        for pid, port in enumerate(node_ports):
+            start(f"supernode{pid}", [str(BIN / "flower-supernode"), "--insecure",
+                                      "--superlink", f"127.0.0.1:{link_port}", "--port", str(port),
+                                      "--max-wait-time", "120", "--node-config", f"partition-id={pid}"],
+                  FLWR_HOME=str(tmp_path / f"home{pid}"))
+        _wait_port(link_port, link, timeout_s=60)
+        t0 = time.monotonic()
+        run = subprocess.run([str(BIN / "flwr"), "run", str(app), "loopback", "--stream"], env=env, cwd=tmp_path,
+                             capture_output=True, text=True, timeout=200, stdin=subprocess.DEVNULL)
+        seconds = time.monotonic() - t0
+        done = tmp_path / "out" / "reports.json"
+        assert run.returncode == 0 and done.exists(), (
+            f"flwr run exited {run.returncode} after {seconds:.0f}s without results\n{run.stdout[-3000:]}\n"
+            f"{run.stderr[-3000:]}\n" + "\n".join(f"--- {n}\n{p.read_text(errors='replace')[-2000:]}"
+                                                 for n, p in logs.items()))
+    finally:
+        _stop(procs, marker)
+    assert not _marked_pids(marker), "a Flower process outlived the test"
+
+    reports = json.loads(done.read_text())
+    payload = torch.load(tmp_path / "out" / "payload.pt", weights_only=True)
+    ref = in_process(settings)
+    assert len(reports) == 1 and reports[0]["accepted"] == ["client_0", "client_1"]
+    assert reports[0]["num_examples"] == ref.reports[0].num_examples == {"client_0": 48, "client_1": 64}
+    assert not reports[0]["missing"] and not reports[0]["rejected"]
+    for cid, loss in ref.reports[0].client_losses.items():
+        assert reports[0]["client_losses"][cid] == pytest.approx(loss, rel=1e-6)
+    assert list(payload) == list(ref.payload)
+    for k, v in ref.payload.items():
+        assert payload[k].dtype == torch.float32
+        torch.testing.assert_close(payload[k], v, rtol=1e-6, atol=1e-6)
+    start_weights = to_payload(flower.build_model(settings.model, settings.seed))
+    assert any(not torch.equal(payload[k], start_weights[k]) for k in payload)  # the round did train
+    diff = max(float((payload[k] - v).abs().max()) for k, v in ref.payload.items())
+    print(f"\nflower round: flwr run took {seconds:.1f}s (round phase {reports[0]['seconds']['clients']:.1f}s); "
+          f"max |flower - in-process| = {diff:.3g}")
+
+
+class LoopbackGrid:
+    """A Grid without a SuperLink: node ``n`` answers as partition ``n - 1``; some nodes fail or stay silent."""
+
+    def __init__(self, settings: flower.FlowerSettings, nodes: int, failing: int = 0, silent: int = 0) -> None:
+        self.settings, self.nodes, self.failing, self.silent = settings, nodes, failing, silent
+
+    def get_node_ids(self) -> list[int]:
+        return list(range(1, self.nodes + 1))
+
+    def send_and_receive(self, messages, *, timeout=None):  # noqa: ANN001, ANN201
+        from flwr.app import Error, Message
+
+        for msg in messages:
+            node = msg.metadata.dst_node_id
+            if node == self.silent:
+                continue
+            if node == self.failing:
+                yield Message(Error(code=0, reason="hospital offline"), reply_to=msg)
+                continue
+            content = flower.local_update(msg.content, {"partition-id": node - 1}, self.settings.as_run_config())
+            yield Message(content, reply_to=msg)
+
+
+def test_server_rounds_match_the_core_and_record_missing_clients(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ServerApp's loop without a deployment: two rounds equal ``run_rounds``; a failing and a silent node are
+    recorded as missing and the round goes on with the rest."""
+    from flwr.supercore.task_identity import TaskIdentity  # set by Flower in a ServerApp process (1.41 internals)
+
+    for attr, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 0)):
+        monkeypatch.setattr(TaskIdentity, attr, value)
+    s = flower.FlowerSettings(**dict(SETTINGS, num_rounds=2), output_dir=str(tmp_path / "out"))
+    run = flower.run_server(LoopbackGrid(s, nodes=2), s)
+    ref = in_process(s)
+    for k, v in ref.payload.items():
+        torch.testing.assert_close(run.payload[k], v, rtol=1e-6, atol=1e-6)
+    for got, want in zip(run.reports, ref.reports, strict=True):
+        assert got.client_losses == pytest.approx(want.client_losses, rel=1e-6)
+        assert got.num_examples == want.num_examples and got.accepted == want.accepted
+    saved = json.loads((tmp_path / "out" / "reports.json").read_text())
+    assert [r["round"] for r in saved] == [1, 2]
+
+    s3 = flower.FlowerSettings(**dict(SETTINGS, min_clients=1))
+    report = flower.run_server(LoopbackGrid(s3, nodes=3, failing=2, silent=3), s3).reports[0]
+    assert report.accepted == ["client_0"]
+    assert report.missing == {"node_2": "FederatedError: ClientApp error: hospital offline",
+                              "node_3": f"FederatedError: no reply within round-timeout={s3.round_timeout:g}s"}
