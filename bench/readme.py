@@ -198,6 +198,257 @@ def architecture_section(result: dict) -> str:
     return f"{graph}\n{lines}\n{machine_line(result)}.\n"
 
 
+def routing_section(result: dict) -> str:
+    p, test, goals = result["params"], result["test"], result["goals"]
+    tasks = p["tasks"]
+    models = [("oracle", "own expert (oracle)"), ("fused", f"best fused ({result['fusion']['best_method']})"),
+              ("uniform", "uniform mixture"), ("flat", "flat router"), ("grouped", "grouped (function)"),
+              ("grouped_domain", "grouped (domain)")]
+    rows = [{"task": t, **{m: test[t][m]["macro_f1"] for m, _ in models},
+             "ge": "yes" if goals["grouped"]["ge_fused_per_task"][t] else "**no**"} for t in tasks]
+    rows.append({"task": "**mean**", **{m: result["test_mean_macro_f1"][m] for m, _ in models}})
+    table = markdown_table(rows, [("task", "task")] + models + [("ge", "grouped ≥ fused")])
+    g, mean = goals["grouped"], result["test_mean_macro_f1"]
+
+    def verdict(ok: bool) -> str:
+        return "**met**" if ok else "**missed**"
+
+    def goal_lines(name: str, label: str) -> str:
+        r = goals[name]
+        misses = [f"{t} {test[t][name]['macro_f1']:.3f} < {test[t]['fused']['macro_f1']:.3f}" for t in tasks
+                  if not r["ge_fused_per_task"][t]]
+        gap = r["oracle_gap_points"]
+        return (f"- {label} ≥ best fused on every task: {verdict(r['ge_fused_every_task'])}"
+                f"{' (' + '; '.join(misses) + ')' if misses else ''}. Within 2 points of the oracle on average: "
+                f"{verdict(r['within_2_points_of_oracle'])} (mean {mean[name]:.3f} vs oracle {mean['oracle']:.3f}: "
+                f"{abs(gap):.1f} points {'below' if gap >= 0 else 'above'} it).\n")
+
+    # layer analysis: domain peers minus function peers, lower vs upper half
+    lrows = []
+    for name, label in (("grouped", "grouped (function)"), ("grouped_domain", "grouped (domain)"), ("flat", "flat")):
+        a = result["layer_analysis"].get(name)
+        if not a:
+            continue
+        for t, rec in a["layers"].items():
+            own = rec["own_expert"]
+            low = [own[i] for i in sorted(own, key=int)[:len(own) // 2]]
+            up = [own[i] for i in sorted(own, key=int)[len(own) // 2:]]
+            d = rec.get("domain_minus_function")
+            grp = rec["groups"]["domain" if name == "grouped_domain" else "function"]
+            lrows.append({"router": label, "task": t, "own_low": sum(low) / len(low), "own_up": sum(up) / len(up),
+                          "top": f"{grp['top_lower']} ({grp['lower'][grp['top_lower']]:.2f}) → "
+                                 f"{grp['top_upper']} ({grp['upper'][grp['top_upper']]:.2f})",
+                          "dlow": d["lower"] if d else None, "dup": d["upper"] if d else None,
+                          "holds": ("yes" if d["strict_holds"] else "trend only" if d["trend_holds"] else "no")
+                          if d else "—"})
+    ltable = markdown_table(lrows, [("router", "router"), ("task", "task"), ("own_low", "own expert, layers 0–2"),
+                                    ("own_up", "own expert, layers 3–5"),
+                                    ("top", "top group layers 0–2 → 3–5 (its grouping)"),
+                                    ("dlow", "D − F, layers 0–2"), ("dup", "D − F, layers 3–5"),
+                                    ("holds", "claim holds")])
+    counts = []
+    for name, label in (("grouped", "grouped (function)"), ("grouped_domain", "grouped (domain)"), ("flat", "flat")):
+        v = result["layer_analysis"].get(name, {}).get("verdict")
+        if v and v["tasks"]:
+            n = len(v["tasks"])
+            counts.append(f"{label}: strict form {sum(v['strict_holds'].values())}/{n} tasks, "
+                          f"D − F lower in layers 3–5 than in 0–2 {sum(v['trend_holds'].values())}/{n}")
+    claim = "; ".join(counts) or "no task has domain peers that differ from its function peers"
+
+    held = result["held_out"]
+    if "skipped" in held:
+        held_text = f"Held-out task: skipped ({held['skipped']}).\n"
+    else:
+        hrows = [{"features": {"routed_grouped": "routed (grouped router over the other experts)",
+                               "routed_uniform": "uniform mixture of the other experts",
+                               "foundation": "frozen foundation"}.get(k, k.replace("expert:", "single expert: ")),
+                  "val": r["val"]["macro_f1"], "test": r["test"]["macro_f1"], "acc": r["test"]["accuracy"]}
+                 for k, r in held["heads"].items()]
+        htable = markdown_table(hrows, [("features", "new head on"), ("val", "val macro-F1"),
+                                        ("test", "test macro-F1"), ("acc", "test accuracy")])
+        h = held["heads"]
+        best = held["best_single_by_val"]
+        held_text = (
+            f"Held-out task **{held['task']}**: router trained on {', '.join(held['routed_over'])} only (grouped, "
+            f"function grouping); on {held['task']} only a new linear head is fitted ({held['train_samples']} "
+            f"training texts, L2 by validation), test {held['test_samples']} texts.\n\n{htable}\n"
+            f"- Routing beats the best single expert (picked on validation: {best.replace('expert:', '')}, test "
+            f"{h[best]['test']['macro_f1']:.3f}): {'**yes**' if held['routed_beats_best_single_by_val'] else '**no**'}"
+            f" (routed {h['routed_grouped']['test']['macro_f1']:.3f}). Versus the frozen foundation: "
+            f"{'better' if held['routed_beats_foundation'] else 'not better'}. For reference, an expert trained on "
+            f"{held['task']} itself: {held['own_expert_test']['macro_f1']:.3f}.\n")
+
+    crows = []
+    cpu = result["cost"]["cpu"]
+    for name, label in (("routed", "routed (grouped, all experts)"), ("merged", "merged (best fused)"),
+                        ("expert", "single expert (deployed)")):
+        mem = cpu["memory"][name]
+        crows.append({"model": label, "b1": f"{cpu['latency']['batch_1'][name]['ms_per_batch']:.0f}",
+                      "b64": f"{cpu['latency']['batch_64'][name]['ms_per_batch']:.0f}",
+                      "b64s": f"{cpu['latency']['batch_64'][name]['ms_per_sample']:.1f}",
+                      "w": f"{mem['weights_mb']:.0f}", "load": f"{mem['load_added_mb']:.0f}",
+                      "m1": f"{mem['batch_1']['added_mb']:.0f}", "m64": f"{mem['batch_64']['added_mb']:.0f}"})
+    ctable = markdown_table(crows, [("model", "model"), ("b1", "batch 1 ms"), ("b64", "batch 64 ms"),
+                                    ("b64s", "batch 64 ms/sample"), ("w", "weights + buffers MB"),
+                                    ("load", "load + RSS MB"), ("m1", "batch-1 forward + MB"),
+                                    ("m64", "batch-64 forward + MB")])
+    lat = cpu["latency"]
+    ratio1 = lat["batch_1"]["routed"]["ms_per_batch"] / lat["batch_1"]["merged"]["ms_per_batch"]
+    ratio64 = lat["batch_64"]["routed"]["ms_per_batch"] / lat["batch_64"]["merged"]["ms_per_batch"]
+    gpu = ("" if "cuda" in result["cost"] else " No GPU was lent to this run, so CPU only.")
+    la = result.get("load_average")
+    load = (f", with other jobs on the same 2 cores: 1-minute load average {la['start']:.1f} at the start, "
+            f"{la['end']:.1f} at the end" if la and max(la.values()) > 2.5 else "")
+    groupings = {name: "; ".join(f"{g}: {', '.join(m)}" for g, m in gs.items())
+                 for name, gs in p["groupings"].items()}
+    return (
+        f"Text tasks {', '.join(tasks)}, profile `{p['profile']}`, {machine_line(result)}, from "
+        f"`bench/results/routing.json` (wall time {result['wall_seconds'] / 60:.0f} min{load}). One LoRA expert per task "
+        f"(the experts stage: {p['expert_train_cap']} training texts per task, {p['expert_epochs']} epochs, "
+        f"{p['max_length']} tokens), frozen. Capped for 2 CPU cores: routers trained on {p['router_train_cap']} texts "
+        f"per task (mixed) for {p['router_epochs']} epochs, validation {p['val_cap']} per task (fusion search, router "
+        f"monitoring, weights), test ≤ {p['test_cap']} per task (the same rows for every model). Test macro-F1:\n\n"
+        f"{table}\n"
+        f"Groupings: function (the default in `params/routing.yaml`) = {groupings['function']}; domain = "
+        f"{groupings['domain']} (see `bench/routing.py` for why).\n\n"
+        f"{goal_lines('grouped', 'Grouped router (function grouping)')}"
+        f"{goal_lines('grouped_domain', 'Grouped router (domain grouping)')}"
+        f"- Fused: the fusion stage's best method by validation, `{result['fusion']['best_method']}` "
+        f"({', '.join(f'{k} {v:g}' for k, v in result['fusion']['coefficients'].items())}).\n\n"
+        f"Router weights per layer (validation mean; the 12 adapted query/value layers averaged into MiniLM's 6). "
+        f"D − F = the weight on the task's domain peers minus its function peers (its own expert is in both groups "
+        f"and cancels; only tasks whose peers differ). The paper's claim, lower layers prefer domain experts and upper "
+        f"layers function experts, means D − F > 0 in layers 0–2 and < 0 in 3–5:\n\n{ltable}\n"
+        f"- The claim, counted per task: {claim}. Heatmaps (layer × group, per task and grouping) are written to "
+        f"the work folder, `routing-bench/plots/`.\n\n"
+        f"{held_text}\n"
+        f"Latency (median of {result['cost']['rounds']} rounds in which the models alternate; {result['cost']['task']} "
+        f"texts at {p['max_length']} tokens) and memory (each model in a fresh process: RSS its load and one forward "
+        f"add), CPU:\n\n{ctable}\n"
+        f"- The routed model costs {ratio1:.2f}× the merged model at batch 1 and {ratio64:.2f}× at batch 64: it runs "
+        f"the frozen foundation once more for the router input, and every adapted layer adds all experts' LoRA "
+        f"products; the merged model and a deployed expert are plain MiniLM.{gpu}\n"
+    )
+
+
+FEDERATED_MODELS = (("no_injection", "no injection (server data only)"), ("local_only", "local-only (mean of clients)"),
+                    ("fedavg", "FedAvg client model"), ("fedkim", "FedKIM (injected)"),
+                    ("centralized", "centralized (pooled, upper bound)"))
+
+
+def federated_section(result: dict) -> str:
+    p = result["params"]
+    parts = {k: result["partitions"][k] for k in p["partitions"]}  # the run's order (the JSON's keys are sorted)
+
+    def plural(n: int, word: str) -> str:
+        return f"{n} {word}{'' if n == 1 else 's'}"
+
+    def cell(m: dict) -> str:
+        return f"{m['macro_f1']:.3f} / {m['auroc']:.3f}"
+
+    def verdict(ok: bool) -> str:
+        return "**met**" if ok else "**missed**"
+
+    def name(partition: str) -> str:
+        r = parts[partition]["params"]
+        return "IID" if partition == "iid" else f"Dirichlet α = {r['alpha']:g}"
+
+    text = []
+    for partition, r in parts.items():
+        rows = []
+        for t in r["client_tasks"]:
+            row = r["table"][t]
+            f1s = [c["macro_f1"] for c in row["local_only_per_client"]]
+            rows.append({"task": t, "majority": cell(r["majority_class_test"][t]),
+                         **{m: cell(row[m]) for m, _ in FEDERATED_MODELS},
+                         "range": f"{min(f1s):.3f}–{max(f1s):.3f}",
+                         "gap": row["centralized"]["macro_f1"] - row["fedkim"]["macro_f1"]})
+        table = markdown_table(rows, [("task", "task"), ("majority", "majority class")] + list(FEDERATED_MODELS)
+                               + [("range", "local-only macro-F1, client range"),
+                                  ("gap", "centralized − FedKIM (macro-F1)")])
+        g = r["goals"]
+
+        def misses(key: str, other: str) -> str:
+            bad = [f"{t} {r['table'][t]['fedkim']['macro_f1']:.3f} vs {r['table'][t][other]['macro_f1']:.3f}"
+                   for t, ok in g[key].items() if not ok]
+            return f" (not on {'; '.join(bad)})" if bad else ""
+
+        shards = [{"client": f"client_{i}",
+                   **{t: f"{n} ({'/'.join(map(str, r['client_shards']['label_counts'][i][t]))})" for t, n in s.items()}}
+                  for i, s in enumerate(r["client_shards"]["rows"])]
+        stable = markdown_table(shards, [("client", "client")] + [(t, t) for t in r["client_tasks"]])
+        held = [f"{t} {cell(h['fedkim'])} vs {cell(h['no_injection'])}" for t, h in r["held_out_test"].items()]
+        a = g["by_auroc"]
+
+        def auc_misses(key: str, other: str) -> str:
+            bad = [f"{t} {r['table'][t]['fedkim']['auroc']:.3f} vs {r['table'][t][other]['auroc']:.3f}"
+                   for t, ok in a[key].items() if not ok]
+            return f" (not on {'; '.join(bad)})" if bad else ""
+
+        text.append(
+            f"**{name(partition)}**. Training rows per client and task (rows per class):\n\n{stable}\n"
+            f"Test macro-F1 / AUROC:\n\n{table}\n"
+            f"- FedKIM beats no injection on every client task, macro-F1 (the goal's metric): "
+            f"{verdict(g['fedkim_beats_no_injection_every_task'])}{misses('fedkim_beats_no_injection', 'no_injection')}"
+            f". On AUROC: {verdict(a['fedkim_beats_no_injection_every_task'])}"
+            f"{auc_misses('fedkim_beats_no_injection', 'no_injection')}.\n"
+            f"- FedKIM beats local-only on every client task, macro-F1: "
+            f"{verdict(g['fedkim_beats_local_only_every_task'])}{misses('fedkim_beats_local_only', 'local_only')}. "
+            f"On AUROC: {verdict(a['fedkim_beats_local_only_every_task'])}"
+            f"{auc_misses('fedkim_beats_local_only', 'local_only')}.\n"
+            f"- Held-out task ({'; '.join(held)}, injected vs not, macro-F1 / AUROC): injected better on average, "
+            f"macro-F1: {verdict(g['held_out_injected_beats_not_injected_on_average'])} (mean gain "
+            f"{g['held_out_mean_gain']:+.3f}); AUROC: {verdict(a['held_out_injected_beats_not_injected_on_average'])} "
+            f"(mean gain {a['held_out_mean_gain']:+.3f}).\n"
+            f"- Gap to centralized (centralized − FedKIM, macro-F1): "
+            f"{', '.join(f'{t} {v:+.3f}' for t, v in g['gap_to_centralized'].items())}; mean "
+            f"{g['mean_gap_to_centralized']:+.3f}; on AUROC, mean {a['mean_gap_to_centralized']:+.3f} (positive: "
+            f"the pooled client model is ahead).\n")
+
+    crows = []
+    for partition, r in parts.items():
+        c = r["timing"]
+        n = len(c["rounds"])
+        tot = c["total_seconds"]
+        crows.append({"partition": name(partition), "clients": tot["clients"] / n, "aggregate": tot["aggregate"] / n,
+                      "evaluate": tot["evaluate"] / n, "overhead": tot["overhead"] / n,
+                      "share": 100 * c["overhead_vs_client_compute"],
+                      "down": c["bytes_down_per_round_per_client"] / 2**20,
+                      "up": c["bytes_up_per_round_per_client"] / 2**20})
+    ctable = markdown_table(crows, [("partition", "partition"), ("clients", "client compute s / round"),
+                                    ("aggregate", "FedAvg s / round"), ("evaluate", "validation s / round"),
+                                    ("overhead", "engine overhead s / round"),
+                                    ("share", "overhead % of client compute"),
+                                    ("down", "MB to each client / round"), ("up", "MB from each client / round")])
+    overhead_ok = all(r["goals"]["overhead_below_20_percent"] for r in parts.values())
+    shares = ", ".join(f"{name(k)} {100 * r['timing']['overhead_vs_client_compute']:.1f} %" for k, r in parts.items())
+    first = next(iter(parts.values()))["params"]
+    inj = first["injection"]
+    runs = "both partitions" if len(parts) == 2 else plural(len(parts), "partition")
+    server = ", ".join(f"{t} {n}" for t, n in first["server_train_samples"].items())
+    return (
+        f"Tasks {', '.join(p['tasks'])}, {first['num_clients']} clients, profile `{p['profile']}`, "
+        f"{machine_line(result)}, from `bench/results/federated.json` (wall time {result['wall_seconds'] / 60:.0f} "
+        f"min for {runs}). The federated stage's own run (`components.stages.federated.run`), one held-out task "
+        f"({', '.join(p['held_out'])}). Capped for 2 CPU cores (the bench's caps, `medexperts bench federated --help`): "
+        f"{plural(first['rounds'], 'round')} × "
+        f"{plural(first['local_epochs'], 'local epoch')}, at most {first['client_max_train_samples']} training rows "
+        f"per client and task; the server trains the injection ({inj['num_experts']} experts of rank {inj['rank']}, "
+        f"{plural(inj['trainer']['max_epochs'], 'epoch')}) on at most {inj['trainer']['max_train_samples']} rows per "
+        f"task out of {100 * first['server_fraction']:.0f} % of each validation split ({server}); held-out head on "
+        f"{first['held_out_shots']} training rows; test ≤ {p['test_cap']} rows per task (the same rows for every "
+        f"model); {first['max_length']} tokens. Local-only and centralized train the same initial client model with "
+        f"the same schedule (rounds × local epochs) on one shard (each client's own, or all pooled). The foundation "
+        f"is a text model: on an image task the no-injection model reads only the task's description, the same for "
+        f"every image, so it can only answer one class (the *majority class* column; AUROC 0.5); FedKIM adds the "
+        f"aggregated client image encoder's feature as an extra token.\n\n"
+        + "\n".join(text) +
+        f"\nRound cost (mean per round; the engine runs the clients one after another in one process):\n\n{ctable}\n"
+        f"- Engine overhead (payload copies, screening) below 20 % of client compute: {verdict(overhead_ok)} "
+        f"({shares}). *Validation* is the stage's per-round scoring of the aggregate on the server's validation rows.\n"
+    )
+
+
 def replace(text: str, name: str, body: str) -> str:
     pattern = re.compile(rf"(<!-- results:{name} -->\n).*?(<!-- /results:{name} -->)", re.S)
     if not pattern.search(text):
@@ -218,6 +469,7 @@ def main() -> None:
     if path.is_file():
         text = replace(text, "throughput", throughput_section(json.loads(path.read_text())))
     for name, section in (("experts", experts_section), ("decompose", decompose_section), ("fusion", fusion_section),
+                          ("routing", routing_section), ("federated", federated_section),
                           ("architecture", architecture_section)):
         path = RESULTS / f"{name}.json"
         if path.is_file():
