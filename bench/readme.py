@@ -198,6 +198,18 @@ def architecture_section(result: dict) -> str:
     return f"{graph}\n{lines}\n{machine_line(result)}.\n"
 
 
+FLAT = 0.02  # router weight: a change of D − F between the lower and upper layers below this reads as no change
+
+
+def claim_reading(d: dict) -> str:
+    """One task's reading of AT-MoE's layer claim from its domain-minus-function-peers weight (bench/routing.py)."""
+    if d["lower"] > 0 > d["upper"]:
+        return "yes"
+    if abs(d["lower"] - d["upper"]) < FLAT:
+        return "flat"
+    return "trend only" if d["lower"] > d["upper"] else "no"
+
+
 def routing_section(result: dict) -> str:
     p, test, goals = result["params"], result["test"], result["goals"]
     tasks = p["tasks"]
@@ -239,20 +251,32 @@ def routing_section(result: dict) -> str:
                           "top": f"{grp['top_lower']} ({grp['lower'][grp['top_lower']]:.2f}) → "
                                  f"{grp['top_upper']} ({grp['upper'][grp['top_upper']]:.2f})",
                           "dlow": d["lower"] if d else None, "dup": d["upper"] if d else None,
-                          "holds": ("yes" if d["strict_holds"] else "trend only" if d["trend_holds"] else "no")
-                          if d else "—"})
+                          "holds": claim_reading(d) if d else "—"})
     ltable = markdown_table(lrows, [("router", "router"), ("task", "task"), ("own_low", "own expert, layers 0–2"),
                                     ("own_up", "own expert, layers 3–5"),
                                     ("top", "top group layers 0–2 → 3–5 (its grouping)"),
                                     ("dlow", "D − F, layers 0–2"), ("dup", "D − F, layers 3–5"),
                                     ("holds", "claim holds")])
+    spread = []
+    for name, label in (("grouped", "grouped (function)"), ("grouped_domain", "grouped (domain)"), ("flat", "flat")):
+        run = result["routing_runs"].get(name)
+        if run:
+            ws = [x for per_task in run["weights"].values() for w in per_task.values() for x in w]
+            e = len(run["experts"])
+            spread.append(f"{label} mean |w − 1/{e}| {sum(abs(x - 1 / e) for x in ws) / len(ws):.3f}, "
+                          f"weights {min(ws):.2f}–{max(ws):.2f}")
     counts = []
     for name, label in (("grouped", "grouped (function)"), ("grouped_domain", "grouped (domain)"), ("flat", "flat")):
-        v = result["layer_analysis"].get(name, {}).get("verdict")
-        if v and v["tasks"]:
-            n = len(v["tasks"])
-            counts.append(f"{label}: strict form {sum(v['strict_holds'].values())}/{n} tasks, "
-                          f"D − F lower in layers 3–5 than in 0–2 {sum(v['trend_holds'].values())}/{n}")
+        a = result["layer_analysis"].get(name)
+        readings = [claim_reading(r["domain_minus_function"]) for r in (a or {}).get("layers", {}).values()
+                    if "domain_minus_function" in r]
+        if readings:
+            shift = max(abs(r["domain_minus_function"]["lower"] - r["domain_minus_function"]["upper"])
+                        for r in a["layers"].values() if "domain_minus_function" in r)
+            n = len(readings)
+            counts.append(f"{label}: holds {readings.count('yes')}/{n} tasks, weaker trend "
+                          f"{readings.count('trend only')}/{n}, flat {readings.count('flat')}/{n} "
+                          f"(largest change of D − F between the halves {shift:.3f})")
     claim = "; ".join(counts) or "no task has domain peers that differ from its function peers"
 
     held = result["held_out"]
@@ -268,13 +292,15 @@ def routing_section(result: dict) -> str:
                                         ("test", "test macro-F1"), ("acc", "test accuracy")])
         h = held["heads"]
         best = held["best_single_by_val"]
+        diff = h["routed_grouped"]["test"]["macro_f1"] - h[best]["test"]["macro_f1"]
+        beats = ("a tie" if abs(diff) < 0.005 else "**yes**" if diff > 0 else "**no**") + f" ({100 * diff:+.3f} points)"
         held_text = (
             f"Held-out task **{held['task']}**: router trained on {', '.join(held['routed_over'])} only (grouped, "
             f"function grouping); on {held['task']} only a new linear head is fitted ({held['train_samples']} "
             f"training texts, L2 by validation), test {held['test_samples']} texts.\n\n{htable}\n"
             f"- Routing beats the best single expert (picked on validation: {best.replace('expert:', '')}, test "
-            f"{h[best]['test']['macro_f1']:.3f}): {'**yes**' if held['routed_beats_best_single_by_val'] else '**no**'}"
-            f" (routed {h['routed_grouped']['test']['macro_f1']:.3f}). Versus the frozen foundation: "
+            f"{h[best]['test']['macro_f1']:.3f}): {beats}, routed {h['routed_grouped']['test']['macro_f1']:.3f}. "
+            f"Versus the frozen foundation: "
             f"{'better' if held['routed_beats_foundation'] else 'not better'}. For reference, an expert trained on "
             f"{held['task']} itself: {held['own_expert_test']['macro_f1']:.3f}.\n")
 
@@ -283,11 +309,11 @@ def routing_section(result: dict) -> str:
     for name, label in (("routed", "routed (grouped, all experts)"), ("merged", "merged (best fused)"),
                         ("expert", "single expert (deployed)")):
         mem = cpu["memory"][name]
-        crows.append({"model": label, "b1": f"{cpu['latency']['batch_1'][name]['ms_per_batch']:.0f}",
-                      "b64": f"{cpu['latency']['batch_64'][name]['ms_per_batch']:.0f}",
-                      "b64s": f"{cpu['latency']['batch_64'][name]['ms_per_sample']:.1f}",
-                      "w": f"{mem['weights_mb']:.0f}", "load": f"{mem['load_added_mb']:.0f}",
-                      "m1": f"{mem['batch_1']['added_mb']:.0f}", "m64": f"{mem['batch_64']['added_mb']:.0f}"})
+        crows.append({"model": label, "b1": round(cpu["latency"]["batch_1"][name]["ms_per_batch"]),
+                      "b64": round(cpu["latency"]["batch_64"][name]["ms_per_batch"]),
+                      "b64s": cpu["latency"]["batch_64"][name]["ms_per_sample"], "w": round(mem["weights_mb"]),
+                      "load": round(mem["load_added_mb"]), "m1": round(mem["batch_1"]["added_mb"]),
+                      "m64": round(mem["batch_64"]["added_mb"])})
     ctable = markdown_table(crows, [("model", "model"), ("b1", "batch 1 ms"), ("b64", "batch 64 ms"),
                                     ("b64s", "batch 64 ms/sample"), ("w", "weights + buffers MB"),
                                     ("load", "load + RSS MB"), ("m1", "batch-1 forward + MB"),
@@ -296,6 +322,10 @@ def routing_section(result: dict) -> str:
     ratio1 = lat["batch_1"]["routed"]["ms_per_batch"] / lat["batch_1"]["merged"]["ms_per_batch"]
     ratio64 = lat["batch_64"]["routed"]["ms_per_batch"] / lat["batch_64"]["merged"]["ms_per_batch"]
     gpu = ("" if "cuda" in result["cost"] else " No GPU was lent to this run, so CPU only.")
+    reused = [t for t, e in result["experts"].items() if not e["trained_here"]]
+    experts_note = (f"{'all' if len(reused) == len(tasks) else ', '.join(reused)} reused from the work folder "
+                    f"(trained there earlier, {sum(result['experts'][t]['train_seconds'] for t in reused) / 60:.0f} "
+                    f"min of training, not in the wall time)" if reused else "trained in this run")
     la = result.get("load_average")
     load = (f", with other jobs on the same 2 cores: 1-minute load average {la['start']:.1f} at the start, "
             f"{la['end']:.1f} at the end" if la and max(la.values()) > 2.5 else "")
@@ -303,11 +333,12 @@ def routing_section(result: dict) -> str:
                  for name, gs in p["groupings"].items()}
     return (
         f"Text tasks {', '.join(tasks)}, profile `{p['profile']}`, {machine_line(result)}, from "
-        f"`bench/results/routing.json` (wall time {result['wall_seconds'] / 60:.0f} min{load}). One LoRA expert per task "
-        f"(the experts stage: {p['expert_train_cap']} training texts per task, {p['expert_epochs']} epochs, "
-        f"{p['max_length']} tokens), frozen. Capped for 2 CPU cores: routers trained on {p['router_train_cap']} texts "
-        f"per task (mixed) for {p['router_epochs']} epochs, validation {p['val_cap']} per task (fusion search, router "
-        f"monitoring, weights), test ≤ {p['test_cap']} per task (the same rows for every model). Test macro-F1:\n\n"
+        f"`bench/results/routing.json` (wall time {result['wall_seconds'] / 60:.0f} min{load}). One LoRA expert per "
+        f"task (the experts stage: {p['expert_train_cap']} training texts per task, {p['expert_epochs']} epochs, "
+        f"{p['max_length']} tokens), frozen; {experts_note}. Capped for 2 CPU cores: routers trained on "
+        f"{p['router_train_cap']} texts per task (mixed) for {p['router_epochs']} epochs, validation {p['val_cap']} "
+        f"per task (fusion search, router monitoring, weights), test ≤ {p['test_cap']} per task (the same rows for "
+        f"every model). Test macro-F1:\n\n"
         f"{table}\n"
         f"Groupings: function (the default in `params/routing.yaml`) = {groupings['function']}; domain = "
         f"{groupings['domain']} (see `bench/routing.py` for why).\n\n"
@@ -318,7 +349,11 @@ def routing_section(result: dict) -> str:
         f"Router weights per layer (validation mean; the 12 adapted query/value layers averaged into MiniLM's 6). "
         f"D − F = the weight on the task's domain peers minus its function peers (its own expert is in both groups "
         f"and cancels; only tasks whose peers differ). The paper's claim, lower layers prefer domain experts and upper "
-        f"layers function experts, means D − F > 0 in layers 0–2 and < 0 in 3–5:\n\n{ltable}\n"
+        f"layers function experts, means D − F > 0 in layers 0–2 and < 0 in 3–5 (*yes*); *trend only*: D − F falls by "
+        f"at least {FLAT:.2f} from the lower to the upper half without changing sign; *flat*: it changes by less than "
+        f"{FLAT:.2f}:\n\n{ltable}\n"
+        f"- How far the routers moved from the uniform mixture (every weight, task and adapted layer): "
+        f"{'; '.join(spread)}.\n"
         f"- The claim, counted per task: {claim}. Heatmaps (layer × group, per task and grouping) are written to "
         f"the work folder, `routing-bench/plots/`.\n\n"
         f"{held_text}\n"

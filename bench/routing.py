@@ -240,8 +240,8 @@ def layer_analysis(weights: dict[str, dict[str, list[float]]], experts: list[str
         dom = set(DOMAIN_GROUPS[group_of(task, DOMAIN_GROUPS)]) & set(experts)
         fun = set(FUNCTION_GROUPS[group_of(task, FUNCTION_GROUPS)]) & set(experts)
         if dom != fun:
-            d_minus_f = {i: sum(layers[i][experts.index(e)] for e in dom) - sum(layers[i][experts.index(e)] for e in fun)
-                         for i in idx}
+            d_minus_f = {i: sum(layers[i][experts.index(e)] for e in dom)
+                         - sum(layers[i][experts.index(e)] for e in fun) for i in idx}
             low, up = statistics.mean(d_minus_f[i] for i in lower), statistics.mean(d_minus_f[i] for i in upper)
             rec["domain_minus_function"] = {"per_layer": d_minus_f, "lower": low, "upper": up,
                                             "domain_peers": sorted(dom - fun), "function_peers": sorted(fun - dom),
