@@ -220,7 +220,7 @@ def routing_section(result: dict) -> str:
              "ge": "yes" if goals["grouped"]["ge_fused_per_task"][t] else "**no**"} for t in tasks]
     rows.append({"task": "**mean**", **{m: result["test_mean_macro_f1"][m] for m, _ in models}})
     table = markdown_table(rows, [("task", "task")] + models + [("ge", "grouped ≥ fused")])
-    g, mean = goals["grouped"], result["test_mean_macro_f1"]
+    mean = result["test_mean_macro_f1"]
 
     def verdict(ok: bool) -> str:
         return "**met**" if ok else "**missed**"
