@@ -78,6 +78,11 @@ class Expert:
         return method.delta(self.encoder, self.base)
 
 
+def expert_method(folder: Path) -> str:
+    """The method an expert folder was trained with (read from its manifest, files not verified)."""
+    return str(read_manifest(folder, kind="expert", verify=False)["method"])
+
+
 def stored_bytes(folder: Path) -> int:
     """Bytes an expert needs on disk: its method's weights and its head (not the probe, bundle or manifest).
 

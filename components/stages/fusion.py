@@ -10,10 +10,9 @@ from typing import Any
 
 from components.bundle.format import TaskHead, save_bundle
 from components.config import FusionParams, PrimaryMetric
-from components.core.artifacts import read_manifest
 from components.core.errors import ArtifactError
 from components.core.layout import expert_dir, fused_bundle, fusion_curve
-from components.experts.io import load_expert
+from components.experts.io import expert_method, load_expert
 from components.experts.methods import get_method
 from components.fusion.merge import MERGE_METHODS, check_compatible, coefficient_grid
 from components.fusion.search import Searched, ValidationScorer, _finite, best_per_lambda, search_coefficients
@@ -70,14 +69,10 @@ def run(inp: FusionInputs, data_dir: Path, foundation_dir: Path, experts_dir: Pa
     tasks = list(inp.active_tasks(inp.fusion.modality))
     if len(tasks) < 2:
         return FusionSummary(skipped=f"fewer than 2 active {inp.fusion.modality} tasks ({tasks})")
-    method = get_method(read_expert_method(experts_dir, tasks[0]))
+    method = get_method(expert_method(expert_dir(experts_dir, tasks[0])))
     if method.delta is None:
         return FusionSummary(skipped=f"{method.pretty} experts change no weight: nothing to merge in weight space")
     return fuse_experts(inp, data_dir, foundation_dir, experts_dir, out_dir)
-
-
-def read_expert_method(experts_dir: Path, task: str) -> str:
-    return str(read_manifest(expert_dir(experts_dir, task), kind="expert", verify=False)["method"])
 
 
 def fuse_experts(inp: FusionInputs, data_dir: Path, foundation_dir: Path, experts_dir: Path,

@@ -18,10 +18,10 @@ import torch
 
 from components.bundle.format import TaskHead, save_bundle
 from components.config import PrimaryMetric, RoutingParams
-from components.core.artifacts import read_manifest, write_json
+from components.core.artifacts import write_json
 from components.core.layout import expert_dir, routed_bundle, routing_heatmap, routing_weights
 from components.data.datasets import load_split
-from components.experts.io import load_expert
+from components.experts.io import expert_method, load_expert
 from components.metrics.classification import compute_metrics
 from components.metrics.counts import count_parameters
 from components.metrics.plots import plot_heatmap
@@ -106,7 +106,7 @@ def run(inp: RoutingInputs, data_dir: Path, foundation_dir: Path, experts_dir: P
     tasks = [t for g in groups.values() for t in g]
     if len(tasks) < 2:
         return RoutingSummary(skipped=f"fewer than 2 active {rp.modality} tasks to route ({tasks})")
-    methods = {t: read_manifest(expert_dir(experts_dir, t), kind="expert", verify=False)["method"] for t in tasks}
+    methods = {t: expert_method(expert_dir(experts_dir, t)) for t in tasks}
     if set(methods.values()) != {"lora"}:
         return RoutingSummary(skipped=f"AT-MoE routes LoRA experts; the experts are {methods}")
     found = load_foundation(foundation_dir, rp.modality)
