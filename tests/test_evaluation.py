@@ -62,6 +62,31 @@ def test_binary_matches_hand_computation() -> None:
     assert m["auroc"] == pytest.approx(14 / 15)
 
 
+@pytest.mark.parametrize("kind", ["binary", "multiclass", "multilabel"])
+def test_constant_predictor_has_zero_mcc(kind: str) -> None:
+    """A majority-class model is no better than chance: MCC 0 (torchmetrics 1.x gave 0.030 on a 37/63 binary
+    split, which made a constant model look informative)."""
+    n, c = 300, (2 if kind == "binary" else 3)
+    if kind == "multilabel":
+        labels = (torch.arange(n * c).reshape(n, c) % 5 == 0).long()
+        logits = torch.full((n, c), -1.0)  # always "absent"
+    else:
+        labels = torch.tensor([0] * 112 + [1] * 188) if kind == "binary" else torch.arange(n) % c
+        logits = one_hot_logits(torch.ones(n, dtype=torch.long), c)  # always class 1
+    assert compute_metrics(kind, logits, labels, c)["mcc"] == 0.0  # type: ignore[arg-type]
+
+
+def test_multiclass_mcc_matches_gorodkin() -> None:
+    y = torch.tensor([0, 0, 1, 1, 2, 2, 2])
+    pred = torch.tensor([0, 1, 1, 1, 2, 0, 2])
+    cm = torch.zeros(3, 3)
+    for t, p in zip(y.tolist(), pred.tolist(), strict=True):
+        cm[t, p] += 1
+    t_k, p_k, s, c = cm.sum(1), cm.sum(0), cm.sum(), cm.trace()
+    expected = (c * s - (t_k * p_k).sum()) / math.sqrt((s * s - (p_k**2).sum()) * (s * s - (t_k**2).sum()))
+    assert compute_metrics("multiclass", one_hot_logits(pred, 3), y, 3)["mcc"] == pytest.approx(float(expected))
+
+
 def test_multiclass_hand_accuracy() -> None:
     y = torch.tensor([0, 1, 2, 2])
     logits = one_hot_logits(torch.tensor([0, 2, 2, 2]), 3)

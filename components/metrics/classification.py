@@ -84,6 +84,22 @@ def _auroc(kind: Kind, logits: torch.Tensor, labels: torch.Tensor, num_labels: i
     return float(value)
 
 
+def _mcc(preds: torch.Tensor, labels: torch.Tensor, num_classes: int) -> float:
+    """Matthews correlation (Gorodkin's K-class form) from the confusion counts; 0 when a row or column total
+    makes it undefined (a constant predictor, one true class), as scikit-learn defines it.
+
+    Hand-written because torchmetrics' ``matthews_corrcoef`` (1.x) returns a non-zero value for a constant
+    predictor on an imbalanced binary split (0.030 for 'always positive' at 63 % positives), which made a
+    majority-class model look better than chance."""
+    counts = torch.bincount(labels * num_classes + preds, minlength=num_classes * num_classes)
+    cm = counts.reshape(num_classes, num_classes).double()  # rows true, columns predicted
+    t, p, s, c = cm.sum(dim=1), cm.sum(dim=0), cm.sum(), cm.trace()
+    denom = (s * s - (p * p).sum()) * (s * s - (t * t).sum())
+    if denom <= 0:
+        return 0.0
+    return float((c * s - (p * t).sum()) / denom.sqrt())
+
+
 def compute_metrics(
     kind: Kind, logits: torch.Tensor, labels: torch.Tensor, num_labels: int
 ) -> dict[str, float]:
@@ -93,7 +109,7 @@ def compute_metrics(
     and mcc is computed over all (sample, label) decisions pooled.
     """
     # Imported here: torchmetrics pulls in matplotlib.pyplot and ~1 s of imports at import time.
-    from torchmetrics.functional import accuracy, f1_score, matthews_corrcoef
+    from torchmetrics.functional import accuracy, f1_score
 
     x, y = _prepare(kind, logits, labels, num_labels)
     preds = predictions(kind, x)
@@ -106,7 +122,7 @@ def compute_metrics(
                 "accuracy": float(accuracy(preds, y, task="multilabel", num_labels=num_labels, average="micro")),
                 "macro_f1": float(f1_score(preds, y, task="multilabel", num_labels=num_labels, average="macro")),
                 "micro_f1": float(f1_score(preds, y, task="multilabel", num_labels=num_labels, average="micro")),
-                "mcc": float(matthews_corrcoef(preds, y, task="multilabel", num_labels=num_labels)),
+                "mcc": _mcc(preds.reshape(-1), y.reshape(-1), 2),
             }
         else:
             # Binary is scored as two-class multiclass so macro F1 covers the negative class too.
@@ -114,7 +130,7 @@ def compute_metrics(
             out = {
                 "accuracy": float(accuracy(preds, y, task="multiclass", num_classes=n, average="micro")),
                 "macro_f1": float(f1_score(preds, y, task="multiclass", num_classes=n, average="macro")),
-                "mcc": float(matthews_corrcoef(preds, y, task="multiclass", num_classes=n)),
+                "mcc": _mcc(preds, y, n),
             }
         out["auroc"] = _auroc(kind, x, y, num_labels)
     order = ("accuracy", "macro_f1", "micro_f1", "auroc", "mcc")
