@@ -87,6 +87,14 @@ def _params(root: Path, profile: str | None, print_config: bool, overrides: dict
     return params
 
 
+def _prefect_server(root: Path, params: Any) -> str:
+    """Point this process's Prefect client at the project's server (started on first use)."""
+    from flows.services import ensure_prefect_server
+
+    cfg = params.pipeline.prefect
+    return ensure_prefect_server(root, cfg.port, cfg.startup_timeout_s)
+
+
 @app.command()
 @user_errors
 def run(profile: Profile = None, set_: Sets = None, force: Annotated[bool, typer.Option(help="Re-run unchanged stages.")] = False,
@@ -101,6 +109,7 @@ def run(profile: Profile = None, set_: Sets = None, force: Annotated[bool, typer
 
         out.print(f"params OK (profile {params.pipeline.profile}); stages: {', '.join(ORDER)}")
         return
+    _prefect_server(root, params)
     from flows.report import print_results
     from flows.retrain import retrain
 
@@ -152,15 +161,23 @@ def dvc_yaml(check: Annotated[bool, typer.Option("--check", help="Exit 1 if dvc.
 @app.command()
 @user_errors
 def serve(cron: Annotated[str, typer.Option(help="Cron schedule, e.g. '0 3 * * 0'.")] = "0 3 * * 0",
-          name: Annotated[str, typer.Option(help="Deployment name.")] = "scheduled", profile: Profile = None) -> None:
-    """Register a Prefect deployment of the retrain flow on CRON and serve it (Ctrl-C stops)."""
+          interval: Annotated[float | None, typer.Option(help="Run every SECONDS instead of on --cron.")] = None,
+          name: Annotated[str, typer.Option(help="Deployment name.")] = "scheduled", profile: Profile = None,
+          set_: Sets = None) -> None:
+    """Register a Prefect deployment of the retrain flow on a schedule and serve it (Ctrl-C stops serving)."""
     root = _setup()
     from flows.retrain import deployment
+    from flows.services import shell_exports
 
-    params = _params(root, profile, False)
-    dep = deployment(name, cron, params.pipeline.profile)
-    out.print(f"serving deployment [bold]retrain/{name}[/] on '{cron}'; trigger by hand with "
-              f"`prefect deployment run 'retrain/{name}'`")
+    overrides = parse_sets(set_)
+    params = _params(root, profile, False, overrides)
+    dep = deployment(name, cron, params.pipeline.profile, overrides=overrides, interval=interval)
+    api = _prefect_server(root, params)
+    when = f"every {interval:g} s" if interval else f"on '{cron}'"
+    out.print(f"serving deployment [bold]retrain/{name}[/] {when} against {api} (Ctrl-C stops serving; the "
+              f"server keeps running). Its runs: {api.removesuffix('/api')}/deployments. Trigger one by hand from "
+              f"another shell:\n  {shell_exports(root, api)}\n  prefect deployment run 'retrain/{name}'",
+              soft_wrap=True)
     from prefect import serve as prefect_serve
 
     prefect_serve(dep)
@@ -199,13 +216,70 @@ def predict(model: Annotated[str, typer.Option(help="Model URI, e.g. models:/med
 
 @app.command()
 @user_errors
-def ui(port: int = 5000, host: str = "127.0.0.1") -> None:
-    """Open the MLflow UI over the project's tracking store."""
+def ui(port: int = 5000, host: str = "127.0.0.1",
+       prefect: Annotated[bool, typer.Option("--prefect", help="Show the Prefect UI's address instead (flow runs, "
+                                             "deployments, schedules); starts the project's server if needed."
+                                             )] = False) -> None:
+    """Open the MLflow UI over the project's tracking store (or, with --prefect, print the Prefect UI's address)."""
     root = _setup()
+    if prefect:
+        api = _prefect_server(root, _params(root, None, False))
+        out.print(f"Prefect UI: {api.removesuffix('/api')} (the project's server; `medexperts services down` stops "
+                  "it)")
+        return
     uri = os.environ["MLFLOW_TRACKING_URI"]
     out.print(f"MLflow UI on http://{host}:{port} over {uri} (Ctrl-C stops)")
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
     raise typer.Exit(subprocess.call(cmd, cwd=root))
+
+
+services_app = typer.Typer(no_args_is_help=True, help="The project's Prefect server (127.0.0.1, SQLite under "
+                           "$PREFECT_HOME): started by the first command that needs it, reused by the next ones.")
+app.add_typer(services_app, name="services")
+
+
+@services_app.command("up")
+@user_errors
+def services_up() -> None:
+    """Start the project's Prefect server (or find it running) and print how other shells reach it."""
+    from flows.services import shell_exports
+
+    root = _setup()
+    api = _prefect_server(root, _params(root, None, False))
+    out.print(f"Prefect server: {api.removesuffix('/api')} (UI and API)\nfor the `prefect` CLI in another shell:\n"
+              f"  {shell_exports(root, api)}", soft_wrap=True)
+
+
+@services_app.command("status")
+@user_errors
+def services_status() -> None:
+    """Whether the project's Prefect server runs (pid, address, since when, healthy); exit 1 when it does not."""
+    import datetime
+
+    from flows.services import healthy, prefect_home, running, shell_exports
+
+    root = _setup()
+    state = running(root)
+    if state is None:
+        out.print(f"Prefect server: not running (state in {prefect_home(root)}); the next `medexperts run` or "
+                  "`medexperts services up` starts it")
+        raise typer.Exit(1)
+    since = datetime.datetime.fromtimestamp(state.started).strftime("%Y-%m-%d %H:%M:%S")
+    health = "healthy" if healthy(state.port) else "not answering yet"
+    out.print(f"Prefect server: running, pid {state.pid}, {state.url} since {since}, {health}\n"
+              f"  {shell_exports(root, state.api_url)}", soft_wrap=True)
+
+
+@services_app.command("down")
+@user_errors
+def services_down() -> None:
+    """Stop the project's Prefect server (its database stays: runs and deployments are kept)."""
+    from flows.services import stop_prefect_server
+
+    root = _setup()
+    state = stop_prefect_server(root)
+    out.print("Prefect server: was not running" if state is None else
+              f"Prefect server: stopped (pid {state.pid}, port {state.port})")
 
 
 def _bench_names() -> list[str]:

@@ -48,10 +48,10 @@ def retrain(profile: str | None = None, force: bool = False, stages: list[str] |
     selected = [s for s in ORDER if stages is None or s in stages]
     as_dvc_would = not overrides and params.pipeline.profile == load_params(root / "params").pipeline.profile
     tags = {**git_info(root), "profile": params.pipeline.profile, "driver": "prefect",
-            "params_hash": json_hash(params.model_dump(mode="json"))}
+            "params_hash": json_hash(params.model_dump(mode="json")), **_prefect_tags()}
     results: dict[str, Any] = {}
     with runs.run(f"retrain:{params.pipeline.profile}", tags=tags) as parent_run_id:
-        runs.log_params(params.pipeline.model_dump())
+        runs.log_params(params.pipeline.model_dump(exclude={"prefect"}))  # where the server listens is not a run input
         ctx.parent_run_id = parent_run_id
         for name in selected:
             results[name] = stage_task.with_options(name=f"stage:{name}")(name, ctx, force)
@@ -62,14 +62,33 @@ def retrain(profile: str | None = None, force: bool = False, stages: list[str] |
     return results
 
 
-def deployment(name: str, cron: str, profile: str) -> Any:
-    """A Prefect deployment of ``retrain`` on ``cron`` (validated here, so a typo is one clear line)."""
+def _prefect_tags() -> dict[str, str]:
+    """The Prefect flow run (and deployment, for a scheduled run) behind this MLflow run: each UI links to the
+    other's id."""
+    from prefect.runtime import deployment as dep
+    from prefect.runtime import flow_run
+
+    tags = {"prefect.flow_run_id": str(flow_run.id), "prefect.flow_run_name": str(flow_run.name)}
+    if dep.id:
+        tags |= {"prefect.deployment": f"retrain/{dep.name}", "prefect.deployment_id": str(dep.id)}
+    return tags
+
+
+def deployment(name: str, cron: str, profile: str, overrides: dict[str, Any] | None = None,
+               interval: float | None = None) -> Any:
+    """A Prefect deployment of ``retrain`` on ``cron`` (validated here, so a typo is one clear line), or every
+    ``interval`` seconds; ``overrides`` (``--set``) are the runs' parameters too."""
     from prefect.client.schemas.schedules import CronSchedule
 
     from components.core.errors import ParamsError
 
+    parameters: dict[str, Any] = {"profile": profile, **({"overrides": overrides} if overrides else {})}
+    if interval is not None:
+        if not interval > 0:
+            raise ParamsError(f"--interval {interval:g} must be a positive number of seconds")
+        return retrain.to_deployment(name=name, interval=interval, parameters=parameters)
     try:
         CronSchedule(cron=cron)
     except ValueError:
         raise ParamsError(f"--cron {cron!r} is not a valid cron expression (e.g. '0 3 * * 0')") from None
-    return retrain.to_deployment(name=name, cron=cron, parameters={"profile": profile})
+    return retrain.to_deployment(name=name, cron=cron, parameters=parameters)

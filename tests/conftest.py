@@ -64,6 +64,17 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("MEDEXPERTS_PREFECT_PORT", "0")  # the suite's Prefect server takes any free port
+    os.environ.setdefault("PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS", "5")  # schedules fire within seconds
+
+
+@pytest.fixture(scope="session")
+def prefect_server() -> str:
+    """The suite's one Prefect server (the project's server code, under the session's PREFECT_HOME): flows run in
+    this process and `medexperts run` subprocesses (which inherit PREFECT_HOME) all use it."""
+    from flows.services import ensure_prefect_server
+
+    return ensure_prefect_server(PROJECT, 0, 900)
 
 
 @pytest.fixture()
@@ -83,9 +94,14 @@ def isolated_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 @pytest.fixture(scope="session", autouse=True)
 def _stop_prefect_server() -> object:
-    """Stop Prefect's temporary server while pytest's streams are still open (its atexit hook logs)."""
+    """Stop the suite's Prefect server, and Prefect's temporary one while pytest's streams are still open (its
+    atexit hook logs)."""
     yield
     import sys
+
+    from flows.services import stop_prefect_server
+
+    stop_prefect_server(PROJECT)
 
     if "prefect.server.api.server" in sys.modules:
         from prefect.logging.handlers import APILogWorker

@@ -34,7 +34,7 @@ def stage_fingerprints(repo: Path) -> dict[str, str]:
     return out
 
 
-def test_prefect_and_dvc_agree(tmp_path: Path, tiny_bert: Path) -> None:
+def test_prefect_and_dvc_agree(tmp_path: Path, tiny_bert: Path, prefect_server: str) -> None:
     """A Prefect run leaves DVC nothing to do; after a param change both drivers re-run exactly the same stages."""
     repo = tmp_path / "repo"
     for rel in tracked_files():

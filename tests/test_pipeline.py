@@ -15,7 +15,7 @@ STAGES = ["sources", "data", "foundation", "experts", "decompose", "federated", 
 TASKS = ["pneumoniamnist", "breastmnist", "pubmedqa", "medical_abstracts"]
 
 
-def test_retrain_end_to_end(isolated_project: Path, tiny_bert: Path) -> None:
+def test_retrain_end_to_end(isolated_project: Path, tiny_bert: Path, prefect_server: str) -> None:
     from flows.retrain import retrain
 
     overrides = {"foundation.text.source": str(tiny_bert), "registry.floor": 0.0}
@@ -101,3 +101,66 @@ def test_retrain_end_to_end(isolated_project: Path, tiny_bert: Path) -> None:
     assert len(runs2) == len(STAGES)
     assert again["promote"] == results["promote"]
     assert len(client.search_model_versions("name='medexperts-pubmedqa'")) == 1
+
+    # both runs are on the project's Prefect server (not a temporary one): completed flow runs of `retrain`
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+
+    async def flow_runs() -> list[str]:
+        async with get_client() as pc:
+            assert str(pc.api_url).rstrip("/") == prefect_server.rstrip("/")
+            return [r.state.type.value for r in await pc.read_flow_runs() if r.name and r.state]
+
+    states = asyncio.run(flow_runs())
+    assert states.count("COMPLETED") >= 2, states
+
+    # a schedule that fires and shows up: `medexperts serve --interval` against the project's server; one scheduled
+    # run (every stage skipped: same params) completes, in Prefect and in MLflow
+    _one_scheduled_run(tiny_bert, prefect_server)
+
+
+def _one_scheduled_run(tiny_bert: Path, api: str) -> None:
+    import asyncio
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+
+    medexperts = str(Path(sys.executable).parent / "medexperts")
+    cmd = [medexperts, "serve", "--interval", "5", "--name", "every5s", "--profile", "tiny",
+           "--set", f"foundation.text.source={tiny_bert}", "--set", "registry.floor=0.0"]
+    serve = subprocess.Popen(cmd, env=dict(os.environ), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             start_new_session=True)
+
+    async def completed() -> list:
+        async with get_client() as pc:
+            flt = DeploymentFilter(name=DeploymentFilterName(any_=["every5s"]))
+            return [r for r in await pc.read_flow_runs(deployment_filter=flt)
+                    if r.state is not None and r.state.type.value in ("COMPLETED", "FAILED", "CRASHED")]
+
+    try:
+        finished: list = []
+        deadline = time.monotonic() + 900  # generous: a slow machine must not fail this, only a broken schedule
+        while not finished and serve.poll() is None and time.monotonic() < deadline:
+            time.sleep(3)
+            finished = asyncio.run(completed())
+    finally:
+        os.killpg(serve.pid, signal.SIGINT)
+        try:
+            out, _ = serve.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(serve.pid, signal.SIGKILL)
+            out, _ = serve.communicate()
+    assert finished, f"no scheduled run finished; serve said:\n{out[-3000:]}"
+    run = finished[0]
+    assert run.state.type.value == "COMPLETED", f"{run.name}: {run.state}\n{out[-3000:]}"
+    client = mlflow.MlflowClient()
+    exp = client.get_experiment_by_name("medexperts")
+    scheduled = client.search_runs([exp.experiment_id], filter_string=f"tags.`prefect.flow_run_id` = '{run.id}'")
+    assert len(scheduled) == 1 and scheduled[0].info.status == "FINISHED"
+    assert scheduled[0].data.tags["prefect.deployment"] == "retrain/every5s"
