@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -40,6 +41,8 @@ __all__ = ["DataInputs", "DataSummary", "DecomposeInputs", "DecomposeSummary", "
            "ExpertsInputs", "ExpertsSummary", "FederatedInputs", "FederatedSummary", "FoundationInputs", "FoundationSummary", "FusionInputs",
            "FusionSummary", "PromoteInputs", "PromoteSummary", "RoutingInputs", "RoutingSummary", "SourcesInputs",
            "SourcesSummary"]
+
+log = logging.getLogger("medexperts")
 
 
 # --------------------------------------------------------------------------- sources
@@ -87,7 +90,8 @@ def log_foundation(ctx: StageContext, inp: FoundationInputs, summary: Foundation
 # --------------------------------------------------------------------------- experts
 def run_experts(ctx: StageContext, inp: ExpertsInputs, out: Path) -> ExpertsSummary:
     tasks = {}
-    for task in inp.active:
+    for i, task in enumerate(inp.active, 1):
+        log.info("[experts] %s (%d/%d): starting", task, i, len(inp.active))
         with runs.run(f"expert:{task}", nested=True, tags={"task": task, "stage": "experts"}) as run_id:
             m = experts_stage.train_expert(task, inp, ctx.out("data"), ctx.out("foundation"), expert_dir(out, task),
                                            logger=runs.lightning_logger(),

@@ -11,6 +11,7 @@ folder -> log a child MLflow run.
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import time
@@ -112,6 +113,7 @@ def run_stage(name: str, ctx: StageContext, force: bool = False) -> StageSummary
                                     "run it first")
         runs.set_tags({"skipped": "false"})
         ctx.fingerprints[name] = fp
+        log.info("[%s] started%s", name, _last_time(out))
         with atomic_dir(out) as tmp:
             start = time.perf_counter()
             summary = stage.run(ctx, inp, tmp)
@@ -120,7 +122,17 @@ def run_stage(name: str, ctx: StageContext, force: bool = False) -> StageSummary
             mark_stage(tmp, fp, upstream)
         shutil.rmtree(checkpoints_root(ctx.artifacts) / name, ignore_errors=True)  # done: resume points obsolete
         stage.log(ctx, inp, summary, out)
+        log.info("[%s] done in %.1f s", name, summary.compute_seconds)
         return summary
+
+
+def _last_time(out: Path) -> str:
+    """' (last run: N s)' from the output being replaced: the best ETA there is for a stage."""
+    try:
+        seconds = json.loads((out / SUMMARY_FILE).read_text()).get("compute_seconds")
+    except (OSError, ValueError, AttributeError):
+        return ""
+    return f" (last run took {seconds:.0f} s)" if isinstance(seconds, (int, float)) and seconds > 0 else ""
 
 
 # --------------------------------------------------------------------------- the stages

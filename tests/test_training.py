@@ -136,3 +136,39 @@ def test_peak_memory_sees_what_a_block_allocates() -> None:
     if m.kind == "rss":
         assert m.added_mb > 48  # the block's 64 MB show up in its peak, then are freed
     assert m.peak_mb >= m.added_mb
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_a_corrupt_resume_checkpoint_is_set_aside(tmp_path: Path, damage: str,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    """A checkpoint cut short (a kill or a full disk during its write) or with a flipped byte: one warning line,
+    the file kept aside, training from the start instead of a traceback on every later run."""
+    tp = TrainerParams(max_epochs=2, accelerator="cpu")
+    ckpt = tmp_path / "ckpt"
+    with pytest.raises(Killed):
+        fit(tp, ckpt, tmp_path, [KillAt(1)])
+    raw = (ckpt / LAST).read_bytes()
+    if damage == "truncate":
+        (ckpt / LAST).write_bytes(raw[: len(raw) // 2])
+    else:
+        i = raw.index(b"PK\x03\x04", 100) - 200  # inside an entry's data, not a header
+        (ckpt / LAST).write_bytes(raw[:i] + bytes([raw[i] ^ 0xFF]) + raw[i + 1:])
+    with caplog.at_level("WARNING", logger="medexperts"):
+        epochs = Epochs()
+        fit(tp, ckpt, tmp_path, [epochs])
+    assert epochs.seen == [0, 1]  # from the start
+    assert (ckpt / (LAST + ".corrupt")).read_bytes() != raw
+    assert [r.message for r in caplog.records if "set aside" in r.message]
+
+
+def test_epoch_lines_when_there_is_no_progress_bar(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    mod = module()
+    trainer = build_trainer(TrainerParams(max_epochs=2, accelerator="cpu"), tmp_path, monitor="val_accuracy",
+                            progress=False, label="[experts] toy")
+    ds = data()
+    with caplog.at_level("INFO", logger="medexperts"):
+        trainer.fit(mod, loader(ds, 16, shuffle=True, seed=1), loader(ds, 32, shuffle=False))
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("[experts] toy: epoch")]
+    assert len(lines) == 2, lines
+    assert lines[0].startswith("[experts] toy: epoch 1/2 train_loss ") and "val_accuracy" in lines[0]
+    assert "ETA" in lines[0] and "ETA" not in lines[1]

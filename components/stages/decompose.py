@@ -120,7 +120,8 @@ def _train(student: LoRKDStudent, kinds: dict[str, str], tasks: list[str], train
     device = data_device(tp)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as root:
-        trainer = build_trainer(tp, Path(root), logger=logger, monitor=f"val_{metric}", checkpoint_dir=checkpoint_dir)
+        trainer = build_trainer(tp, Path(root), logger=logger, monitor=f"val_{metric}", checkpoint_dir=checkpoint_dir,
+                                label=f"[decompose] {modality} student ({', '.join(tasks)})")
         student.train()
         trainer.fit(module, loader(train_ds.to(device), tp.batch_size, shuffle=True, seed=seed),
                     loader(val_ds.to(device), tp.batch_size * 2, shuffle=False), ckpt_path=resume_from(checkpoint_dir))

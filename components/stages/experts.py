@@ -101,7 +101,8 @@ def train_expert(task: str, inp: ExpertsInputs, data_dir: Path, foundation_dir: 
     module = ClassifierModule(model, train.kind, train.num_labels, lr, tp.weight_decay, metric)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as root, PeakMemory(data_device(tp).type) as memory:
-        trainer = build_trainer(tp, Path(root), logger=logger, monitor=f"val_{metric}", checkpoint_dir=checkpoint_dir)
+        trainer = build_trainer(tp, Path(root), logger=logger, monitor=f"val_{metric}", checkpoint_dir=checkpoint_dir,
+                                label=f"[experts] {task} {method.pretty}")
         device = data_device(tp)
         trainer.fit(
             module,

@@ -73,7 +73,7 @@ def pretrain_image_foundation(inp: FoundationInputs, data_dir: Path, out_dir: Pa
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as root:
         trainer = build_trainer(ip.trainer, Path(root), logger=logger, monitor="val_loss", mode="min",
-                                checkpoint_dir=checkpoint_dir)
+                                checkpoint_dir=checkpoint_dir, label="[foundation] image pre-training")
         device = data_device(ip.trainer)
         trainer.fit(module, loader(_mixed(train).to(device), ip.trainer.batch_size, shuffle=True, seed=seed),
                     loader(_mixed(val).to(device), 256, shuffle=False), ckpt_path=resume_from(checkpoint_dir))

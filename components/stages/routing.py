@@ -128,7 +128,7 @@ def run(inp: RoutingInputs, data_dir: Path, foundation_dir: Path, experts_dir: P
         device = data_device(tp)
         with tempfile.TemporaryDirectory() as root:
             trainer = build_trainer(tp, Path(root), logger=logger, monitor="val_loss", mode="min",
-                                    checkpoint_dir=checkpoint_dir)
+                                    checkpoint_dir=checkpoint_dir, label=f"[routing] {rp.router} router")
             trainer.fit(module, loader(mixed_tasks({t: v[0] for t, v in train.items()},
                                                    {t: v[1] for t, v in train.items()}, kinds, widths).to(device),
                                        tp.batch_size, shuffle=True, seed=seed),

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -12,9 +14,10 @@ import torch
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
 from components.config import TrainerParams
-from components.training.callbacks import RestoreBestTrainable
+from components.training.callbacks import EpochLog, RestoreBestTrainable
 
 LAST = "last.ckpt"
+log = logging.getLogger("medexperts")
 
 
 def on_gpu(tp: TrainerParams) -> bool:
@@ -44,14 +47,17 @@ def build_trainer(
     mode: str = "max",
     progress: bool | None = None,
     checkpoint_dir: Path | None = None,
+    label: str = "train",
 ) -> L.Trainer:
     """A Lightning Trainer for ``tp``.
 
     With ``monitor``: the best epoch's trainable weights are restored at the end, and training stops early
     after ``early_stopping_patience`` epochs without gain. With ``checkpoint_dir`` and ``tp.resume``: a
     ``last.ckpt`` is written there after every epoch; pass ``resume_from(checkpoint_dir)`` to ``fit``.
+    Progress: Lightning's bar on a terminal (stderr a TTY), else one ``label: epoch ...`` log line per epoch.
     """
-    callbacks: list[L.Callback] = []
+    bar = sys.stderr.isatty() if progress is None else progress
+    callbacks: list[L.Callback] = [] if bar else [EpochLog(label, monitor)]
     if monitor:
         callbacks.append(RestoreBestTrainable(monitor, mode))
     if tp.early_stopping_patience and monitor:
@@ -81,7 +87,7 @@ def build_trainer(
         logger=logger,
         callbacks=callbacks,
         enable_checkpointing=checkpointing,
-        enable_progress_bar=sys.stderr.isatty() if progress is None else progress,
+        enable_progress_bar=bar,
         enable_model_summary=False,
         default_root_dir=str(root_dir),
         log_every_n_steps=10,
@@ -90,8 +96,26 @@ def build_trainer(
 
 
 def resume_from(checkpoint_dir: Path | None) -> str | None:
-    """The checkpoint a killed run left behind, if any (``Trainer.fit(ckpt_path=...)``)."""
+    """The checkpoint a killed run left behind, if any (``Trainer.fit(ckpt_path=...)``).
+
+    Lightning writes checkpoints atomically (a temporary file moved into place); a file that still does not read
+    back whole (a full disk, a copy cut short, a flipped byte: torch checkpoints are zip archives with a CRC per
+    entry) is set aside as ``last.ckpt.corrupt`` with one warning line, and training starts from the beginning."""
     if checkpoint_dir is None:
         return None
     last = Path(checkpoint_dir) / LAST
-    return str(last) if last.is_file() else None
+    if not last.is_file():
+        return None
+    try:
+        with zipfile.ZipFile(last) as archive:
+            bad = archive.testzip()
+        problem = f"entry {bad} fails its CRC" if bad is not None else ""
+    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+        problem = f"{type(exc).__name__}: {exc}"
+    if not problem:
+        return str(last)
+    aside = last.with_name(LAST + ".corrupt")
+    last.replace(aside)
+    log.warning("resume checkpoint %s is unreadable (%s); set aside as %s, training from the start", last, problem,
+                aside.name)
+    return None
