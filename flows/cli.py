@@ -95,11 +95,23 @@ def _prefect_server(root: Path, params: Any) -> str:
     return ensure_prefect_server(root, cfg.port, cfg.startup_timeout_s)
 
 
+def _check_free(root: Path) -> None:
+    """--no-wait: fail before the flow starts (a ProjectBusy raised inside a Prefect flow would come back as a
+    crashed flow run and a traceback)."""
+    from components.core.lock import project_lock
+    from flows.environment import artifacts_dir
+
+    with project_lock(artifacts_dir(root), wait=False):
+        pass
+
+
 @app.command()
 @user_errors
 def run(profile: Profile = None, set_: Sets = None, force: Annotated[bool, typer.Option(help="Re-run unchanged stages.")] = False,
         print_config: Annotated[bool, typer.Option("--print-config", help="Print the merged params.")] = False,
-        dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate params and stop.")] = False) -> None:
+        dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate params and stop.")] = False,
+        no_wait: Annotated[bool, typer.Option("--no-wait", help="Exit (status 2) instead of waiting when another "
+                                              "run holds the project.")] = False) -> None:
     """Run the retrain flow end to end (Prefect, MLflow, DVC) and print the results."""
     root = _setup()
     overrides = parse_sets(set_)
@@ -113,7 +125,9 @@ def run(profile: Profile = None, set_: Sets = None, force: Annotated[bool, typer
     from flows.report import print_results
     from flows.retrain import retrain
 
-    results = retrain(profile=params.pipeline.profile, force=force, overrides=overrides)
+    if no_wait:
+        _check_free(root)
+    results = retrain(profile=params.pipeline.profile, force=force, overrides=overrides, wait=not no_wait)
     print_results(out, root, results)
 
 
@@ -133,10 +147,14 @@ def stage(name: Annotated[str, typer.Argument(help=f"One of: {' | '.join(STAGE_N
     console_logging()
     if name not in STAGES:
         raise ParamsError(f"unknown stage {name!r}; stages: {list(STAGES)}")
+    from components.core.lock import clean_dead_temporaries, project_lock
+
     params = _params(root, profile, print_config, parse_sets(set_))
-    runs.use_experiment(params.pipeline.experiment, mlruns_uri(root))
-    run_stage(name, StageContext(root, artifacts_dir(root), params, os.environ.get("MEDEXPERTS_PARENT_RUN_ID")),
-              force=force)
+    with project_lock(artifacts_dir(root), what=f"stage {name}"):
+        clean_dead_temporaries(artifacts_dir(root))
+        runs.use_experiment(params.pipeline.experiment, mlruns_uri(root))
+        run_stage(name, StageContext(root, artifacts_dir(root), params, os.environ.get("MEDEXPERTS_PARENT_RUN_ID")),
+                  force=force)
 
 
 @app.command("dvc-yaml")

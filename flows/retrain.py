@@ -3,6 +3,8 @@ decompose -> fusion -> evaluate -> promote), then the outputs versioned with DVC
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
 from typing import Any
 
 from prefect import flow, task
@@ -10,11 +12,14 @@ from prefect.cache_policies import NONE
 
 from components.config import load_params
 from components.core.fingerprint import json_hash
+from components.core.lock import clean_dead_temporaries, project_lock
 from components.tracking.lineage import git_info
 from components.tracking import runs
 from flows.environment import artifacts_dir, configure, mlruns_uri, project_dir
 from flows.stages import ORDER, StageContext, run_stage
 from flows.versioning import dvc_commit
+
+log = logging.getLogger("medexperts")
 
 
 # Tasks take a context of paths and typed params, never tensors: nothing unpicklable reaches
@@ -35,16 +40,29 @@ def version_task(ctx: StageContext, stages: list[str], as_dvc_would: bool) -> di
 
 @flow(name="retrain", log_prints=True)
 def retrain(profile: str | None = None, force: bool = False, stages: list[str] | None = None,
-            overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+            overrides: dict[str, Any] | None = None, wait: bool = True) -> dict[str, Any]:
     """Run every stage (or ``stages``); unchanged stages are skipped; the data is versioned first.
 
-    ``overrides`` maps dotted keys (``experts.lora.rank``) to values, applied over the profile.
+    ``overrides`` maps dotted keys (``experts.lora.rank``) to values, applied over the profile. One run at a time
+    per project: a second one waits for the first (``wait=False``: fails at once, naming the holder).
     """
     root = project_dir()
     configure(root)
     params = load_params(root / "params", profile, overrides)
     ctx = StageContext(root, artifacts_dir(root), params)
-    runs.use_experiment(params.pipeline.experiment, mlruns_uri(root))
+    with project_lock(ctx.artifacts, wait=wait, what=f"retrain {params.pipeline.profile}"):
+        clean_dead_temporaries(ctx.artifacts)
+        return _retrain(root, ctx, params, force, stages, overrides)
+
+
+def _retrain(root: Path, ctx: StageContext, params: Any, force: bool, stages: list[str] | None,
+             overrides: dict[str, Any] | None) -> dict[str, Any]:
+    experiment_id = runs.use_experiment(params.pipeline.experiment, mlruns_uri(root))
+    for run_id, tags in runs.fail_orphans(experiment_id).items():  # RUNNING runs whose process is gone
+        log.warning("marked MLflow run %s (%s) FAILED: the process that ran it is gone", run_id,
+                    tags.get("mlflow.runName", "?"))
+        if tags.get("prefect.flow_run_id"):
+            _crash_flow_run(tags["prefect.flow_run_id"], run_id)
     selected = [s for s in ORDER if stages is None or s in stages]
     as_dvc_would = not overrides and params.pipeline.profile == load_params(root / "params").pipeline.profile
     tags = {**git_info(root), "profile": params.pipeline.profile, "driver": "prefect",
@@ -60,6 +78,22 @@ def retrain(profile: str | None = None, force: bool = False, stages: list[str] |
         runs.set_tags(version_task(ctx, selected, as_dvc_would))
         results["run_id"] = parent_run_id
     return results
+
+
+def _crash_flow_run(flow_run_id: str, mlflow_run_id: str) -> None:
+    """The Prefect flow run of a dead process, left Running: set it Crashed (its MLflow run was just failed)."""
+    from prefect.client.orchestration import get_client
+    from prefect.states import Crashed
+
+    try:
+        with get_client(sync_client=True) as client:
+            state = client.read_flow_run(flow_run_id).state
+            if state is not None and not state.is_final():
+                client.set_flow_run_state(flow_run_id, Crashed(message=f"its process is gone (found by a later run; "
+                                                                       f"MLflow run {mlflow_run_id})"), force=True)
+                log.warning("marked Prefect flow run %s Crashed", flow_run_id)
+    except Exception as exc:  # noqa: BLE001 -- another server, a deleted run: the MLflow side is what matters
+        log.warning("could not mark Prefect flow run %s Crashed: %s", flow_run_id, exc)
 
 
 def _prefect_tags() -> dict[str, str]:

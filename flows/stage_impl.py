@@ -93,6 +93,7 @@ def run_experts(ctx: StageContext, inp: ExpertsInputs, out: Path) -> ExpertsSumm
     for i, task in enumerate(inp.active, 1):
         log.info("[experts] %s (%d/%d): starting", task, i, len(inp.active))
         with runs.run(f"expert:{task}", nested=True, tags={"task": task, "stage": "experts"}) as run_id:
+            _note_resume(ctx.checkpoints("experts") / task, run_id)
             m = experts_stage.train_expert(task, inp, ctx.out("data"), ctx.out("foundation"), expert_dir(out, task),
                                            logger=runs.lightning_logger(),
                                            checkpoint_dir=ctx.checkpoints("experts") / task)
@@ -105,6 +106,18 @@ def run_experts(ctx: StageContext, inp: ExpertsInputs, out: Path) -> ExpertsSumm
             runs.log_file(expert_dir(out, task) / MANIFEST)
             tasks[task] = experts_stage.expert_run(m, run_id)
     return ExpertsSummary(tasks=tasks)
+
+
+def _note_resume(checkpoint_dir: Path, run_id: str) -> None:
+    """A run that resumes a killed one's checkpoint names the MLflow run it continues (``resumed_from_run``: the
+    epochs before the kill are logged there); this run becomes the one a later resume names."""
+    record = checkpoint_dir / "mlflow_run_id"
+    if (checkpoint_dir / "last.ckpt").is_file() and record.is_file():
+        previous = record.read_text().strip()
+        runs.set_tags({"resumed_from_run": previous})
+        log.info("[experts] resuming the checkpoint of MLflow run %s", previous)
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    record.write_text(run_id)
 
 
 def log_experts(ctx: StageContext, inp: ExpertsInputs, summary: ExpertsSummary, out: Path) -> None:

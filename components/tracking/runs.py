@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import re
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,7 @@ from mlflow.exceptions import MlflowException
 
 from components.core.errors import TrackingError
 
+HOST_TAG, PID_TAG = "medexperts.host", "medexperts.pid"  # the process that runs a run: a dead one is an orphan
 MAX_PARAM = 500  # MLflow's limit on a param value's length (older servers)
 MAX_KEY = 250  # MLflow's limit on a metric name's length
 _BAD_KEY_CHARS = re.compile(r"[^/\w.\- :]")  # outside MLflow's allowed set for metric names
@@ -58,12 +61,47 @@ def use_experiment(name: str, artifact_uri: str | None = None) -> str:
 def run(name: str, *, tags: dict[str, str] | None = None, nested: bool = False,
         parent_run_id: str | None = None) -> Iterator[str]:
     """Start (and on exit end) an MLflow run; yields its id. A failure to start is a TrackingError."""
+    tags = {**(tags or {}), HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid())}  # for fail_orphans
     try:
         active = mlflow.start_run(run_name=name, nested=nested, parent_run_id=parent_run_id, tags=tags)
     except MlflowException as exc:
         raise TrackingError(f"cannot start the MLflow run {name!r} (parent {parent_run_id}): {_first_line(exc)}") from None
     with active:
         yield active.info.run_id
+
+
+def fail_orphans(experiment_id: str) -> dict[str, dict[str, str]]:
+    """Mark FAILED the runs of this experiment left RUNNING by a process of this host that is gone (a kill -9,
+    a power cut); returns {run id: its tags}. Runs of other hosts are left alone (their processes cannot be
+    checked)."""
+    host = socket.gethostname()
+    client = mlflow.MlflowClient()
+    try:
+        found = client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=1000)
+    except MlflowException as exc:
+        raise TrackingError(f"cannot list the running MLflow runs at {tracking_uri()}: {_first_line(exc)}") from None
+    orphans: dict[str, dict[str, str]] = {}
+    for r in found:
+        tags = r.data.tags
+        if tags.get(HOST_TAG) != host or not tags.get(PID_TAG, "").isdigit():
+            continue
+        pid = int(tags[PID_TAG])
+        if pid == os.getpid() or _alive(pid):
+            continue
+        client.set_tag(r.info.run_id, "medexperts.failed_reason", f"its process (pid {pid} on {host}) is gone")
+        client.set_terminated(r.info.run_id, status="FAILED")
+        orphans[r.info.run_id] = dict(tags)
+    return orphans
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def active_run_id() -> str:
