@@ -225,8 +225,15 @@ def predict(model: Annotated[str, typer.Option(help="Model URI, e.g. models:/med
     from flows.report import load_raw_inputs, print_predictions
 
     _setup()
+    from components.core.errors import ParamsError
+
     raw = load_raw_inputs(input)
     loaded = load_model(model)
+    served = getattr(getattr(loaded.unwrap_python_model(), "bundle", None), "tasks", None)
+    if served is not None and task is not None and task not in served:
+        raise ParamsError(f"--task {task!r} is not a task of {model}; it serves {served}")
+    if served is not None and task is None and len(served) > 1:
+        raise ParamsError(f"{model} serves several tasks; choose one with --task (one of {served})")
     params = {**({"task": task} if task else {}), **({"routing": True} if routing else {})}
     frame = loaded.predict(raw, params=params or None)
     print_predictions(out, frame)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -36,15 +37,28 @@ def print_results(console: Console, root: Path, results: dict[str, Any]) -> None
 
 
 def load_raw_inputs(path: Path) -> list[str] | np.ndarray:
-    """Text file: one input per non-empty line. .npy: an image array. .npz: its first (or 'x') array."""
+    """Text file: one input per non-empty line (UTF-8). .npy: an image array. .npz: its 'x' (or only) array.
+    A file that does not read is one DataError naming it and what was expected."""
     if not path.is_file():
         raise DataError(f"{path}: input file not found")
-    if path.suffix == ".npy":
-        return np.load(path, allow_pickle=False)
-    if path.suffix == ".npz":
-        with np.load(path, allow_pickle=False) as npz:
-            return npz["x"] if "x" in npz.files else npz[npz.files[0]]
-    lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if path.suffix in (".npy", ".npz"):
+        try:
+            if path.suffix == ".npy":
+                return np.load(path, allow_pickle=False)
+            with np.load(path, allow_pickle=False) as npz:
+                if not npz.files:
+                    raise DataError(f"{path}: the .npz holds no array; expected images under 'x'")
+                return npz["x"] if "x" in npz.files else npz[npz.files[0]]
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
+            raise DataError(f"{path}: not a readable {path.suffix} image array ({type(exc).__name__}: "
+                            f"{str(exc).splitlines()[0] if str(exc) else 'corrupt'}); expected uint8 images, "
+                            "(N,H,W) or (N,H,W,C), saved with numpy.save / numpy.savez") from None
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text (byte {exc.start}); expected one input per line, or .npy/.npz "
+                        "for images") from None
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
     if not lines:
         raise DataError(f"{path}: no input lines")
     return lines

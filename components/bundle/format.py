@@ -26,7 +26,7 @@ from torch import nn
 
 from components.core.artifacts import check_record, read_manifest, save_tensors, write_manifest
 from components.config import Modality, TaskKind
-from components.core.errors import ArtifactError
+from components.core.errors import ArtifactError, DataError
 from components.core.registry import Registry
 from components.nn.classifier import MultiTaskClassifier, make_head
 from components.nn.encoders import PACKAGED, ImageEncoder, encoder_inputs, load_text_encoder, resolve_text_source
@@ -48,12 +48,54 @@ class BundleBase(BaseModel):
     config: dict[str, Any] | None = None  # image CNN or architecture config
 
 
+class ImageInput(BaseModel):
+    """The images a task's model was trained on: what ``predict`` accepts (no silent resize or channel change)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    height: int
+    width: int
+    channels: int  # 1: grayscale, (N,H,W) or (N,H,W,1); 3: RGB, (N,H,W,3)
+
+
 class BundleTask(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     kind: TaskKind
     label_names: list[str]
     num_labels: int
+    input: ImageInput | None = None  # image tasks; None in bundles written before it was recorded
+
+
+def image_input(images: Any) -> dict[str, int]:
+    """The ``ImageInput`` record of a training split's uint8 images, (N,H,W) or (N,H,W,C)."""
+    shape = np.asarray(images).shape
+    return {"height": int(shape[1]), "width": int(shape[2]), "channels": int(shape[3]) if len(shape) == 4 else 1}
+
+
+def check_image_input(images: Any, spec: dict[str, int] | None, task: str) -> None:
+    """Refuse, in one line naming what the model takes, images that are not what ``task``'s model was trained on
+    (size, channels, dtype): a 64x64 or RGB image would otherwise be classified as nonsense without a word."""
+    what = ""
+    if spec is not None:
+        layout = "grayscale (N,H,W)" if spec["channels"] == 1 else "{}-channel (N,H,W,C)".format(spec["channels"])
+        what = f"{spec['height']}x{spec['width']} {layout} "
+    arr = np.asarray(images)
+    if arr.dtype.kind in "USO":
+        raise DataError(f"task {task!r} takes {what}uint8 images (.npy / .npz); got text")
+    if arr.dtype != np.uint8 or arr.ndim not in (3, 4):
+        raise DataError(f"task {task!r} takes {what}uint8 images, shape (N,H,W) or (N,H,W,C); got {arr.dtype} "
+                        f"{arr.shape}")
+    if spec is None:
+        return
+    height, width = arr.shape[1], arr.shape[2]
+    channels = arr.shape[3] if arr.ndim == 4 else 1
+    if (height, width) != (spec["height"], spec["width"]):
+        raise DataError(f"task {task!r} takes {what}images; got {height}x{width}: resize them to "
+                        f"{spec['height']}x{spec['width']} first (the model was trained at that size)")
+    if channels != spec["channels"]:
+        raise DataError(f"task {task!r} takes {what}images; got {channels} channel(s): convert them first (the "
+                        "model was trained on that many)")
 
 
 class BundleManifest(BaseModel):
@@ -99,6 +141,7 @@ class TaskHead:
     head: nn.Module
     kind: str
     label_names: list[str]
+    input: dict[str, int] | None = None  # image tasks: ``image_input`` of the training images
 
 
 def add_delta(encoder: nn.Module, delta: dict[str, torch.Tensor], scale: float = 1.0) -> nn.Module:
@@ -168,8 +211,8 @@ def _write(out_dir: Path, base: dict[str, Any], delta: dict[str, torch.Tensor], 
                  out_dir / "heads.safetensors")
     manifest = {
         "kind": "bundle", "format": FORMAT, "name": name, "base": base,
-        "tasks": {t: {"kind": th.kind, "label_names": th.label_names, "num_labels": len(th.label_names)}
-                  for t, th in heads.items()},
+        "tasks": {t: {"kind": th.kind, "label_names": th.label_names, "num_labels": len(th.label_names),
+                      **({"input": th.input} if th.input else {})} for t, th in heads.items()},
         **metadata,
     }
     check_bundle_manifest(manifest, out_dir)

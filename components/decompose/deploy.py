@@ -88,7 +88,7 @@ def fuse(student: LoRKDStudent, task: str, expected_hash: str | None = None) -> 
 
 def save_fused(out_dir: Path, student: LoRKDStudent, task: str, *, kind: str, label_names: list[str],
                expected_hash: str | None = None, tokenizer: Any = None, max_length: int = 128,
-               metadata: dict[str, Any] | None = None) -> dict[str, Any]:
+               metadata: dict[str, Any] | None = None, input_spec: dict[str, int] | None = None) -> dict[str, Any]:
     """Fuse ``task`` and write it as a model bundle (``components.bundle.format``): the plain network's weights,
     its config, the head and (text) the tokenizer, so it deploys, registers and predicts like every other model;
     ``load_bundle(out_dir).model.for_task(task)`` is the fused network. The manifest records the deployed size
@@ -98,7 +98,7 @@ def save_fused(out_dir: Path, student: LoRKDStudent, task: str, *, kind: str, la
         raise ArtifactError(f"fused text model {task!r}: a tokenizer is needed so the bundle can read raw text")
     return save_backbone_bundle(
         out_dir, model.encoder, ARCHITECTURE, student.config["modality"], expected_hash or student_hash(student),
-        {task: TaskHead(model.head, kind, label_names)}, name=f"{task}-lorkd",
+        {task: TaskHead(model.head, kind, label_names, input_spec)}, name=f"{task}-lorkd",
         metadata={"task": task, "parameters": count_parameters(model),
                   "student_sha256": expected_hash or student_hash(student), **(metadata or {})},
         tokenizer=tokenizer, max_length=max_length)

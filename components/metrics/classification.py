@@ -84,20 +84,30 @@ def _auroc(kind: Kind, logits: torch.Tensor, labels: torch.Tensor, num_labels: i
     return float(value)
 
 
-def _mcc(preds: torch.Tensor, labels: torch.Tensor, num_classes: int) -> float:
-    """Matthews correlation (Gorodkin's K-class form) from the confusion counts; 0 when a row or column total
-    makes it undefined (a constant predictor, one true class), as scikit-learn defines it.
+def mcc_from_confusion(cm: torch.Tensor) -> float:
+    """Matthews correlation (Gorodkin's K-class form) from a (K, K) confusion matrix (rows true, columns
+    predicted); 0 when a row or column total makes it undefined (a constant predictor, one true class), as
+    scikit-learn defines it.
 
     Hand-written because torchmetrics' ``matthews_corrcoef`` (1.x) returns a non-zero value for a constant
     predictor on an imbalanced binary split (0.030 for 'always positive' at 63 % positives), which made a
     majority-class model look better than chance."""
-    counts = torch.bincount(labels * num_classes + preds, minlength=num_classes * num_classes)
-    cm = counts.reshape(num_classes, num_classes).double()  # rows true, columns predicted
+    cm = cm.double()
     t, p, s, c = cm.sum(dim=1), cm.sum(dim=0), cm.sum(), cm.trace()
     denom = (s * s - (p * p).sum()) * (s * s - (t * t).sum())
     if denom <= 0:
         return 0.0
     return float((c * s - (p * t).sum()) / denom.sqrt())
+
+
+def confusion_counts(preds: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(K, K) int64 counts, rows true, columns predicted (multilabel: flatten first, K = 2)."""
+    counts = torch.bincount(labels.reshape(-1) * num_classes + preds.reshape(-1), minlength=num_classes * num_classes)
+    return counts.reshape(num_classes, num_classes)
+
+
+def _mcc(preds: torch.Tensor, labels: torch.Tensor, num_classes: int) -> float:
+    return mcc_from_confusion(confusion_counts(preds, labels, num_classes))
 
 
 def compute_metrics(

@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from components.bundle.format import image_input
 from components.config import DecomposeParams, Modality, PrimaryMetric, ProbeParams
 from components.core.artifacts import save_tensors
 from components.core.errors import ArtifactError
@@ -195,7 +196,8 @@ def decompose_modality(modality: Modality, inp: DecomposeInputs, data_dir: Path,
                                                    ("single_student", single, single_val, lorkd_single, None)):
             save_fused(folder(out_root, modality, task), model, task, kind=td.kind, label_names=label_names,
                        expected_hash=h, tokenizer=found.tokenizer, max_length=found.max_length,
-                       metadata={"method": method, **common, "val_metrics": metrics})
+                       metadata={"method": method, **common, "val_metrics": metrics},
+                       input_spec=image_input(td.inputs) if modality == "image" else None)
         summary_tasks[task] = info
         metric = inp.metric
         log.info("[decompose] %s: val %s teacher %.3f, LoRKD fused %.3f, single-task student %.3f; %d params "

@@ -25,7 +25,7 @@ from components.metrics.classification import compute_metrics
 from components.experts.io import save_expert
 from components.experts.lora import lora_targets
 from components.experts.methods import get_method
-from components.bundle.format import TaskHead, save_bundle
+from components.bundle.format import TaskHead, image_input, save_bundle
 from components.training.probe import fit_probe
 from components.nn.classifier import Classifier, make_head
 from components.nn.foundation import Foundation, load_foundation
@@ -120,7 +120,8 @@ def train_expert(task: str, inp: ExpertsInputs, data_dir: Path, foundation_dir: 
     lp = ep.lora
     # The deployable form: ΔW folded into the foundation's weights, plain architecture, zero overhead.
     save_bundle(expert_bundle(out_dir), foundation, method.delta(encoder, foundation.encoder) if method.delta else {},
-                {task: TaskHead(head, train.kind, train.label_names)}, name=f"{task}-expert",
+                {task: TaskHead(head, train.kind, train.label_names,
+                                 image_input(train.inputs) if train.modality == "image" else None)}, name=f"{task}-expert",
                 metadata={"method": method_name, "task": task, "val_metrics": expert_val},
                 wrappers=method.wrappers(encoder) if method.wrappers else None)
     manifest = save_expert(out_dir, encoder, head, probe, {

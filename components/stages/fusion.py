@@ -11,7 +11,8 @@ from typing import Any
 from components.bundle.format import TaskHead, save_bundle
 from components.config import FusionParams, PrimaryMetric
 from components.core.errors import ArtifactError
-from components.core.layout import expert_dir, fused_bundle, fusion_curve
+from components.core.artifacts import read_json
+from components.core.layout import expert_bundle, expert_dir, fused_bundle, fusion_curve
 from components.experts.io import expert_method, load_expert
 from components.experts.methods import get_method
 from components.fusion.merge import MERGE_METHODS, check_compatible, coefficient_grid
@@ -63,6 +64,15 @@ class FusionSummary(StageSummary):
         return sum(v[self.metric] for v in per_task.values()) / len(per_task)
 
 
+def _input_of(experts_dir: Path, task: str, modality: str) -> dict[str, int] | None:
+    """The image input record of ``task``'s expert bundle (what its fused model accepts too); None for text, or
+    for an expert bundle written before the record existed."""
+    path = expert_bundle(expert_dir(experts_dir, task)) / "manifest.json"
+    if modality != "image" or not path.is_file():
+        return None
+    return read_json(path, "expert bundle manifest").get("tasks", {}).get(task, {}).get("input")
+
+
 def run(inp: FusionInputs, data_dir: Path, foundation_dir: Path, experts_dir: Path, out_dir: Path) -> FusionSummary:
     """The stage: skipped (with the reason) when fewer than 2 experts of the modality exist or their method changes
     no weight; else ``fuse_experts``."""
@@ -99,7 +109,8 @@ def fuse_experts(inp: FusionInputs, data_dir: Path, foundation_dir: Path, expert
                  s.coefficients or "no coefficients", len(s.grid), metric, s.score)
     search_seconds = time.perf_counter() - t0  # task vectors, merges and validation scoring
 
-    heads = {t: TaskHead(e.head, e.info.task_kind, e.info.label_names) for t, e in experts.items()}
+    heads = {t: TaskHead(e.head, e.info.task_kind, e.info.label_names, _input_of(experts_dir, t, fp.modality))
+             for t, e in experts.items()}
     results: dict[str, MergeResult] = {}
     for method, s in searched.items():
         chosen = {"lambda": s.coefficients.get("lam"), "coefficients": s.coefficients, "val_normalised": s.score,

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from components.core.errors import ArtifactError
+from components.core.errors import ArtifactError, DataError
 
 DISTRIBUTION = "medexperts"
 # Dependencies of the pipeline that a registered model never imports when it loads or predicts: the
@@ -50,6 +50,9 @@ def inference_requirements(needs: frozenset[str] = frozenset()) -> list[str]:
 def to_raw(model_input: Any, modality: str) -> list[str] | np.ndarray:
     """Accept a DataFrame with a 'text' column, a list of strings, or an image array."""
     if modality == "text":
+        if isinstance(model_input, np.ndarray) and model_input.dtype.kind not in "USO":
+            raise DataError(f"this model takes text (a 'text' column, or one input per line of a text file); got a "
+                            f"{model_input.dtype} array of shape {model_input.shape}")
         if isinstance(model_input, pd.DataFrame):
             if "text" not in model_input.columns:
                 raise ArtifactError(f"text model input needs a 'text' column; got {list(model_input.columns)}")
@@ -67,6 +70,10 @@ def predict_frame(bundle: Any, raw: list[str] | np.ndarray, task: str, batch_siz
     from components.training.inference import batched
 
     info = bundle.manifest["tasks"][task]
+    if bundle.manifest["base"]["modality"] == "image":
+        from components.bundle.format import check_image_input
+
+        check_image_input(raw, info.get("input"), task)
     inputs = bundle.inputs(raw)
     routes: list[dict[str, dict[str, float]]] = []
     encoder = bundle.model.encoder
@@ -151,6 +158,10 @@ class BundleModel(mlflow.pyfunc.PythonModel):
             raise ArtifactError(f"choose a task with params={{'task': ...}}; this model serves {tasks}")
         if isinstance(self.bundle, InjectedBundle):
             raw = to_raw(model_input, self.bundle.modality(task))
+            if self.bundle.modality(task) == "image":
+                from components.bundle.format import check_image_input
+
+                check_image_input(raw, None, task)
             return frame_from_logits(self.bundle.logits(raw, task), self.bundle.task_info(task), task)
         return predict_frame(self.bundle, to_raw(model_input, self.bundle.manifest["base"]["modality"]), task,
                              routing=bool((params or {}).get("routing")))

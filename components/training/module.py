@@ -17,16 +17,15 @@ from torchmetrics.classification import (
     MulticlassAccuracy,
     MulticlassAUROC,
     MulticlassF1Score,
-    MulticlassMatthewsCorrCoef,
     MultilabelAccuracy,
     MultilabelAUROC,
     MultilabelF1Score,
-    MultilabelMatthewsCorrCoef,
 )
 from torchmetrics.utilities.data import dim_zero_cat
 
 from components.core.errors import ArtifactError
-from components.metrics.classification import PRIMARY_METRICS, _auroc_defined, predictions
+from components.metrics.classification import (PRIMARY_METRICS, _auroc_defined, confusion_counts, mcc_from_confusion,
+                                               predictions)
 
 
 def task_loss(kind: str, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -112,6 +111,25 @@ class _Samples(Metric):
         return self.count
 
 
+class _MCC(Metric):
+    """MCC from confusion counts summed over ranks, computed exactly as ``compute_metrics`` does
+    (``mcc_from_confusion``: 0 for a constant predictor, where torchmetrics' own is not)."""
+
+    full_state_update = False
+
+    def __init__(self, num_classes: int) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.add_state("confusion", default=torch.zeros(num_classes, num_classes, dtype=torch.long),
+                       dist_reduce_fx="sum")
+
+    def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:
+        self.confusion += confusion_counts(preds.long(), target.long(), self.num_classes).to(self.confusion.device)
+
+    def compute(self) -> torch.Tensor:
+        return torch.tensor(mcc_from_confusion(self.confusion))
+
+
 def _score_metric(kind: str, width: int, metric: str) -> Metric:
     """The torchmetrics twin of ``compute_metrics(kind, ...)[metric]``: same task, average and inputs."""
     if kind not in ("binary", "multiclass", "multilabel"):
@@ -127,11 +145,11 @@ def _score_metric(kind: str, width: int, metric: str) -> Metric:
     if kind == "multilabel":  # accuracy element-wise (micro), mcc over the pooled decisions
         if metric == "accuracy":
             return MultilabelAccuracy(width, average="micro")
-        return MultilabelF1Score(width, average="macro") if metric == "macro_f1" else MultilabelMatthewsCorrCoef(width)
+        return MultilabelF1Score(width, average="macro") if metric == "macro_f1" else _MCC(2)  # pooled decisions
     # binary is scored as two-class multiclass, so macro F1 covers the negative class too
     if metric == "accuracy":
         return MulticlassAccuracy(width, average="micro")
-    return MulticlassF1Score(width, average="macro") if metric == "macro_f1" else MulticlassMatthewsCorrCoef(width)
+    return MulticlassF1Score(width, average="macro") if metric == "macro_f1" else _MCC(width)
 
 
 class ValidationScore(MetricCollection):
