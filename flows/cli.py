@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -66,8 +68,39 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         except MedExpertsError as exc:
             err.print(f"[bold red]error:[/] {type(exc).__name__}: {exc}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
+        except OSError as exc:
+            line = storage_error(exc)
+            if line is None:
+                raise
+            err.print(f"[bold red]error:[/] {line}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
 
     return wrapper
+
+
+STORAGE_ERRNOS = {errno.ENOSPC: "no space left", errno.EDQUOT: "disk quota exceeded",
+                  errno.EROFS: "read-only file system"}
+
+
+def storage_error(exc: OSError) -> str | None:
+    """One line for a full or read-only disk (naming the folder, what is free there and the fix); None for any
+    other OSError. What was written before stays: every output is swapped in whole or not at all."""
+    what = STORAGE_ERRNOS.get(exc.errno or -1)
+    if what is None:
+        return None
+    path = Path(exc.filename) if exc.filename else None
+    folder = path.parent if path is not None else Path.cwd()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        free = shutil.disk_usage(folder).free
+        room = f"{free / 2**20:.0f} MiB free there"
+    except OSError:
+        room = "free space unknown"
+    fix = ("free some space (or point MEDEXPERTS_ARTIFACTS_DIR / MLFLOW_TRACKING_URI at a larger disk)"
+           if exc.errno != errno.EROFS else "make it writable, or point MEDEXPERTS_ARTIFACTS_DIR at a writable folder")
+    return (f"StorageError: {what} writing {path or 'a file'} (folder {folder}, {room}); {fix}, then re-run: "
+            "finished outputs were kept, the unfinished one was discarded")
 
 
 def _setup() -> Path:

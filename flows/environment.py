@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -58,10 +59,23 @@ def mlruns_uri(root: Path) -> str:
     return os.environ.get("MEDEXPERTS_ARTIFACT_ROOT") or (root / "mlruns").resolve().as_uri()
 
 
+class _CurrentStderr(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time of the record (not the stream at set-up, which a test
+    runner or a daemon may have closed since)."""
+
+    @property
+    def stream(self):  # noqa: ANN201
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # noqa: ANN001
+        pass
+
+
 def console_logging() -> None:
     """Progress lines on stderr when no Prefect flow carries them (the `stage` command, DVC)."""
     log = logging.getLogger("medexperts")
     if not log.handlers:
-        handler = logging.StreamHandler()
+        handler = _CurrentStderr()
         handler.setFormatter(logging.Formatter("%(asctime)s | %(message)s", "%H:%M:%S"))
         log.addHandler(handler)

@@ -167,3 +167,30 @@ def test_kill_and_sigterm_mid_training_leave_nothing_half_done(tmp_path: Path, t
     every = client.search_runs([exp], max_results=500)
     assert not [r.info.run_name for r in every if r.info.status == "RUNNING"]
     assert {p: p.read_bytes() for p in (tmp_path / "art").glob("*/_stage.json")} == stage_files
+
+
+@pytest.mark.parametrize(("code", "what"), [(28, "no space left"), (30, "read-only file system")])
+def test_a_full_or_read_only_disk_is_one_line(isolated_project: Path, monkeypatch: pytest.MonkeyPatch,
+                                              code: int, what: str) -> None:
+    """ENOSPC / EROFS in the middle of a stage: one line naming the folder and the free space, exit 2; the
+    stage's previous output untouched (the write goes to a temporary folder that is discarded)."""
+    from typer.testing import CliRunner
+
+    from components.core import artifacts
+    from flows.cli import app
+
+    runner = CliRunner()
+    assert runner.invoke(app, ["stage", "sources"]).exit_code == 0
+    out = isolated_project / "artifacts" / "sources"
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def full(path: Path, obj: object) -> None:
+        raise OSError(code, os.strerror(code), str(path))
+
+    monkeypatch.setattr(artifacts, "write_json", full)
+    result = runner.invoke(app, ["stage", "sources", "--force"])
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and what in lines[0] and "MiB free there" in lines[0] and "Traceback" not in result.output
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert not list(out.parent.glob(".sources.tmp-*"))
