@@ -23,17 +23,32 @@ def print_results(console: Console, root: Path, results: dict[str, Any]) -> None
     if evaluation:
         title = f"Test {evaluation['metric']} per task (probe = frozen foundation + linear head)"
         console.print(results_table(report_rows(evaluation), COLUMNS, title))
-    promoted = (results.get("promote") or {}).get("decisions", [])
-    if promoted:
-        table = Table(title="Model registry")
-        for col in ("model", "version", "val metric", "alias", "why"):
-            table.add_column(col)
-        for d in promoted:
-            alias = "champion + challenger" if d["promoted"] else "challenger"
-            table.add_row(d["model"], str(d["version"]), f"{d['metric']:.3f}", alias, d["reason"])
-        console.print(table)
+    promote = results.get("promote") or {}
+    if promote.get("decisions"):
+        console.print(registry_table(promote))
     console.print(f"MLflow run {results.get('run_id', '?')}. Open the UI: [bold]medexperts ui[/] "
                   "(http://127.0.0.1:5000)")
+
+
+def registry_table(promote: dict[str, Any]) -> Table:
+    """This run's registry decisions beside the live champion of each model (read now, so a manual
+    `medexperts promote` since shows); a skipped promote stage says that nothing was registered."""
+    from components.tracking.registry import live_champions
+
+    decisions = promote["decisions"]
+    live = live_champions([d["model"] for d in decisions])
+    cached = bool(promote.get("cached"))
+    title = ("Model registry: promote skipped (nothing changed), nothing registered by this run; the decisions of the "
+             "run that registered these versions, and the champions now" if cached else "Model registry")
+    table = Table(title=title)
+    for col in ("model", "version", "val metric", "decision", "champion now", "why"):
+        table.add_column(col)
+    for d in decisions:
+        decision = "champion + challenger" if d["promoted"] else "challenger"
+        now = live.get(d["model"])
+        table.add_row(d["model"], str(d["version"]), f"{d['metric']:.3f}", decision,
+                      f"v{now}" if now else "none", d["reason"])
+    return table
 
 
 def load_raw_inputs(path: Path) -> list[str] | np.ndarray:

@@ -105,7 +105,8 @@ def run_stage(name: str, ctx: StageContext, force: bool = False) -> StageSummary
         if not force and stage_is_current(out, fp) and (out / SUMMARY_FILE).is_file():
             log.info("[%s] inputs, params and code unchanged: skipped (fingerprint %s)", name, fp[:12])
             runs.set_tags({"skipped": "true"})
-            return read_model(out / SUMMARY_FILE, stage.summary, f"{name} summary")
+            cached = read_model(out / SUMMARY_FILE, stage.summary, f"{name} summary")
+            return cached.model_copy(update={"cached": True})
         for need, value in upstream.items():
             if value == "missing":
                 owner = need.split("/")[0]  # a need is a stage folder or a file inside one

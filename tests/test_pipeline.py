@@ -99,7 +99,17 @@ def test_retrain_end_to_end(isolated_project: Path, tiny_bert: Path, prefect_ser
     again = retrain(profile="tiny", overrides=overrides)
     runs2 = client.search_runs([exp.experiment_id], filter_string="tags.skipped = 'true'", max_results=100)
     assert len(runs2) == len(STAGES)
-    assert again["promote"] == results["promote"]
+    assert again["promote"] == {**results["promote"], "cached": True} and results["promote"]["cached"] is False
+    # the registry table of a skipped promote says so, and shows the champions as the registry holds them now
+    from rich.console import Console
+
+    from flows.report import registry_table
+
+    mlflow.MlflowClient().set_registered_model_alias("medexperts-pubmedqa", "champion", "1")
+    console = Console(record=True, width=400)
+    console.print(registry_table(again["promote"]))
+    text = console.export_text()
+    assert "nothing registered by this run" in " ".join(text.split()) and "champion now" in text
     assert len(client.search_model_versions("name='medexperts-pubmedqa'")) == 1
 
     # both runs are on the project's Prefect server (not a temporary one): completed flow runs of `retrain`

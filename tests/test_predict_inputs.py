@@ -101,3 +101,40 @@ def test_check_image_input_accepts_only_the_trained_layout() -> None:
     with pytest.raises(DataError, match="float32"):
         check_image_input(np.zeros((1, 28, 28, 3), np.float32), spec, "t")
     check_image_input(np.zeros((1, 64, 64), np.uint8), None, "t")  # an old bundle without the record: no check
+
+
+def test_a_registered_model_changed_in_the_store_is_refused(image_model: str, tmp_path: Path) -> None:
+    """A line appended to the registered model's entry file (code that runs at load) must not run: predict
+    refuses the version, in one line."""
+    from urllib.parse import urlparse
+
+    client = mlflow.MlflowClient()
+    name, version = image_model.removeprefix("models:/").split("/")
+    mv = client.get_model_version(name, version)
+    assert mv.tags["files.sha256"]
+    store = Path(urlparse(client.get_model_version_download_uri(name, version)).path)
+    entry = next(store.rglob("pyfunc_entry.py"))
+    np.save(tmp_path / "ok.npy", np.zeros((1, 28, 28), np.uint8))
+    marker = tmp_path / "ran"
+    entry.write_text(entry.read_text() + f"\nopen({str(marker)!r}, 'w').write('x')\n")
+    one_error_line(*invoke("predict", "--model", image_model, "--input", str(tmp_path / "ok.npy")),
+                   "differ from what was registered")
+    assert not marker.exists()
+
+
+def test_a_bundle_modified_after_its_stage_is_not_registered(isolated_project: Path) -> None:
+    from components.core.errors import ArtifactError
+    from components.tracking.registry import register_bundle
+
+    torch.manual_seed(0)
+    enc = ImageEncoder([4]).eval()
+    found = Foundation("image", enc, "a" * 64, {"config": enc.config})
+    bundle = isolated_project / "bundle"
+    save_bundle(bundle, found, {}, {"t": TaskHead(make_head(4, 2), "binary", ["no", "yes"])}, "t", {})
+    heads = bundle / "heads.safetensors"
+    raw = bytearray(heads.read_bytes())
+    raw[-1] ^= 0xFF
+    heads.write_bytes(bytes(raw))
+    with mlflow.start_run(), pytest.raises(ArtifactError, match="sha256 does not match"):
+        register_bundle("tampered", bundle, 0.7, {})
+    assert not mlflow.MlflowClient().search_registered_models("name='tampered'")

@@ -69,6 +69,17 @@ def test_gate_moves_aliases_and_records(tmp_path: Path, mlflow_store: str) -> No
     assert len(history) == 3  # every alias move is kept
     d = promote_manual("m", v2)
     assert d.champion_version == v3 and aliases("m")[CHAMPION] == v2
+    # the run's registry table reads the live champion: v2 now, though the run's decision made v3 champion
+    from rich.console import Console
+
+    from flows.report import registry_table
+
+    console = Console(record=True, width=300)
+    console.print(registry_table({"cached": True, "decisions": [
+        {"model": "m", "version": v3, "metric": 0.8, "promoted": True, "reason": "better"}]}))
+    text = console.export_text()
+    assert "nothing registered by this run" in " ".join(text.split())
+    assert [line for line in text.splitlines() if line.startswith("│ m ")][0].split("│")[5].strip() == f"v{v2}"
     loaded = mlflow.pyfunc.load_model("models:/m@champion")
     import numpy as np
 

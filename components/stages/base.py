@@ -70,3 +70,5 @@ class StageSummary(BaseModel):
     model_config = ConfigDict(extra="forbid", ser_json_inf_nan="constants")
 
     compute_seconds: float | None = Field(None, description="Wall time of the stage's component (set by the driver).")
+    cached: bool = Field(False, description="True when the driver skipped the stage and returned this summary "
+                                            "from its last run (never True on disk).")

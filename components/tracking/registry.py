@@ -23,6 +23,7 @@ from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, RESOURCE_DOES_
 from mlflow.types import ParamSchema, ParamSpec
 from mlflow.tracking import MlflowClient
 
+from components.core.artifacts import read_manifest
 from components.core.errors import RegistryError
 from components.tracking.pyfunc import inference_requirements
 
@@ -31,6 +32,7 @@ CHAMPION, CHALLENGER = "champion", "challenger"
 SIGNATURE = ModelSignature(inputs=None, params=ParamSchema([ParamSpec("task", "string", ""),
                                                           ParamSpec("routing", "boolean", False)]))
 METRIC_TAG = "val_metric"
+FILES_TAG = "files.sha256"  # every file of the registered model (code, MLmodel, bundle), recorded at registration
 LIBRARY = Path(__file__).resolve().parents[1]  # the components package, shipped with every model (code_paths)
 LIBRARY_MAX_BYTES = 20 * 2**20  # the library's sources are well under this; more means something else got in
 
@@ -111,6 +113,7 @@ def register_bundle(name: str, bundle_dir: Path, metric: float, tags: dict[str, 
     The model is self-contained: the ``components`` library travels in its ``code/`` folder and its
     requirements are the installed distribution's own (see :func:`inference_requirements`).
     """
+    read_manifest(bundle_dir)  # every file against its sha256: a bundle modified since its stage wrote it is refused
     requirements = inference_requirements(needs)
     # Models from code: the logged model is this small script plus the bundle, no pickled object.
     with tempfile.TemporaryDirectory(prefix="medexperts-code-") as tmp:
@@ -121,9 +124,25 @@ def register_bundle(name: str, bundle_dir: Path, metric: float, tags: dict[str, 
         )
     version = str(info.registered_model_version)
     client = MlflowClient()
-    for key, value in {**tags, METRIC_TAG: f"{metric:.6f}"}.items():
+    with tempfile.TemporaryDirectory(prefix="medexperts-registered-") as tmp:
+        local = mlflow.artifacts.download_artifacts(f"models:/{name}/{version}", dst_path=tmp)
+        digest = files_digest(Path(local))
+    for key, value in {**tags, METRIC_TAG: f"{metric:.6f}", FILES_TAG: digest}.items():
         client.set_model_version_tag(name, version, key, str(value))
     return version
+
+
+def files_digest(folder: Path) -> str:
+    """sha256 over every file of a model folder (relative path and content hash, in path order): what
+    ``FILES_TAG`` records at registration and ``components.tracking.serving.load_model`` checks at load."""
+    import hashlib
+
+    from components.core.fingerprint import sha256_file
+
+    h = hashlib.sha256()
+    for path in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
+        h.update(f"{path.relative_to(folder).as_posix()}\0{sha256_file(path)}\n".encode())
+    return h.hexdigest()
 
 
 def champion(client: MlflowClient, name: str) -> tuple[str, float] | None:
@@ -145,6 +164,16 @@ def champion(client: MlflowClient, name: str) -> tuple[str, float] | None:
     except MlflowException as e:
         raise _failure(f"cannot read champion version {version} of registered model {name!r}", e) from e
     return str(mv.version), float(mv.tags.get(METRIC_TAG, "nan"))
+
+
+def live_champions(names: list[str]) -> dict[str, str | None]:
+    """The champion version of each registered model as the registry holds it now (None: no champion)."""
+    client = MlflowClient()
+    out: dict[str, str | None] = {}
+    for name in names:
+        current = champion(client, name)
+        out[name] = current[0] if current else None
+    return out
 
 
 def gate(name: str, version: str, metric: float, margin: float, floor: float) -> Decision:
