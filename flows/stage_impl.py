@@ -32,7 +32,7 @@ from components.stages.routing import RoutingInputs, RoutingSummary
 from components.stages.sources import SourcesInputs, SourcesSummary
 from components.tracking import runs
 from components.tracking.lineage import git_info, log_datasets
-from components.tracking.registry import gate, register_bundle, register_foundation
+from components.tracking.registry import gate, register_bundle, register_foundation, registered
 
 if TYPE_CHECKING:
     from flows.stages import StageContext
@@ -241,9 +241,22 @@ def run_promote(ctx: StageContext, inp: PromoteInputs, out: Path) -> PromoteSumm
                   for s in ("sources", "data", "foundation", "experts", "decompose", "federated", "routing", "fusion",
                             "evaluate")}}
     decisions = []
+    fp = ctx.fingerprints.get("promote", "")
     for c in promote_stage.candidates(inp, ctx.out("experts"), ctx.out("decompose"), ctx.out("fusion"),
                                       ctx.out("routing"), ctx.out("federated"), ctx.out("data")):
-        version = register_bundle(c.name, c.bundle, c.metric, {**lineage, **c.tags}, needs=c.needs)
+        # idempotent: a version this very promote (same fingerprint) created before a kill is reused, not duplicated
+        found = registered(c.name, fp) if fp else None
+        if found is not None and found[1] is not None:
+            log.info("[promote] %s v%s: registered and gated by an earlier, interrupted run; kept", c.name, found[0])
+            decisions.append(Decision(**found[1].__dict__))
+            continue
+        if found is not None:
+            log.info("[promote] %s v%s: registered by an interrupted run, not gated yet; completing it", c.name,
+                     found[0])
+            version = found[0]
+        else:
+            version = register_bundle(c.name, c.bundle, c.metric, {**lineage, **c.tags}, needs=c.needs,
+                                      registration=fp or None)
         d = gate(c.name, version, c.metric, inp.registry.margin, inp.registry.floor_for(c.name))
         decisions.append(Decision(**d.__dict__))
     return PromoteSummary(decisions=decisions)

@@ -202,3 +202,26 @@ def test_register_foundation_only_swallows_already_exists(tmp_path: Path, mlflow
     with mlflow.start_run() as run, pytest.raises(RegistryError, match=r"model 'f': TEMPORARILY_UNAVAILABLE"):
         register_foundation("f", _weights(tmp_path / "a", b"a"), "1" * 64)
     assert mlflow.MlflowClient().list_artifacts(run.info.run_id) == []
+
+
+def test_a_registration_cut_short_is_completed_not_duplicated(tmp_path: Path, mlflow_store: str) -> None:
+    """kill -9 during promote: the version exists (created with its tags and promote fingerprint) but was never
+    gated, or even lacks its file digest; the next promote with the same fingerprint finds it, finishes it and
+    gates it instead of registering a duplicate; a finished one is reported as it was decided."""
+    from components.tracking.registry import FILES_TAG, REGISTRATION_TAG, registered
+
+    folder = bundle(tmp_path)
+    client = mlflow.MlflowClient()
+    assert registered("m", "fp1") is None
+    with mlflow.start_run():
+        v = register_bundle("m", folder, 0.7, {"git.commit": "x"}, registration="fp1")
+    mv = client.get_model_version("m", v)
+    assert mv.tags[REGISTRATION_TAG] == "fp1" and mv.tags["git.commit"] == "x" and mv.tags["val_metric"]
+    client.delete_model_version_tag("m", v, FILES_TAG)  # killed before its last step
+    assert registered("m", "fp1") == (v, None)  # found, not gated
+    assert FILES_TAG in client.get_model_version("m", v).tags  # and finished
+    d = gate("m", v, 0.7, margin=0.01, floor=0.5)
+    again = registered("m", "fp1")
+    assert again is not None and again[0] == v and again[1] == d
+    assert registered("m", "other-fingerprint") is None
+    assert len(client.search_model_versions("name='m'")) == 1

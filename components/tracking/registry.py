@@ -32,6 +32,7 @@ CHAMPION, CHALLENGER = "champion", "challenger"
 SIGNATURE = ModelSignature(inputs=None, params=ParamSchema([ParamSpec("task", "string", ""),
                                                           ParamSpec("routing", "boolean", False)]))
 METRIC_TAG = "val_metric"
+REGISTRATION_TAG = "registration.fingerprint"  # the promote stage fingerprint that created the version
 FILES_TAG = "files.sha256"  # every file of the registered model (code, MLmodel, bundle), recorded at registration
 LIBRARY = Path(__file__).resolve().parents[1]  # the components package, shipped with every model (code_paths)
 LIBRARY_MAX_BYTES = 20 * 2**20  # the library's sources are well under this; more means something else got in
@@ -107,11 +108,14 @@ def _copy_library(dest: Path) -> Path:
 
 
 def register_bundle(name: str, bundle_dir: Path, metric: float, tags: dict[str, str],
-                    needs: frozenset[str] = frozenset()) -> str:
+                    needs: frozenset[str] = frozenset(), registration: str | None = None) -> str:
     """Log the bundle as a pyfunc model in the active run and register it; returns the version.
 
     The model is self-contained: the ``components`` library travels in its ``code/`` folder and its
-    requirements are the installed distribution's own (see :func:`inference_requirements`).
+    requirements are the installed distribution's own (see :func:`inference_requirements`). The version is created
+    with its tags (lineage, metric and ``registration``: the promote fingerprint that made it, so a run killed
+    before the version was finished is found and completed by the next one, see :func:`registered`); the digest of
+    its files (``FILES_TAG``) is added last, so its presence means the registration is whole.
     """
     read_manifest(bundle_dir)  # every file against its sha256: a bundle modified since its stage wrote it is refused
     requirements = inference_requirements(needs)
@@ -120,16 +124,52 @@ def register_bundle(name: str, bundle_dir: Path, metric: float, tags: dict[str, 
         info = mlflow.pyfunc.log_model(
             name=name, python_model=str(Path(__file__).with_name("pyfunc_entry.py")),
             artifacts={"bundle": str(bundle_dir)}, code_paths=[str(_copy_library(Path(tmp)))],
-            pip_requirements=requirements, registered_model_name=name, signature=SIGNATURE,
+            pip_requirements=requirements, signature=SIGNATURE,
         )
-    version = str(info.registered_model_version)
-    client = MlflowClient()
+    created = {**{k: str(v) for k, v in tags.items()}, METRIC_TAG: f"{metric:.6f}",
+               **({REGISTRATION_TAG: registration} if registration else {})}
+    mv = mlflow.register_model(info.model_uri, name, tags=created)
+    version = str(mv.version)
+    finish_registration(name, version)
+    return version
+
+
+def finish_registration(name: str, version: str) -> None:
+    """Record the digest of every file of the version (the last step of a registration)."""
     with tempfile.TemporaryDirectory(prefix="medexperts-registered-") as tmp:
         local = mlflow.artifacts.download_artifacts(f"models:/{name}/{version}", dst_path=tmp)
         digest = files_digest(Path(local))
-    for key, value in {**tags, METRIC_TAG: f"{metric:.6f}", FILES_TAG: digest}.items():
-        client.set_model_version_tag(name, version, key, str(value))
-    return version
+    MlflowClient().set_model_version_tag(name, version, FILES_TAG, digest)
+
+
+def registered(name: str, registration: str) -> tuple[str, Decision | None] | None:
+    """The version of ``name`` a promote with fingerprint ``registration`` created, if any: (version, its gate
+    decision, or None when the run that created it died before gating). A version left without its file digest
+    is finished here first. None when no such version exists (register it)."""
+    client = MlflowClient()
+    try:
+        versions = client.search_model_versions(f"name='{name}'")
+    except MlflowException as e:
+        if _is(e, RESOURCE_DOES_NOT_EXIST):
+            return None
+        raise _failure(f"cannot list the versions of registered model {name!r}", e) from e
+    mine = [v for v in versions if v.tags.get(REGISTRATION_TAG) == registration]
+    if not mine:
+        return None
+    mv = max(mine, key=lambda v: int(v.version))
+    version = str(mv.version)
+    if FILES_TAG not in mv.tags:
+        finish_registration(name, version)
+    if "promotion.decision" not in mv.tags:
+        return version, None
+    model_tags = client.get_registered_model(name).tags
+    recorded = [json.loads(v) for k, v in sorted(model_tags.items())
+                if k.startswith("promotion.") and k.endswith(f".v{version}")]
+    gated = [r for r in recorded if r.get("reason") != "manual promotion"]
+    if not gated:
+        return version, None
+    last = gated[-1]
+    return version, Decision(**{f: last[f] for f in Decision.__dataclass_fields__})
 
 
 def files_digest(folder: Path) -> str:
