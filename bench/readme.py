@@ -91,6 +91,36 @@ def experts_section(result: dict) -> str:
             f"(gradients, optimiser state, activations; peak RSS on CPU).\n\n{stable}\n")
 
 
+def baselines_section(result: dict) -> str:
+    """The strongest simple baseline of each task beside the pipeline's experts (test macro-F1)."""
+    names = {"majority": "majority class", "tfidf_lr": "TF-IDF + LR", "pixel_lr": "pixel LR", "small_cnn": "small CNN"}
+    rows = []
+    for task, t in result["tasks"].items():
+        e = t["expert_rows"]
+        a = t.get("all_rows")
+        beside = result.get("experts_vs_baseline", {}).get(task, {})
+        base = e[e["strongest"]]["test"]["macro_f1"]
+        lora, best = beside.get("lora_test_macro_f1"), beside.get("best_method_test_macro_f1")
+        rows.append({
+            "task": task, "n": e["train_samples"], "majority": e["majority"]["test"]["macro_f1"],
+            "strongest": f"{names[e['strongest']]} {base:.3f}",
+            "all": f"{names[a['strongest']]} {a[a['strongest']]['test']['macro_f1']:.3f} (n={a['train_samples']})"
+                   if a else "(same rows)",
+            "probe": beside.get("probe_test_macro_f1"), "lora": lora,
+            "best": f"{beside['best_method']} {best:.3f}" if best is not None else "",
+            "verdict": ("" if lora is None else "yes" if lora > base else "**no**"),
+        })
+    table = markdown_table(rows, [("task", "task"), ("n", "train rows (expert's)"), ("majority", "majority"),
+                                  ("strongest", "strongest baseline, same rows"), ("all", "strongest baseline, all rows"),
+                                  ("probe", "probe"), ("lora", "LoRA expert"), ("best", "best expert method"),
+                                  ("verdict", "LoRA beats baseline")])
+    p = result["params"]
+    return (f"Profile `{p['profile']}`, {machine_line(result)}, from `bench/results/baselines.json` (experts from "
+            f"`bench/results/experts.json`, same splits). Test macro-F1; every baseline's hyper-parameters picked on "
+            f"validation; the strongest is the best on validation; the small CNN is the median of {p['cnn_seeds']} "
+            f"seeds.\n\n{table}\n")
+
+
 def decompose_section(result: dict) -> str:
     metric = result["params"]["primary_metric"]
     rows = []
@@ -503,7 +533,8 @@ def main() -> None:
     path = RESULTS / "train_throughput.json"
     if path.is_file():
         text = replace(text, "throughput", throughput_section(json.loads(path.read_text())))
-    for name, section in (("experts", experts_section), ("decompose", decompose_section), ("fusion", fusion_section),
+    for name, section in (("experts", experts_section), ("baselines", baselines_section),
+                          ("decompose", decompose_section), ("fusion", fusion_section),
                           ("routing", routing_section), ("federated", federated_section),
                           ("architecture", architecture_section)):
         path = RESULTS / f"{name}.json"

@@ -26,6 +26,7 @@ from components.experts.io import save_expert
 from components.experts.lora import lora_targets
 from components.experts.methods import get_method
 from components.bundle.format import TaskHead, image_input, save_bundle
+from components.training.multilabel import best_thresholds, fold_thresholds, pos_weight
 from components.training.probe import fit_probe
 from components.nn.classifier import Classifier, make_head
 from components.nn.foundation import Foundation, load_foundation
@@ -98,7 +99,8 @@ def train_expert(task: str, inp: ExpertsInputs, data_dir: Path, foundation_dir: 
         foundation.encoder.out_dim, train.num_labels)
     head.requires_grad_(True)
     model = Classifier(encoder, head)
-    module = ClassifierModule(model, train.kind, train.num_labels, lr, tp.weight_decay, metric)
+    module = ClassifierModule(model, train.kind, train.num_labels, lr, tp.weight_decay, metric,
+                              pos_weight(y_tr) if train.kind == "multilabel" else None)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as root, PeakMemory(data_device(tp).type) as memory:
         trainer = build_trainer(tp, Path(root), logger=logger, monitor=f"val_{metric}", checkpoint_dir=checkpoint_dir,
@@ -113,6 +115,9 @@ def train_expert(task: str, inp: ExpertsInputs, data_dir: Path, foundation_dir: 
     model.cpu()
     train_seconds = time.perf_counter() - t0
     model.eval()
+    if train.kind == "multilabel":  # per-label thresholds on validation, folded into the head's bias
+        with torch.no_grad():
+            fold_thresholds(head, best_thresholds(batched(model, x_va), y_va))
     expert_val = compute_metrics(train.kind, batched(model, x_va), y_va, train.num_labels)
     log.info("[experts] %s: %s val %s=%.3f (probe %.3f) in %.1fs", task, method.pretty, metric,
              expert_val[metric], probe_val[metric], train_seconds)

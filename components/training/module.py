@@ -28,9 +28,13 @@ from components.metrics.classification import (PRIMARY_METRICS, _auroc_defined, 
                                                predictions)
 
 
-def task_loss(kind: str, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def task_loss(kind: str, logits: torch.Tensor, labels: torch.Tensor,
+              pos_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Cross-entropy, or for multilabel BCE (``pos_weight``: per-label positive weights, see
+    ``components.training.multilabel``)."""
     if kind == "multilabel":
-        return nn.functional.binary_cross_entropy_with_logits(logits, labels.float())
+        weight = None if pos_weight is None else pos_weight.to(logits.device, logits.dtype)
+        return nn.functional.binary_cross_entropy_with_logits(logits, labels.float(), pos_weight=weight)
     return nn.functional.cross_entropy(logits, labels)
 
 
@@ -216,11 +220,13 @@ class ClassifierModule(TrainableCheckpoint):
     """Trains whatever parameters of ``model`` require grad; validates on ``metric`` (over all ranks under DDP)."""
 
     def __init__(
-        self, model: nn.Module, kind: str, num_labels: int, lr: float, weight_decay: float, metric: str
+        self, model: nn.Module, kind: str, num_labels: int, lr: float, weight_decay: float, metric: str,
+        pos_weight: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         self.model, self.kind, self.num_labels = model, kind, num_labels
         self.lr, self.weight_decay, self.metric = lr, weight_decay, metric
+        self.pos_weight = pos_weight  # multilabel: per-label positive weights (training labels' balance)
         self.val_score = ValidationScore(kind, num_labels, metric)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -228,7 +234,7 @@ class ClassifierModule(TrainableCheckpoint):
         return self.model(**inputs)
 
     def training_step(self, batch: dict[str, torch.Tensor], _: int) -> torch.Tensor:
-        loss = task_loss(self.kind, self(batch), batch["labels"])
+        loss = task_loss(self.kind, self(batch), batch["labels"], self.pos_weight)
         self.log("train_loss", loss, prog_bar=True, on_step=False, on_epoch=True, batch_size=len(batch["labels"]))
         return loss
 
@@ -237,7 +243,7 @@ class ClassifierModule(TrainableCheckpoint):
 
     def validation_step(self, batch: dict[str, torch.Tensor], _: int) -> None:
         logits = self(batch)
-        self.log("val_loss", task_loss(self.kind, logits, batch["labels"]), on_epoch=True,
+        self.log("val_loss", task_loss(self.kind, logits, batch["labels"], self.pos_weight), on_epoch=True,
                  batch_size=len(batch["labels"]))
         self.val_score.add(logits, batch["labels"])
 

@@ -15,17 +15,20 @@ from components.config import ProbeParams
 from components.metrics.classification import compute_metrics
 from components.nn.classifier import make_head
 from components.training.module import task_loss
+from components.training.multilabel import best_thresholds, fold_thresholds, pos_weight
 
 
 def fit_head(features: torch.Tensor, labels: torch.Tensor, kind: str, num_labels: int, epochs: int, lr: float,
              l2: float, seed: int) -> nn.Linear:
-    """Full-batch Adam on cross-entropy + l2·||W||² (a multinomial logistic regression)."""
+    """Full-batch Adam on cross-entropy + l2·||W||² (a multinomial logistic regression); multilabel: BCE with
+    per-label balanced positive weights (one balanced logistic regression per label)."""
     torch.manual_seed(seed)
     head = make_head(features.shape[1], num_labels)
     opt = torch.optim.Adam(head.parameters(), lr=lr)
+    weight = pos_weight(labels) if kind == "multilabel" else None
     for _ in range(epochs):
         opt.zero_grad()
-        loss = task_loss(kind, head(features), labels) + l2 * head.weight.pow(2).sum()
+        loss = task_loss(kind, head(features), labels, weight) + l2 * head.weight.pow(2).sum()
         loss.backward()
         opt.step()
     return head.eval()
@@ -33,10 +36,14 @@ def fit_head(features: torch.Tensor, labels: torch.Tensor, kind: str, num_labels
 
 def fit_probe(train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor, torch.Tensor], kind: str,
               num_labels: int, pp: ProbeParams, metric: str, seed: int) -> tuple[nn.Linear, dict[str, float]]:
-    """Best head over ``pp.l2_grid`` by validation ``metric``; returns it and its validation metrics."""
+    """Best head over ``pp.l2_grid`` by validation ``metric``; returns it and its validation metrics. Multilabel
+    heads are class-weighted per label and carry per-label thresholds picked on validation (in their bias)."""
     best: tuple[float, nn.Linear, dict[str, float]] | None = None
     for l2 in pp.l2_grid:
         head = fit_head(*train, kind, num_labels, pp.epochs, pp.lr, l2, seed)
+        if kind == "multilabel":  # per-label decision thresholds on validation, folded into the bias
+            with torch.no_grad():
+                fold_thresholds(head, best_thresholds(head(val[0]), val[1]))
         with torch.no_grad():
             scores = compute_metrics(kind, head(val[0]), val[1], num_labels)
         value = -math.inf if math.isnan(scores[metric]) else scores[metric]
