@@ -97,7 +97,8 @@ def project_lock(folder: Path, *, wait: bool = True, what: str = "",
         fh.close()  # closing drops the flock
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this host (one we may not signal counts as alive)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -117,7 +118,7 @@ def clean_dead_temporaries(folder: Path) -> list[Path]:
     for dirpath, dirnames, filenames in os.walk(folder):
         for name in [*dirnames, *filenames]:
             m = _TEMP.match(name)
-            if m is None or int(m["pid"]) == os.getpid() or _pid_alive(int(m["pid"])):
+            if m is None or int(m["pid"]) == os.getpid() or pid_alive(int(m["pid"])):
                 continue
             path = Path(dirpath) / name
             target = path.with_name(m["name"])

@@ -19,6 +19,7 @@ import mlflow
 from mlflow.exceptions import MlflowException
 
 from components.core.errors import TrackingError
+from components.core.lock import pid_alive
 
 HOST_TAG, PID_TAG = "medexperts.host", "medexperts.pid"  # the process that runs a run: a dead one is an orphan
 MAX_PARAM = 500  # MLflow's limit on a param value's length (older servers)
@@ -86,22 +87,12 @@ def fail_orphans(experiment_id: str) -> dict[str, dict[str, str]]:
         if tags.get(HOST_TAG) != host or not tags.get(PID_TAG, "").isdigit():
             continue
         pid = int(tags[PID_TAG])
-        if pid == os.getpid() or _alive(pid):
+        if pid == os.getpid() or pid_alive(pid):
             continue
         client.set_tag(r.info.run_id, "medexperts.failed_reason", f"its process (pid {pid} on {host}) is gone")
         client.set_terminated(r.info.run_id, status="FAILED")
         orphans[r.info.run_id] = dict(tags)
     return orphans
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def active_run_id() -> str:
