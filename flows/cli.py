@@ -291,6 +291,36 @@ def ui(port: int = 5000, host: str = "127.0.0.1",
     raise typer.Exit(subprocess.call(cmd, cwd=root))
 
 
+@app.command("log-flower")
+@user_errors
+def log_flower(folder: Annotated[Path, typer.Argument(help="The Flower server's output-dir (reports.json, "
+                                                       "payload.pt).")],
+               name: Annotated[str | None, typer.Option(help="MLflow run name (default: flower:<folder name>).")]
+               = None) -> None:
+    """Log a finished Flower run into the project's MLflow store: one step per round (validation of the aggregated
+    model, client losses, accepted / missing / rejected sites, bytes, seconds), the reports and the final weights."""
+    from components.federated.rounds import read_reports
+    from components.tracking import runs
+    from flows.environment import mlruns_uri
+
+    root = _setup()
+    reports = read_reports(folder / "reports.json")
+    params = _params(root, None, False)
+    runs.use_experiment(params.pipeline.experiment, mlruns_uri(root))
+    sites = sorted({c for r in reports for c in r.accepted})
+    with runs.run(name or f"flower:{folder.resolve().name}", tags={"driver": "flower", "federated.rounds":
+                                                                   str(len(reports)),
+                                                                   "federated.clients": ",".join(sites)}) as run_id:
+        for report in reports:
+            runs.log_metrics(report.as_metrics(), prefix="round.", step=report.round)
+        runs.log_file(folder / "reports.json")
+        if (folder / "payload.pt").is_file():
+            runs.log_file(folder / "payload.pt")
+    missing = sum(len(r.missing) for r in reports)
+    out.print(f"logged {len(reports)} Flower round(s) from {folder} as MLflow run {run_id} (sites {sites}; "
+              f"{missing} missing answer(s))")
+
+
 services_app = typer.Typer(no_args_is_help=True, help="The project's Prefect server (127.0.0.1, SQLite under "
                            "$PREFECT_HOME): started by the first command that needs it, reused by the next ones.")
 app.add_typer(services_app, name="services")

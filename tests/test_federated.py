@@ -328,3 +328,41 @@ def test_local_settings_are_checked() -> None:
         client_update(model, to_payload(model), data, "binary", epochs=1, batch_size=4, lr=0)
     with pytest.raises(ParamsError, match="mu=nan"):
         client_update(model, to_payload(model), data, "binary", epochs=1, batch_size=4, lr=0.1, mu=float("nan"))
+
+
+def test_a_flower_run_is_logged_to_mlflow_round_by_round(isolated_project: Path, tmp_path: Path) -> None:
+    """`medexperts log-flower OUTPUT_DIR`: what a Flower ServerApp wrote (reports.json, payload.pt) becomes an MLflow
+    run with one step per round; a folder without reports is one line, exit 2."""
+    import dataclasses
+    import json
+
+    import mlflow
+    import torch
+    from typer.testing import CliRunner
+
+    from components.federated.rounds import RoundReport
+    from flows.cli import app
+
+    folder = tmp_path / "flower-out"
+    folder.mkdir()
+    reports = [RoundReport(round=r, client_losses={"hospital_a": 0.9 / r, "hospital_b": 1.0 / r},
+                           num_examples={"hospital_a": 48, "hospital_b": 64}, accepted=["hospital_a", "hospital_b"],
+                           missing={} if r == 1 else {"node_3": "no reply within round-timeout=600s"}, rejected={},
+                           metrics={"pubmedqa_macro_f1": 0.3 + 0.1 * r}, seconds={"clients": 2.0, "total": 2.5},
+                           client_seconds={"hospital_a": 1.0, "hospital_b": 1.0}, bytes_down=1000,
+                           bytes_up={"hospital_a": 1000, "hospital_b": 1000}) for r in (1, 2)]
+    (folder / "reports.json").write_text(json.dumps([dataclasses.asdict(r) for r in reports]))
+    torch.save({"w": torch.zeros(2)}, folder / "payload.pt")
+    result = CliRunner().invoke(app, ["log-flower", str(folder)])
+    assert result.exit_code == 0, result.output
+    client = mlflow.MlflowClient()
+    run = client.search_runs([mlflow.get_experiment_by_name("medexperts").experiment_id],
+                             filter_string="tags.driver = 'flower'")[0]
+    history = client.get_metric_history(run.info.run_id, "round.val_pubmedqa_macro_f1")
+    assert [(m.step, round(m.value, 3)) for m in history] == [(1, 0.4), (2, 0.5)]
+    assert [m.value for m in client.get_metric_history(run.info.run_id, "round.clients_missing")] == [0, 1]
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"reports.json", "payload.pt"}
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    bad = CliRunner().invoke(app, ["log-flower", str(empty)])
+    assert bad.exit_code == 2 and "no round reports" in bad.output

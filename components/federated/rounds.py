@@ -10,12 +10,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from time import perf_counter
 from typing import NamedTuple
 
 from torch import nn
 
-from components.core.errors import MedExpertsError, ParamsError
+from components.core.errors import ArtifactError, MedExpertsError, ParamsError
 from components.federated.aggregate import fedavg, screen
 from components.federated.client import ClientResult
 from components.federated.payload import KeyFilter, Payload, clone_payload, load_payload, payload_bytes, to_payload
@@ -69,6 +70,24 @@ class RoundReport:
             n = sum(self.num_examples.values())
             out["train_loss"] = sum(self.client_losses[c] * k for c, k in self.num_examples.items()) / n
         return out
+
+
+def read_reports(path: Path) -> list[RoundReport]:
+    """The ``RoundReport``s a Flower ServerApp wrote (``reports.json`` of its ``output-dir``); a missing or malformed
+    file is an ``ArtifactError`` naming it."""
+    import json
+
+    try:
+        raw = json.loads(Path(path).read_text())
+        reports = [RoundReport(**r) for r in raw]
+    except FileNotFoundError:
+        raise ArtifactError(f"{path}: no round reports (the Flower server writes reports.json to its output-dir when "
+                            "its run is done)") from None
+    except (OSError, ValueError, TypeError) as exc:
+        raise ArtifactError(f"{path}: not a list of round reports ({type(exc).__name__}: {exc})") from None
+    if not reports:
+        raise ArtifactError(f"{path}: holds no rounds")
+    return reports
 
 
 class FederatedRun(NamedTuple):
