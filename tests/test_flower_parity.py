@@ -253,8 +253,10 @@ def test_superlink_and_two_supernodes_match_the_in_process_core(tmp_path: Path) 
 class LoopbackGrid:
     """A Grid without a SuperLink: node ``n`` answers as partition ``n - 1``; some nodes fail or stay silent."""
 
-    def __init__(self, settings: flower.FlowerSettings, nodes: int, failing: int = 0, silent: int = 0) -> None:
+    def __init__(self, settings: flower.FlowerSettings, nodes: int, failing: int = 0, silent: int = 0,
+                 node_config=None) -> None:  # noqa: ANN001
         self.settings, self.nodes, self.failing, self.silent = settings, nodes, failing, silent
+        self.node_config = node_config or (lambda node: {"partition-id": node - 1})
 
     def get_node_ids(self) -> list[int]:
         return list(range(1, self.nodes + 1))
@@ -269,7 +271,7 @@ class LoopbackGrid:
             if node == self.failing:
                 yield Message(Error(code=0, reason="hospital offline"), reply_to=msg)
                 continue
-            content = flower.local_update(msg.content, {"partition-id": node - 1}, self.settings.as_run_config())
+            content = flower.local_update(msg.content, self.node_config(node), self.settings.as_run_config())
             yield Message(content, reply_to=msg)
 
 
@@ -297,3 +299,73 @@ def test_server_rounds_match_the_core_and_record_missing_clients(tmp_path: Path,
     assert report.accepted == ["client_0"]
     assert report.missing == {"node_2": "FederatedError: ClientApp error: hospital offline",
                               "node_3": f"FederatedError: no reply within round-timeout={s3.round_timeout:g}s"}
+
+
+# --------------------------------------------------------------------------- FedKIM's multi-task clients on Flower
+FEDKIM_TASKS = {"chest": ["image", "Chest X-ray: pneumonia or normal.", "chest X-ray image", 2, "binary"],
+                "retina": ["image", "Diabetic retinopathy grade.", "retinal fundus image", 3, "multiclass"]}
+
+
+def fedkim_sites(tmp_path: Path, model) -> list[Path]:  # noqa: ANN001
+    """Two hospitals' encoded shards (synthetic images): site 0 holds both tasks, site 1 only the chest task."""
+    from components.federated.clients import LocalTask
+    from components.training.data import TensorDictDataset
+
+    g = torch.Generator().manual_seed(3)
+    folders = []
+    for pid, (tasks, n) in enumerate(((("chest", "retina"), 40), (("chest",), 24))):
+        local = {}
+        for t in tasks:
+            width = FEDKIM_TASKS[t][3]
+            x = torch.randn(n, 3, 12, 12, generator=g)
+            y = torch.randint(0, width, (n,), generator=g)
+            x[:, 0] += y.view(-1, 1, 1).float()  # learnable
+            local[t] = LocalTask("image", FEDKIM_TASKS[t][4], TensorDictDataset({"pixels": x}, y))
+        folders.append(flower.write_site_shard(tmp_path / f"site{pid}", local))
+    return folders
+
+
+def test_fedkim_clients_on_flower_match_the_in_process_federation(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ServerApp's rounds over FedKIM's multi-task local model (a hospital trains its tasks one after another)
+    equal the in-process engine over the same shards: the Flower path runs FedKIM's clients, not a one-task stand-in."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from components.federated.clients import client_updater
+
+    for attr, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 0)):
+        monkeypatch.setattr(TaskIdentity, attr, value)
+    config = json.dumps({"tasks": FEDKIM_TASKS, "image_channels": [4, 8]})
+    s = flower.FlowerSettings(**dict(SETTINGS, num_rounds=2, lr=0.01), model="components.federated.flower:fedkim_model",
+                              model_config=config, data="components.federated.flower:fedkim_npz_data")
+    sites = fedkim_sites(tmp_path, None)
+    grid = LoopbackGrid(s, nodes=2, node_config=lambda node: {"partition-id": node - 1,
+                                                               "data-path": str(sites[node - 1])})
+    run = flower.run_server(grid, s)
+
+    model = flower.build_model(s.model, s.seed, s.model_config)
+    worker = copy.deepcopy(model)
+    clients = []
+    for pid, folder in enumerate(sites):
+        tasks = flower.fedkim_npz_data({"data-path": str(folder)})
+        clients.append(Client(f"client_{pid}", sum(len(t.data) for t in tasks.values()),
+                              client_updater(worker, tasks, index=pid, epochs=s.local_epochs, batch_size=s.batch_size,
+                                             lr=s.lr, seed=s.seed)))
+    ref = run_rounds(model, clients, 2, min_clients=2)
+    assert set(run.payload) == set(ref.payload) and any(k.startswith("heads.retina") for k in run.payload)
+    for k, v in ref.payload.items():
+        torch.testing.assert_close(run.payload[k], v, rtol=1e-6, atol=1e-6)
+    for got, want in zip(run.reports, ref.reports, strict=True):
+        assert got.num_examples == want.num_examples == {"client_0": 80, "client_1": 24}
+        assert got.client_losses == pytest.approx(want.client_losses, rel=1e-6)
+    start = to_payload(flower.build_model(s.model, s.seed, s.model_config))
+    assert not torch.equal(run.payload["heads.retina.weight"], start["heads.retina.weight"])  # site 0 trained it
+
+
+def test_fedkim_site_errors_are_clear(tmp_path: Path) -> None:
+    from components.core.errors import DataError
+
+    with pytest.raises(ParamsError, match="model-config is not JSON"):
+        flower.build_model("components.federated.flower:fedkim_model", 0, "{tasks")
+    with pytest.raises(DataError, match="task list"):
+        flower.fedkim_npz_data({"data-path": str(tmp_path / "nowhere")})

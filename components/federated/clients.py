@@ -18,14 +18,13 @@ import copy
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import torch
 from torch import nn
 
 from components.core.errors import ArtifactError, DataError, ParamsError
-from components.data.datasets import TaskData
 from components.decompose.backbones import text_backbone_from_teacher
 from components.federated.aggregate import check_updates, fedavg, proximal_term
 from components.federated.client import ClientResult, client_update
@@ -36,6 +35,9 @@ from components.nn.classifier import make_head
 from components.nn.encoders import ImageEncoder, TextEncoder, image_tensor, tokenize
 from components.training.data import TensorDictDataset, labels_tensor
 from components.training.module import task_loss
+
+if TYPE_CHECKING:  # type hints only: a Flower site imports this module without the data loaders (pandas)
+    from components.data.datasets import TaskData
 
 MODALITIES = ("image", "text")
 KINDS = ("binary", "multiclass", "multilabel")

@@ -16,8 +16,16 @@ What the run is set by (``[tool.flwr.app.config]`` of the Flower App, overridabl
 ``num-rounds``, ``local-epochs``, ``batch-size``, ``lr``, ``weight-decay``, ``mu``, ``seed``, ``keys`` (comma-separated
 fnmatch globs; empty: the parameters that require grad), ``task`` (binary / multiclass / multilabel), ``min-clients``,
 ``min-nodes`` (SuperNodes to wait for), ``max-norm`` (0: no bound), ``round-timeout`` and ``connect-timeout``
-(seconds), ``model`` and ``data`` ("module:callable" factories) and ``output-dir`` (where the server writes
-``payload.pt`` and ``reports.json``; empty: nothing is written). ``write_app`` writes such an App folder.
+(seconds), ``model`` and ``data`` ("module:callable" factories), ``model-config`` (a JSON object: the model
+factory's keyword arguments) and ``output-dir`` (where the server writes ``payload.pt`` and ``reports.json``; empty:
+nothing is written). ``write_app`` writes such an App folder.
+
+FedKIM's clients: ``model = "components.federated.flower:fedkim_model"`` with ``model-config = {"tasks": {task:
+[modality, description, modality_description, num_labels, kind]}, ...}`` builds FedKIM's local model (one encoder
+per modality, one head per task) and ``data = "components.federated.flower:fedkim_npz_data"`` reads a hospital's
+encoded shard (``write_site_shard``: one ``<task>.npz`` per task it holds); each SuperNode then trains its tasks one
+after another exactly as the in-process simulator's FedKIM clients do (``client_updater``), and the server averages
+whole local models. ``medexperts log-flower OUTPUT_DIR`` logs the finished run to MLflow, round by round.
 
 Flower 1.41's SuperLink installs an App's dependencies with ``uv sync`` into a fresh environment by default, which
 would lack this package: start it with ``--disable-runtime-dependency-installation`` (SuperNodes do not install).
@@ -48,6 +56,7 @@ from torch import nn
 
 from components.core.errors import ArtifactError, DataError, ParamsError
 from components.federated.client import ClientResult, check_local, client_seed, client_update
+from components.federated.clients import ClientModel, LocalTask, build_client_model, client_updater
 from components.federated.payload import KeyFilter, Payload, to_payload
 from components.federated.rounds import Client, FederatedError, FederatedRun, RoundReport, run_round
 from components.training.data import TensorDictDataset
@@ -79,6 +88,7 @@ class FlowerSettings:
     round_timeout: float = 600.0
     connect_timeout: float = 300.0
     model: str = "components.federated.flower:smoke_model"
+    model_config: str = ""  # JSON object: keyword arguments of the model factory (e.g. fedkim_model's tasks)
     data: str = "components.federated.flower:smoke_data"
     output_dir: str = ""
 
@@ -143,12 +153,19 @@ def load_ref(ref: str) -> Callable[..., Any]:
     return obj
 
 
-def build_model(ref: str, seed: int) -> nn.Module:
-    """The model every party builds alike: ``factory()`` under ``seed`` (as ``simulate`` does), the global RNG
-    left as it was. Frozen weights must agree across parties; real factories load them from disk."""
+def build_model(ref: str, seed: int, config: str = "") -> nn.Module:
+    """The model every party builds alike: ``factory(**json.loads(config))`` under ``seed`` (as ``simulate``
+    does), the global RNG left as it was. Frozen weights must agree across parties; real factories load them
+    from disk."""
+    try:
+        kwargs = json.loads(config) if config else {}
+    except ValueError as exc:
+        raise ParamsError(f"Flower run config model-config is not JSON: {exc}") from None
+    if not isinstance(kwargs, dict):
+        raise ParamsError(f"Flower run config model-config must be a JSON object, got {type(kwargs).__name__}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = load_ref(ref)()
+        model = load_ref(ref)(**kwargs)
     if not isinstance(model, nn.Module):
         raise ParamsError(f"model factory {ref!r} returned {type(model).__name__}, not a torch.nn.Module")
     return model
@@ -199,19 +216,31 @@ def local_update(content: RecordDict, node_config: Mapping[str, Any], run_config
     cfg = content.config_records[CONFIG]
     round_ = int(cfg["round"])
     payload = from_record(content.array_records[PAYLOAD])
-    model_key, data_key = (settings.model, settings.seed), (settings.data, _node_key(node_config))
+    model_key = (settings.model, settings.model_config, settings.seed)
+    data_key = (settings.data, _node_key(node_config))
     if model_key not in _MODELS:  # one worker model per process: client_update trains only the payload's keys
-        _MODELS[model_key] = build_model(settings.model, settings.seed)
+        _MODELS[model_key] = build_model(settings.model, settings.seed, settings.model_config)
     if data_key not in _DATA:
         data = load_ref(settings.data)(dict(node_config))
-        if not isinstance(data, TensorDictDataset):
-            raise ParamsError(f"data factory {settings.data!r} returned {type(data).__name__}, "
-                              "not a TensorDictDataset")
+        if not isinstance(data, (TensorDictDataset, Mapping)):
+            raise ParamsError(f"data factory {settings.data!r} returned {type(data).__name__}, not a "
+                              "TensorDictDataset (one task) or a mapping task -> LocalTask (FedKIM)")
         _DATA[data_key] = data
-    result = client_update(_MODELS[model_key], payload, _DATA[data_key], str(cfg["task"]),
-                           epochs=int(cfg["local-epochs"]), batch_size=int(cfg["batch-size"]), lr=float(cfg["lr"]),
-                           weight_decay=float(cfg["weight-decay"]), mu=float(cfg["mu"]),
-                           seed=client_seed(int(cfg["seed"]), round_, pid))
+    data, worker = _DATA[data_key], _MODELS[model_key]
+    common = dict(epochs=int(cfg["local-epochs"]), batch_size=int(cfg["batch-size"]), lr=float(cfg["lr"]),
+                  weight_decay=float(cfg["weight-decay"]), mu=float(cfg["mu"]))
+    if isinstance(data, Mapping):  # FedKIM: a hospital's tasks, one after another (as the in-process simulator)
+        if not isinstance(worker, ClientModel):
+            raise ParamsError(f"a multi-task (FedKIM) shard needs a ClientModel; model factory {settings.model!r} "
+                              f"built {type(worker).__name__}")
+        unknown = sorted(set(data) - set(worker.heads))
+        if unknown:
+            raise DataError(f"{client_id}: holds tasks {unknown} the federation's model has no head for "
+                            f"(its tasks: {sorted(worker.heads)})")
+        result = client_updater(worker, data, index=pid, seed=int(cfg["seed"]), **common)(payload, round_)
+    else:
+        result = client_update(worker, payload, data, str(cfg["task"]), **common,
+                               seed=client_seed(int(cfg["seed"]), round_, pid))
     return RecordDict({
         PAYLOAD: to_record(result.payload),
         METRICS: MetricRecord({"num-examples": result.num_examples, "loss": result.loss, "seconds": result.seconds}),
@@ -314,7 +343,7 @@ def run_server(grid: Grid, settings: FlowerSettings,
                on_round: Callable[[RoundReport], None] | None = None) -> FederatedRun:
     """``num-rounds`` rounds over the connected SuperNodes; the final payload and the reports are written to
     ``output-dir`` when it is set."""
-    model = build_model(settings.model, settings.seed)
+    model = build_model(settings.model, settings.seed, settings.model_config)
     reports: list[RoundReport] = []
     for r in range(1, settings.num_rounds + 1):
         nodes = wait_for_nodes(grid, settings.nodes_needed, settings.connect_timeout)
@@ -392,6 +421,58 @@ def npz_data(node_config: Mapping[str, Any]) -> TensorDictDataset:
         raise DataError(f"{path} has no 'labels' array (it has {sorted(arrays)})")
     labels = torch.as_tensor(arrays.pop("labels"))
     return TensorDictDataset({k: torch.as_tensor(v) for k, v in arrays.items()}, labels)
+
+
+def fedkim_model(tasks: Mapping[str, Sequence[Any]], image_channels: Sequence[int] = (8, 16), in_channels: int = 3,
+                 text_foundation: str | None = None, text_layers: Sequence[int] = (0,), embedding_rank: int = 32,
+                 max_positions: int = 128) -> ClientModel:
+    """FedKIM's local model (``components.federated.clients.build_client_model``) from the run config's
+    ``model-config``: ``tasks`` maps each task to its TaskSpec ``[modality, description, modality_description,
+    num_labels, kind]``; text tasks need ``text_foundation`` (a local encoder folder or "packaged", which needs
+    transformers at the site). Every party builds the same model under the run's seed."""
+    teacher = None
+    if text_foundation:
+        from components.nn.encoders import load_text_encoder
+
+        teacher = load_text_encoder(text_foundation)
+    return build_client_model({name: tuple(spec) for name, spec in tasks.items()}, teacher=teacher,
+                              image_channels=image_channels, in_channels=in_channels, text_layers=text_layers,
+                              embedding_rank=embedding_rank, max_positions=max_positions)
+
+
+SITE_TASKS = "tasks.json"
+
+
+def write_site_shard(folder: str | Path, tasks: Mapping[str, LocalTask]) -> Path:
+    """A hospital's encoded shard for ``fedkim_npz_data``: ``<task>.npz`` (its model inputs and ``labels``) per task
+    and ``tasks.json`` (modality and kind); ``encode_shard`` of the in-process path gives ``tasks``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for task, local in tasks.items():
+        arrays = {k: v.cpu().numpy() for k, v in local.data.inputs.items()}
+        np.savez(folder / f"{task}.npz", labels=local.data.labels.cpu().numpy(), **arrays)
+    (folder / SITE_TASKS).write_text(json.dumps({t: {"modality": lt.modality, "kind": lt.kind}
+                                                 for t, lt in tasks.items()}, indent=1))
+    return folder
+
+
+def fedkim_npz_data(node_config: Mapping[str, Any]) -> dict[str, LocalTask]:
+    """A hospital's FedKIM shard from ``data-path`` (a folder written by ``write_site_shard``)."""
+    path = node_config.get("data-path")
+    if not isinstance(path, str) or not path:
+        raise ParamsError("SuperNode --node-config needs data-path=\"/path/to/site-folder\" for fedkim_npz_data")
+    folder = Path(path)
+    try:
+        spec = json.loads((folder / SITE_TASKS).read_text())
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{folder / SITE_TASKS}: cannot read the site's task list ({exc})") from None
+    out = {}
+    for task, info in spec.items():
+        data = npz_data({"data-path": str(folder / f"{task}.npz")})
+        out[task] = LocalTask(info["modality"], info["kind"], data)
+    if not out:
+        raise DataError(f"{folder}: the site holds no task")
+    return out
 
 
 class SmokeMLP(nn.Module):
