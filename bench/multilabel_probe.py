@@ -7,8 +7,10 @@ length) embeds the training rows the experts use (`--train-rows`, the same seede
 On those embeddings, test metrics of:
 
 - the probe as it was: BCE without class weights, decision at p = 0.5 (`fit_head` with neither fix);
-- the probe now (`components.training.probe.fit_probe`): per-label balanced positive weights, L2 and per-label
-  thresholds picked on validation;
+- the probe now (`components.training.probe.fit_probe`, the default params): per-label balanced positive weights,
+  L2 and per-label thresholds picked on validation (each threshold kept only where a half split of validation
+  confirms it beats 0.5, see `components.training.multilabel.best_thresholds`);
+- the same with `experts.probe.multilabel_thresholds: false` (decision at p = 0.5);
 - scikit-learn's LogisticRegression(class_weight="balanced") per label, C in {0.01, 0.1, 1, 10} picked on
   validation macro-F1, decision at p = 0.5 (what the issue asks the probe to reach).
 """
@@ -57,10 +59,15 @@ def main() -> None:
     splits = {"train": load_split(work / "data", "hoc", "train").subset(args.train_rows, params.pipeline.seed),
               "val": load_split(work / "data", "hoc", "val"), "test": load_split(work / "data", "hoc", "test")}
     feats, labels = {}, {}
-    with torch.no_grad():
-        for name, split in splits.items():
-            feats[name] = batched(found.encoder, found.inputs(list(split.inputs)), 64)
-            labels[name] = torch.as_tensor(np.asarray(split.labels)).float()
+    cache = work / f"embeddings-{len(splits['train'])}.pt"  # reruns on the same work folder skip the encoder
+    if cache.is_file():
+        feats, labels = torch.load(cache)
+    else:
+        with torch.no_grad():
+            for name, split in splits.items():
+                feats[name] = batched(found.encoder, found.inputs(list(split.inputs)), 64)
+                labels[name] = torch.as_tensor(np.asarray(split.labels)).float()
+        torch.save((feats, labels), cache)
     embed_seconds = time.perf_counter() - t0
     width = labels["train"].shape[1]
 
@@ -84,10 +91,14 @@ def main() -> None:
             val = compute_metrics("multilabel", head(feats["val"]), labels["val"], width)["macro_f1"]
             if best_old is None or val > best_old[0]:
                 best_old = (val, scores(head(feats["test"])), l2)
-    head, val_new = fit_probe((feats["train"], labels["train"]), (feats["val"], labels["val"]), "multilabel", width,
-                              pp, "macro_f1", params.pipeline.seed)
-    with torch.no_grad():
-        new = scores(head(feats["test"]))
+    results_now = {}
+    for name, probe_params in (("probe_now", pp.model_copy(update={"multilabel_thresholds": True})),
+                               ("probe_without_thresholds", pp.model_copy(update={"multilabel_thresholds": False}))):
+        head, val_metrics = fit_probe((feats["train"], labels["train"]), (feats["val"], labels["val"]), "multilabel",
+                                      width, probe_params, "macro_f1", params.pipeline.seed)
+        with torch.no_grad():
+            results_now[name] = {"test": scores(head(feats["test"])), "val_macro_f1": float(val_metrics["macro_f1"]),
+                                 "l2": val_metrics["l2"]}
     best_sk = None
     x_tr, x_va, x_te = (feats[k].numpy() for k in ("train", "val", "test"))
     for c in (0.01, 0.1, 1.0, 10.0):
@@ -106,13 +117,15 @@ def main() -> None:
                    "val_rows": len(splits["val"]), "test_rows": len(splits["test"]), "foundation": "all-MiniLM-L6-v2",
                    "max_length": found.max_length, "l2_grid": list(pp.l2_grid), "sklearn_C": [0.01, 0.1, 1.0, 10.0]},
         "probe_before": {"test": best_old[1], "l2": best_old[2]},
-        "probe_now": {"test": new, "l2": val_new["l2"]},
+        **results_now,
         "sklearn_balanced_lr": {"test": best_sk[1], "C": best_sk[2]},
-        "probe_now_reaches_sklearn": new["macro_f1"] >= best_sk[1]["macro_f1"] - 0.005,
+        "probe_now_reaches_sklearn": results_now["probe_now"]["test"]["macro_f1"] >= best_sk[1]["macro_f1"],
         "embed_seconds": embed_seconds, "wall_seconds": time.perf_counter() - t0,
     }
     write_result("multilabel_probe", result)
-    print(f"HoC test macro-F1: probe before {best_old[1]['macro_f1']:.3f}, probe now {new['macro_f1']:.3f}, "
+    now, plain = (results_now[k]["test"]["macro_f1"] for k in ("probe_now", "probe_without_thresholds"))
+    print(f"HoC test macro-F1: probe before {best_old[1]['macro_f1']:.3f}, probe now {now:.3f} (without the "
+          f"thresholds {plain:.3f}), "
           f"sklearn balanced LR {best_sk[1]['macro_f1']:.3f}", flush=True)
 
 

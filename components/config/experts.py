@@ -25,6 +25,10 @@ class ProbeParams(Strict):
     lr: float = Field(1e-2, gt=0, description="Probe learning rate.")
     l2_grid: list[float] = Field(default_factory=lambda: [1e-4, 1e-3, 1e-2], min_length=1,
                                  description="L2 strengths tried; the best on validation is kept.")
+    multilabel_thresholds: bool = Field(
+        True, description="Multilabel: per-label decision thresholds picked on validation (kept only where they beat "
+                          "0.5 across a half split of it) and folded into the head (probe and expert). Per-label class "
+                          "weights are always on. bench/results/multilabel_probe.json measures both on HoC.")
 
 class PromptParams(Strict):
     num_virtual_tokens: int = Field(20, ge=1, description="Soft-prompt length N (virtual tokens).")

@@ -115,7 +115,7 @@ def train_expert(task: str, inp: ExpertsInputs, data_dir: Path, foundation_dir: 
     model.cpu()
     train_seconds = time.perf_counter() - t0
     model.eval()
-    if train.kind == "multilabel":  # per-label thresholds on validation, folded into the head's bias
+    if train.kind == "multilabel" and ep.probe.multilabel_thresholds:  # per-label thresholds on val, in the bias
         with torch.no_grad():
             fold_thresholds(head, best_thresholds(batched(model, x_va), y_va))
     expert_val = compute_metrics(train.kind, batched(model, x_va), y_va, train.num_labels)

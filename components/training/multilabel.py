@@ -29,19 +29,34 @@ def pos_weight(labels: torch.Tensor) -> torch.Tensor:
     return w.clamp(1 / MAX_POS_WEIGHT, MAX_POS_WEIGHT)
 
 
+def _f1_at(p: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """F1 of one label at every threshold of THRESHOLDS: (T,)."""
+    pred = p.unsqueeze(0) >= THRESHOLDS.unsqueeze(1)  # (T, N)
+    tp = (pred & y).sum(dim=1).float()
+    return 2 * tp / (pred.sum(dim=1) + y.sum()).clamp(min=1)
+
+
 def best_thresholds(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Per label, the probability threshold in 0.05..0.95 with the best F1 on (validation) ``logits``; 0.5 for a
-    label without positives there (nothing to calibrate on)."""
+    """Per label, the probability threshold in 0.05..0.95 with the best F1 on (validation) ``logits`` -- kept only
+    where it generalises: the threshold picked on one half of the rows (even / odd) must beat 0.5 on the other half,
+    summed over both ways. A threshold tuned on a handful of positives otherwise overfits (measured on HoC: tuned on
+    all of validation, +7 macro-F1 points there and -3 on test). 0.5 for a label without positives."""
     p = torch.sigmoid(logits.detach().float())
     y = labels.float() > 0.5
+    half = torch.arange(p.shape[0]) % 2 == 0
+    default = int((THRESHOLDS - 0.5).abs().argmin())
     out = torch.full((p.shape[1],), 0.5)
     for j in range(p.shape[1]):
         if not y[:, j].any():
             continue
-        pred = p[:, j].unsqueeze(0) >= THRESHOLDS.unsqueeze(1)  # (T, N)
-        tp = (pred & y[:, j]).sum(dim=1).float()
-        f1 = 2 * tp / (pred.sum(dim=1) + y[:, j].sum()).clamp(min=1)
-        out[j] = THRESHOLDS[int(f1.argmax())]
+        tuned = default_score = 0.0
+        for fit, check in ((half, ~half), (~half, half)):
+            chosen = int(_f1_at(p[fit, j], y[fit, j]).argmax())
+            f1 = _f1_at(p[check, j], y[check, j])
+            tuned += float(f1[chosen])
+            default_score += float(f1[default])
+        if tuned > default_score:
+            out[j] = THRESHOLDS[int(_f1_at(p[:, j], y[:, j]).argmax())]
     return out
 
 

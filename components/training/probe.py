@@ -37,11 +37,12 @@ def fit_head(features: torch.Tensor, labels: torch.Tensor, kind: str, num_labels
 def fit_probe(train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor, torch.Tensor], kind: str,
               num_labels: int, pp: ProbeParams, metric: str, seed: int) -> tuple[nn.Linear, dict[str, float]]:
     """Best head over ``pp.l2_grid`` by validation ``metric``; returns it and its validation metrics. Multilabel
-    heads are class-weighted per label and carry per-label thresholds picked on validation (in their bias)."""
+    heads are class-weighted per label; with ``pp.multilabel_thresholds`` they also carry per-label thresholds
+    picked on validation (in their bias)."""
     best: tuple[float, nn.Linear, dict[str, float]] | None = None
     for l2 in pp.l2_grid:
         head = fit_head(*train, kind, num_labels, pp.epochs, pp.lr, l2, seed)
-        if kind == "multilabel":  # per-label decision thresholds on validation, folded into the bias
+        if kind == "multilabel" and pp.multilabel_thresholds:  # per-label thresholds on validation, in the bias
             with torch.no_grad():
                 fold_thresholds(head, best_thresholds(head(val[0]), val[1]))
         with torch.no_grad():
