@@ -198,8 +198,9 @@ def run_rounds(
     for r in range(1, rounds + 1):
         report = run_round(global_model, clients, r, min_clients=min_clients, max_norm=max_norm,
                            timeout_s=timeout_s, keys=keys, evaluate=evaluate)
-        log.info("[federated] round %d/%d: %d accepted, %d missing, %d rejected; %s", r, rounds,
-                 len(report.accepted), len(report.missing), len(report.rejected), report.metrics)
+        log.info("[federated] round %d/%d: %d accepted, %d missing, %d rejected, %.1f s", r, rounds,
+                 len(report.accepted), len(report.missing), len(report.rejected), report.seconds.get("total", 0.0))
+        log.debug("[federated] round %d metrics: %s", r, report.metrics)
         reports.append(report)
         if on_round is not None:
             on_round(report)

@@ -179,9 +179,7 @@ def load_deployable(out: Path) -> Any:
 def round_logger(log_step: Callable[[dict[str, float], int], None]) -> Callable[[RoundReport], None]:
     """``on_round`` that hands each round's flat metrics to ``log_step(metrics, step)`` (the driver logs them to
     MLflow as the run's steps)."""
-    def on_round(report: RoundReport) -> None:
-        log.info("[federated] round %d: %d accepted, %d missing, %d rejected", report.round, len(report.accepted),
-                 len(report.missing), len(report.rejected))
+    def on_round(report: RoundReport) -> None:  # the engine logs the round's line; this logs its metrics
         log_step(report.as_metrics(), report.round)
     return on_round
 
