@@ -126,9 +126,9 @@ def run(inp: FederatedInputs, data_dir: Path, foundation_dir: Path, out_dir: Pat
     injected = build_injected(found, federated.model, client_specs, num_experts=ip.num_experts, rank=ip.rank,
                               alpha=ip.alpha, targets=ip.targets, extra_tokens=ip.extra_tokens, seed=seed)
     plain = no_injection(found, client_specs, seed=seed)
-    for model in (injected, plain):
+    for name, model in (("FedKIM injection", injected), ("no-injection baseline", plain)):
         train_injected(model, {t: server_train[t] for t in client_tasks}, {t: server_val[t] for t in client_tasks},
-                       trainer=ip.trainer, seed=seed)
+                       trainer=ip.trainer, seed=seed, on_epoch=_epoch_line(name, ip.trainer.max_epochs))
     val = evaluate_injected(injected, {t: server_val[t] for t in client_tasks})
     val_plain = evaluate_injected(plain, {t: server_val[t] for t in client_tasks})
     held: dict[str, dict[str, dict[str, float]]] = {}
@@ -174,6 +174,19 @@ def load_deployable(out: Path) -> Any:
     config = manifest["config"]
     base = out / "base" if (out / "base").is_dir() else resolve_text_source(PACKAGED)
     return load_injected(out, text_foundation(base, config["max_length"], config["foundation_sha256"])), manifest
+
+
+def _epoch_line(name: str, epochs: int) -> Callable[[int, dict[str, float]], None]:
+    """A progress line per server epoch (the server trains outside Lightning)."""
+    start = time.perf_counter()
+
+    def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
+        elapsed = time.perf_counter() - start
+        eta = f", ETA {elapsed / epoch * (epochs - epoch):.0f} s" if epoch < epochs else ""
+        log.info("[federated] server %s: epoch %d/%d train_loss %.4f, %.1f s%s", name, epoch, epochs,
+                 metrics.get("train_loss", float("nan")), elapsed, eta)
+
+    return on_epoch
 
 
 def round_logger(log_step: Callable[[dict[str, float], int], None]) -> Callable[[RoundReport], None]:
