@@ -1,0 +1,126 @@
+"""The fixed cost of a `medexperts run` that skips every stage: before the project's own Prefect server (every
+command started Prefect's temporary server) and now (the project's server, warm or started by the command).
+`medexperts bench fixed_cost [--before COMMIT] [--rounds 3]` -> bench/results/fixed_cost.json
+
+The code of COMMIT (default cebe6f9, the last commit with per-command temporary servers) is exported with `git
+archive` into a temporary folder and run from there with this environment's Python (same packages); the current code
+is this checkout. Each variant gets its own project state (artifacts, MLflow store, Prefect home) in a temporary
+folder, runs the tiny profile once with a tiny 2-layer BERT as the text foundation (not timed: it fills the stage
+outputs), then, in rounds in which the variants alternate (a load change hits all of them), a run that skips every
+stage is timed as a whole process (wall seconds, imports included):
+
+- before: the old code, Prefect's temporary server started and stopped by the run;
+- now, warm: the project's server already running (every run after the first);
+- now, cold: the project's server stopped first (`medexperts services down`), so the run starts it.
+
+Medians over the rounds and the ratio before / now-warm. Machine load is recorded (os.getloadavg) before and after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.common import ROOT, write_result
+
+CLI = "from flows.cli import main; main()"
+
+
+def tiny_bert(folder: Path) -> Path:
+    """A randomly initialised 2-layer BERT with MiniLM's tokenizer (what the test suite uses)."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    from components.nn.encoders import resolve_text_source
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64)
+    BertModel(config).save_pretrained(folder)
+    packaged = resolve_text_source("packaged")
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy(packaged / name, folder / name)
+    return folder
+
+
+def export(commit: str, out: Path) -> Path:
+    out.mkdir(parents=True)
+    archive = subprocess.run(["git", "archive", commit], cwd=ROOT, capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(out)], input=archive, check=True)
+    return out
+
+
+def variant_env(code: Path, state: Path) -> dict[str, str]:
+    keep = {k: v for k, v in os.environ.items()
+            if not k.startswith(("MEDEXPERTS_", "PREFECT_", "MLFLOW_"))}
+    return {**keep, "PYTHONPATH": str(code), "MEDEXPERTS_PROJECT_DIR": str(code),
+            "MEDEXPERTS_ARTIFACTS_DIR": str(state / "artifacts"),
+            "MEDEXPERTS_ARTIFACT_ROOT": (state / "mlruns").as_uri(),
+            "MLFLOW_TRACKING_URI": f"sqlite:///{state / 'mlflow.db'}", "PREFECT_HOME": str(state / "prefect"),
+            "MEDEXPERTS_PREFECT_PORT": "0", "MEDEXPERTS_BENCH_MLFLOW": "0"}
+
+
+def medexperts(code: Path, env: dict[str, str], *args: str) -> float:
+    """Run the CLI of ``code`` as a whole process; its wall seconds."""
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", CLI, *args], cwd=code, env=env, capture_output=True, text=True)
+    seconds = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"`medexperts {' '.join(args)}` in {code} failed ({proc.returncode}):\n"
+                         f"{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+    return seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="medexperts bench fixed_cost", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--before", default="cebe6f9", help="commit with per-command temporary Prefect servers")
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+
+    t_all = time.perf_counter()
+    load_before = os.getloadavg()
+    with tempfile.TemporaryDirectory(prefix="medexperts-bench-fixed-") as tmp:
+        root = Path(tmp)
+        bert = tiny_bert(root / "tiny-bert")
+        sets = ["--profile", "tiny", "--set", f"foundation.text.source={bert}", "--set", "registry.floor=0.0"]
+        before_code = export(args.before, root / "before-code")
+        variants = {"before": (before_code, variant_env(before_code, root / "before")),
+                    "now": (ROOT, variant_env(ROOT, root / "now"))}
+        fill = {name: medexperts(code, env, "run", *sets) for name, (code, env) in variants.items()}
+        times: dict[str, list[float]] = {"before": [], "now_warm": [], "now_cold": []}
+        now_code, now_env = variants["now"]
+        try:
+            for _ in range(args.rounds):
+                times["before"].append(medexperts(*variants["before"], "run", *sets))
+                times["now_warm"].append(medexperts(now_code, now_env, "run", *sets))
+                medexperts(now_code, now_env, "services", "down")
+                times["now_cold"].append(medexperts(now_code, now_env, "run", *sets))
+        finally:
+            subprocess.run([sys.executable, "-c", CLI, "services", "down"], cwd=now_code, env=now_env,
+                           capture_output=True)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    result = {
+        "params": {"before_commit": args.before, "rounds": args.rounds, "profile": "tiny",
+                   "what": "wall seconds of a whole `medexperts run` process in which every stage is skipped"},
+        "seconds": times, "median_seconds": med,
+        "before_over_now_warm": med["before"] / med["now_warm"],
+        "before_over_now_cold": med["before"] / med["now_cold"],
+        "fill_run_seconds": fill, "load_average_before": load_before, "load_average_after": os.getloadavg(),
+        "wall_seconds": time.perf_counter() - t_all,
+    }
+    write_result("fixed_cost", result)
+    print(f"skip-all run, median of {args.rounds}: before {med['before']:.1f} s, now (server warm) "
+          f"{med['now_warm']:.1f} s, now (server started by the run) {med['now_cold']:.1f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
