@@ -13,7 +13,8 @@ stage is timed as a whole process (wall seconds, imports included):
 - now, warm: the project's server already running (every run after the first);
 - now, cold: the project's server stopped first (`medexperts services down`), so the run starts it.
 
-Medians over the rounds and the ratio before / now-warm. Machine load is recorded (os.getloadavg) before and after.
+Medians over the rounds (of the runs that succeeded; a failed run, e.g. the old temporary server timing out, is
+recorded with its error line) and the ratio before / now-warm. Machine load is recorded before and after.
 """
 
 from __future__ import annotations
@@ -68,15 +69,16 @@ def variant_env(code: Path, state: Path) -> dict[str, str]:
             "MEDEXPERTS_PREFECT_PORT": "0", "MEDEXPERTS_BENCH_MLFLOW": "0"}
 
 
-def medexperts(code: Path, env: dict[str, str], *args: str) -> float:
-    """Run the CLI of ``code`` as a whole process; its wall seconds."""
+def medexperts(code: Path, env: dict[str, str], *args: str) -> tuple[float, str | None]:
+    """Run the CLI of ``code`` as a whole process: (wall seconds, None) or (seconds, the last line of a failure)."""
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", CLI, *args], cwd=code, env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - t0
-    if proc.returncode != 0:
-        raise SystemExit(f"`medexperts {' '.join(args)}` in {code} failed ({proc.returncode}):\n"
-                         f"{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
-    return seconds
+    if proc.returncode == 0:
+        return seconds, None
+    lines = [line.strip() for line in (proc.stderr + proc.stdout).splitlines() if line.strip()]
+    errors = [line for line in lines if "Error" in line or line.startswith("error")]
+    return seconds, (errors or lines or ["(no output)"])[-1][:300]
 
 
 def main() -> None:
@@ -95,31 +97,44 @@ def main() -> None:
         before_code = export(args.before, root / "before-code")
         variants = {"before": (before_code, variant_env(before_code, root / "before")),
                     "now": (ROOT, variant_env(ROOT, root / "now"))}
-        fill = {name: medexperts(code, env, "run", *sets) for name, (code, env) in variants.items()}
+        fill = {}
+        for name, (code, env) in variants.items():  # a failed fill (the old temporary server) is retried once
+            fill[name] = medexperts(code, env, "run", *sets)
+            if fill[name][1] is not None:
+                fill[name] = medexperts(code, env, "run", *sets)
+            if fill[name][1] is not None:
+                raise SystemExit(f"{name}: the tiny run that fills the stage outputs failed twice: {fill[name][1]}")
         times: dict[str, list[float]] = {"before": [], "now_warm": [], "now_cold": []}
+        failures: dict[str, list[str]] = {k: [] for k in times}
         now_code, now_env = variants["now"]
+
+        def timed(key: str, code: Path, env: dict[str, str]) -> None:
+            seconds, failure = medexperts(code, env, "run", *sets)
+            (failures[key].append(failure) if failure else times[key].append(seconds))
+
         try:
             for _ in range(args.rounds):
-                times["before"].append(medexperts(*variants["before"], "run", *sets))
-                times["now_warm"].append(medexperts(now_code, now_env, "run", *sets))
+                timed("before", *variants["before"])
+                timed("now_warm", now_code, now_env)
                 medexperts(now_code, now_env, "services", "down")
-                times["now_cold"].append(medexperts(now_code, now_env, "run", *sets))
+                timed("now_cold", now_code, now_env)
         finally:
             subprocess.run([sys.executable, "-c", CLI, "services", "down"], cwd=now_code, env=now_env,
                            capture_output=True)
-    med = {k: statistics.median(v) for k, v in times.items()}
+    med = {k: statistics.median(v) if v else float("nan") for k, v in times.items()}
     result = {
         "params": {"before_commit": args.before, "rounds": args.rounds, "profile": "tiny",
                    "what": "wall seconds of a whole `medexperts run` process in which every stage is skipped"},
-        "seconds": times, "median_seconds": med,
+        "seconds": times, "median_seconds": med, "failures": failures,
         "before_over_now_warm": med["before"] / med["now_warm"],
         "before_over_now_cold": med["before"] / med["now_cold"],
-        "fill_run_seconds": fill, "load_average_before": load_before, "load_average_after": os.getloadavg(),
-        "wall_seconds": time.perf_counter() - t_all,
+        "fill_run_seconds": {k: v[0] for k, v in fill.items()}, "load_average_before": load_before,
+        "load_average_after": os.getloadavg(), "wall_seconds": time.perf_counter() - t_all,
     }
     write_result("fixed_cost", result)
     print(f"skip-all run, median of {args.rounds}: before {med['before']:.1f} s, now (server warm) "
-          f"{med['now_warm']:.1f} s, now (server started by the run) {med['now_cold']:.1f} s", flush=True)
+          f"{med['now_warm']:.1f} s, now (server started by the run) {med['now_cold']:.1f} s; failed runs: "
+          f"{ {k: len(v) for k, v in failures.items()} }", flush=True)
 
 
 if __name__ == "__main__":

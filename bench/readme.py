@@ -121,6 +121,18 @@ def baselines_section(result: dict) -> str:
             f"seeds.\n\n{table}\n")
 
 
+def fixed_cost_section(result: dict) -> str:
+    """A skip-all run's wall time before and after the project's own Prefect server."""
+    m, p = result["median_seconds"], result["params"]
+    return (f"A `medexperts run` that skips every stage (tiny profile, a whole process, imports included), median of "
+            f"{p['rounds']} alternating rounds, {machine_line(result)} (`bench/results/fixed_cost.json`): "
+            f"{m['before']:.1f} s before (commit {p['before_commit']}: Prefect's temporary server per command), "
+            f"{m['now_warm']:.1f} s now with the project's server running "
+            f"({result['before_over_now_warm']:.1f}x less), {m['now_cold']:.1f} s when the run has to start it."
+            + "".join(f" {len(v)} of {p['rounds']} '{k}' runs failed ({v[0]})." for k, v in
+                      result.get("failures", {}).items() if v) + "\n")
+
+
 def decompose_section(result: dict) -> str:
     metric = result["params"]["primary_metric"]
     rows = []
@@ -536,6 +548,7 @@ def main() -> None:
     for name, section in (("experts", experts_section), ("baselines", baselines_section),
                           ("decompose", decompose_section), ("fusion", fusion_section),
                           ("routing", routing_section), ("federated", federated_section),
+                          ("fixed_cost", fixed_cost_section),
                           ("architecture", architecture_section)):
         path = RESULTS / f"{name}.json"
         if path.is_file():
