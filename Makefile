@@ -47,6 +47,9 @@ bench: setup ## run the benchmarks (bench/results/*.json + MLflow runs), then re
 	$(BIN)/medexperts bench experts --work $(BENCH_WORK)
 	$(BIN)/medexperts bench decompose
 	$(BIN)/medexperts bench fusion --work $(BENCH_WORK)
+	$(BIN)/medexperts bench baselines
+	$(BIN)/medexperts bench multilabel_probe
+	$(BIN)/medexperts bench fixed_cost
 	$(BIN)/medexperts bench readme
 
 lint: setup ## compile-check every module
