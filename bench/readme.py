@@ -124,13 +124,19 @@ def baselines_section(result: dict) -> str:
 def fixed_cost_section(result: dict) -> str:
     """A skip-all run's wall time before and after the project's own Prefect server."""
     m, p = result["median_seconds"], result["params"]
+    now = (f"{m['now_warm']:.1f} s with the project's server running, {m['now_cold']:.1f} s when the run has to "
+           "start it")
+    if result.get("before_could_run", True) and result.get("before_over_now_warm"):
+        before = (f"{m['before']:.1f} s before (commit {p['before_commit']}: Prefect's temporary server per "
+                  f"command), {now} ({result['before_over_now_warm']:.1f}x less)")
+    else:
+        tries = result["fill_runs"]["before"]
+        before = (f"{now}. The code before it (commit {p['before_commit']}, Prefect's temporary server per command) "
+                  f"did not complete a single run here: {len(tries)} of {len(tries)} tries failed after "
+                  f"{', '.join(format(t['seconds'], '.0f') for t in tries)} s with `{tries[-1]['error']}` (start-up limit "
+                  f"{result['before_startup_timeout_s']:.0f} s)")
     return (f"A `medexperts run` that skips every stage (tiny profile, a whole process, imports included), median of "
-            f"{p['rounds']} alternating rounds, {machine_line(result)} (`bench/results/fixed_cost.json`): "
-            f"{m['before']:.1f} s before (commit {p['before_commit']}: Prefect's temporary server per command), "
-            f"{m['now_warm']:.1f} s now with the project's server running "
-            f"({result['before_over_now_warm']:.1f}x less), {m['now_cold']:.1f} s when the run has to start it."
-            + "".join(f" {len(v)} of {p['rounds']} '{k}' runs failed ({v[0]})." for k, v in
-                      result.get("failures", {}).items() if v) + "\n")
+            f"{p['rounds']} rounds, {machine_line(result)} (`bench/results/fixed_cost.json`): {before}.\n")
 
 
 def decompose_section(result: dict) -> str:
