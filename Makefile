@@ -55,5 +55,6 @@ bench: setup ## run the benchmarks (bench/results/*.json + MLflow runs), then re
 lint: setup ## compile-check every module
 	$(PY) -m compileall -q components flows tests bench
 
-clean: ## remove generated artifacts and local tracking state (keeps .venv)
+clean: ## stop the project's Prefect server, remove generated artifacts and local tracking state (keeps .venv)
+	if [ -x $(BIN)/medexperts ]; then $(BIN)/medexperts services down; fi
 	rm -rf artifacts mlruns mlflow.db .prefect .dvc/cache .dvc/tmp
