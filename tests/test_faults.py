@@ -158,15 +158,17 @@ def test_kill_and_sigterm_mid_training_leave_nothing_half_done(tmp_path: Path, t
     killed = next(r.info.run_id for r in orphans if r.info.run_name == "expert:pubmedqa")
     assert resumed[0].data.tags["resumed_from_run"] == killed  # the curve's first epoch is in the killed run
 
-    # SIGTERM during a forced re-run: it stops, its runs end FAILED, the previous outputs stay as they were
+    # SIGTERM during forced re-runs, at several points (mid-training, between stages, during the federated rounds):
+    # each run stops, its MLflow runs end FAILED, the previous outputs stay as they were
     stage_files = {p: p.read_bytes() for p in (tmp_path / "art").glob("*/_stage.json")}
     assert len(stage_files) == 10
-    code, out = _run_until([*cmd, "--force"], env, "[experts] medical_abstracts LoRA: epoch 1/3", signal.SIGTERM)
-    assert code != 0, out[-2000:]
-    assert "Successfully registered" not in out.split("medical_abstracts LoRA: epoch 1/3")[-1]
-    every = client.search_runs([exp], max_results=500)
-    assert not [r.info.run_name for r in every if r.info.status == "RUNNING"]
-    assert {p: p.read_bytes() for p in (tmp_path / "art").glob("*/_stage.json")} == stage_files
+    for marker in ("[experts] medical_abstracts LoRA: epoch 1/3", "[decompose] started", "[federated] round 1/"):
+        code, out = _run_until([*cmd, "--force"], env, marker, signal.SIGTERM)
+        assert code != 0, (marker, out[-2000:])
+        assert "Successfully registered" not in out.split(marker)[-1], marker
+        every = client.search_runs([exp], max_results=1000)
+        assert not [r.info.run_name for r in every if r.info.status == "RUNNING"], marker
+        assert {p: p.read_bytes() for p in (tmp_path / "art").glob("*/_stage.json")} == stage_files, marker
 
 
 @pytest.mark.parametrize(("code", "what"), [(28, "no space left"), (30, "read-only file system")])
