@@ -77,3 +77,23 @@ def time_training_steps(model: Any, loss_of: Any, device: Any, warmup: int, step
                 times.append(time.perf_counter() - start)
     return {"step_ms": 1000 * statistics.median(times), "train_memory_mb": mem.added_mb, "memory_kind": mem.kind,
             "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+
+
+def tiny_bert(folder: Path) -> Path:
+    """A randomly initialised 2-layer BERT saved as a local HF folder, with MiniLM's tokenizer: the text foundation of
+    the tiny profile in tests and smoke benchmarks (`--set foundation.text.source=<folder>`)."""
+    import shutil
+
+    import torch
+    from transformers import BertConfig, BertModel
+
+    from components.nn.encoders import resolve_text_source
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64)
+    BertModel(config).save_pretrained(folder)
+    packaged = resolve_text_source("packaged")
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy(packaged / name, folder / name)
+    return folder

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -30,26 +29,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import ROOT, write_result
+from bench.common import ROOT, tiny_bert, write_result
 
 CLI = "from flows.cli import main; main()"
-
-
-def tiny_bert(folder: Path) -> Path:
-    """A randomly initialised 2-layer BERT with MiniLM's tokenizer (what the test suite uses)."""
-    import torch
-    from transformers import BertConfig, BertModel
-
-    from components.nn.encoders import resolve_text_source
-
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=64)
-    BertModel(config).save_pretrained(folder)
-    packaged = resolve_text_source("packaged")
-    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
-        shutil.copy(packaged / name, folder / name)
-    return folder
 
 
 def export(commit: str, out: Path) -> Path:

@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from components.core.errors import MedExpertsError, ParamsError
+from components.core.lock import pid_alive
 
 HOST = "127.0.0.1"
 STATE, LOG, LOCK = "server.json", "server.log", "server.lock"
@@ -77,12 +78,8 @@ def _write_state(home: Path, state: ServerState) -> None:
 def _alive(pid: int) -> bool:
     """A live process that is a Prefect server (its command line says so where /proc exists; an empty one is a
     process between fork and exec, just started)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+    if not pid_alive(pid):
         return False
-    except PermissionError:
-        return True
     proc = Path(f"/proc/{pid}")
     if not proc.exists():
         return True  # no /proc (macOS): the pid answers, take it

@@ -31,6 +31,7 @@ from components.stages.promote import Decision, PromoteInputs, PromoteSummary
 from components.stages.routing import RoutingInputs, RoutingSummary
 from components.stages.sources import SourcesInputs, SourcesSummary
 from components.tracking import runs
+from components.training.trainer import LAST
 from components.tracking.lineage import git_info, log_datasets
 from components.tracking.registry import gate, register_bundle, register_foundation, registered
 
@@ -112,7 +113,7 @@ def _note_resume(checkpoint_dir: Path, run_id: str) -> None:
     """A run that resumes a killed one's checkpoint names the MLflow run it continues (``resumed_from_run``: the
     epochs before the kill are logged there); this run becomes the one a later resume names."""
     record = checkpoint_dir / "mlflow_run_id"
-    if (checkpoint_dir / "last.ckpt").is_file() and record.is_file():
+    if (checkpoint_dir / LAST).is_file() and record.is_file():
         previous = record.read_text().strip()
         runs.set_tags({"resumed_from_run": previous})
         log.info("[experts] resuming the checkpoint of MLflow run %s", previous)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
@@ -18,20 +17,9 @@ def project_dir() -> Path:
 @pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A randomly initialised 2-layer BERT saved as a local HF folder, with MiniLM's tokenizer."""
-    import torch
-    from transformers import BertConfig, BertModel
+    from bench.common import tiny_bert as build
 
-    from components.nn.encoders import resolve_text_source
-
-    folder = tmp_path_factory.mktemp("tiny-bert")
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=64)
-    BertModel(config).save_pretrained(folder)
-    packaged = resolve_text_source("packaged")
-    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
-        shutil.copy(packaged / name, folder / name)
-    return folder
+    return build(tmp_path_factory.mktemp("tiny-bert"))
 
 
 @pytest.fixture()

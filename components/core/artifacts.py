@@ -29,7 +29,7 @@ M = TypeVar("M", bound=BaseModel)
 
 
 def _sibling(out_dir: Path, tag: str) -> Path:
-    """A fresh hidden path next to out_dir (same filesystem, so renames are atomic)."""
+    """A fresh hidden path next to out_dir (same filesystem, so renames are atomic); its name matches layout.SIBLING."""
     return out_dir.parent / f".{out_dir.name}.{tag}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 

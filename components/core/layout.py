@@ -6,9 +6,13 @@ A stage writes one folder, ``<artifacts>/<stage>/``; what lies inside is named h
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 MANIFEST = "manifest.json"  # every artifact folder: kind + sha256 of each file (components.core.artifacts)
+# ``.<name>.<tag>-<pid>-<hex8>``: the temporary siblings of components.core.artifacts (tag "tmp" for a write in
+# progress, "old" for the output it replaces); components.core.lock finds the ones of dead processes by it.
+SIBLING = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)-[0-9a-f]{8}$")
 STAGE_FILE = "_stage.json"  # the fingerprint that produced a stage folder
 SUMMARY_FILE = "_summary.json"  # the stage's typed summary (components.stages.*.Summary)
 

@@ -4,7 +4,7 @@ The project lock is an ``flock`` on ``<artifacts>/.medexperts.lock``: the kernel
 (even by kill -9), so a crash never leaves a stale lock. The holder writes who it is (pid, host, since) into the
 file, so a second run can say whom it waits for. Re-entrant within one process (the flow and a stage it calls).
 
-Temporary siblings (``.<name>.tmp-<pid>-<hex>``, ``.<name>.old-<pid>-<hex>``, see ``components.core.artifacts``)
+Temporary siblings (``.<name>.tmp-<pid>-<hex>``, ``.<name>.old-<pid>-<hex>``: ``components.core.layout.SIBLING``)
 of processes that are gone are removed by ``clean_dead_temporaries``; an ``.old-`` backup whose output folder is
 missing (a kill between the two renames of a swap) is put back instead, so no finished output is lost.
 """
@@ -16,7 +16,6 @@ import fcntl
 import json
 import logging
 import os
-import re
 import shutil
 import socket
 import time
@@ -25,10 +24,10 @@ from pathlib import Path
 from typing import Any
 
 from components.core.errors import MedExpertsError
+from components.core.layout import SIBLING
 
 log = logging.getLogger("medexperts")
 LOCK_FILE = ".medexperts.lock"
-_TEMP = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)-[0-9a-f]{8}$")
 _held: dict[Path, tuple[Any, int]] = {}  # lock path -> (open file, depth): re-entrant within this process
 
 
@@ -117,7 +116,7 @@ def clean_dead_temporaries(folder: Path) -> list[Path]:
         return touched
     for dirpath, dirnames, filenames in os.walk(folder):
         for name in [*dirnames, *filenames]:
-            m = _TEMP.match(name)
+            m = SIBLING.match(name)
             if m is None or int(m["pid"]) == os.getpid() or pid_alive(int(m["pid"])):
                 continue
             path = Path(dirpath) / name

@@ -34,6 +34,7 @@ from components.metrics.plots import plot_rounds
 from components.nn.encoders import PACKAGED, resolve_text_source
 from components.nn.foundation import load_foundation, text_foundation
 from components.stages.base import StageSummary, TaskInputs, param
+from components.training.callbacks import log_epoch
 
 log = logging.getLogger("medexperts")
 
@@ -178,13 +179,14 @@ def load_deployable(out: Path) -> Any:
 
 def _epoch_line(name: str, epochs: int) -> Callable[[int, dict[str, float]], None]:
     """A progress line per server epoch (the server trains outside Lightning)."""
-    start = time.perf_counter()
+    start = last = time.perf_counter()
 
     def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
-        elapsed = time.perf_counter() - start
-        eta = f", ETA {elapsed / epoch * (epochs - epoch):.0f} s" if epoch < epochs else ""
-        log.info("[federated] server %s: epoch %d/%d train_loss %.4f, %.1f s%s", name, epoch, epochs,
-                 metrics.get("train_loss", float("nan")), elapsed, eta)
+        nonlocal last
+        now = time.perf_counter()
+        log_epoch(f"[federated] server {name}", epoch, epochs, {"train_loss": metrics["train_loss"]}, now - last,
+                  (now - start) / epoch)
+        last = now
 
     return on_epoch
 
