@@ -17,6 +17,7 @@ import typer
 from rich.console import Console
 
 from components.core.errors import MedExpertsError
+from components.core.stop import StopRequested
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 
@@ -68,6 +69,10 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         except MedExpertsError as exc:
             err.print(f"[bold red]error:[/] {type(exc).__name__}: {exc}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
+        except StopRequested as exc:  # SIGTERM, honoured at a safe point (`medexperts stage`; a flow re-raises it)
+            err.print(f"[bold red]stopped:[/] {exc}; this run's MLflow runs are FAILED, the previous outputs "
+                      "unchanged", highlight=False, soft_wrap=True)
+            raise typer.Exit(128 + exc.signum) from None
         except OSError as exc:
             line = storage_error(exc)
             if line is None:
@@ -180,10 +185,11 @@ def stage(name: Annotated[str, typer.Argument(help=f"One of: {' | '.join(STAGE_N
     console_logging()
     if name not in STAGES:
         raise ParamsError(f"unknown stage {name!r}; stages: {list(STAGES)}")
+    from components.core import stop
     from components.core.lock import clean_dead_temporaries, project_lock
 
     params = _params(root, profile, print_config, parse_sets(set_))
-    with project_lock(artifacts_dir(root), what=f"stage {name}"):
+    with stop.graceful(), project_lock(artifacts_dir(root), what=f"stage {name}"):
         clean_dead_temporaries(artifacts_dir(root))
         runs.use_experiment(params.pipeline.experiment, mlruns_uri(root))
         run_stage(name, StageContext(root, artifacts_dir(root), params, os.environ.get("MEDEXPERTS_PARENT_RUN_ID")),

@@ -3,7 +3,10 @@ decompose -> fusion -> evaluate -> promote), then the outputs versioned with DVC
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +14,7 @@ from prefect import flow, task
 from prefect.cache_policies import NONE
 
 from components.config import load_params
+from components.core import stop
 from components.core.fingerprint import json_hash
 from components.core.lock import clean_dead_temporaries, project_lock
 from components.tracking.lineage import git_info
@@ -50,9 +54,28 @@ def retrain(profile: str | None = None, force: bool = False, stages: list[str] |
     configure(root)
     params = load_params(root / "params", profile, overrides)
     ctx = StageContext(root, artifacts_dir(root), params)
-    with project_lock(ctx.artifacts, wait=wait, what=f"retrain {params.pipeline.profile}"):
+    with stopping_as_prefect_expects(), project_lock(ctx.artifacts, wait=wait,
+                                                     what=f"retrain {params.pipeline.profile}"):
         clean_dead_temporaries(ctx.artifacts)
         return _retrain(root, ctx, params, force, stages, overrides)
+
+
+@contextlib.contextmanager
+def stopping_as_prefect_expects() -> Iterator[None]:
+    """SIGTERM stops the run at its next safe point (``components.core.stop``); the stop then reaches Prefect as
+    its own ``TerminationSignal``, so the flow run ends Crashed (or Cancelled, when Prefect's runner asked) and the
+    process ends by SIGTERM, as a terminated process should."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+    from prefect.exceptions import TerminationSignal
+
+    try:
+        with stop.graceful():
+            yield
+    except (stop.StopRequested, SIGTERMException) as exc:  # Lightning's own flag may win the race at an epoch end
+        where = exc.where if isinstance(exc, stop.StopRequested) else "the end of a training epoch"
+        log.warning("[stop] stopped at %s: this run's MLflow runs are FAILED, the previous outputs unchanged; "
+                    "`medexperts run` again resumes", where)
+        raise TerminationSignal(stop.requested() or signal.SIGTERM) from exc
 
 
 def _retrain(root: Path, ctx: StageContext, params: Any, force: bool, stages: list[str] | None,

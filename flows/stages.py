@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import components
+from components.core import stop
 from components.config import Params
 from components.core.artifacts import atomic_dir, mark_stage, read_json, read_model, stage_is_current, write_model
 from components.core.errors import ArtifactError
@@ -97,6 +98,7 @@ def fingerprint(name: str, ctx: StageContext) -> tuple[str, dict[str, str], Stag
 
 def run_stage(name: str, ctx: StageContext, force: bool = False) -> StageSummary:
     """Run (or skip) one stage inside a nested MLflow run; returns its summary."""
+    stop.check(f"the start of stage {name}")
     stage = STAGES[name]
     fp, upstream, inp = fingerprint(name, ctx)
     out = ctx.out(name)

@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from components.core import stop
 from components.core.errors import MedExpertsError
 from components.core.layout import SIBLING
 
@@ -79,7 +80,13 @@ def project_lock(folder: Path, *, wait: bool = True, what: str = "",
                 raise ProjectBusy(f"the project {folder} is in use by another run ({busy}); wait for it to finish, "
                                   "or run without --no-wait to queue behind it") from None
             (on_wait or log.info)(f"waiting for the run that holds the project ({busy})")
-            fcntl.flock(fh, fcntl.LOCK_EX)
+            while True:  # polled, not a blocking flock: a stop request (SIGTERM) ends the wait at once
+                stop.check("the wait for the project lock")
+                try:
+                    fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    time.sleep(0.5)
         fh.seek(0)
         fh.truncate()
         fh.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time(), "what": what}))

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from components.core import stop
 from components.core.errors import DataError, ParamsError
 from components.federated.aggregate import proximal_term
 from components.federated.payload import Payload, load_payload, to_payload
@@ -105,6 +106,7 @@ def client_update(
             torch.manual_seed(seed)
             for _ in range(epochs):
                 for batch in batches:
+                    stop.check("a federated client's batch")
                     batch = {k: v.to(device) for k, v in batch.items()}
                     labels = batch.pop("labels")
                     batch.pop("task_ids", None)

@@ -35,6 +35,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
+from components.core import stop
 from components.config import TrainerParams
 from components.core.artifacts import read_manifest, save_tensors, write_manifest
 from components.core.errors import ArtifactError, DataError, ParamsError
@@ -463,6 +464,7 @@ def train_injected(
             for epoch in range(1, epochs + 1):
                 total, seen = torch.zeros((), device=device), 0
                 for batch in batches:
+                    stop.check("a FedKIM server batch")
                     with torch.autocast("cuda", torch.bfloat16, enabled=autocast):
                         loss = mixed_loss(model, batch)
                     opt.zero_grad(set_to_none=True)
@@ -559,6 +561,7 @@ def fit_head_on(
             for epoch in range(epochs):
                 total, seen = 0.0, 0
                 for batch in loader(rows, batch_size, shuffle=True, seed=seed + epoch):
+                    stop.check("a FedKIM head batch")
                     loss = task_loss(spec.kind, head(batch["features"]), batch["labels"])
                     opt.zero_grad(set_to_none=True)
                     loss.backward()

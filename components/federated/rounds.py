@@ -16,6 +16,7 @@ from typing import NamedTuple
 
 from torch import nn
 
+from components.core import stop
 from components.core.errors import ArtifactError, MedExpertsError, ParamsError
 from components.federated.aggregate import fedavg, screen
 from components.federated.client import ClientResult
@@ -196,6 +197,7 @@ def run_rounds(
     _check_run(clients, rounds, min_clients, max_norm, timeout_s)
     reports = []
     for r in range(1, rounds + 1):
+        stop.check(f"the start of federated round {r}")
         report = run_round(global_model, clients, r, min_clients=min_clients, max_norm=max_norm,
                            timeout_s=timeout_s, keys=keys, evaluate=evaluate)
         log.info("[federated] round %d/%d: %d accepted, %d missing, %d rejected, %.1f s", r, rounds,

@@ -14,6 +14,8 @@ from typing import Any
 import lightning as L
 import torch
 
+from components.core import stop
+
 log = logging.getLogger("medexperts")
 
 class RestoreBestTrainable(L.Callback):
@@ -47,6 +49,20 @@ class RestoreBestTrainable(L.Callback):
         with torch.no_grad():
             for name, value in self._state.items():
                 params[name].copy_(value)
+
+
+class StopAtSafePoint(L.Callback):
+    """A stop request (SIGTERM, ``components.core.stop``) ends training after the current batch, not in the middle
+    of an optimiser step or a checkpoint write; Lightning's own SIGTERM flag would wait for the epoch's end."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+
+    def on_train_batch_end(self, *args: Any) -> None:
+        stop.check(f"{self.label}: a training batch")
+
+    def on_validation_batch_end(self, *args: Any) -> None:
+        stop.check(f"{self.label}: a validation batch")
 
 
 class EpochLog(L.Callback):

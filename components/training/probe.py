@@ -11,6 +11,7 @@ import math
 import torch
 from torch import nn
 
+from components.core import stop
 from components.config import ProbeParams
 from components.metrics.classification import compute_metrics
 from components.nn.classifier import make_head
@@ -27,6 +28,7 @@ def fit_head(features: torch.Tensor, labels: torch.Tensor, kind: str, num_labels
     opt = torch.optim.Adam(head.parameters(), lr=lr)
     weight = pos_weight(labels) if kind == "multilabel" else None
     for _ in range(epochs):
+        stop.check("a probe epoch")
         opt.zero_grad()
         loss = task_loss(kind, head(features), labels, weight) + l2 * head.weight.pow(2).sum()
         loss.backward()

@@ -14,7 +14,7 @@ import torch
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
 from components.config import TrainerParams
-from components.training.callbacks import EpochLog, RestoreBestTrainable
+from components.training.callbacks import EpochLog, RestoreBestTrainable, StopAtSafePoint
 
 LAST = "last.ckpt"
 log = logging.getLogger("medexperts")
@@ -57,7 +57,7 @@ def build_trainer(
     Progress: Lightning's bar on a terminal (stderr a TTY), else one ``label: epoch ...`` log line per epoch.
     """
     bar = sys.stderr.isatty() if progress is None else progress
-    callbacks: list[L.Callback] = [] if bar else [EpochLog(label, monitor)]
+    callbacks: list[L.Callback] = [StopAtSafePoint(label)] + ([] if bar else [EpochLog(label, monitor)])
     if monitor:
         callbacks.append(RestoreBestTrainable(monitor, mode))
     if tp.early_stopping_patience and monitor:
