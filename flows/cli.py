@@ -258,7 +258,10 @@ def predict(model: Annotated[str, typer.Option(help="Model URI, e.g. models:/med
             input: Annotated[Path, typer.Option("--input", help="Text file (one input per line) or .npy/.npz images.")],
             task: Annotated[str | None, typer.Option(help="Task head of a multi-task model.")] = None,
             routing: Annotated[bool, typer.Option("--routing", help="A routed model: also print each input's "
-                                                  "expert weights per layer.")] = False) -> None:
+                                                  "expert weights per layer.")] = False,
+            allow_unverified: Annotated[bool, typer.Option(
+                "--allow-unverified", help="Load a version registered without a file digest (by an older "
+                "medexperts) unchecked.")] = False) -> None:
     """Load a registered model and print predictions for raw inputs."""
     from components.tracking.serving import load_model
     from flows.report import load_raw_inputs, print_predictions
@@ -267,7 +270,7 @@ def predict(model: Annotated[str, typer.Option(help="Model URI, e.g. models:/med
     from components.core.errors import ParamsError
 
     raw = load_raw_inputs(input)
-    loaded = load_model(model)
+    loaded = load_model(model, allow_unverified=allow_unverified)
     served = getattr(getattr(loaded.unwrap_python_model(), "bundle", None), "tasks", None)
     if served is not None and task is not None and task not in served:
         raise ParamsError(f"--task {task!r} is not a task of {model}; it serves {served}")

@@ -91,6 +91,10 @@ def test_retrain_end_to_end(isolated_project: Path, tiny_bert: Path, prefect_ser
 
     images = np.random.default_rng(0).integers(0, 256, size=(2, 28, 28), dtype=np.uint8)
     assert len(fedkim.predict(images, params={"task": "breastmnist"})) == 2
+    from components.core.errors import DataError
+
+    with pytest.raises(DataError, match="takes 28x28 grayscale"):  # the recorded training size, no silent nonsense
+        fedkim.predict(np.zeros((2, 64, 64), np.uint8), params={"task": "breastmnist"})
     fused = mlflow.pyfunc.load_model("models:/medexperts-fused-text@champion")
     frame = fused.predict(["Colon adenocarcinoma with lymph node metastasis."], params={"task": "medical_abstracts"})
     assert frame["task"].iloc[0] == "medical_abstracts"

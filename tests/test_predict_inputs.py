@@ -122,6 +122,19 @@ def test_a_registered_model_changed_in_the_store_is_refused(image_model: str, tm
     assert not marker.exists()
 
 
+def test_a_version_without_a_digest_is_loaded_only_when_asked(image_model: str, tmp_path: Path) -> None:
+    """A version registered before digests were recorded cannot be checked: refused in one line naming the
+    fix, loaded with --allow-unverified."""
+    client = mlflow.MlflowClient()
+    name, version = image_model.removeprefix("models:/").split("/")
+    client.delete_model_version_tag(name, version, "files.sha256")
+    np.save(tmp_path / "ok.npy", np.zeros((1, 28, 28), np.uint8))
+    one_error_line(*invoke("predict", "--model", image_model, "--input", str(tmp_path / "ok.npy")),
+                   "without a file digest", "--allow-unverified")
+    code, output = invoke("predict", "--model", image_model, "--input", str(tmp_path / "ok.npy"), "--allow-unverified")
+    assert code == 0, output
+
+
 def test_a_bundle_modified_after_its_stage_is_not_registered(isolated_project: Path) -> None:
     from components.core.errors import ArtifactError
     from components.tracking.registry import register_bundle

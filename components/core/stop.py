@@ -83,6 +83,7 @@ def graceful() -> Iterator[None]:
         if _state["signum"] is not None:  # after the last safe point: the work is whole, nothing to undo
             log.warning("[stop] the stop request came after the last safe point: the run had finished")
     finally:
+        _state["signum"] = _state["since"] = None  # outside the block nothing is pending: check() is a no-op
         signal.setitimer(signal.ITIMER_REAL, 0)
         for s, handler in previous.items():
             signal.signal(s, handler)

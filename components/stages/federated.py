@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from components.bundle.format import image_input
 from components.config import FederatedParams, PrimaryMetric
 from components.core.artifacts import read_manifest, write_manifest
 from components.core.errors import DataError
@@ -145,7 +146,9 @@ def run(inp: FederatedInputs, data_dir: Path, foundation_dir: Path, out_dir: Pat
                  val_plain[t][metric])
     save_deployable(injected, found, injected_model(out_dir), {
         "clients": [f"client_{i}" for i in range(len(shards))], "rounds": fp.rounds, "client_tasks": client_tasks,
-        "label_names": {t: list(inp.tasks[t].label_names) for t in tasks}, "val_metrics": val})
+        "label_names": {t: list(inp.tasks[t].label_names) for t in tasks}, "val_metrics": val,
+        # what predict accepts for an image task: the training images' size and channels (no silent resize)
+        "inputs": {t: image_input(server_train[t].inputs) for t in tasks if specs[t].modality == "image"}})
     reports = federated.reports
     curve = {k: [r.metrics.get(k.removeprefix("val_")) for r in reports]
              for k in reports[0].as_metrics() if k.startswith("val_") and k.endswith(f"_{metric}")} if reports else {}

@@ -108,7 +108,8 @@ class InjectedBundle:
 
     def task_info(self, task: str) -> dict[str, Any]:
         spec = self.model.tasks[task]
-        return {"kind": spec.kind, "label_names": self.manifest["label_names"][task]}
+        return {"kind": spec.kind, "label_names": self.manifest["label_names"][task],
+                "input": self.manifest.get("inputs", {}).get(task)}  # None in models saved before it was recorded
 
     def logits(self, raw: list[str] | np.ndarray, task: str) -> torch.Tensor:
         from components.data.datasets import TaskData
@@ -161,7 +162,7 @@ class BundleModel(mlflow.pyfunc.PythonModel):
             if self.bundle.modality(task) == "image":
                 from components.bundle.format import check_image_input
 
-                check_image_input(raw, None, task)
+                check_image_input(raw, self.bundle.task_info(task)["input"], task)
             return frame_from_logits(self.bundle.logits(raw, task), self.bundle.task_info(task), task)
         return predict_frame(self.bundle, to_raw(model_input, self.bundle.manifest["base"]["modality"]), task,
                              routing=bool((params or {}).get("routing")))

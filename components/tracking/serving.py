@@ -28,9 +28,10 @@ log = logging.getLogger("medexperts")
 _REGISTERED = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[\w-]+))$")
 
 
-def load_model(uri: str) -> Any:
+def load_model(uri: str, *, allow_unverified: bool = False) -> Any:
     """The pyfunc model at ``uri`` (``models:/NAME@champion``, ``models:/NAME/3``, ``runs:/...``); a missing one is
-    one clear line; a registered version whose files differ from their digest at registration is refused."""
+    one clear line; a registered version whose files differ from their digest at registration is refused, and so
+    is one registered without a digest (before the digest was recorded) unless ``allow_unverified``."""
     try:
         m = _REGISTERED.match(uri)
         if m is None:
@@ -43,7 +44,13 @@ def load_model(uri: str) -> Any:
         local = Path(mlflow.artifacts.download_artifacts(f"models:/{m['name']}/{mv.version}", dst_path=str(folder)))
         expected = mv.tags.get(FILES_TAG)
         if expected is None:
-            log.warning("%s (version %s) was registered without a file digest; loading it unchecked", uri, mv.version)
+            if not allow_unverified:
+                raise RegistryError(f"{uri} (version {mv.version}) was registered without a file digest (tag "
+                                    f"{FILES_TAG}; registered by an older medexperts), so its files cannot be checked: "
+                                    "not loading it. Re-register it (medexperts run --force), or load it unchecked "
+                                    "with --allow-unverified if you trust the store")
+            log.warning("%s (version %s) was registered without a file digest; loading it unchecked, as asked", uri,
+                        mv.version)
         elif files_digest(local) != expected:
             raise RegistryError(f"{uri} (version {mv.version}): its files differ from what was registered "
                                 f"(tag {FILES_TAG}); it was modified in the artifact store: not loading it. Re-register "
