@@ -4,6 +4,8 @@ decompose -> fusion -> evaluate -> promote), then the outputs versioned with DVC
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import logging
 import signal
 from collections.abc import Iterator
@@ -20,7 +22,8 @@ from components.core.lock import clean_dead_temporaries, project_lock
 from components.tracking.lineage import git_info
 from components.tracking import runs
 from flows.environment import artifacts_dir, configure, mlruns_uri, project_dir
-from flows.stages import ORDER, StageContext, run_stage
+from flows.fanout import fan_out, map_on
+from flows.stages import ORDER, STAGES, StageContext, run_stage
 from flows.versioning import dvc_commit
 
 log = logging.getLogger("medexperts")
@@ -91,16 +94,47 @@ def _retrain(root: Path, ctx: StageContext, params: Any, force: bool, stages: li
     tags = {**git_info(root), "profile": params.pipeline.profile, "driver": "prefect",
             "params_hash": json_hash(params.model_dump(mode="json")), **_prefect_tags()}
     results: dict[str, Any] = {}
-    with runs.run(f"retrain:{params.pipeline.profile}", tags=tags) as parent_run_id:
+    with runs.run(f"retrain:{params.pipeline.profile}", tags=tags) as parent_run_id, \
+            fan_out(params.pipeline.runner) as runner:
         runs.log_params(params.pipeline.model_dump(exclude={"prefect"}))  # where the server listens is not a run input
         ctx.parent_run_id = parent_run_id
-        for name in selected:
-            results[name] = stage_task.with_options(name=f"stage:{name}")(name, ctx, force)
-            if name == "data":
+        for wave in waves(selected) if runner else [[name] for name in selected]:
+            results |= _run_wave(wave, ctx, force, runner)
+            if "data" in wave:
                 runs.set_tags(version_task(ctx, ["sources", "data"], as_dvc_would))
         runs.set_tags(version_task(ctx, selected, as_dvc_would))
         results["run_id"] = parent_run_id
     return results
+
+
+def waves(selected: list[str]) -> list[list[str]]:
+    """``selected`` (in ORDER) cut into groups that may run side by side: a stage joins the current group when it
+    needs none of the group's stages (experts, decompose and federated need only the data and the foundation)."""
+    groups: list[list[str]] = []
+    for name in selected:
+        owners = {need.split("/")[0] for need in STAGES[name].needs}
+        if groups and not owners & set(groups[-1]):
+            groups[-1].append(name)
+        else:
+            groups.append([name])
+    return groups
+
+
+def _run_wave(wave: list[str], ctx: StageContext, force: bool, runner: Any) -> dict[str, Any]:
+    """One stage after another in this process; with a ``runner`` (Dask), the experts stage in this process with
+    its per-task jobs mapped onto the runner, and the other stages of the wave submitted to it first, so they run
+    beside it."""
+    if runner is None:
+        return {name: stage_task.with_options(name=f"stage:{name}")(name, ctx, force) for name in wave}
+    here = "experts" if "experts" in wave else wave[0]
+    futures = {name: runner.submit(stage_task.with_options(name=f"stage:{name}"),
+                                   {"name": name, "ctx": ctx, "force": force}) for name in wave if name != here}
+    if here == "experts":  # called from the flow itself: Prefect cannot send tasks submitted from inside a task run
+        mapped = dataclasses.replace(ctx, map=functools.partial(map_on, runner))
+        results = {here: run_stage(here, mapped, force=force).model_dump(mode="json")}
+    else:
+        results = {here: stage_task.with_options(name=f"stage:{here}")(here, ctx, force)}
+    return results | {name: future.result() for name, future in futures.items()}
 
 
 def _crash_flow_run(flow_run_id: str, mlflow_run_id: str) -> None:

@@ -11,11 +11,13 @@ folder -> log a child MLflow run.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +42,14 @@ FLOW_CODE: tuple[str, ...] = ("flows/stages.py", "flows/stage_impl.py")
 CODE_DEPS: tuple[str, ...] = ("components", *FLOW_CODE)
 
 
+Mapper = Callable[[Callable[[Any], Any], list[Any]], list[Any]]
+
+
+def run_in_turn(fn: Callable[[Any], Any], items: list[Any]) -> list[Any]:
+    """The default mapper: one item after another, in this process."""
+    return [fn(item) for item in items]
+
+
 @dataclass
 class StageContext:
     root: Path
@@ -47,6 +57,13 @@ class StageContext:
     params: Params
     parent_run_id: str | None = None
     fingerprints: dict[str, str] = field(default_factory=dict)  # of the stages run in this context
+    # How a stage runs its independent jobs (the experts stage: one per task): in turn here, or fanned out by the
+    # flow's task runner (flows.fanout). Not pickled with the context (a stage task sent to a worker runs in turn).
+    map: Mapper = field(default=run_in_turn, compare=False)
+    driver_pid: int = field(default_factory=os.getpid)  # the flow's process; any other is a task-runner worker
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "map": run_in_turn}
 
     def out(self, stage: str) -> Path:
         return stage_dir(self.artifacts, stage)
@@ -55,6 +72,26 @@ class StageContext:
         """Training checkpoints of a stage, outside its atomic output folder so a killed run leaves them; keyed
         by the stage fingerprint, so a run with other params, data or code never resumes from them."""
         return stage_checkpoints(self.artifacts, stage, self.fingerprints[stage])
+
+
+@contextlib.contextmanager
+def task_environment(ctx: StageContext) -> Iterator[None]:
+    """What a stage or an expert job needs wherever the task runner put it: in a worker process (Dask), the
+    project's tracking store and MLflow experiment; everywhere, ``pipeline.runner.torch_threads``."""
+    import torch
+
+    from flows.environment import configure, mlruns_uri
+
+    if os.getpid() != ctx.driver_pid:
+        configure(ctx.root)
+        runs.use_experiment(ctx.params.pipeline.experiment, mlruns_uri(ctx.root))
+    threads, before = ctx.params.pipeline.runner.torch_threads, torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @dataclass(frozen=True)
@@ -99,6 +136,11 @@ def fingerprint(name: str, ctx: StageContext) -> tuple[str, dict[str, str], Stag
 def run_stage(name: str, ctx: StageContext, force: bool = False) -> StageSummary:
     """Run (or skip) one stage inside a nested MLflow run; returns its summary."""
     stop.check(f"the start of stage {name}")
+    with task_environment(ctx):
+        return _run_stage(name, ctx, force)
+
+
+def _run_stage(name: str, ctx: StageContext, force: bool) -> StageSummary:
     stage = STAGES[name]
     fp, upstream, inp = fingerprint(name, ctx)
     out = ctx.out(name)
