@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 
 class TensorDictDataset(Dataset):
@@ -43,10 +45,43 @@ class TensorDictDataset(Dataset):
 
 def loader(ds: Dataset, batch_size: int, shuffle: bool, seed: int = 0) -> DataLoader:
     """A DataLoader with a seeded generator (reproducible order) and no worker processes
-    (the data is already in memory; workers would only add start-up time on small tasks)."""
+    (the data is already in memory; workers would only add start-up time on small tasks). Unshuffled (evaluation)
+    loaders score every row exactly once under DDP too (``EveryRowOnce``)."""
     gen = torch.Generator().manual_seed(seed)
     collate = _as_is if isinstance(ds, TensorDictDataset) else None  # __getitems__ already built the batch
-    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=gen, num_workers=0, collate_fn=collate)
+    if shuffle:
+        return DataLoader(ds, batch_size=batch_size, shuffle=True, generator=gen, num_workers=0, collate_fn=collate)
+    return DataLoader(ds, batch_size=batch_size, sampler=EveryRowOnce(len(ds)), num_workers=0, collate_fn=collate)
+
+
+class EveryRowOnce(DistributedSampler):
+    """Evaluation order for one process or many: rank r of w takes rows r, r+w, r+2w, ... (all rows, in order,
+    in one process). Lightning would give a DDP validation loader a ``DistributedSampler``, which pads the split
+    with repeated rows up to a multiple of the ranks, so some rows would count twice in the gathered metric; a
+    ``DistributedSampler`` of ours is left as it is. Rank and world size are read when iterating (in the rank's
+    own process), or given."""
+
+    def __init__(self, n: int, rank: int | None = None, world: int | None = None) -> None:  # noqa: D107
+        # DistributedSampler.__init__ needs an initialised process group; this one reads it lazily.
+        self.n, self._rank, self._world, self.epoch = n, rank, world, 0
+
+    def _where(self) -> tuple[int, int]:
+        if self._rank is not None and self._world is not None:
+            return self._rank, self._world
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.distributed.get_rank(), torch.distributed.get_world_size()
+        return 0, 1
+
+    def __iter__(self) -> Iterator[int]:
+        rank, world = self._where()
+        return iter(range(rank, self.n, world))
+
+    def __len__(self) -> int:
+        rank, world = self._where()
+        return len(range(rank, self.n, world))
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
 
 
 def _as_is(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -235,7 +235,8 @@ class ClassifierModule(TrainableCheckpoint):
 
     def training_step(self, batch: dict[str, torch.Tensor], _: int) -> torch.Tensor:
         loss = task_loss(self.kind, self(batch), batch["labels"], self.pos_weight)
-        self.log("train_loss", loss, prog_bar=True, on_step=False, on_epoch=True, batch_size=len(batch["labels"]))
+        self.log("train_loss", loss, prog_bar=True, on_step=False, on_epoch=True, batch_size=len(batch["labels"]),
+                 sync_dist=True)  # the mean over DDP ranks (a no-op in one process)
         return loss
 
     def on_validation_epoch_start(self) -> None:
@@ -244,7 +245,7 @@ class ClassifierModule(TrainableCheckpoint):
     def validation_step(self, batch: dict[str, torch.Tensor], _: int) -> None:
         logits = self(batch)
         self.log("val_loss", task_loss(self.kind, logits, batch["labels"], self.pos_weight), on_epoch=True,
-                 batch_size=len(batch["labels"]))
+                 batch_size=len(batch["labels"]), sync_dist=True)
         self.val_score.add(logits, batch["labels"])
 
     def on_validation_epoch_end(self) -> None:
@@ -290,7 +291,8 @@ class MultiTaskModule(TrainableCheckpoint):
 
     def training_step(self, batch: dict[str, torch.Tensor], _: int) -> torch.Tensor:
         loss = self._loss(batch)
-        self.log("train_loss", loss, prog_bar=True, on_step=False, on_epoch=True, batch_size=len(batch["labels"]))
+        self.log("train_loss", loss, prog_bar=True, on_step=False, on_epoch=True, batch_size=len(batch["labels"]),
+                 sync_dist=True)  # the mean over DDP ranks (a no-op in one process)
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], _: int) -> None:

@@ -80,7 +80,7 @@ def build_trainer(
         accelerator=tp.accelerator,
         devices=tp.devices,
         num_nodes=tp.num_nodes,
-        strategy=tp.strategy,
+        strategy=strategy(tp),
         precision=resolve_precision(tp),
         accumulate_grad_batches=tp.accumulate_grad_batches,
         deterministic=tp.deterministic,
@@ -93,6 +93,28 @@ def build_trainer(
         log_every_n_steps=10,
         num_sanity_val_steps=0,
     )
+
+
+def strategy(tp: TrainerParams) -> str:
+    """Lightning's strategy for ``tp``. ``ddp`` under an external launcher (torchrun, SLURM, LSF, MPI: one
+    process per device already started) stays ``ddp``; otherwise it becomes ``ddp_spawn``, which starts the device
+    processes from inside the stage. (Lightning's own ``ddp`` launcher re-executes the command line once per
+    device: here that is ``medexperts run`` itself, a second pipeline per rank that waits on the project lock
+    held by the first: a hang.)"""
+    if tp.strategy != "ddp":
+        return tp.strategy
+    from lightning.fabric.plugins.environments import (LSFEnvironment, MPIEnvironment, SLURMEnvironment,
+                                                       TorchElasticEnvironment)
+
+    launched = any(env.detect() for env in (TorchElasticEnvironment, SLURMEnvironment, LSFEnvironment,
+                                            MPIEnvironment))
+    if launched:
+        return "ddp"
+    # Spawned processes receive the module and the in-memory data by pickling; torch's default sharing of
+    # tensors by file descriptor hands the same descriptor twice when two tensors share a storage, which
+    # multiprocessing refuses ("bad value(s) in fds_to_keep"). Shared-memory files have no such limit.
+    torch.multiprocessing.set_sharing_strategy("file_system")
+    return "ddp_spawn"
 
 
 def resume_from(checkpoint_dir: Path | None) -> str | None:
