@@ -149,7 +149,9 @@ def run(profile: Profile = None, set_: Sets = None, force: Annotated[bool, typer
         print_config: Annotated[bool, typer.Option("--print-config", help="Print the merged params.")] = False,
         dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate params and stop.")] = False,
         no_wait: Annotated[bool, typer.Option("--no-wait", help="Exit (status 2) instead of waiting when another "
-                                              "run holds the project.")] = False) -> None:
+                                              "run holds the project.")] = False,
+        only: Annotated[list[str] | None, typer.Option("--stage", help="Run only this stage (repeatable); its "
+                                                       "inputs must exist.")] = None) -> None:
     """Run the retrain flow end to end (Prefect, MLflow, DVC) and print the results."""
     root = _setup()
     overrides = parse_sets(set_)
@@ -165,7 +167,14 @@ def run(profile: Profile = None, set_: Sets = None, force: Annotated[bool, typer
 
     if no_wait:
         _check_free(root)
-    results = retrain(profile=params.pipeline.profile, force=force, overrides=overrides, wait=not no_wait)
+    if only:
+        from components.core.errors import ParamsError
+
+        unknown = sorted(set(only) - set(STAGE_NAMES))
+        if unknown:
+            raise ParamsError(f"--stage {unknown[0]!r} is not a stage; stages: {', '.join(STAGE_NAMES)}")
+    results = retrain(profile=params.pipeline.profile, force=force, overrides=overrides, wait=not no_wait,
+                      stages=only or None)
     print_results(out, root, results)
 
 
