@@ -346,25 +346,52 @@ app.add_typer(services_app, name="services")
 
 @services_app.command("up")
 @user_errors
-def services_up() -> None:
+def services_up(team: Annotated[bool, typer.Option("--team", help="Team mode: PostgreSQL, an MLflow tracking "
+                                                  "server and a Prefect server on it (pipeline.team).")] = False,
+                set_: Sets = None) -> None:
     """Start the project's Prefect server (or find it running) and print how other shells reach it."""
     from flows.services import shell_exports
 
     root = _setup()
-    api = _prefect_server(root, _params(root, None, False))
+    params = _params(root, None, False, parse_sets(set_))
+    if team:
+        from flows.team import start_team, team_dir
+
+        tp = params.pipeline.team
+        state = start_team(root, tp.postgres_port, tp.mlflow_port, tp.prefect_port, tp.startup_timeout_s)
+        out.print(f"team servers under {team_dir(root)}: PostgreSQL 127.0.0.1:{state.postgres_port}, MLflow "
+                  f"{state.tracking_uri} (UI, API, proxied artifacts), Prefect {state.prefect_api_url.removesuffix('/api')}"
+                  "\npoint a shell (runs, UIs, the `prefect` and `mlflow` CLIs) at them:\n"
+                  f"  {state.exports()}",
+                  soft_wrap=True)
+        return
+    api = _prefect_server(root, params)
     out.print(f"Prefect server: {api.removesuffix('/api')} (UI and API)\nfor the `prefect` CLI in another shell:\n"
               f"  {shell_exports(root, api)}", soft_wrap=True)
 
 
 @services_app.command("status")
 @user_errors
-def services_status() -> None:
+def services_status(team: Annotated[bool, typer.Option("--team", help="The team servers instead.")] = False
+                    ) -> None:
     """Whether the project's Prefect server runs (pid, address, since when, healthy); exit 1 when it does not."""
     import datetime
 
     from flows.services import healthy, prefect_home, running, shell_exports
 
     root = _setup()
+    if team:
+        from flows.team import running as team_running
+        from flows.team import team_dir
+
+        found = team_running(root)
+        if found is None:
+            out.print(f"team servers: not running (state in {team_dir(root)}); `medexperts services up --team`")
+            raise typer.Exit(1)
+        out.print(f"team servers: PostgreSQL pid {found.postgres_pid} port {found.postgres_port}, MLflow pid "
+                  f"{found.mlflow_pid} {found.tracking_uri}, Prefect pid {found.prefect_pid} "
+                  f"{found.prefect_api_url}\n  {found.exports()}", soft_wrap=True)
+        return
     state = running(root)
     if state is None:
         out.print(f"Prefect server: not running (state in {prefect_home(root)}); the next `medexperts run` or "
@@ -378,11 +405,19 @@ def services_status() -> None:
 
 @services_app.command("down")
 @user_errors
-def services_down() -> None:
+def services_down(team: Annotated[bool, typer.Option("--team", help="Stop the team servers instead.")] = False
+                  ) -> None:
     """Stop the project's Prefect server (its database stays: runs and deployments are kept)."""
     from flows.services import stop_prefect_server
 
     root = _setup()
+    if team:
+        from flows.team import stop_team
+
+        stopped = stop_team(root)
+        out.print("team servers: were not running" if stopped is None else
+                  "team servers: stopped (PostgreSQL, MLflow, Prefect; their data stays)")
+        return
     state = stop_prefect_server(root)
     out.print("Prefect server: was not running" if state is None else
               f"Prefect server: stopped (pid {state.pid}, port {state.port})")

@@ -54,9 +54,15 @@ def configure(root: Path) -> None:
         warnings.filterwarnings("ignore", message=pattern)
 
 
-def mlruns_uri(root: Path) -> str:
-    """Artifact root for experiments created here: MEDEXPERTS_ARTIFACT_ROOT, else the project's mlruns/."""
-    return os.environ.get("MEDEXPERTS_ARTIFACT_ROOT") or (root / "mlruns").resolve().as_uri()
+def mlruns_uri(root: Path) -> str | None:
+    """Artifact root for experiments created here: MEDEXPERTS_ARTIFACT_ROOT, else the project's mlruns/; with a
+    tracking server (http/https: team mode) None, so the server's own store holds them (proxied: clients upload
+    through the server and need no access to its folder)."""
+    if os.environ.get("MEDEXPERTS_ARTIFACT_ROOT"):
+        return os.environ["MEDEXPERTS_ARTIFACT_ROOT"]
+    if os.environ.get("MLFLOW_TRACKING_URI", "").startswith(("http://", "https://")):
+        return None
+    return (root / "mlruns").resolve().as_uri()
 
 
 class _CurrentStderr(logging.StreamHandler):

@@ -96,7 +96,7 @@ def _retrain(root: Path, ctx: StageContext, params: Any, force: bool, stages: li
     results: dict[str, Any] = {}
     with runs.run(f"retrain:{params.pipeline.profile}", tags=tags) as parent_run_id, \
             fan_out(params.pipeline.runner) as runner:
-        runs.log_params(params.pipeline.model_dump(exclude={"prefect"}))  # where the server listens is not a run input
+        runs.log_params(params.pipeline.model_dump(exclude={"prefect", "team"}))  # where the server listens is not a run input
         ctx.parent_run_id = parent_run_id
         for wave in waves(selected) if runner else [[name] for name in selected]:
             results |= _run_wave(wave, ctx, force, runner)

@@ -34,7 +34,7 @@ from components.stages.sources import SourcesInputs, SourcesSummary
 from components.tracking import runs
 from components.training.trainer import LAST
 from components.tracking.lineage import git_info, log_datasets
-from components.tracking.registry import gate, register_bundle, register_foundation, registered
+from components.tracking.registry import gate, register_bundle, register_foundation, registered, settle
 
 if TYPE_CHECKING:
     from flows.stages import StageContext
@@ -282,6 +282,8 @@ def run_promote(ctx: StageContext, inp: PromoteInputs, out: Path) -> PromoteSumm
         else:
             version = register_bundle(c.name, c.bundle, c.metric, {**lineage, **c.tags}, needs=c.needs,
                                       registration=fp or None)
+            if fp:  # another run promoting the same outputs at this moment (team mode): one version for both
+                version = settle(c.name, fp, version)
         d = gate(c.name, version, c.metric, inp.registry.margin, inp.registry.floor_for(c.name))
         decisions.append(Decision(**d.__dict__))
     return PromoteSummary(decisions=decisions)

@@ -136,3 +136,27 @@ def test_wrong_image_shape_is_rejected() -> None:
         image_tensor(np.zeros((2, 28), dtype=np.uint8))
     with pytest.raises(ArtifactError, match=r"expects 3"):
         image_tensor(np.zeros((2, 28, 28, 2), dtype=np.uint8))
+
+
+def test_an_adapter_config_is_the_same_file_in_every_process(tmp_path: Path) -> None:
+    """PEFT writes ``target_modules`` in set order, which string hashing changes per process: the same expert
+    got another adapter_config.json (sha256) in another process (found by the Dask fan-out test)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch; from pathlib import Path\n"
+            "from components.config import LoraParams\n"
+            "from components.experts.lora import attach_lora\n"
+            "from components.experts.methods import save_peft_adapter\n"
+            "from components.nn.encoders import ImageEncoder\n"
+            "torch.manual_seed(0)\n"
+            "lp = LoraParams(image_targets=['blocks.0.conv', 'blocks.2.conv'])\n"
+            "save_peft_adapter(attach_lora(ImageEncoder([4, 8]).eval(), lp, 'image'), Path(sys.argv[1]))\n")
+    written = set()
+    for seed in range(6):
+        out = tmp_path / str(seed)
+        out.mkdir()
+        env = {**__import__("os").environ, "PYTHONHASHSEED": str(seed)}
+        subprocess.run([sys.executable, "-c", code, str(out)], check=True, env=env, cwd=Path(__file__).parents[1])
+        written.add((out / "adapter_config.json").read_bytes())
+    assert len(written) == 1

@@ -18,6 +18,16 @@ class PrefectServerParams(Strict):
     startup_timeout_s: float = Field(300.0, gt=0, description="How long to wait for the server to answer at start.")
 
 
+class TeamParams(Strict):
+    """Team mode (``medexperts services up --team``): PostgreSQL, an MLflow tracking server and the Prefect server
+    on it, on 127.0.0.1, data under ``<project>/.team`` (``MEDEXPERTS_TEAM_DIR``). Ports: 0 picks free ones."""
+
+    postgres_port: int = Field(5433, ge=0, le=65535, description="PostgreSQL's port.")
+    mlflow_port: int = Field(5050, ge=0, le=65535, description="The MLflow tracking server's port.")
+    prefect_port: int = Field(4250, ge=0, le=65535, description="The team Prefect server's port.")
+    startup_timeout_s: float = Field(300.0, gt=0, description="How long each server may take to answer at start.")
+
+
 class RunnerParams(Strict):
     """Where the retrain flow's Prefect tasks run. ``local``: one after another in the flow's process. ``dask``:
     Prefect's DaskTaskRunner (prefect-dask): the stages that need only the data and the foundation (experts,
@@ -42,3 +52,4 @@ class PipelineParams(Strict):
     seed: int = Field(42, description="Global seed for every stochastic step.")
     prefect: PrefectServerParams = Field(default_factory=PrefectServerParams)
     runner: RunnerParams = Field(default_factory=RunnerParams)
+    team: TeamParams = Field(default_factory=TeamParams)

@@ -7,6 +7,7 @@ The key is the value of ``method:`` in params/experts.yaml and the MLflow tag.
 from __future__ import annotations
 
 import copy
+import json
 import os
 import tempfile
 from collections.abc import Callable
@@ -81,8 +82,20 @@ def save_peft_adapter(model: PeftModel, folder: Path) -> None:
     """
     with tempfile.TemporaryDirectory(dir=folder, prefix=".peft-") as tmp:
         model.save_pretrained(tmp, selected_adapters=[ADAPTER])
+        _canonical_config(Path(tmp) / PEFT_CONFIG)
         for name in (PEFT_CONFIG, PEFT_WEIGHTS):
             os.replace(Path(tmp) / name, folder / name)
+
+
+def _canonical_config(path: Path) -> None:
+    """PEFT keeps ``target_modules`` as a set and writes it in set order, which Python's per-process string
+    hashing changes from one process to the next: the same expert would get a different ``adapter_config.json``
+    (and sha256) in another process. Sorted, it is the same file wherever it was written."""
+    config = json.loads(path.read_text())
+    for key in ("target_modules", "exclude_modules", "modules_to_save"):
+        if isinstance(config.get(key), list):
+            config[key] = sorted(config[key])
+    path.write_text(json.dumps(config, indent=2, sort_keys=True))
 
 
 def load_peft_adapter(encoder: nn.Module, manifest: dict[str, Any], modality: str, folder: Path) -> PeftModel:

@@ -7,6 +7,7 @@ SQLite store, a 5xx from a server) raises :class:`RegistryError`, so a transient
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
@@ -156,7 +157,7 @@ def registered(name: str, registration: str) -> tuple[str, Decision | None] | No
     mine = [v for v in versions if v.tags.get(REGISTRATION_TAG) == registration]
     if not mine:
         return None
-    mv = max(mine, key=lambda v: int(v.version))
+    mv = min(mine, key=lambda v: int(v.version))  # the oldest stands for the fingerprint (see settle)
     version = str(mv.version)
     if FILES_TAG not in mv.tags:
         finish_registration(name, version)
@@ -170,6 +171,20 @@ def registered(name: str, registration: str) -> tuple[str, Decision | None] | No
         return version, None
     last = gated[-1]
     return version, Decision(**{f: last[f] for f in Decision.__dataclass_fields__})
+
+
+def settle(name: str, registration: str, version: str) -> str:
+    """The version that stands for promote fingerprint ``registration``: two runs that promoted the same outputs at
+    once (team mode: two pipelines on one tracking server) each created a version, with the same files, lineage and
+    fingerprint; the oldest stands for both, and a newer duplicate (``version``) is deleted."""
+    client = MlflowClient()
+    same = sorted(int(v.version) for v in client.search_model_versions(f"name='{name}'")
+                  if v.tags.get(REGISTRATION_TAG) == registration)
+    oldest = str(same[0]) if same else version
+    if oldest != version:
+        with contextlib.suppress(MlflowException):  # the other run may have deleted it already: same outcome
+            client.delete_model_version(name, version)
+    return oldest
 
 
 def files_digest(folder: Path) -> str:
@@ -223,6 +238,8 @@ def gate(name: str, version: str, metric: float, margin: float, floor: float) ->
     """
     client = MlflowClient()
     current = champion(client, name)
+    if current is not None and current[0] == str(version):  # gated already (a concurrent run of the same promote)
+        return Decision(name, str(version), metric, current[0], current[1], True, "already champion")
     promoted, reason = decide(metric, current[1] if current else None, margin, floor)
     client.set_registered_model_alias(name, CHALLENGER, version)
     decision = Decision(name, version, metric, current[0] if current else None,
