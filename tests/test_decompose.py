@@ -310,3 +310,25 @@ def test_params_file_validates() -> None:
         DecomposeParams.model_validate({"student": {"text": {"layers": [1, 1]}}})
     with pytest.raises(ValueError, match="Extra inputs are not permitted"):
         DecomposeParams.model_validate({"ranks": 2})
+
+
+def test_the_multilabel_task_loss_is_class_weighted_per_label() -> None:
+    """A multilabel task's supervised part is the probe's and the experts' balanced BCE (rare labels are not
+    learnt as "never"); a single-label task beside it is unchanged."""
+    from torch.nn import functional as F
+
+    from components.decompose.loss import lorkd_loss
+
+    torch.manual_seed(0)
+    logits, teacher = torch.randn(6, 3), torch.randn(6, 3)
+    labels = torch.tensor([[1, 0, 0], [0, 0, 0], [0, 1, 0], [0, 0, 0], [0, 0, 1], [0, 1, 0]], dtype=torch.float)
+    task_ids = torch.tensor([0, 0, 0, 0, 1, 1])
+    weights = [torch.tensor([3.0, 3.0, 1.0]), None]
+    _, parts = lorkd_loss(logits, labels, teacher, task_ids, ["multilabel", "multiclass"], [3, 3], 0.0, 1.0,
+                          reduction="sum", pos_weights=weights)
+    expected = (F.binary_cross_entropy_with_logits(logits[:4], labels[:4], pos_weight=weights[0]) * 4
+                + F.cross_entropy(logits[4:], torch.tensor([2, 1])) * 2)  # one-hot rows of a mixed batch
+    assert torch.allclose(parts["task"], expected)
+    _, plain = lorkd_loss(logits, labels, teacher, task_ids, ["multilabel", "multiclass"], [3, 3], 0.0, 1.0,
+                          reduction="sum")
+    assert not torch.allclose(plain["task"], expected)

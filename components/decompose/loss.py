@@ -39,8 +39,11 @@ def distill_loss(kind: str, student: torch.Tensor, teacher: torch.Tensor, temper
 
 def lorkd_loss(logits: torch.Tensor, labels: torch.Tensor, teacher: torch.Tensor, task_ids: torch.Tensor,
                kinds: list[str], num_labels: list[int], kd_weight: float, temperature: float,
-               reduction: Literal["mean", "sum"] = "mean") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+               reduction: Literal["mean", "sum"] = "mean", pos_weights: list[torch.Tensor | None] | None = None,
+               ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Total loss of a mixed batch and its parts (``task``, ``kd``), summed per sample then averaged over the batch.
+    ``pos_weights``: per task, the per-label positive weights of a multilabel task's BCE (None: unweighted), as the
+    probe and the experts use (``components.training.multilabel``): rare labels are not learnt as "never".
 
     ``logits`` and ``teacher`` are (N, max L), zero-padded. The loop runs over the T tasks, not the
     samples, and only over the head outputs (the backbone pass is already done): the tasks differ in loss
@@ -54,7 +57,8 @@ def lorkd_loss(logits: torch.Tensor, labels: torch.Tensor, teacher: torch.Tensor
         if not count:
             continue
         s = logits[mask, :width]
-        sup = sup + task_loss(kind, s, task_targets(labels[mask], kind, width)) * count
+        weight = pos_weights[t] if pos_weights is not None else None
+        sup = sup + task_loss(kind, s, task_targets(labels[mask], kind, width), weight) * count
         kd = kd + distill_loss(kind, s, teacher[mask, :width], temperature) * count
     if reduction == "mean":
         sup, kd = sup / len(task_ids), kd / len(task_ids)
