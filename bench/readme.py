@@ -533,6 +533,38 @@ def federated_section(result: dict) -> str:
     )
 
 
+def fanout_section(result: dict) -> str:
+    """The fan-out stages in one process vs on a Dask LocalCluster."""
+    m, p = result["median_seconds"], result["params"]
+    failed = {k: len(v) for k, v in result["failures"].items() if v}
+    if failed or not result.get("local_over_dask"):
+        return (f"Fan-out timing ({p['profile']} profile): a variant failed ({failed}); no figure "
+                "(`bench/results/fanout.json`).\n")
+    ratio = result["local_over_dask"]
+    verdict = f"{ratio:.2f}x faster on the cluster" if ratio >= 1 else f"{1 / ratio:.2f}x slower on the cluster"
+    return (f"The experts, decompose and federated stages of the {p['profile']} profile (a whole `medexperts run "
+            f"--stage ... --force` process, median of {p['rounds']}), {machine_line(result)} "
+            f"(`bench/results/fanout.json`): {m['local'] / 60:.1f} min in one process, {m['dask'] / 60:.1f} min on a "
+            f"{p['workers']}-worker LocalCluster (one thread each, the cluster's start included): {verdict}. The "
+            f"experts' validation metrics of the two runs differ by at most {result['max_abs_val_metric_difference']:.3g}"
+            " (CPU sums depend on the thread count).\n")
+
+
+def wall_time_section(result: dict) -> str:
+    """Wall time per profile, stage compute and the pipeline's own overhead."""
+    rows = ["| profile | wall time | stages' compute | pipeline overhead |", "|---|---|---|---|"]
+    for name, r in result["profiles"].items():
+        if "error" in r:
+            rows.append(f"| {name} | failed after {r['wall_seconds'] / 60:.1f} min | | `{r['error']}` |")
+        else:
+            rows.append(f"| {name} | {r['wall_seconds'] / 60:.1f} min | {r['compute_seconds'] / 60:.1f} min | "
+                        f"{r['overhead_seconds']:.0f} s ({100 * r['overhead_over_compute']:.1f} % of compute) |")
+    return (f"A whole `medexperts run --profile P` on an empty project state (every stage runs; the project's Prefect "
+            f"server started by the run), {machine_line(result)} (`bench/results/wall_time.json`); overhead = wall "
+            f"time minus the stages' own compute (start-up, Prefect, MLflow logging, registration):\n\n"
+            + "\n".join(rows) + "\n")
+
+
 def replace(text: str, name: str, body: str) -> str:
     pattern = re.compile(rf"(<!-- results:{name} -->\n).*?(<!-- /results:{name} -->)", re.S)
     if not pattern.search(text):
@@ -555,7 +587,8 @@ def main() -> None:
     for name, section in (("experts", experts_section), ("baselines", baselines_section),
                           ("decompose", decompose_section), ("fusion", fusion_section),
                           ("routing", routing_section), ("federated", federated_section),
-                          ("fixed_cost", fixed_cost_section),
+                          ("fixed_cost", fixed_cost_section), ("fanout", fanout_section),
+                          ("wall_time", wall_time_section),
                           ("architecture", architecture_section)):
         path = RESULTS / f"{name}.json"
         if path.is_file():

@@ -23,6 +23,7 @@ def test_retrain_end_to_end(isolated_project: Path, tiny_bert: Path, prefect_ser
     client = mlflow.MlflowClient()
     exp = client.get_experiment_by_name("medexperts")
     runs = {r.info.run_name: r for r in client.search_runs([exp.experiment_id], max_results=100)}
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # MLflow 3's UI: the model-training view
 
     parent = runs["retrain:tiny"]
     assert parent.data.tags["profile"] == "tiny"

@@ -40,12 +40,16 @@ def tracking_uri() -> str:
     return mlflow.get_tracking_uri()
 
 
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}  # MLflow 3's UI: the model-training view
+
+
 def ensure_experiment(name: str, artifact_uri: str | None = None) -> str:
-    """Id of experiment ``name``, created with ``artifact_uri`` as its artifact root if new."""
+    """Id of experiment ``name``, created with ``artifact_uri`` as its artifact root if new, and marked as model
+    training, so MLflow 3's UI shows its runs, datasets and models rather than its GenAI views."""
     found = mlflow.get_experiment_by_name(name)
     if found is not None:
         return found.experiment_id
-    return mlflow.create_experiment(name, artifact_location=artifact_uri)
+    return mlflow.create_experiment(name, artifact_location=artifact_uri, tags=EXPERIMENT_KIND)
 
 
 def use_experiment(name: str, artifact_uri: str | None = None) -> str:
