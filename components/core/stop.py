@@ -12,17 +12,17 @@ the stop is forced at once (the old behaviour, now only a fallback).
 
 from __future__ import annotations
 
+import _thread
 import contextlib
 import logging
 import signal
 import threading
-import time
 from collections.abc import Iterator
 from typing import Any
 
 log = logging.getLogger("medexperts")
 
-GRACE_S = 30.0  # seconds a stop request waits for a safe point before it is forced
+GRACE_S = 15.0  # seconds a stop request waits for a safe point before it is forced (below Prefect's 30 s kill)
 
 
 class StopRequested(BaseException):
@@ -34,7 +34,7 @@ class StopRequested(BaseException):
         super().__init__(f"stopped by {signal.Signals(signum).name} at {where}")
 
 
-_state: dict[str, Any] = {"signum": None, "since": None}
+_state: dict[str, Any] = {"signum": None, "timer": None, "depth": 0}
 
 
 def requested() -> int | None:
@@ -42,48 +42,61 @@ def requested() -> int | None:
     return _state["signum"]
 
 
+def _cancel_timer() -> None:
+    timer = _state["timer"]
+    if timer is not None:
+        timer.cancel()
+        _state["timer"] = None
+
+
 def check(where: str) -> None:
-    """A safe point: raise ``StopRequested`` if a stop was requested."""
+    """A safe point: raise ``StopRequested`` if a stop was requested (a no-op outside a ``graceful`` block)."""
     signum = _state["signum"]
-    if signum is not None:
-        if threading.current_thread() is threading.main_thread():
-            signal.setitimer(signal.ITIMER_REAL, 0)  # stopping cleanly now: no forced stop during the unwinding
+    if signum is not None and _state["depth"]:
+        _cancel_timer()  # stopping cleanly now: no forced stop during the unwinding
         raise StopRequested(signum, where)
 
 
 def _on_signal(signum: int, frame: Any) -> None:
     if _state["signum"] is None:
-        _state["signum"], _state["since"] = signum, time.monotonic()
+        _state["signum"] = signum
+        name = signal.Signals(signum).name
         log.warning("[stop] %s received: stopping at the next safe point (a batch, a round, a stage); a second "
-                    "%s or %.0f s without one forces it", signal.Signals(signum).name, signal.Signals(signum).name,
-                    GRACE_S)
-        signal.setitimer(signal.ITIMER_REAL, GRACE_S)
+                    "%s or %.0f s without one forces it", name, name, GRACE_S)
+        # the forced stop is a second request, delivered to the main thread by a timer thread (not SIGALRM: the
+        # process's one alarm timer belongs to others, pytest-timeout among them)
+        timer = threading.Timer(GRACE_S, _thread.interrupt_main, (signum,))
+        timer.daemon = True
+        _state["timer"] = timer
+        timer.start()
         return
-    raise StopRequested(signum, "a second stop request (forced)")
-
-
-def _on_grace_over(signum: int, frame: Any) -> None:
-    if _state["signum"] is not None:
-        raise StopRequested(_state["signum"], f"no safe point within {GRACE_S:.0f} s (forced)")
+    _cancel_timer()
+    raise StopRequested(signum, "a second stop request, or none of the safe points came in time (forced)")
 
 
 @contextlib.contextmanager
 def graceful() -> Iterator[None]:
     """Within this block SIGTERM requests a stop at the next safe point (see the module doc); the previous
-    handlers are restored after it. Outside the main thread signals cannot be handled: a no-op there."""
-    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) is _on_signal:
+    handler is restored after it. Outside the main thread signals cannot be handled: a no-op there."""
+    if threading.current_thread() is not threading.main_thread() or _state["depth"]:
         yield  # not the main thread, or already inside a graceful block
         return
-    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGALRM)}
-    _state["signum"] = _state["since"] = None
+    previous = signal.getsignal(signal.SIGTERM)
+    _state["signum"] = None
     signal.signal(signal.SIGTERM, _on_signal)
-    signal.signal(signal.SIGALRM, _on_grace_over)
+    _state["depth"] = 1
     try:
         yield
         if _state["signum"] is not None:  # after the last safe point: the work is whole, nothing to undo
             log.warning("[stop] the stop request came after the last safe point: the run had finished")
+    except SystemExit as exc:
+        # Lightning turns a SIGTERM it saw at an epoch end into SystemExit (SIGTERMException, exit status 0):
+        # while a stop is pending, that is our stop, not a clean exit
+        if _state["signum"] is None:
+            raise
+        raise StopRequested(_state["signum"], "the end of a training epoch") from exc
     finally:
-        _state["signum"] = _state["since"] = None  # outside the block nothing is pending: check() is a no-op
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+        signal.signal(signal.SIGTERM, previous)  # first: a late SIGTERM goes to the previous handler
+        _state["depth"] = 0
+        _cancel_timer()
+        _state["signum"] = None

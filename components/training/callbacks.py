@@ -64,6 +64,12 @@ class StopAtSafePoint(L.Callback):
     def on_validation_batch_end(self, *args: Any) -> None:
         stop.check(f"{self.label}: a validation batch")
 
+    def on_train_epoch_end(self, *args: Any) -> None:  # before Lightning's own check at the epoch's end
+        stop.check(f"{self.label}: the end of an epoch")
+
+    def on_validation_end(self, *args: Any) -> None:
+        stop.check(f"{self.label}: the end of a validation")
+
 
 class EpochLog(L.Callback):
     """One line per epoch on the ``medexperts`` logger (``<label>: epoch 2/5 train_loss 0.512 val_macro_f1 0.631,
