@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from components.core.lock import pid_alive
-from flows.services import HOST, ServiceError, _free_port, _port_free
+from flows.services import HOST, ServiceError, _free_port, _locked, _port_free
 
 TEAM_ENV = "MEDEXPERTS_TEAM_DIR"
 STATE, CREDENTIALS = "team.json", "credentials.json"
@@ -77,7 +77,10 @@ def postgres_bin() -> Path:
     found = shutil.which("initdb")
     if found:
         return Path(found).resolve().parent
-    versions = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda p: int(Path(p).parts[-3]))
+    def version(path: str) -> tuple[int, ...]:
+        return tuple(int(x) for x in Path(path).parts[-3].split(".") if x.isdigit())
+
+    versions = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=version)
     if versions:
         return Path(versions[-1]).parent
     raise ServiceError("team mode needs a PostgreSQL server: install the distribution's package (Debian/Ubuntu: "
@@ -141,7 +144,8 @@ def read_state(folder: Path) -> TeamState | None:
 
 def running(root: Path) -> TeamState | None:
     state = read_state(team_dir(root))
-    if state is None or not all(pid_alive(p) for p in (state.postgres_pid, state.mlflow_pid, state.prefect_pid)):
+    if state is None or not (_ours(state.postgres_pid, "postgres") and _ours(state.mlflow_pid, "mlflow")
+                             and _ours(state.prefect_pid, "prefect")):
         return None
     return state
 
@@ -197,7 +201,10 @@ def _http_ok(url: str) -> bool:
 
 
 def _start_postgres(folder: Path, port: int, timeout_s: float) -> int:
-    import psycopg2
+    try:
+        import psycopg2
+    except ImportError:
+        raise ServiceError("team mode needs the PostgreSQL driver: pip install -e '.[team]'") from None
 
     bindir, data, log = postgres_bin(), folder / "postgres", folder / "postgres.log"
     cred = credentials(folder)
@@ -205,7 +212,9 @@ def _start_postgres(folder: Path, port: int, timeout_s: float) -> int:
         data.mkdir(parents=True, exist_ok=True)
         data.chmod(0o700)
         pwfile = folder / ".pwfile"
-        pwfile.write_text(cred["password"] + "\n")
+        pwfile.unlink(missing_ok=True)
+        with os.fdopen(os.open(pwfile, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as fh:
+            fh.write(cred["password"] + "\n")
         for path in (data, pwfile, log):
             path.touch(exist_ok=True)
             _chown_for_postgres(path)
@@ -229,15 +238,19 @@ def _start_postgres(folder: Path, port: int, timeout_s: float) -> int:
         except psycopg2.OperationalError:
             return False
 
-    _wait(ready, pid, "PostgreSQL server", log, timeout_s)
-    conn = psycopg2.connect(database_url(port, folder, "postgres"))
-    conn.autocommit = True
-    with conn.cursor() as cur:
-        for name in ("mlflow", "prefect"):
-            cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
-            if cur.fetchone() is None:
-                cur.execute(f'CREATE DATABASE "{name}"')
-    conn.close()
+    try:
+        _wait(ready, pid, "PostgreSQL server", log, timeout_s)
+        conn = psycopg2.connect(database_url(port, folder, "postgres"))
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            for name in ("mlflow", "prefect"):
+                cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
+                if cur.fetchone() is None:
+                    cur.execute(f'CREATE DATABASE "{name}"')
+        conn.close()
+    except BaseException:
+        _stop(pid, signal.SIGINT, 30.0, "postgres")  # no half-started server left holding the port
+        raise
     return pid
 
 
@@ -245,12 +258,17 @@ def start_team(root: Path, postgres_port: int = 0, mlflow_port: int = 0, prefect
                timeout_s: float = 300.0) -> TeamState:
     """Start (or find running) the team's PostgreSQL, MLflow and Prefect servers under ``team_dir(root)``."""
     folder = team_dir(root)
-    state = running(root)
-    if state is not None:
-        return state
-    stop_team(root)  # what a killed start left half-up
     folder.mkdir(parents=True, exist_ok=True)
-    _reachable_by_postgres(folder)
+    with _locked(folder):  # one start or stop at a time
+        state = running(root)
+        if state is not None:
+            return state
+        _stop_all(folder)  # what a killed start left half-up
+        _reachable_by_postgres(folder)
+        return _start_all(folder, postgres_port, mlflow_port, prefect_port, timeout_s)
+
+
+def _start_all(folder: Path, postgres_port: int, mlflow_port: int, prefect_port: int, timeout_s: float) -> TeamState:
     pg_port = _port(postgres_port, "postgres")
     pg_pid = _start_postgres(folder, pg_port, timeout_s)
     try:
@@ -258,10 +276,11 @@ def start_team(root: Path, postgres_port: int = 0, mlflow_port: int = 0, prefect
         artifacts = folder / "artifacts"
         artifacts.mkdir(exist_ok=True)
         ml_log = folder / "mlflow.log"
-        ml_pid = _spawn([sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
-                         database_url(pg_port, folder, "mlflow", "psycopg2"), "--artifacts-destination", artifacts.as_uri(),
+        # the database URI (with its password) goes by environment, not argv: any local user can read argv
+        ml_pid = _spawn([sys.executable, "-m", "mlflow", "server", "--artifacts-destination", artifacts.as_uri(),
                          "--host", HOST, "--port", str(ml_port), "--workers", "2"], ml_log,
-                        env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
+                        env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true",
+                             "MLFLOW_BACKEND_STORE_URI": database_url(pg_port, folder, "mlflow", "psycopg2")})
         _wait(lambda: _http_ok(f"http://{HOST}:{ml_port}/health"), ml_pid, "MLflow server", ml_log, timeout_s)
         pf_port = _port(prefect_port, "prefect")
         home = folder / "prefect"
@@ -276,7 +295,7 @@ def start_team(root: Path, postgres_port: int = 0, mlflow_port: int = 0, prefect
     except BaseException:
         _write(folder, TeamState(str(folder), pg_pid, pg_port, locals().get("ml_pid", 0), 0,
                                  locals().get("pf_pid", 0), 0, time.time()))
-        stop_team(root)
+        _stop_all(folder)
         raise
     state = TeamState(str(folder), pg_pid, pg_port, ml_pid, ml_port, pf_pid, pf_port, time.time())
     _write(folder, state)
@@ -289,8 +308,19 @@ def _write(folder: Path, state: TeamState) -> None:
     tmp.replace(folder / STATE)
 
 
-def _stop(pid: int, sig: int, timeout_s: float) -> None:
+def _ours(pid: int, needle: str) -> bool:
+    """Whether ``pid`` is alive and still the server we started (its command line names it): a pid from a stale
+    state file (after a reboot) may belong to anything by now, and must not be signalled."""
     if pid <= 0 or not pid_alive(pid):
+        return False
+    try:
+        return needle.encode() in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return not Path("/proc").exists()  # no /proc (macOS): trust the pid
+
+
+def _stop(pid: int, sig: int, timeout_s: float, needle: str) -> None:
+    if not _ours(pid, needle):
         return
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, sig)
@@ -300,17 +330,26 @@ def _stop(pid: int, sig: int, timeout_s: float) -> None:
     if pid_alive(pid) and not _zombie(pid):
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pid, signal.SIGKILL)
-        _zombie(pid)
+        time.sleep(0.5)
+        if pid_alive(pid) and not _zombie(pid):
+            raise ServiceError(f"could not stop the team server {needle} (pid {pid}); stop it by hand")
 
 
 def stop_team(root: Path, timeout_s: float = 30.0) -> TeamState | None:
     """Stop the team servers (Prefect and MLflow first, the database last); their data stays."""
     folder = team_dir(root)
+    if not folder.exists():
+        return None
+    with _locked(folder):
+        return _stop_all(folder, timeout_s)
+
+
+def _stop_all(folder: Path, timeout_s: float = 30.0) -> TeamState | None:
     state = read_state(folder)
     if state is None:
         return None
-    _stop(state.prefect_pid, signal.SIGTERM, timeout_s)
-    _stop(state.mlflow_pid, signal.SIGTERM, timeout_s)
-    _stop(state.postgres_pid, signal.SIGINT, timeout_s)  # PostgreSQL's "fast" shutdown
+    _stop(state.prefect_pid, signal.SIGTERM, timeout_s, "prefect")
+    _stop(state.mlflow_pid, signal.SIGTERM, timeout_s, "mlflow")
+    _stop(state.postgres_pid, signal.SIGINT, timeout_s, "postgres")  # PostgreSQL's "fast" shutdown
     (folder / STATE).unlink(missing_ok=True)
     return state
