@@ -16,8 +16,10 @@ from typing import Any
 
 from prefect import task
 from prefect.cache_policies import NONE
+from prefect.futures import wait
 
 from components.config.pipeline import RunnerParams
+from components.core import stop
 from components.core.errors import ParamsError
 
 
@@ -34,14 +36,40 @@ def fan_out(rp: RunnerParams) -> Iterator[Any]:
     if rp.address:
         runner = DaskTaskRunner(address=rp.address)
     else:
-        runner = DaskTaskRunner(cluster_class=rp.cluster_class, cluster_kwargs={
-            "n_workers": rp.workers, "threads_per_worker": rp.threads_per_worker, "processes": True,
-            "dashboard_address": None})
+        kwargs: dict[str, Any] = {"threads_per_worker": rp.threads_per_worker, "dashboard_address": None}
+        if rp.cluster_class == "distributed.LocalCluster":
+            kwargs |= {"n_workers": rp.workers, "processes": True}  # others size themselves (one worker per GPU)
+        try:
+            runner = DaskTaskRunner(cluster_class=rp.cluster_class, cluster_kwargs=kwargs)
+        except (ImportError, AttributeError, ValueError) as exc:
+            raise ParamsError(f"pipeline.runner.cluster_class={rp.cluster_class!r}: {exc}") from None
     with runner:
         yield runner
 
 
+def gather(futures: list[Any], what: str) -> list[Any]:
+    """The futures' results in order. Waits in short slices, so a stop request (SIGTERM) is honoured here too
+    (the work runs on the workers; this process only waits); on any failure or stop the futures still pending are
+    cancelled before the error goes on, so nothing keeps writing into a folder that is being discarded."""
+    try:
+        while True:
+            _, pending = wait(futures, timeout=0.5)
+            stop.check(f"the wait for {what}")
+            if not pending:
+                return [f.result() for f in futures]
+    except BaseException:
+        cancel(futures)
+        raise
+
+
+def cancel(futures: list[Any]) -> None:
+    """Cancel what has not finished (a finished future ignores it)."""
+    for f in futures:
+        with contextlib.suppress(Exception):
+            f.wrapped_future.cancel()
+
+
 def map_on(runner: Any, fn: Callable[[Any], Any], items: list[Any]) -> list[Any]:
     """Each item one Prefect task on ``runner`` (named after ``fn``); the results in the items' order."""
-    futures = runner.map(task(fn, name=fn.__name__.removesuffix("_job"), cache_policy=NONE), {"job": items})
-    return [f.result() for f in futures]
+    name = fn.__name__.removesuffix("_job")
+    return gather(list(runner.map(task(fn, name=name, cache_policy=NONE), {"job": items})), f"the {name} tasks")

@@ -22,7 +22,7 @@ from components.core.lock import clean_dead_temporaries, project_lock
 from components.tracking.lineage import git_info
 from components.tracking import runs
 from flows.environment import artifacts_dir, configure, mlruns_uri, project_dir
-from flows.fanout import fan_out, map_on
+from flows.fanout import cancel, fan_out, gather, map_on
 from flows.stages import ORDER, STAGES, StageContext, run_stage
 from flows.versioning import dvc_commit
 
@@ -129,12 +129,16 @@ def _run_wave(wave: list[str], ctx: StageContext, force: bool, runner: Any) -> d
     here = "experts" if "experts" in wave else wave[0]
     futures = {name: runner.submit(stage_task.with_options(name=f"stage:{name}"),
                                    {"name": name, "ctx": ctx, "force": force}) for name in wave if name != here}
-    if here == "experts":  # called from the flow itself: Prefect cannot send tasks submitted from inside a task run
-        mapped = dataclasses.replace(ctx, map=functools.partial(map_on, runner))
-        results = {here: run_stage(here, mapped, force=force).model_dump(mode="json")}
-    else:
-        results = {here: stage_task.with_options(name=f"stage:{here}")(here, ctx, force)}
-    return results | {name: future.result() for name, future in futures.items()}
+    try:
+        if here == "experts":  # called from the flow itself: Prefect cannot send tasks submitted inside a task run
+            mapped = dataclasses.replace(ctx, map=functools.partial(map_on, runner))
+            results = {here: run_stage(here, mapped, force=force).model_dump(mode="json")}
+        else:
+            results = {here: stage_task.with_options(name=f"stage:{here}")(here, ctx, force)}
+    except BaseException:
+        cancel(list(futures.values()))  # the stages beside it stop too: the run has failed or was stopped
+        raise
+    return results | dict(zip(futures, gather(list(futures.values()), "the stages beside it"), strict=True))
 
 
 def _crash_flow_run(flow_run_id: str, mlflow_run_id: str) -> None:

@@ -46,6 +46,7 @@ def test_team_mode_runs_pipelines_against_postgres_backed_servers(tmp_path: Path
     # not under pytest's private tmp folder: started by root, PostgreSQL runs as `postgres`, which must reach it
     team = Path(tempfile.mkdtemp(prefix="medexperts-team-", dir="/tmp" if os.geteuid() == 0 else None))
     monkeypatch.setenv("MEDEXPERTS_TEAM_DIR", str(team))
+    started: list[subprocess.Popen[str]] = []
     try:
         state = start_team(PROJECT, 0, 0, 0)
         keep = {k: v for k, v in os.environ.items() if not k.startswith(("MEDEXPERTS_", "PREFECT_", "MLFLOW_"))}
@@ -54,6 +55,7 @@ def test_team_mode_runs_pipelines_against_postgres_backed_servers(tmp_path: Path
         sets = ["--set", f"foundation.text.source={tiny_bert}", "--set", "registry.floor=0.0"]
 
         first = _run(env, tmp_path / "a", *sets)
+        started.append(first)
         out, _ = first.communicate(timeout=1800)
         assert first.returncode == 0, out[-3000:]
         base = state.tracking_uri
@@ -74,6 +76,7 @@ def test_team_mode_runs_pipelines_against_postgres_backed_servers(tmp_path: Path
         # and the same as each other: both promote the same models at the same moment; both finish, and the
         # registry keeps one version per promoted output, every alias on a live version
         both = [_run(env, tmp_path / side, *sets, "--set", "pipeline.seed=7") for side in ("b", "c")]
+        started += both
         outs = [p.communicate(timeout=1800)[0] for p in both]
         for proc, text in zip(both, outs, strict=True):
             assert proc.returncode == 0, text[-3000:]
@@ -97,5 +100,9 @@ def test_team_mode_runs_pipelines_against_postgres_backed_servers(tmp_path: Path
             cur.execute("SELECT count(*) FROM flow_run WHERE state_type = 'COMPLETED'")
             assert cur.fetchone()[0] >= 3
     finally:
+        for proc in started:  # a run still going after a failure or a time-out must not outlive the test
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
         stop_team(PROJECT)
         shutil.rmtree(team, ignore_errors=True)

@@ -178,12 +178,18 @@ def settle(name: str, registration: str, version: str) -> str:
     once (team mode: two pipelines on one tracking server) each created a version, with the same files, lineage and
     fingerprint; the oldest stands for both, and a newer duplicate (``version``) is deleted."""
     client = MlflowClient()
-    same = sorted(int(v.version) for v in client.search_model_versions(f"name='{name}'")
-                  if v.tags.get(REGISTRATION_TAG) == registration)
-    oldest = str(same[0]) if same else version
-    if oldest != version:
-        with contextlib.suppress(MlflowException):  # the other run may have deleted it already: same outcome
-            client.delete_model_version(name, version)
+    try:
+        same = sorted((int(v.version), v) for v in client.search_model_versions(f"name='{name}'")
+                      if v.tags.get(REGISTRATION_TAG) == registration)
+    except MlflowException as e:
+        raise _failure(f"cannot list the versions of registered model {name!r}", e) from e
+    if not same or str(same[0][0]) == version:
+        return version
+    oldest, mv = str(same[0][0]), same[0][1]
+    if FILES_TAG not in mv.tags:  # its run may have died before the last step: finish it (as `registered` does)
+        finish_registration(name, oldest)
+    with contextlib.suppress(MlflowException):  # the other run may have deleted it already: same outcome
+        client.delete_model_version(name, version)
     return oldest
 
 
@@ -239,7 +245,10 @@ def gate(name: str, version: str, metric: float, margin: float, floor: float) ->
     client = MlflowClient()
     current = champion(client, name)
     if current is not None and current[0] == str(version):  # gated already (a concurrent run of the same promote)
-        return Decision(name, str(version), metric, current[0], current[1], True, "already champion")
+        decision = Decision(name, str(version), metric, None, None, True, "already champion")
+        if "promotion.decision" not in client.get_model_version(name, str(version)).tags:
+            record_decision(client, decision)  # its gate died between the alias and the record: record it now
+        return decision
     promoted, reason = decide(metric, current[1] if current else None, margin, floor)
     client.set_registered_model_alias(name, CHALLENGER, version)
     decision = Decision(name, version, metric, current[0] if current else None,

@@ -51,7 +51,8 @@ def loader(ds: Dataset, batch_size: int, shuffle: bool, seed: int = 0) -> DataLo
     collate = _as_is if isinstance(ds, TensorDictDataset) else None  # __getitems__ already built the batch
     if shuffle:
         return DataLoader(ds, batch_size=batch_size, shuffle=True, generator=gen, num_workers=0, collate_fn=collate)
-    return DataLoader(ds, batch_size=batch_size, sampler=EveryRowOnce(len(ds)), num_workers=0, collate_fn=collate)
+    return DataLoader(ds, batch_size=batch_size, sampler=EveryRowOnce(len(ds)), generator=gen, num_workers=0,
+                      collate_fn=collate)  # the generator: iterating draws no number from the global RNG
 
 
 class EveryRowOnce(DistributedSampler):
@@ -74,6 +75,9 @@ class EveryRowOnce(DistributedSampler):
 
     def __iter__(self) -> Iterator[int]:
         rank, world = self._where()
+        if self.n < world:  # a rank without rows would skip the epoch's collective calls and hang the others
+            raise ValueError(f"{self.n} evaluation rows for {world} DDP ranks: every rank needs at least one row; "
+                             "use fewer devices")
         return iter(range(rank, self.n, world))
 
     def __len__(self) -> int:
