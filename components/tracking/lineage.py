@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +11,7 @@ import mlflow
 import yaml
 from mlflow.data.dataset_source import DatasetSource
 from mlflow.data.meta_dataset import MetaDataset
+from mlflow.exceptions import MlflowException
 
 
 def git_info(project_dir: Path) -> dict[str, str]:
@@ -73,5 +75,19 @@ def log_datasets(manifest: dict[str, Any], data_dir: Path, context: str = "train
         for split, s in info["splits"].items():
             ds = MetaDataset(source=_PathSource(str(data_dir / task / split)), name=f"{task}/{split}",
                              digest=s["sha256"][:36])
-            mlflow.log_input(ds, context=f"{context}:{split}", tags={"task": task, "n": str(s["n"]),
-                                                                      "sha256": s["sha256"]})
+            _log_input(ds, context=f"{context}:{split}", tags={"task": task, "n": str(s["n"]),
+                                                                 "sha256": s["sha256"]})
+
+
+def _log_input(ds: MetaDataset, context: str, tags: dict[str, str], attempts: int = 5) -> None:
+    """``mlflow.log_input``, again when a concurrent run created the same dataset (same experiment, name and digest)
+    between the tracking server's check and its insert: PostgreSQL refuses the second insert (team mode, two
+    pipelines at once; found by tests/test_team.py); the next try finds the dataset and links it."""
+    for attempt in range(attempts):
+        try:
+            mlflow.log_input(ds, context=context, tags=tags)
+            return
+        except MlflowException as exc:
+            if "UniqueViolation" not in str(exc) and "dataset_pk" not in str(exc) or attempt == attempts - 1:
+                raise
+            time.sleep(0.2 * (attempt + 1))
