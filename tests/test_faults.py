@@ -199,3 +199,22 @@ def test_a_full_or_read_only_disk_is_one_line(isolated_project: Path, monkeypatc
     assert len(lines) == 1 and what in lines[0] and "MiB free there" in lines[0] and "Traceback" not in result.output
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert not list(out.parent.glob(".sources.tmp-*"))
+
+
+def test_an_experiment_created_meanwhile_by_another_run_is_used(isolated_project: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two runs on a fresh tracking server both look for the experiment, find none, and both create it: the
+    second create fails; the run goes on with the experiment the other one made."""
+    import mlflow
+
+    from components.tracking import runs
+
+    other = mlflow.create_experiment("shared")  # what the other run created between our look and our create
+    real, calls = mlflow.get_experiment_by_name, []
+
+    def look(name: str) -> object:  # the first look comes before the other run's create
+        calls.append(name)
+        return None if len(calls) == 1 else real(name)
+
+    monkeypatch.setattr(mlflow, "get_experiment_by_name", look)
+    assert runs.ensure_experiment("shared") == other

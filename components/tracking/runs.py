@@ -49,7 +49,13 @@ def ensure_experiment(name: str, artifact_uri: str | None = None) -> str:
     found = mlflow.get_experiment_by_name(name)
     if found is not None:
         return found.experiment_id
-    return mlflow.create_experiment(name, artifact_location=artifact_uri, tags=EXPERIMENT_KIND)
+    try:
+        return mlflow.create_experiment(name, artifact_location=artifact_uri, tags=EXPERIMENT_KIND)
+    except MlflowException as exc:  # another run created it since we looked (two runs on a fresh team server)
+        found = mlflow.get_experiment_by_name(name)
+        if found is None:
+            raise
+        return found.experiment_id
 
 
 def use_experiment(name: str, artifact_uri: str | None = None) -> str:
