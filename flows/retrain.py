@@ -7,7 +7,6 @@ import contextlib
 import dataclasses
 import functools
 import logging
-import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -68,17 +67,15 @@ def stopping_as_prefect_expects() -> Iterator[None]:
     """SIGTERM stops the run at its next safe point (``components.core.stop``); the stop then reaches Prefect as
     its own ``TerminationSignal``, so the flow run ends Crashed (or Cancelled, when Prefect's runner asked) and the
     process ends by SIGTERM, as a terminated process should."""
-    from lightning.pytorch.utilities.exceptions import SIGTERMException
     from prefect.exceptions import TerminationSignal
 
     try:
-        with stop.graceful():
+        with stop.graceful():  # which also turns Lightning's own SIGTERM exit at an epoch end into StopRequested
             yield
-    except (stop.StopRequested, SIGTERMException) as exc:  # Lightning's own flag may win the race at an epoch end
-        where = exc.where if isinstance(exc, stop.StopRequested) else "the end of a training epoch"
+    except stop.StopRequested as exc:
         log.warning("[stop] stopped at %s: this run's MLflow runs are FAILED, the previous outputs unchanged; "
-                    "`medexperts run` again resumes", where)
-        raise TerminationSignal(stop.requested() or signal.SIGTERM) from exc
+                    "`medexperts run` again resumes", exc.where)
+        raise TerminationSignal(exc.signum) from exc
 
 
 def _retrain(root: Path, ctx: StageContext, params: Any, force: bool, stages: list[str] | None,

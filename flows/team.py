@@ -27,7 +27,6 @@ import pwd
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -184,12 +183,6 @@ def _zombie(pid: int) -> bool:
         done, _ = os.waitpid(pid, os.WNOHANG)
         return done == pid
     return False
-
-
-def _accepts(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.settimeout(1.0)
-        return s.connect_ex((HOST, port)) == 0
 
 
 def _http_ok(url: str) -> bool:
