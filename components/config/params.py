@@ -20,6 +20,12 @@ SECTIONS: tuple[str, ...] = ("pipeline", "data", "foundation", "experts", "decom
                              "evaluate", "registry")
 
 
+# Last name component of the image encoders' convs (components/nn: ImageEncoder's blocks.N.conv; ResNet's blocks'
+# conv1/conv2, its stem.0 and shortcut.0) and the LoRA targets that suit each.
+_IMAGE_CONV_LEAVES = {"cnn": {"conv"}, "resnet": {"conv1", "conv2", "0"}}
+_IMAGE_DEFAULT_TARGETS = {"cnn": ["conv"], "resnet": ["conv1", "conv2"]}
+
+
 class Params(Strict):
     pipeline: PipelineParams
     data: DataParams
@@ -40,6 +46,20 @@ class Params(Strict):
             raise ValueError(f"experts.method 'prompt' (soft prompts) is text-only: the image foundation is a CNN "
                              f"with no token sequence; set experts.image_method (lora, llora or full) for the "
                              f"active image tasks {image}")
+        return self
+
+    @model_validator(mode="after")
+    def _image_targets_fit_the_arch(self) -> "Params":
+        # The experts stage checks targets against the real modules; this catches the common slip (switching
+        # foundation.image.arch and keeping the other arch's targets) before the foundation pre-trains for hours.
+        arch = self.foundation.image.arch
+        leaves = _IMAGE_CONV_LEAVES[arch]
+        if self.data.active_tasks("image") and self.experts.method_for("image") in ("lora", "llora"):
+            bad = [t for t in self.experts.lora.image_targets if t.rsplit(".", 1)[-1] not in leaves]
+            if bad:
+                raise ValueError(f"experts.lora.image_targets {bad} name no conv of the {arch!r} image foundation "
+                                 f"(foundation.image.arch); its conv names end in {sorted(leaves)}: e.g. "
+                                 f"experts.lora.image_targets: {_IMAGE_DEFAULT_TARGETS[arch]}")
         return self
 
     @model_validator(mode="after")

@@ -12,11 +12,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from components.decompose.backbones import ImageBackbone, backbone_from_config, text_backbone_from_teacher
+from components.decompose.backbones import backbone_from_config, text_backbone_from_teacher
 from components.decompose.layers import TaskSel, attach_experts, expert_layers, task_context
 from components.config import DecomposeParams
 from components.core.errors import DataError, ParamsError
 from components.nn.classifier import make_head
+from components.nn.resnet import ImageBackbone
 
 Task = str | int | torch.Tensor
 

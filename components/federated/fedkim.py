@@ -40,13 +40,14 @@ from components.config import TrainerParams
 from components.core.artifacts import read_manifest, save_tensors, write_manifest
 from components.core.errors import ArtifactError, DataError, ParamsError
 from components.data.datasets import TaskData
-from components.decompose.backbones import ImageBackbone, TextBackbone
+from components.decompose.backbones import TextBackbone
 from components.federated.clients import MODALITIES, ClientModel, TaskSpec, check_task_spec, frozen_encoders
 from components.metrics.classification import compute_metrics
 from components.moe.layers import attach_molora, molora_layers, routing_context
 from components.moe.m3oe import M3OEGate, describe, masked_mean
 from components.nn.encoders import ImageEncoder, TextEncoder, image_tensor, tokenize
 from components.nn.foundation import Foundation
+from components.nn.resnet import ImageBackbone
 from components.training.data import TensorDictDataset, labels_tensor, loader
 from components.training.module import task_loss
 from components.training.trainer import on_gpu, resolve_precision

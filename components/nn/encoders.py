@@ -1,4 +1,5 @@
-"""Foundation encoders: a Hugging Face text encoder (mean-pooled) and a compact image CNN.
+"""Foundation encoders: a Hugging Face text encoder (mean-pooled) and the image encoders (a compact CNN, or the
+ResNet of ``components.nn.resnet``).
 
 Both map raw-ish inputs to one feature vector per sample via ``forward(**inputs)``, so heads,
 adapters and training code never care which modality they see.
@@ -14,6 +15,7 @@ import torch
 from torch import nn
 
 from components.core.errors import ArtifactError, ParamsError
+from components.nn.resnet import ImageBackbone
 
 PACKAGED = "packaged"
 
@@ -91,6 +93,8 @@ class ConvBlock(nn.Module):
 class ImageEncoder(nn.Module):
     """Compact CNN for 28x28 medical images: conv blocks with 2x pooling, global average pool."""
 
+    arch = "cnn"
+
     def __init__(self, channels: list[int], in_channels: int = 3) -> None:
         super().__init__()
         self.config = {"channels": list(channels), "in_channels": in_channels}
@@ -106,6 +110,27 @@ class ImageEncoder(nn.Module):
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.blocks(pixels).mean(dim=(2, 3))
+
+
+IMAGE_ARCHS: dict[str, type[nn.Module]] = {"cnn": ImageEncoder, "resnet": ImageBackbone}
+
+
+def image_encoder_config(encoder: nn.Module) -> dict[str, Any]:
+    """What a manifest records to rebuild ``encoder``: its arch and its own config."""
+    return {"arch": encoder.arch, **encoder.config}
+
+
+def image_encoder_from_config(config: dict[str, Any]) -> nn.Module:
+    """Rebuild an image encoder (random weights) from ``image_encoder_config``'s record; a record without an
+    ``arch`` (written before there was a choice) is the CNN."""
+    arch = config.get("arch", "cnn")
+    if arch not in IMAGE_ARCHS:
+        raise ArtifactError(f"image encoder arch {arch!r} is unknown; known: {sorted(IMAGE_ARCHS)}")
+    kwargs = {k: v for k, v in config.items() if k != "arch"}
+    try:
+        return IMAGE_ARCHS[arch](**kwargs)
+    except TypeError as exc:
+        raise ArtifactError(f"image encoder config {config} does not fit arch {arch!r}: {exc}") from None
 
 
 def encoder_inputs(raw: list[str] | np.ndarray, modality: str, *, tokenizer: Any = None, max_length: int = 128,

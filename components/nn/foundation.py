@@ -18,11 +18,14 @@ from torch import nn
 
 from components.core.artifacts import read_manifest, save_tensors, write_manifest
 from components.config import FoundationParams
+from components.config.foundation import ImageFoundationParams
 from components.data.datasets import TaskData
 from components.core.fingerprint import sha256_file, tree_hash
 from components.core.errors import ArtifactError
 from components.nn.classifier import MultiTaskClassifier, make_head
-from components.nn.encoders import ImageEncoder, encoder_inputs, load_text_encoder, resolve_text_source
+from components.nn.encoders import (ImageEncoder, encoder_inputs, image_encoder_config, image_encoder_from_config,
+                                    load_text_encoder, resolve_text_source)
+from components.nn.resnet import ImageBackbone
 
 log = logging.getLogger("medexperts")
 
@@ -80,7 +83,7 @@ def save_image_foundation(
     manifest = {
         "kind": "foundation",
         "modality": "image",
-        "config": model.encoder.config,
+        "config": image_encoder_config(model.encoder),
         "sha256": sha256_file(out_dir / "encoder.safetensors"),
         "heads": {n: {"num_labels": t.num_labels, "kind": t.kind} for n, t in tasks.items()},
         "parameters": sum(p.numel() for p in model.encoder.parameters()),
@@ -89,8 +92,9 @@ def save_image_foundation(
     return write_manifest(out_dir, manifest)
 
 
-def new_image_model(channels: list[int], tasks: dict[str, TaskData]) -> MultiTaskClassifier:
-    encoder = ImageEncoder(channels)
+def new_image_model(ip: ImageFoundationParams, tasks: dict[str, TaskData]) -> MultiTaskClassifier:
+    """A random image foundation of ``ip.arch`` with one head per task."""
+    encoder = ImageBackbone(ip.widths, ip.blocks) if ip.arch == "resnet" else ImageEncoder(ip.channels)
     heads = {n: make_head(encoder.out_dim, t.num_labels) for n, t in tasks.items()}
     return MultiTaskClassifier(encoder, heads)
 
@@ -126,8 +130,26 @@ def load_foundation(folder: Path, modality: str) -> Foundation:
         spec = {**manifest, "folder": str(text_folder)}
         found = Foundation("text", encoder, manifest["sha256"], spec, tokenizer, manifest["max_length"])
     else:
-        encoder = ImageEncoder(**manifest["config"])
+        encoder = image_encoder_from_config(manifest["config"])
         encoder.load_state_dict(load_file(sub / "encoder.safetensors"))
         found = Foundation("image", encoder, manifest["sha256"], manifest)
     found.encoder.eval().requires_grad_(False)
     return found
+
+
+def load_image_heads(folder: Path, found: Foundation) -> dict[str, nn.Linear]:
+    """The image foundation's pre-training heads (task -> frozen head on ``found``'s features), as the
+    foundation stage saved them beside its encoder (``folder`` is that stage's output)."""
+    from components.core.layout import IMAGE_HEADS, foundation_dir
+
+    tensors = load_file(foundation_dir(folder, "image") / IMAGE_HEADS)
+    heads = {}
+    for task in sorted({k.rsplit(".", 1)[0] for k in tensors}):
+        weight = tensors[f"{task}.weight"]
+        if weight.shape[1] != found.encoder.out_dim:
+            raise ArtifactError(f"{folder}: head {task!r} reads {weight.shape[1]} features; the encoder gives "
+                                f"{found.encoder.out_dim}")
+        head = make_head(found.encoder.out_dim, weight.shape[0])
+        head.load_state_dict({k.rsplit(".", 1)[1]: v for k, v in tensors.items() if k.rsplit(".", 1)[0] == task})
+        heads[task] = head.eval().requires_grad_(False)
+    return heads

@@ -19,14 +19,12 @@ from typing import Any
 
 import lightning as L
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from components.bundle.format import image_input
 from components.config import DecomposeParams, Modality, PrimaryMetric, ProbeParams
 from components.core.artifacts import save_tensors
 from components.core.errors import ArtifactError
-from components.core.layout import IMAGE_HEADS, foundation_dir as foundation_sub
 from components.core.layout import lorkd_dir, lorkd_fused, lorkd_single, lorkd_student, teacher_heads as heads_file
 from components.data.datasets import TaskData, load_split
 from components.decompose.deploy import fuse, save_fused, save_student, student_hash
@@ -37,7 +35,7 @@ from components.metrics.classification import compute_metrics
 from components.metrics.counts import count_parameters
 from components.metrics.memory import PeakMemory
 from components.nn.classifier import Classifier, make_head
-from components.nn.foundation import Foundation, load_foundation
+from components.nn.foundation import Foundation, load_foundation, load_image_heads
 from components.stages.base import StageSummary, TaskInputs, param
 from components.training.multilabel import pos_weight
 from components.training.data import labels_tensor, loader
@@ -96,15 +94,14 @@ def teacher_heads(found: Foundation, foundation_dir: Path, feats: dict[str, tupl
                   val_feats: dict[str, tuple[torch.Tensor, torch.Tensor]], data: dict[str, TaskData],
                   inp: DecomposeInputs) -> dict[str, nn.Linear]:
     """The teacher's head per task: pre-training head (image) where there is one, else a fitted probe."""
-    stored = {}
-    if found.modality == "image":
-        tensors = load_file(foundation_sub(foundation_dir, "image") / IMAGE_HEADS)
-        stored = {k.rsplit(".", 1)[0] for k in tensors}
+    stored = load_image_heads(foundation_dir, found) if found.modality == "image" else {}
     heads = {}
     for task, td in data.items():
         if task in stored:
-            head = make_head(found.encoder.out_dim, td.num_labels)
-            head.load_state_dict({k.rsplit(".", 1)[1]: v for k, v in tensors.items() if k.rsplit(".", 1)[0] == task})
+            head = stored[task]
+            if head.out_features != td.num_labels:
+                raise ArtifactError(f"{foundation_dir}: the image foundation's {task!r} head has {head.out_features} "
+                                    f"outputs; the task has {td.num_labels} labels: re-run the foundation stage")
         else:
             head, _ = fit_probe(feats[task], val_feats[task], td.kind, td.num_labels, inp.probe, inp.metric, inp.seed)
         heads[task] = head.eval().requires_grad_(False)

@@ -67,7 +67,7 @@ def pretrain_image_foundation(inp: FoundationInputs, data_dir: Path, out_dir: Pa
     train = {n: load_split(data_dir, n, "train").subset(cap, seed) for n in specs}
     val = {n: load_split(data_dir, n, "val") for n in specs}
     L.seed_everything(seed, workers=True, verbose=False)
-    model = new_image_model(ip.channels, train)
+    model = new_image_model(ip, train)
     module = MultiTaskModule(model, list(train), {n: t.kind for n, t in train.items()}, ip.trainer.lr,
                              ip.trainer.weight_decay)
     t0 = time.perf_counter()
@@ -79,7 +79,8 @@ def pretrain_image_foundation(inp: FoundationInputs, data_dir: Path, out_dir: Pa
                     loader(_mixed(val).to(device), 256, shuffle=False), ckpt_path=resume_from(checkpoint_dir))
     model.cpu()
     seconds = time.perf_counter() - t0
-    log.info("[foundation] image CNN pre-trained on %s in %.1fs", list(train), seconds)
+    log.info("[foundation] image %s (%.2fM parameters) pre-trained on %s in %.1fs", ip.arch,
+             sum(p.numel() for p in model.encoder.parameters()) / 1e6, list(train), seconds)
     return save_image_foundation(model.eval(), train, out_dir, {
         "source": "pretrain", "tasks": list(train), "train_samples": {n: len(t) for n, t in train.items()},
         "train_seconds": seconds, "seed": seed,
