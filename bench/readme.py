@@ -565,6 +565,45 @@ def wall_time_section(result: dict) -> str:
             + "\n".join(rows) + "\n")
 
 
+def image_foundation_section(result: dict) -> str:
+    """Compact CNN vs ResNet-18 foundations (their own pre-training heads) beside baselines and MedMNIST v2."""
+    names = {"pixel_lr": "pixel LR", "small_cnn": "small CNN", "majority": "majority class"}
+    archs, anchors = result["archs"], result["anchors"]["tasks"]
+    rows = []
+    for task in result["params"]["tasks"]:
+        row = {"task": task}
+        for arch, a in archs.items():
+            m = a["tasks"][task]["test"]
+            row[arch] = f"{m['accuracy']:.3f} / {m['auroc']:.3f} / {m['macro_f1']:.3f}"
+        b = result["baselines"].get(task)
+        if b:
+            m = b[b["strongest"]]["test"]
+            row["baseline"] = f"{names[b['strongest']]} {m['accuracy']:.3f} / {m['auroc']:.3f} / {m['macro_f1']:.3f}"
+        a = anchors.get(task)
+        row["anchor"] = f"{a['accuracy']:.3f} / {a['auroc']:.3f}" if a else ""
+        rows.append(row)
+    cols = [("task", "task")] + [(arch, f"{arch} ({archs[arch]['parameters'] / 1e6:.2f}M) ACC / AUC / macro-F1")
+                                 for arch in archs]
+    cols += [("baseline", "strongest simple baseline, same split"), ("anchor", "MedMNIST v2 ResNet-18 (28) ACC / AUC")]
+    times = ", ".join(f"{arch} {a['train_seconds'] / 60:.0f} min" for arch, a in archs.items())
+    p = result["params"]
+    notes = "".join(f" Note: {n}." for n in result.get("notes", []))
+    return (f"{machine_line(result)}, from `bench/results/image_foundation.json`: each foundation pre-trained "
+            f"multi-task on the {len(p['tasks'])} tasks' whole training splits for {p['epochs']} epochs (pre-training "
+            f"time: {times}), scored on test with its own pre-training heads.{notes}\n\n"
+            + markdown_table(rows, cols) + "\n")
+
+
+def install_time_section(result: dict) -> str:
+    """`make setup` on a fresh clone."""
+    cache = result["params"]["pip_cache_mib_before"]
+    where = (f"packages from pip's cache ({cache:.0f} MiB before the run)" if cache else "packages from the registry")
+    return (f"`make setup` on a fresh clone: {result['median_setup_seconds'] / 60:.1f} min (median of "
+            f"{len(result['runs'])}, {where}); the first `medexperts` call after it "
+            f"{result['median_first_cli_seconds']:.0f} s; the venv {result['runs'][0]['venv_mib']:.0f} MiB; "
+            f"{machine_line(result)} (`bench/results/install_time.json`).\n")
+
+
 def replace(text: str, name: str, body: str) -> str:
     pattern = re.compile(rf"(<!-- results:{name} -->\n).*?(<!-- /results:{name} -->)", re.S)
     if not pattern.search(text):
@@ -588,7 +627,8 @@ def main() -> None:
                           ("decompose", decompose_section), ("fusion", fusion_section),
                           ("routing", routing_section), ("federated", federated_section),
                           ("fixed_cost", fixed_cost_section), ("fanout", fanout_section),
-                          ("wall_time", wall_time_section),
+                          ("wall_time", wall_time_section), ("install_time", install_time_section),
+                          ("image_foundation", image_foundation_section),
                           ("architecture", architecture_section)):
         path = RESULTS / f"{name}.json"
         if path.is_file():

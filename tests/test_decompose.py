@@ -332,3 +332,32 @@ def test_the_multilabel_task_loss_is_class_weighted_per_label() -> None:
     _, plain = lorkd_loss(logits, labels, teacher, task_ids, ["multilabel", "multiclass"], [3, 3], 0.0, 1.0,
                           reduction="sum")
     assert not torch.allclose(plain["task"], expected)
+
+
+def test_multilabel_thresholds_are_picked_on_validation_and_folded_into_the_student_head() -> None:
+    """The student's multilabel head gets per-label thresholds from its fused model's validation logits (the same
+    ``best_thresholds`` as the probe and the experts), so the fused expert decides p >= t; the single-label head
+    is untouched."""
+    from components.stages.decompose import fold_val_thresholds
+    from components.training.inference import batched
+    from components.training.multilabel import best_thresholds
+
+    encoder, heads = teacher_for("image")
+    student = build_student(small_params(), "image", encoder, heads, seed=0)
+    x_va = {n: inputs_for("image", 200, seed=7 + i) for i, n in enumerate(LABELS)}
+    with torch.no_grad():  # spread the probabilities (std ~0.003 at init) over (0, 1), centred on 0.5
+        student.heads["a"].weight.mul_(100)
+        student.heads["a"].bias.sub_(batched(fuse(student, "a"), x_va["a"]).median(dim=0).values)
+        before = batched(fuse(student, "a"), x_va["a"])
+    p = torch.sigmoid(before)
+    y_va = {"a": (p >= 0.75).float(),  # 0.5 over-predicts: 0.75 is the better threshold
+            "b": torch.zeros(200, dtype=torch.long)}
+    expected = best_thresholds(before, y_va["a"])
+    assert (expected != 0.5).any()  # the test means something: at least one label moves
+    bias_a, head_b = student.heads["a"].bias.clone(), {k: v.clone() for k, v in student.heads["b"].state_dict().items()}
+    fold_val_thresholds(student, ["b", "a"], KINDS, x_va, y_va)
+    torch.testing.assert_close(student.heads["a"].bias, bias_a - torch.logit(expected))
+    with torch.no_grad():
+        after = batched(fuse(student, "a"), x_va["a"])
+    assert torch.equal(after > 0, p >= expected)
+    assert all(torch.equal(v, head_b[k]) for k, v in student.heads["b"].state_dict().items())

@@ -62,3 +62,42 @@ def test_pos_weight_and_thresholds_edge_cases() -> None:
     assert torch.allclose(pos_weight(y), torch.tensor([3.0, 1.0, 1 / 3]))  # never-on label: 1
     t = best_thresholds(torch.zeros(4, 3), y)
     assert t[1] == 0.5  # no positives: nothing to calibrate
+
+
+def test_a_fused_multilabel_head_re_picks_its_thresholds_on_the_merged_model() -> None:
+    """The merged encoder's features are not the expert's: the fused model's multilabel head gets thresholds picked
+    again on the merged model's validation logits (folded on top of the expert's), a single-label head is kept."""
+    from types import SimpleNamespace
+
+    from components.fusion.search import ValidationScorer
+    from components.nn.foundation import Foundation
+
+    class Identity(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = torch.nn.Linear(16, 16)  # the merged task vector lands here
+            torch.nn.init.eye_(self.proj.weight)
+            torch.nn.init.zeros_(self.proj.bias)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.proj(x)
+
+    (x, y), (xv, yv) = imbalanced(3000, 0), imbalanced(1000, 1)
+    ml_head, _ = fit_probe((x, y), (xv, yv), "multilabel", 8, ProbeParams(), "macro_f1", 0)
+    mc_head = make_head(16, 3)
+    experts = {t: SimpleNamespace(head=h) for t, h in (("ml", ml_head), ("mc", mc_head))}
+    scorer = object.__new__(ValidationScorer)  # the data a real scorer loads from the splits, given directly
+    scorer.foundation = Foundation("image", Identity().eval(), "sha", {})
+    scorer.experts = experts
+    scorer.data = {"ml": ({"x": xv}, yv, SimpleNamespace(kind="multilabel", num_labels=8)),
+                   "mc": ({"x": xv}, torch.zeros(len(xv), dtype=torch.long), SimpleNamespace(kind="multiclass",
+                                                                                             num_labels=3))}
+    delta = {"proj.weight": 0.6 * torch.eye(16)}  # the merge scales the features: the expert's thresholds are off
+    heads = scorer.refit_thresholds(delta)
+    assert heads["mc"] is mc_head and heads["ml"] is not ml_head
+    with torch.no_grad():
+        merged = 1.6 * xv
+        t = best_thresholds(ml_head(merged), yv)
+        assert (t != 0.5).any()
+        torch.testing.assert_close(heads["ml"].bias, ml_head.bias - torch.logit(t))
+        torch.testing.assert_close(heads["ml"].weight, ml_head.weight)

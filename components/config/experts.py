@@ -27,8 +27,9 @@ class ProbeParams(Strict):
                                  description="L2 strengths tried; the best on validation is kept.")
     multilabel_thresholds: bool = Field(
         True, description="Multilabel: per-label decision thresholds picked on validation (kept only where they beat "
-                          "0.5 across a half split of it) and folded into the head (probe and expert). Per-label class "
-                          "weights are always on. bench/results/multilabel_probe.json measures both on HoC.")
+                          "0.5 across a half split of it) and folded into the head: the probe, the expert, the fused "
+                          "model (picked again on the merged model) and the LoRKD students and their fused experts. "
+                          "Per-label class weights are always on. bench/results/multilabel_probe.json measures both on HoC.")
 
 class PromptParams(Strict):
     num_virtual_tokens: int = Field(20, ge=1, description="Soft-prompt length N (virtual tokens).")

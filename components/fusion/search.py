@@ -22,6 +22,7 @@ from components.nn.classifier import Classifier
 from components.nn.foundation import Foundation
 from components.training.data import labels_tensor
 from components.training.inference import batched
+from components.training.multilabel import best_thresholds, fold_thresholds
 
 Metrics = dict[str, dict[str, float]]
 Scorer = Callable[[TaskVector], tuple[float, Metrics]]  # merged ΔW -> (normalised score, metrics per task)
@@ -43,14 +44,31 @@ class ValidationScorer:
         x, y, val = self.data[task]
         return compute_metrics(val.kind, batched(model, x), y, val.num_labels)
 
-    def score(self, delta: TaskVector) -> tuple[float, Metrics]:
-        """Normalised score: the mean over tasks of the merged model's metric / that task's expert's."""
+    def score(self, delta: TaskVector, heads: dict[str, torch.nn.Module] | None = None) -> tuple[float, Metrics]:
+        """Normalised score: the mean over tasks of the merged model's metric / that task's expert's (with the
+        experts' own heads, or ``heads``)."""
         encoder = add_delta(copy.deepcopy(self.foundation.encoder), delta).eval()
         per_task = {}
         for task, expert in self.experts.items():
-            per_task[task] = self._metrics(task, Classifier(encoder, expert.head))
+            per_task[task] = self._metrics(task, Classifier(encoder, (heads or {}).get(task, expert.head)))
         norm = [normalised_score(per_task[t][self.metric], self.single[t]) for t in self.experts]
         return float(sum(norm) / len(norm)), per_task
+
+    def refit_thresholds(self, delta: TaskVector) -> dict[str, torch.nn.Module]:
+        """Multilabel tasks: a copy of the expert's head whose per-label decision thresholds are picked again on the
+        merged model's validation logits (``best_thresholds``, folded on top of the expert's own: the merged
+        features are not the expert's); other tasks keep the expert's head."""
+        encoder = add_delta(copy.deepcopy(self.foundation.encoder), delta).eval()
+        heads = {}
+        for task, expert in self.experts.items():
+            x, y, val = self.data[task]
+            heads[task] = expert.head
+            if val.kind == "multilabel":
+                heads[task] = copy.deepcopy(expert.head)
+                with torch.no_grad():
+                    logits = batched(Classifier(encoder, heads[task]), x)
+                fold_thresholds(heads[task], best_thresholds(logits, y))
+        return heads
 
 
 # --------------------------------------------------------------------------- search

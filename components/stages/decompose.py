@@ -37,7 +37,7 @@ from components.metrics.memory import PeakMemory
 from components.nn.classifier import Classifier, make_head
 from components.nn.foundation import Foundation, load_foundation, load_image_heads
 from components.stages.base import StageSummary, TaskInputs, param
-from components.training.multilabel import pos_weight
+from components.training.multilabel import best_thresholds, fold_thresholds, pos_weight
 from components.training.data import labels_tensor, loader
 from components.training.inference import batched
 from components.training.probe import fit_probe
@@ -133,6 +133,18 @@ def _val_metrics(model: nn.Module, x: dict[str, torch.Tensor], y: torch.Tensor, 
     return compute_metrics(td.kind, batched(model, x), y, td.num_labels)
 
 
+def fold_val_thresholds(student: LoRKDStudent, tasks: list[str], kinds: dict[str, str],
+                        x_va: dict[str, dict[str, torch.Tensor]], y_va: dict[str, torch.Tensor]) -> None:
+    """Multilabel tasks: per-label decision thresholds picked on validation (as the probe and the experts pick
+    theirs, ``best_thresholds``) for the task's fused model, folded into the student's head of that task, so the
+    student, its fused expert and every bundle made from them decide the same way."""
+    for task in tasks:
+        if kinds[task] == "multilabel":
+            with torch.no_grad():
+                logits = batched(fuse(student, task), x_va[task])
+            fold_thresholds(student.heads[task], best_thresholds(logits, y_va[task]))
+
+
 def decompose_modality(modality: Modality, inp: DecomposeInputs, data_dir: Path, foundation_dir: Path,
                        out_root: Path, logger: Any = False, checkpoint_dir: Path | None = None) -> ModalityDecomposition:
     """Decompose ``modality``'s foundation over its active tasks; write under ``out_root`` (the stage folder)."""
@@ -170,6 +182,8 @@ def decompose_modality(modality: Modality, inp: DecomposeInputs, data_dir: Path,
     with PeakMemory(data_device(tp).type) as memory:
         train_seconds = _train(student, kinds, tasks, tr, va, inp, modality, logger,
                                checkpoint_dir / "student" if checkpoint_dir else None)
+    if inp.probe.multilabel_thresholds:
+        fold_val_thresholds(student, tasks, kinds, x_va, y_va)
     sha = student_hash(student)
     save_student(lorkd_student(out_root, modality), student, {"tasks_kinds": kinds, "teacher_sha256": found.sha256})
 
@@ -182,6 +196,8 @@ def decompose_modality(modality: Modality, inp: DecomposeInputs, data_dir: Path,
         single = build_student(dp, modality, found.encoder, {task: heads[task]}, seed)
         single_seconds = _train(single, kinds, [task], tr, va, inp, modality, False,
                                 checkpoint_dir / f"single-{task}" if checkpoint_dir else None)
+        if inp.probe.multilabel_thresholds:
+            fold_val_thresholds(single, [task], kinds, x_va, y_va)
         single_fused = fuse(single, task)
         single_val = _val_metrics(single_fused, x_va[task], y_va[task], td)
         deployed = count_parameters(fused)

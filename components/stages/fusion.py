@@ -29,6 +29,8 @@ class FusionInputs(TaskInputs):
     fusion: FusionParams = param("fusion")
     metric: PrimaryMetric = param("evaluate.primary_metric")
     seed: int = param("pipeline.seed")
+    thresholds: bool = param("experts.probe.multilabel_thresholds",
+                             "a multilabel task's fused model re-picks its per-label thresholds on validation")
 
 
 class MergeResult(StageSummary):
@@ -109,10 +111,16 @@ def fuse_experts(inp: FusionInputs, data_dir: Path, foundation_dir: Path, expert
                  s.coefficients or "no coefficients", len(s.grid), metric, s.score)
     search_seconds = time.perf_counter() - t0  # task vectors, merges and validation scoring
 
-    heads = {t: TaskHead(e.head, e.info.task_kind, e.info.label_names, _input_of(experts_dir, t, fp.modality))
-             for t, e in experts.items()}
+    inputs = {t: _input_of(experts_dir, t, fp.modality) for t in tasks}
+    multilabel = [t for t, e in experts.items() if e.info.task_kind == "multilabel"]
     results: dict[str, MergeResult] = {}
     for method, s in searched.items():
+        chosen_heads = {t: e.head for t, e in experts.items()}
+        if multilabel and inp.thresholds:  # the chosen point's figures, with the re-picked thresholds
+            chosen_heads = scorer.refit_thresholds(s.delta)
+            s.score, s.per_task = scorer.score(s.delta, chosen_heads)
+        heads = {t: TaskHead(chosen_heads[t], e.info.task_kind, e.info.label_names, inputs[t])
+                 for t, e in experts.items()}
         chosen = {"lambda": s.coefficients.get("lam"), "coefficients": s.coefficients, "val_normalised": s.score,
                   "val_metrics": s.per_task, **({"seed": seed} if MERGE_METHODS[method].stochastic else {})}
         save_bundle(fused_bundle(out_dir, method), foundation, s.delta, heads, name=f"fused-{fp.modality}-{method}",
