@@ -1,6 +1,10 @@
 """LoRKD: quality and size of the decomposed experts, and the cost of the one-pass mixed-batch step.
 `medexperts bench decompose [--profile quick]` -> bench/results/decompose.json
 
+At scale (the full profile's students, the ResNet-18 image foundation that `bench image_foundation` pre-trained
+as teacher, quality only): `medexperts bench decompose --profile full --tasks pneumoniamnist breastmnist
+retinamnist dermamnist --image-foundation WORK/resnet18/image --rounds 0 --result decompose_full_image`.
+
 Quality: the decompose stage's own code (`components.stages.decompose.run`) on the image tasks and the text
 tasks (shipped, plus Symptom2Disease and HoC when ../shared/data has them), then on each test split: the teacher
 (frozen foundation + its head), the fused LoRKD expert and the same-size single-task student; parameters of the
@@ -159,10 +163,21 @@ def switch_ms(work: Path, modality: str) -> float:
     return 1000 * statistics.median(times[8:])
 
 
-def setup(work: Path, profile: str, tasks: list[str]) -> None:
+def _foundation_record(work: Path) -> dict[str, Any]:
+    """What the image teacher was: its arch config, size and training."""
+    import json
+
+    path = work / "foundation" / "image" / "manifest.json"
+    if not path.is_file():
+        return {}
+    m = json.loads(path.read_text())
+    return {k: m.get(k) for k in ("config", "parameters", "tasks", "train_samples", "train_seconds", "sha256")}
+
+
+def setup(work: Path, profile: str, tasks: list[str], image_foundation: Path | None = None) -> None:
     from bench.experts import setup as experts_setup
 
-    experts_setup(work, profile, tasks)  # the same data and foundations
+    experts_setup(work, profile, tasks, image_foundation)  # the same data and foundations
 
 
 def main() -> None:
@@ -175,7 +190,10 @@ def main() -> None:
     parser.add_argument("--profile", default="quick")
     parser.add_argument("--tasks", nargs="*", help="default: the shipped tasks + the optional ones found on disk")
     parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3, help="step-cost rounds (0: quality only)")
+    parser.add_argument("--image-foundation", type=Path,
+                        help="an image foundation folder the foundation stage wrote (default: pre-train one)")
+    parser.add_argument("--result", default="decompose", help="bench/results/RESULT.json")
     parser.add_argument("--skip-quality", action="store_true")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -186,7 +204,7 @@ def main() -> None:
 
     tasks = args.tasks or available_tasks(args.profile)
     work = Path(tempfile.mkdtemp(prefix="medexperts-bench-decompose-"))
-    setup(work, args.profile, tasks)
+    setup(work, args.profile, tasks, args.image_foundation.resolve() if args.image_foundation else None)
     result = {"tasks": {}} if args.skip_quality else quality(work, args.profile, tasks)
     cases = ["one_pass", "plain", "loop", "teacher_full"]
     rounds: dict[tuple[str, str], list[dict[str, Any]]] = {}
@@ -212,11 +230,14 @@ def main() -> None:
                for m, s in steps.items()}
     quality_tasks = {t: r for t, r in result["tasks"].items() if not t.startswith("_")}
     goals = {t: {"matches_teacher": r["test"]["lorkd"]["macro_f1"] >= r["test"]["teacher"]["macro_f1"],
-                 "at_most_10pct_params": r["parameter_fraction"] <= 0.10} for t, r in quality_tasks.items()}
-    path = write_result("decompose", {
-        "params": {"profile": args.profile, "tasks": tasks, "step_tasks": TASKS_FOR_STEP, "batch": BATCH,
+                 "at_most_10pct_params": r["parameter_fraction"] <= 0.10,
+                 "beats_single_student": r["test"]["lorkd"]["macro_f1"] >= r["test"]["single_student"]["macro_f1"]}
+             for t, r in quality_tasks.items()}
+    path = write_result(args.result, {
+        "params": {"profile": args.profile, "tasks": tasks, "result": args.result, "step_tasks": TASKS_FOR_STEP, "batch": BATCH,
                    "timed_steps": args.steps, "rounds": args.rounds, "primary_metric": "macro_f1",
-                   "decompose": _params(args.profile, {"data.active": tasks}).decompose.model_dump(mode="json")},
+                   "decompose": _params(args.profile, {"data.active": tasks}).decompose.model_dump(mode="json"),
+                   "image_foundation": _foundation_record(work)},
         "quality": result, "step_cost": steps, "figures": figures, "goals": goals,
     })
     print(json.dumps(figures, indent=1))

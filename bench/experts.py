@@ -126,18 +126,22 @@ def one_step(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- driver
-def setup(work: Path, profile: str, active: list[str]) -> None:
-    """The data and foundation stages' own code into ``work/data`` and ``work/foundation/<modality>``."""
+def setup(work: Path, profile: str, active: list[str], image_foundation: Path | None = None) -> None:
+    """The data and foundation stages' own code into ``work/data`` and ``work/foundation/<modality>``; the image
+    foundation is pre-trained, or ``image_foundation`` (a folder the foundation stage wrote) is used as it is."""
     from components.core.layout import foundation_dir
     from components.nn.foundation import describe_text_foundation
     from components.stages.data import prepare_data
-    from components.stages.foundation import FoundationInputs, pretrain_image_foundation
+    from components.stages.foundation import FoundationInputs, copy_image_checkpoint, pretrain_image_foundation
 
     params = _params(profile, {"data.active": active})
     prepare_data(params.data, ROOT, work / "data", seed=params.pipeline.seed)
     describe_text_foundation(params.foundation, ROOT, foundation_dir(work / "foundation", "text"))
-    pretrain_image_foundation(FoundationInputs.from_params(params), work / "data",
-                              foundation_dir(work / "foundation", "image"))
+    if image_foundation is not None:
+        copy_image_checkpoint(image_foundation, foundation_dir(work / "foundation", "image"))
+    else:
+        pretrain_image_foundation(FoundationInputs.from_params(params), work / "data",
+                                  foundation_dir(work / "foundation", "image"))
 
 
 def available_tasks(profile: str) -> list[str]:
