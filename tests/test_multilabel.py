@@ -64,6 +64,25 @@ def test_pos_weight_and_thresholds_edge_cases() -> None:
     assert t[1] == 0.5  # no positives: nothing to calibrate
 
 
+def test_a_threshold_needs_enough_validation_positives() -> None:
+    """The same separable pattern moves the threshold with MIN_POSITIVES positives and not with fewer (a threshold
+    tuned on a handful of positives does not carry to test)."""
+    from components.training.multilabel import MIN_POSITIVES
+
+    def pattern(positives: int) -> tuple[torch.Tensor, torch.Tensor]:
+        # positives at p = 0.8, as many negatives at p = 0.6, the rest at 0.1: 0.5 over-predicts, 0.7 is exact
+        n = 10 * positives
+        p = torch.full((n, 1), 0.1)
+        p[:positives], p[positives:2 * positives] = 0.8, 0.6
+        y = torch.zeros(n, 1)
+        y[:positives] = 1
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(0))
+        return torch.logit(p[perm]), y[perm]
+
+    assert best_thresholds(*pattern(MIN_POSITIVES))[0] > 0.6
+    assert best_thresholds(*pattern(MIN_POSITIVES - 1))[0] == 0.5
+
+
 def test_a_fused_multilabel_head_re_picks_its_thresholds_on_the_merged_model() -> None:
     """The merged encoder's features are not the expert's: the fused model's multilabel head gets thresholds picked
     again on the merged model's validation logits (folded on top of the expert's), a single-label head is kept."""

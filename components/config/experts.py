@@ -21,8 +21,8 @@ class LoraParams(Strict):
 
 
 class ProbeParams(Strict):
-    epochs: int = Field(300, ge=1, description="Full-batch steps of the linear probe.")
-    lr: float = Field(1e-2, gt=0, description="Probe learning rate.")
+    epochs: int = Field(1000, ge=1, description="Full-batch steps of the linear probe (to convergence).")
+    lr: float = Field(3e-2, gt=0, description="Probe learning rate.")
     l2_grid: list[float] = Field(default_factory=lambda: [1e-4, 1e-3, 1e-2], min_length=1,
                                  description="L2 strengths tried; the best on validation is kept.")
     multilabel_thresholds: bool = Field(
