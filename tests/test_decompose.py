@@ -325,7 +325,7 @@ def test_the_multilabel_task_loss_is_class_weighted_per_label() -> None:
     task_ids = torch.tensor([0, 0, 0, 0, 1, 1])
     weights = [torch.tensor([3.0, 3.0, 1.0]), None]
     _, parts = lorkd_loss(logits, labels, teacher, task_ids, ["multilabel", "multiclass"], [3, 3], 0.0, 1.0,
-                          reduction="sum", pos_weights=weights)
+                          reduction="sum", loss_weights=weights)
     expected = (F.binary_cross_entropy_with_logits(logits[:4], labels[:4], pos_weight=weights[0]) * 4
                 + F.cross_entropy(logits[4:], torch.tensor([2, 1])) * 2)  # one-hot rows of a mixed batch
     assert torch.allclose(parts["task"], expected)

@@ -114,6 +114,9 @@ def test_write_app_is_a_valid_flower_app(tmp_path: Path) -> None:
     assert config["tool"]["flwr"]["app"]["config"]["num-rounds"] == 3
     with pytest.raises(ParamsError, match="task"):
         flower.write_app(tmp_path / "bad", task="regression")
+    assert config["tool"]["flwr"]["app"]["config"]["class-weight"] == "balanced"  # as federated.client's default
+    with pytest.raises(ParamsError, match="class-weight"):
+        flower.write_app(tmp_path / "bad", class_weight="inverse")
 
 
 # --------------------------------------------------------------------------- a real deployment on loopback

@@ -29,7 +29,10 @@ class ProbeParams(Strict):
         True, description="Multilabel: per-label decision thresholds picked on validation (kept only where they beat "
                           "0.5 across a half split of it) and folded into the head: the probe, the expert, the fused "
                           "model (picked again on the merged model) and the LoRKD students and their fused experts. "
-                          "Per-label class weights are always on. bench/results/multilabel_probe.json measures both on HoC.")
+                          "bench/results/multilabel_probe.json measures them on HoC.")
+    class_weight: Literal["balanced", "none"] = Field(
+        "balanced", description="balanced: class-weighted loss (scikit-learn's class_weight='balanced'; multilabel: "
+                                "per-label positive weights); none: unweighted.")
 
 class PromptParams(Strict):
     num_virtual_tokens: int = Field(20, ge=1, description="Soft-prompt length N (virtual tokens).")

@@ -3,6 +3,8 @@ foundation (M3OE)."""
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 
 from components.config.base import Strict
@@ -20,6 +22,9 @@ class ClientParams(Strict):
     weight_decay: float = Field(0.0, ge=0, description="Local AdamW weight decay.")
     mu: float = Field(0.0, ge=0, description="FedProx proximal term μ (0 = FedAvg).")
     max_train_samples: int | None = Field(None, ge=1, description="Cap on each client's rows per task.")
+    class_weight: Literal["balanced", "none"] = Field(
+        "balanced", description="balanced: each client weighs its classes by its own shard's balance (a Dirichlet "
+                                "shard is skewed); none: unweighted.")
     image_channels: list[int] = Field(default_factory=lambda: [16, 32], min_length=1,
                                       description="Widths of the clients' small image CNN.")
     text_layers: list[int] = Field(default_factory=lambda: [0], min_length=1,

@@ -27,6 +27,10 @@ class TrainerParams(Strict):
     max_train_samples: int | None = Field(None, ge=1, description="Cap on training samples per task.")
     resume: bool = Field(True, description="Checkpoint every epoch (trainable weights, optimiser, callbacks) and "
                          "resume a killed run from its last checkpoint.")
+    class_weight: Literal["balanced", "none"] = Field(
+        "balanced", description="balanced: each class (multilabel: each label's positives) weighs n / (k * n_c) in "
+                                "the loss, from the training labels (macro-F1 on imbalanced tasks); none: plain "
+                                "cross-entropy / BCE.")
     data_on_device: bool = Field(True, description="Move in-memory training data to the GPU once (single-device "
                                  "runs), instead of copying every batch from the host.")
 

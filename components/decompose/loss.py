@@ -39,11 +39,12 @@ def distill_loss(kind: str, student: torch.Tensor, teacher: torch.Tensor, temper
 
 def lorkd_loss(logits: torch.Tensor, labels: torch.Tensor, teacher: torch.Tensor, task_ids: torch.Tensor,
                kinds: list[str], num_labels: list[int], kd_weight: float, temperature: float,
-               reduction: Literal["mean", "sum"] = "mean", pos_weights: list[torch.Tensor | None] | None = None,
+               reduction: Literal["mean", "sum"] = "mean", loss_weights: list[torch.Tensor | None] | None = None,
                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Total loss of a mixed batch and its parts (``task``, ``kd``), summed per sample then averaged over the batch.
-    ``pos_weights``: per task, the per-label positive weights of a multilabel task's BCE (None: unweighted), as the
-    probe and the experts use (``components.training.multilabel``): rare labels are not learnt as "never".
+    ``loss_weights``: per task, its class balance (``components.training.balance.loss_weight``: per-class weights,
+    a multilabel task's per-label positive weights; None: unweighted), as the probe and the experts use: rare
+    classes and labels are not learnt as "never".
 
     ``logits`` and ``teacher`` are (N, max L), zero-padded. The loop runs over the T tasks, not the
     samples, and only over the head outputs (the backbone pass is already done): the tasks differ in loss
@@ -57,7 +58,7 @@ def lorkd_loss(logits: torch.Tensor, labels: torch.Tensor, teacher: torch.Tensor
         if not count:
             continue
         s = logits[mask, :width]
-        weight = pos_weights[t] if pos_weights is not None else None
+        weight = loss_weights[t] if loss_weights is not None else None
         sup = sup + task_loss(kind, s, task_targets(labels[mask], kind, width), weight) * count
         kd = kd + distill_loss(kind, s, teacher[mask, :width], temperature) * count
     if reduction == "mean":

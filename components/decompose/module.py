@@ -25,7 +25,7 @@ class DecomposeModule(L.LightningModule):
 
     def __init__(self, student: LoRKDStudent, kinds: Mapping[str, str], kd_weight: float, temperature: float,
                  lr: float, weight_decay: float, metric: str = "macro_f1",
-                 pos_weights: Mapping[str, torch.Tensor] | None = None) -> None:
+                 loss_weights: Mapping[str, torch.Tensor | None] | None = None) -> None:
         super().__init__()
         missing = [t for t in student.task_names if t not in kinds]
         if missing:
@@ -34,8 +34,8 @@ class DecomposeModule(L.LightningModule):
         self.kinds = [kinds[t] for t in student.task_names]
         self.widths = [student.num_labels[t] for t in student.task_names]
         self.kd_weight, self.temperature = kd_weight, temperature
-        # per task (task-id order): a multilabel task's per-label positive weights, None for the others
-        self.pos_weights = [(pos_weights or {}).get(t) for t in student.task_names]
+        # per task (task-id order): its class balance (components.training.balance), None: unweighted
+        self.loss_weights = [(loss_weights or {}).get(t) for t in student.task_names]
         self.lr, self.weight_decay, self.metric = lr, weight_decay, metric
         # one per task, in task-id order (a list, not a dict: task names need not be valid module names)
         self.val_scores = nn.ModuleList(ValidationScore(kind, width, metric)
@@ -47,7 +47,7 @@ class DecomposeModule(L.LightningModule):
 
     def _loss(self, batch: dict[str, torch.Tensor], logits: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
         return lorkd_loss(logits, batch["labels"], batch["teacher_logits"], batch["task_ids"], self.kinds,
-                          self.widths, self.kd_weight, self.temperature, pos_weights=self.pos_weights)
+                          self.widths, self.kd_weight, self.temperature, loss_weights=self.loss_weights)
 
     def training_step(self, batch: dict[str, torch.Tensor], _: int) -> torch.Tensor:
         loss, parts = self._loss(batch, self(batch))

@@ -34,6 +34,7 @@ from components.metrics.classification import compute_metrics
 from components.nn.classifier import make_head
 from components.nn.encoders import ImageEncoder, TextEncoder, image_tensor, tokenize
 from components.training.data import TensorDictDataset, labels_tensor
+from components.training.balance import ClassWeight, loss_weight
 from components.training.module import task_loss
 
 if TYPE_CHECKING:  # type hints only: a Flower site imports this module without the data loaders (pandas)
@@ -229,24 +230,30 @@ def _task_seed(seed: int, round_: int, index: int, task: int) -> int:
     return int(np.random.SeedSequence([seed, round_, index, task]).generate_state(1)[0])
 
 
-def _proximal_loss(kind: str, view: nn.Module, anchor: Payload,
-                   mu: float) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """Task loss + FedProx term anchored on the round's global payload (not on the previous task's weights)."""
+def _local_loss(kind: str, weight: torch.Tensor | None, view: nn.Module, anchor: Payload | None,
+                mu: float) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Task loss (class-weighted by the client's own shard when ``weight`` is given), plus the FedProx term anchored
+    on the round's global payload (not on the previous task's weights) when ``anchor`` is given."""
 
     def loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return task_loss(kind, logits, labels) + proximal_term(view, anchor, mu)
+        task = task_loss(kind, logits, labels, weight)
+        return task if anchor is None else task + proximal_term(view, anchor, mu)
 
     return loss
 
 
 def client_updater(worker: ClientModel, tasks: Mapping[str, LocalTask], *, index: int, epochs: int,
                    batch_size: int, lr: float, weight_decay: float = 0.0, mu: float = 0.0,
-                   seed: int = 0) -> UpdateFn:
+                   seed: int = 0, class_weight: ClassWeight = "balanced") -> UpdateFn:
     """The update of one client: load the global payload into ``worker`` and train its tasks one after another
-    (``client_update`` per task, AdamW, ``epochs`` each), then send back every parameter.
+    (``client_update`` per task, AdamW, ``epochs`` each), then send back every parameter. ``class_weight``:
+    each task's loss weighs its classes by this client's own shard (``components.training.balance``).
 
     With ``mu > 0`` the FedProx term is anchored on the round's global payload for every task (the reported
     loss then includes it)."""
+
+    weights = {task: loss_weight(local.kind, local.data.labels, worker.heads[task].out_features, class_weight)
+               for task, local in tasks.items()}
 
     def update(payload: Payload, round_: int) -> ClientResult:
         t0 = time.perf_counter()
@@ -257,7 +264,7 @@ def client_updater(worker: ClientModel, tasks: Mapping[str, LocalTask], *, index
             anchor = {k: v.to(device) for k, v in payload.items()}
         for j, (task, local) in enumerate(tasks.items()):
             view = _TaskView(worker, task, local.modality)
-            loss = local.kind if anchor is None else _proximal_loss(local.kind, view, anchor, mu)
+            loss = _local_loss(local.kind, weights[task], view, anchor, mu)
             result = client_update(view, current, local.data, loss, epochs=epochs, batch_size=batch_size, lr=lr,
                                    weight_decay=weight_decay, seed=_task_seed(seed, round_, index, j))
             current = result.payload
@@ -298,6 +305,7 @@ def fedkim_clients(
     mu: float = 0.0,
     seed: int = 0,
     ids: Sequence[str] | None = None,
+    class_weight: ClassWeight = "balanced",
 ) -> list[Client]:
     """One engine ``Client`` per shard (task name -> that client's rows), ids ``client_0``... by default.
 
@@ -316,7 +324,7 @@ def fedkim_clients(
     for i, (shard, worker, cid) in enumerate(zip(shards, workers, ids, strict=True)):
         tasks = encode_shard(worker, shard, tokenizer=tokenizer, max_length=max_length, client=cid)
         update = client_updater(worker, tasks, index=i, epochs=epochs, batch_size=batch_size, lr=lr,
-                                weight_decay=weight_decay, mu=mu, seed=seed)
+                                weight_decay=weight_decay, mu=mu, seed=seed, class_weight=class_weight)
         clients.append(Client(cid, sum(len(t.data) for t in tasks.values()), update))
     return clients
 
@@ -376,6 +384,7 @@ def train_clients(
     workers: Sequence[ClientModel] | None = None,
     val: Mapping[str, TaskData] | None = None,
     on_round: Callable[[RoundReport], None] | None = None,
+    class_weight: ClassWeight = "balanced",
 ) -> ClientTraining:
     """FedKIM's federated phase: ``rounds`` rounds of local training on each shard + FedAvg of every parameter of
     the local model, loaded into ``global_model`` each round.
@@ -395,7 +404,7 @@ def train_clients(
         shared = None
     clients = fedkim_clients(shared if shared is not None else list(workers), shards, tokenizer=tokenizer,
                              max_length=max_length, epochs=epochs, batch_size=batch_size, lr=lr,
-                             weight_decay=weight_decay, mu=mu, seed=seed, ids=ids)
+                             weight_decay=weight_decay, mu=mu, seed=seed, ids=ids, class_weight=class_weight)
     evaluate = None if val is None else client_evaluator(val, tokenizer=tokenizer, max_length=max_length)
     run = run_rounds(global_model, clients, rounds, min_clients=len(clients) if min_clients is None else min_clients,
                      max_norm=max_norm, timeout_s=timeout_s, keys=_every_parameter, on_round=on_round,

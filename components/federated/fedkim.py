@@ -48,6 +48,7 @@ from components.moe.m3oe import M3OEGate, describe, masked_mean
 from components.nn.encoders import ImageEncoder, TextEncoder, image_tensor, tokenize
 from components.nn.foundation import Foundation
 from components.nn.resnet import ImageBackbone
+from components.training.balance import ClassWeight, loss_weight
 from components.training.data import TensorDictDataset, labels_tensor, loader
 from components.training.module import task_loss
 from components.training.trainer import on_gpu, resolve_precision
@@ -393,8 +394,10 @@ def _task_targets(labels: torch.Tensor, spec: TaskSpec) -> torch.Tensor:
     return labels[:, :spec.num_labels].argmax(-1) if labels.ndim == 2 else labels
 
 
-def mixed_loss(model: InjectedFoundation, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """Mean task loss of a mixed batch, each sample scored by its own task's head."""
+def mixed_loss(model: InjectedFoundation, batch: Mapping[str, torch.Tensor],
+               weights: Mapping[str, torch.Tensor | None] | None = None) -> torch.Tensor:
+    """Mean task loss of a mixed batch, each sample scored by its own task's head (``weights``: per task, the
+    ``task_loss`` weight of its class balance; none: unweighted)."""
     inputs = {k: v for k, v in batch.items() if k not in ("labels", "task_ids")}
     task_ids, labels = batch["task_ids"], batch["labels"]
     feats = model(task_ids, **inputs)
@@ -404,7 +407,8 @@ def mixed_loss(model: InjectedFoundation, batch: Mapping[str, torch.Tensor]) -> 
         rows = task_ids == index
         spec = model.tasks[name]
         logits = model.heads[name](feats[rows])
-        total = total + task_loss(spec.kind, logits, _task_targets(labels[rows], spec)) * rows.sum()
+        weight = None if weights is None else weights.get(name)
+        total = total + task_loss(spec.kind, logits, _task_targets(labels[rows], spec), weight) * rows.sum()
     return total / len(task_ids)
 
 
@@ -433,17 +437,20 @@ def train_injected(
     seed: int = 0,
     device: str | torch.device | None = None,
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+    class_weight: ClassWeight = "balanced",
 ) -> dict[str, float]:
     """Train the experts, the gate, the projections and the heads on the server's split (mixed-task batches,
     AdamW, each sample by its own head); the foundation and client encoders stay frozen.
 
-    ``trainer`` (TrainerParams), when given, sets epochs, batch size, lr, weight decay, the per-task sample cap
-    and the device (GPU when its accelerator resolves to one; bf16 autocast when its precision does). Returns
+    ``class_weight``: each task's loss weighs its classes by the server split's balance
+    (``components.training.balance``). ``trainer`` (TrainerParams), when given, sets epochs, batch size, lr, weight
+    decay, class weighting, the per-task sample cap and the device (GPU when its accelerator resolves to one; bf16 autocast when its precision does). Returns
     ``train_loss`` (last epoch) and, with ``val``, ``val_<task>_<metric>``; ``on_epoch(epoch, metrics)`` is called
     after each epoch. Deterministic for a given ``seed`` on CPU; the global RNG is left as is."""
     autocast = False
     if trainer is not None:
         epochs, batch_size, lr, weight_decay = trainer.max_epochs, trainer.batch_size, trainer.lr, trainer.weight_decay
+        class_weight = trainer.class_weight
         train = _cap(train, trainer.max_train_samples, seed)
         device = torch.device("cuda") if on_gpu(trainer) else torch.device("cpu")
         autocast = resolve_precision(trainer) == "bf16-mixed" and device.type == "cuda"
@@ -454,6 +461,8 @@ def train_injected(
     device = torch.device(device) if device is not None else next(model.parameters()).device
     model.to(device)
     data = model.encode(train).to(device)
+    weights = {t: loss_weight(d.kind, labels_tensor(d.labels, d.kind), model.tasks[t].num_labels, class_weight)
+               for t, d in train.items()}
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     batches = loader(data, batch_size, shuffle=True, seed=seed)
     metrics: dict[str, float] = {}
@@ -467,7 +476,7 @@ def train_injected(
                 for batch in batches:
                     stop.check("a FedKIM server batch")
                     with torch.autocast("cuda", torch.bfloat16, enabled=autocast):
-                        loss = mixed_loss(model, batch)
+                        loss = mixed_loss(model, batch, weights)
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
@@ -531,10 +540,11 @@ def fit_head_on(
     lr: float = 1e-2,
     weight_decay: float = 0.0,
     seed: int = 0,
+    class_weight: ClassWeight = "balanced",
 ) -> dict[str, float]:
     """A held-out task (no client trained on it): add it to ``model`` (the gate routes it from its descriptions
     alone) and fit only its new head on the frozen injected model's features of ``train`` (``shots`` rows, class
-    shares kept, when given). Returns ``train_loss`` and, with ``val``, ``val_<metric>``."""
+    shares kept, when given; classes weighted by their balance there with ``class_weight="balanced"``). Returns ``train_loss`` and, with ``val``, ``val_<metric>``."""
     _check_training(epochs, batch_size, lr, weight_decay, f"held-out task {name!r}")
     if shots is not None and shots < 1:
         raise ParamsError(f"held-out task {name!r}: shots={shots} must be >= 1 (or None for the whole split)")
@@ -555,6 +565,7 @@ def fit_head_on(
             model.train(mode)
         head = model.heads[name]
         labels = _task_targets(data.labels.to(device), spec)
+        weight = loss_weight(spec.kind, labels, spec.num_labels, class_weight)
         opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
         rows = TensorDictDataset({"features": feats}, labels)
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -563,7 +574,7 @@ def fit_head_on(
                 total, seen = 0.0, 0
                 for batch in loader(rows, batch_size, shuffle=True, seed=seed + epoch):
                     stop.check("a FedKIM head batch")
-                    loss = task_loss(spec.kind, head(batch["features"]), batch["labels"])
+                    loss = task_loss(spec.kind, head(batch["features"]), batch["labels"], weight)
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()

@@ -13,7 +13,8 @@ flwr installed. It needs torch, numpy and the engine core (which reaches lightni
 ``components.training.module``), never Prefect, MLflow nor DVC: a site installs no orchestration stack.
 
 What the run is set by (``[tool.flwr.app.config]`` of the Flower App, overridable by ``flwr run --run-config``):
-``num-rounds``, ``local-epochs``, ``batch-size``, ``lr``, ``weight-decay``, ``mu``, ``seed``, ``keys`` (comma-separated
+``num-rounds``, ``local-epochs``, ``batch-size``, ``lr``, ``weight-decay``, ``mu``, ``seed``, ``class-weight``
+(FedKIM sites: ``balanced`` or ``none``, as ``federated.client.class_weight``), ``keys`` (comma-separated
 fnmatch globs; empty: the parameters that require grad), ``task`` (binary / multiclass / multilabel), ``min-clients``,
 ``min-nodes`` (SuperNodes to wait for), ``max-norm`` (0: no bound), ``round-timeout`` and ``connect-timeout``
 (seconds), ``model`` and ``data`` ("module:callable" factories), ``model-config`` (a JSON object: the model
@@ -80,6 +81,7 @@ class FlowerSettings:
     weight_decay: float = 0.0
     mu: float = 0.0
     seed: int = 0
+    class_weight: str = "balanced"  # FedKIM sites: each task's loss weighs its classes by the site's own shard
     keys: str = ""
     task: str = "binary"
     min_clients: int = 1
@@ -114,6 +116,8 @@ class FlowerSettings:
         check_local(self.local_epochs, self.batch_size, self.lr, self.weight_decay, self.mu)
         if self.num_rounds < 1:
             raise ParamsError(f"Flower run config num-rounds={self.num_rounds} must be >= 1")
+        if self.class_weight not in ("balanced", "none"):
+            raise ParamsError(f"Flower run config class-weight={self.class_weight!r} must be 'balanced' or 'none'")
         if self.task not in KINDS:
             raise ParamsError(f"Flower run config task={self.task!r} is not one of {list(KINDS)}")
         if self.min_clients < 1 or self.min_nodes < 0:
@@ -237,7 +241,8 @@ def local_update(content: RecordDict, node_config: Mapping[str, Any], run_config
         if unknown:
             raise DataError(f"{client_id}: holds tasks {unknown} the federation's model has no head for "
                             f"(its tasks: {sorted(worker.heads)})")
-        result = client_updater(worker, data, index=pid, seed=int(cfg["seed"]), **common)(payload, round_)
+        result = client_updater(worker, data, index=pid, seed=int(cfg["seed"]),
+                                class_weight=str(cfg.get("class-weight", "balanced")), **common)(payload, round_)
     else:
         result = client_update(worker, payload, data, str(cfg["task"]), **common,
                                seed=client_seed(int(cfg["seed"]), round_, pid))
@@ -305,7 +310,7 @@ def flower_round(grid: Grid, model: nn.Module, nodes: Sequence[int], round_: int
         CONFIG: ConfigRecord({"round": round_, "local-epochs": settings.local_epochs,
                               "batch-size": settings.batch_size, "lr": settings.lr,
                               "weight-decay": settings.weight_decay, "mu": settings.mu, "seed": settings.seed,
-                              "task": settings.task}),
+                              "class-weight": settings.class_weight, "task": settings.task}),
     })
     messages = [Message(content, dst_node_id=node, message_type=MessageType.TRAIN, group_id=str(round_))
                 for node in nodes]

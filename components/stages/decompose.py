@@ -37,7 +37,8 @@ from components.metrics.memory import PeakMemory
 from components.nn.classifier import Classifier, make_head
 from components.nn.foundation import Foundation, load_foundation, load_image_heads
 from components.stages.base import StageSummary, TaskInputs, param
-from components.training.multilabel import best_thresholds, fold_thresholds, pos_weight
+from components.training.balance import loss_weight
+from components.training.multilabel import best_thresholds, fold_thresholds
 from components.training.data import labels_tensor, loader
 from components.training.inference import batched
 from components.training.probe import fit_probe
@@ -114,9 +115,10 @@ def _train(student: LoRKDStudent, kinds: dict[str, str], tasks: list[str], train
     tp = dp.trainer.of(modality)
     train_ds = mixed_dataset(student, *train.of(tasks))
     val_ds = mixed_dataset(student, *val.of(tasks))
-    weights = {t: pos_weight(train.labels[t]) for t in tasks if kinds[t] == "multilabel"}  # as probe and experts
+    weights = {t: loss_weight(kinds[t], train.labels[t], student.num_labels[t], tp.class_weight)
+               for t in tasks}  # as probe and experts
     module = DecomposeModule(student, {t: kinds[t] for t in tasks}, dp.kd_weight, dp.temperature, tp.lr,
-                             tp.weight_decay, metric, pos_weights=weights)
+                             tp.weight_decay, metric, loss_weights=weights)
     device = data_device(tp)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as root:

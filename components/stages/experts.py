@@ -26,7 +26,8 @@ from components.experts.io import save_expert
 from components.experts.lora import lora_targets
 from components.experts.methods import get_method
 from components.bundle.format import TaskHead, image_input, save_bundle
-from components.training.multilabel import best_thresholds, fold_thresholds, pos_weight
+from components.training.balance import loss_weight
+from components.training.multilabel import best_thresholds, fold_thresholds
 from components.training.probe import fit_probe
 from components.nn.classifier import Classifier, make_head
 from components.nn.foundation import Foundation, load_foundation
@@ -100,7 +101,7 @@ def train_expert(task: str, inp: ExpertsInputs, data_dir: Path, foundation_dir: 
     head.requires_grad_(True)
     model = Classifier(encoder, head)
     module = ClassifierModule(model, train.kind, train.num_labels, lr, tp.weight_decay, metric,
-                              pos_weight(y_tr) if train.kind == "multilabel" else None)
+                              loss_weight(train.kind, y_tr, train.num_labels, tp.class_weight))
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as root, PeakMemory(data_device(tp).type) as memory:
         trainer = build_trainer(tp, Path(root), logger=logger, monitor=f"val_{metric}", checkpoint_dir=checkpoint_dir,

@@ -119,7 +119,8 @@ def run(inp: FederatedInputs, data_dir: Path, foundation_dir: Path, out_dir: Pat
                               rounds=fp.rounds, epochs=cp.epochs, batch_size=cp.batch_size, lr=cp.lr,
                               weight_decay=cp.weight_decay, mu=cp.mu, min_clients=fp.min_clients,
                               max_norm=fp.max_norm, timeout_s=fp.timeout_s, seed=seed,
-                              val={t: server_val[t] for t in client_tasks}, on_round=on_round)
+                              val={t: server_val[t] for t in client_tasks}, on_round=on_round,
+                              class_weight=cp.class_weight)
     client_seconds = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -138,7 +139,8 @@ def run(inp: FederatedInputs, data_dir: Path, foundation_dir: Path, out_dir: Pat
         train = load_split(data_dir, t, "train")
         held[t] = {}
         for name, model in (("fedkim", injected), ("no_injection", plain)):
-            fit_head_on(model, t, specs[t], train, shots=fp.held_out_shots, seed=seed)
+            fit_head_on(model, t, specs[t], train, shots=fp.held_out_shots, seed=seed,
+                        class_weight=ip.trainer.class_weight)
             held[t][name] = evaluate_injected(model, {t: server_val[t]})[t]
     server_seconds = time.perf_counter() - start
     for t in client_tasks:

@@ -21,7 +21,8 @@ from components.data.datasets import TaskData, load_split
 from components.nn.encoders import image_tensor
 from components.nn.foundation import describe_text_foundation, new_image_model, save_image_foundation
 from components.stages.base import StageSummary, TaskInputs, param
-from components.training.data import TensorDictDataset, loader
+from components.training.balance import loss_weight
+from components.training.data import TensorDictDataset, labels_tensor, loader
 from components.training.module import MultiTaskModule
 from components.training.trainer import build_trainer, data_device, resume_from
 
@@ -68,8 +69,10 @@ def pretrain_image_foundation(inp: FoundationInputs, data_dir: Path, out_dir: Pa
     val = {n: load_split(data_dir, n, "val") for n in specs}
     L.seed_everything(seed, workers=True, verbose=False)
     model = new_image_model(ip, train)
+    weights = {n: loss_weight(t.kind, labels_tensor(t.labels, t.kind), t.num_labels, ip.trainer.class_weight)
+               for n, t in train.items()}
     module = MultiTaskModule(model, list(train), {n: t.kind for n, t in train.items()}, ip.trainer.lr,
-                             ip.trainer.weight_decay)
+                             ip.trainer.weight_decay, weights)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as root:
         trainer = build_trainer(ip.trainer, Path(root), logger=logger, monitor="val_loss", mode="min",

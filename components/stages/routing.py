@@ -30,6 +30,7 @@ from components.moe.routed import ROUTING, RoutedEncoder, build_routed, routing_
 from components.nn.classifier import MultiTaskClassifier
 from components.nn.foundation import load_foundation
 from components.stages.base import StageSummary, TaskInputs, param
+from components.training.balance import loss_weight
 from components.training.data import labels_tensor, loader, mixed_tasks
 from components.training.inference import batched
 from components.training.module import MultiTaskModule
@@ -124,7 +125,8 @@ def run(inp: RoutingInputs, data_dir: Path, foundation_dir: Path, experts_dir: P
 
     start = time.perf_counter()
     if rp.router != "uniform":  # the uniform mixture has nothing to train
-        module = MultiTaskModule(model, tasks, kinds, tp.lr, tp.weight_decay)
+        weights = {t: loss_weight(kinds[t], y, widths[t], tp.class_weight) for t, (_, y, _) in train.items()}
+        module = MultiTaskModule(model, tasks, kinds, tp.lr, tp.weight_decay, weights)
         device = data_device(tp)
         with tempfile.TemporaryDirectory() as root:
             trainer = build_trainer(tp, Path(root), logger=logger, monitor="val_loss", mode="min",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -29,13 +29,14 @@ from components.metrics.classification import (PRIMARY_METRICS, _auroc_defined, 
 
 
 def task_loss(kind: str, logits: torch.Tensor, labels: torch.Tensor,
-              pos_weight: torch.Tensor | None = None) -> torch.Tensor:
-    """Cross-entropy, or for multilabel BCE (``pos_weight``: per-label positive weights, see
-    ``components.training.multilabel``)."""
+              weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Cross-entropy, or for multilabel BCE. ``weight`` (``components.training.balance.loss_weight``): per-class
+    weights of the cross-entropy, or a multilabel task's per-label positive weights; None: unweighted."""
+    if weight is not None:
+        weight = weight.to(logits.device, logits.dtype)
     if kind == "multilabel":
-        weight = None if pos_weight is None else pos_weight.to(logits.device, logits.dtype)
         return nn.functional.binary_cross_entropy_with_logits(logits, labels.float(), pos_weight=weight)
-    return nn.functional.cross_entropy(logits, labels)
+    return nn.functional.cross_entropy(logits, labels, weight=weight)
 
 
 class TrainableCheckpoint(L.LightningModule):
@@ -221,12 +222,12 @@ class ClassifierModule(TrainableCheckpoint):
 
     def __init__(
         self, model: nn.Module, kind: str, num_labels: int, lr: float, weight_decay: float, metric: str,
-        pos_weight: torch.Tensor | None = None,
+        loss_weight: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         self.model, self.kind, self.num_labels = model, kind, num_labels
         self.lr, self.weight_decay, self.metric = lr, weight_decay, metric
-        self.pos_weight = pos_weight  # multilabel: per-label positive weights (training labels' balance)
+        self.loss_weight = loss_weight  # class balance of the training labels (components.training.balance)
         self.val_score = ValidationScore(kind, num_labels, metric)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -234,7 +235,7 @@ class ClassifierModule(TrainableCheckpoint):
         return self.model(**inputs)
 
     def training_step(self, batch: dict[str, torch.Tensor], _: int) -> torch.Tensor:
-        loss = task_loss(self.kind, self(batch), batch["labels"], self.pos_weight)
+        loss = task_loss(self.kind, self(batch), batch["labels"], self.loss_weight)
         self.log("train_loss", loss, prog_bar=True, on_step=False, on_epoch=True, batch_size=len(batch["labels"]),
                  sync_dist=True)  # the mean over DDP ranks (a no-op in one process)
         return loss
@@ -244,7 +245,7 @@ class ClassifierModule(TrainableCheckpoint):
 
     def validation_step(self, batch: dict[str, torch.Tensor], _: int) -> None:
         logits = self(batch)
-        self.log("val_loss", task_loss(self.kind, logits, batch["labels"], self.pos_weight), on_epoch=True,
+        self.log("val_loss", task_loss(self.kind, logits, batch["labels"], self.loss_weight), on_epoch=True,
                  batch_size=len(batch["labels"]), sync_dist=True)
         self.val_score.add(logits, batch["labels"])
 
@@ -272,10 +273,11 @@ class MultiTaskModule(TrainableCheckpoint):
     """Mixed batches of several tasks: shared encoder features, each sample scored by its own head."""
 
     def __init__(self, model: nn.Module, task_names: list[str], kinds: dict[str, str], lr: float,
-                 weight_decay: float) -> None:
+                 weight_decay: float, loss_weights: Mapping[str, torch.Tensor | None] | None = None) -> None:
         super().__init__()
         self.model, self.task_names, self.kinds = model, task_names, kinds
         self.lr, self.weight_decay = lr, weight_decay
+        self.loss_weights = dict(loss_weights or {})  # per task, its class balance (components.training.balance)
 
     def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         inputs = {k: v for k, v in batch.items() if k not in ("labels", "task_ids")}
@@ -286,7 +288,7 @@ class MultiTaskModule(TrainableCheckpoint):
             if mask.any():
                 logits = self.model.heads[name](feats[mask])
                 labels = task_labels(batch["labels"][mask], self.kinds[name], logits.shape[1])
-                total = total + task_loss(self.kinds[name], logits, labels) * mask.sum()
+                total = total + task_loss(self.kinds[name], logits, labels, self.loss_weights.get(name)) * mask.sum()
         return total / len(batch["labels"])
 
     def training_step(self, batch: dict[str, torch.Tensor], _: int) -> torch.Tensor:

@@ -16,17 +16,19 @@ from components.config import ProbeParams
 from components.metrics.classification import compute_metrics
 from components.nn.classifier import make_head
 from components.training.module import task_loss
-from components.training.multilabel import best_thresholds, fold_thresholds, pos_weight
+from components.training.balance import ClassWeight, loss_weight
+from components.training.multilabel import best_thresholds, fold_thresholds
 
 
 def fit_head(features: torch.Tensor, labels: torch.Tensor, kind: str, num_labels: int, epochs: int, lr: float,
-             l2: float, seed: int) -> nn.Linear:
-    """Full-batch Adam on cross-entropy + l2·||W||² (a multinomial logistic regression); multilabel: BCE with
-    per-label balanced positive weights (one balanced logistic regression per label)."""
+             l2: float, seed: int, class_weight: ClassWeight = "balanced") -> nn.Linear:
+    """Full-batch Adam on cross-entropy + l2·||W||² (a multinomial logistic regression); multilabel: BCE (one
+    logistic regression per label). ``class_weight="balanced"``: classes (labels' positives) weighted as
+    scikit-learn's balanced logistic regression."""
     torch.manual_seed(seed)
     head = make_head(features.shape[1], num_labels)
     opt = torch.optim.Adam(head.parameters(), lr=lr)
-    weight = pos_weight(labels) if kind == "multilabel" else None
+    weight = loss_weight(kind, labels, num_labels, class_weight)
     for _ in range(epochs):
         stop.check("a probe epoch")
         opt.zero_grad()
@@ -39,11 +41,11 @@ def fit_head(features: torch.Tensor, labels: torch.Tensor, kind: str, num_labels
 def fit_probe(train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor, torch.Tensor], kind: str,
               num_labels: int, pp: ProbeParams, metric: str, seed: int) -> tuple[nn.Linear, dict[str, float]]:
     """Best head over ``pp.l2_grid`` by validation ``metric``; returns it and its validation metrics. Multilabel
-    heads are class-weighted per label; with ``pp.multilabel_thresholds`` they also carry per-label thresholds
+    heads are class-weighted per ``pp.class_weight``; with ``pp.multilabel_thresholds`` they also carry per-label thresholds
     picked on validation (in their bias)."""
     best: tuple[float, nn.Linear, dict[str, float]] | None = None
     for l2 in pp.l2_grid:
-        head = fit_head(*train, kind, num_labels, pp.epochs, pp.lr, l2, seed)
+        head = fit_head(*train, kind, num_labels, pp.epochs, pp.lr, l2, seed, pp.class_weight)
         if kind == "multilabel" and pp.multilabel_thresholds:  # per-label thresholds on validation, in the bias
             with torch.no_grad():
                 fold_thresholds(head, best_thresholds(head(val[0]), val[1]))
