@@ -48,19 +48,25 @@ def test_the_balanced_probe_recovers_the_rare_classes_a_plain_one_drops() -> Non
     (x, y), (xv, yv), (xt, yt) = imbalanced(3000, 0), imbalanced(1000, 1), imbalanced(3000, 2)
     plain_head, _ = fit_probe((x, y), (xv, yv), "multiclass", 3, ProbeParams(class_weight="none"), "macro_f1", 0)
     head, _ = fit_probe((x, y), (xv, yv), "multiclass", 3, ProbeParams(), "macro_f1", 0)
-    with torch.no_grad():
-        plain_pred, pred = plain_head(xt).argmax(1), head(xt).argmax(1)
-        plain, fixed = (compute_metrics("multiclass", h(xt), yt, 3) for h in (plain_head, head))
-    assert (plain_pred != 0).float().mean() < 0.02  # the failure: (nearly) always the majority class
-    assert (pred == 2).sum() > 0.5 * (yt == 2).sum()  # the rarest class is predicted about as often as it occurs
-    assert fixed["macro_f1"] > plain["macro_f1"] + 0.1, (fixed["macro_f1"], plain["macro_f1"])
-    # scikit-learn's balanced multinomial logistic regression on the same features: the probe reaches it
+
+    def recalls(h: torch.nn.Module) -> torch.Tensor:
+        with torch.no_grad():
+            pred = h(xt).argmax(1)
+        return torch.stack([(pred[yt == c] == c).float().mean() for c in range(3)])
+
+    plain, fixed = recalls(plain_head), recalls(head)
+    assert plain[1:].max() < 0.25  # the failure: the rare classes are (nearly) never predicted
+    assert fixed[1:].min() > 0.4 and fixed.mean() > plain.mean() + 0.15, (fixed, plain)  # balanced accuracy
+    # the same trade as scikit-learn's balanced multinomial logistic regression on the same features (on such weakly
+    # separable data it costs precision: macro-F1 need not rise, bench/results/class_weight.json measures real tasks)
     from sklearn.linear_model import LogisticRegression
 
     sk = LogisticRegression(class_weight="balanced", max_iter=2000).fit(x.numpy(), y.numpy())
     sk_f1 = compute_metrics("multiclass", torch.as_tensor(sk.decision_function(xt.numpy()), dtype=torch.float32),
                             yt, 3)["macro_f1"]
-    assert fixed["macro_f1"] >= sk_f1 - 0.02, (fixed["macro_f1"], sk_f1)
+    with torch.no_grad():
+        ours = compute_metrics("multiclass", head(xt), yt, 3)["macro_f1"]
+    assert abs(ours - sk_f1) < 0.02, (ours, sk_f1)
 
 
 def test_multitask_loss_weighs_each_task_by_its_own_balance() -> None:
