@@ -27,16 +27,16 @@ METRICS = ("accuracy", "macro_f1", "auroc", "mcc")
 MODES = ("none", "balanced")
 
 
-def _params(active: list[str]):  # noqa: ANN202
+def _params(active: list[str] | None = None):  # noqa: ANN202
     from components.config import load_params
 
-    return load_params(ROOT / "params", "full", {"data.active": active})
+    return load_params(ROOT / "params", "full", {"data.active": active} if active else {})
 
 
 def available() -> list[str]:
     from components.config import expand_env
 
-    tasks = _params([]).data.tasks
+    tasks = _params().data.tasks
     out = []
     for name, spec in tasks.items():
         path = Path(expand_env(spec.path))
@@ -108,13 +108,13 @@ def main() -> None:
 
     tasks = args.tasks or available()
     if args.image_foundation is None:
-        skipped = [t for t in tasks if _params([]).data.tasks[t].modality == "image"]
+        skipped = [t for t in tasks if _params().data.tasks[t].modality == "image"]
         tasks = [t for t in tasks if t not in skipped]
         print(f"no --image-foundation: image tasks {skipped} skipped", flush=True)
     work = (args.work or Path(tempfile.mkdtemp(prefix="medexperts-bench-classweight-"))).resolve()
     t0 = time.perf_counter()
     setup(work, tasks, args.image_foundation)
-    modality = {t: _params([]).data.tasks[t].modality for t in tasks}
+    modality = {t: _params().data.tasks[t].modality for t in tasks}
     founds = {m: load_foundation(work / "foundation", m) for m in set(modality.values())}
     results = {}
     for task in tasks:
