@@ -604,12 +604,40 @@ def image_foundation_section(result: dict) -> str:
 
 def install_time_section(result: dict) -> str:
     """`make setup` on a fresh clone."""
-    cache = result["params"]["pip_cache_mib_before"]
-    where = (f"packages from pip's cache ({cache:.0f} MiB before the run)" if cache else "packages from the registry")
+    cache = result["params"]["pip_cache_mib_before"] or 0.0
+    where = (f"packages from pip's cache ({cache:.0f} MiB before the run)" if cache >= 10
+             else "every package downloaded from the registry: pip's cache was empty")
     return (f"`make setup` on a fresh clone: {result['median_setup_seconds'] / 60:.1f} min (median of "
             f"{len(result['runs'])}, {where}); the first `medexperts` call after it "
-            f"{result['median_first_cli_seconds']:.0f} s; the venv {result['runs'][0]['venv_mib']:.0f} MiB; "
+            f"{result['median_first_cli_seconds']:.1f} s; the venv {result['runs'][0]['venv_mib']:.0f} MiB; "
             f"{machine_line(result)} (`bench/results/install_time.json`).\n")
+
+
+def class_weight_section(result: dict) -> str:
+    """Probes with plain vs class-balanced losses, per task."""
+    rows = []
+    for task, r in result["tasks"].items():
+        shares = r["train_class_shares"]
+        rows.append({"task": task + (" (JPEG copy)" if task == "dermamnist" else ""), "kind": r["kind"],
+                     "rare": f"{min(shares):.1%}" if shares else "", "n": r["rows"]["train"],
+                     **{f"{m}_{k}": r[m]["test"][k] for m in ("none", "balanced") for k in ("accuracy", "macro_f1")},
+                     "change": f"{r['test_macro_f1_change']:+.3f}", "val": r["val_picks"]})
+    table = markdown_table(rows, [("task", "task"), ("kind", "kind"), ("n", "train rows"),
+                                  ("rare", "rarest class (label) share"),
+                                  ("none_accuracy", "plain: accuracy"), ("none_macro_f1", "plain: macro-F1"),
+                                  ("balanced_accuracy", "balanced: accuracy"),
+                                  ("balanced_macro_f1", "balanced: macro-F1"), ("change", "macro-F1 change"),
+                                  ("val", "validation prefers")])
+    sm = result["summary"]
+    image = result["params"].get("image_foundation") or {}
+    arch = f"the image foundation `{image.get('arch', 'cnn')}`" if image else "no image foundation"
+    return (f"{machine_line(result)}, from `bench/results/class_weight.json`: the experts stage's linear probe "
+            f"(`fit_probe`, L2 by validation) on frozen features (text: all-MiniLM-L6-v2; image: {arch}, "
+            f"pre-trained by `bench image_foundation`), every row of the full profile's splits, test:\n\n{table}\n"
+            f"- Balanced is better on {sm['tasks_better_balanced']} of {sm['tasks']} tasks; median macro-F1 change "
+            f"{sm['median_test_macro_f1_change']:+.3f}, mean {sm['mean_test_macro_f1_change']:+.3f}. Validation "
+            f"picked the weighting that was better on test for {sm['validation_picked_the_better_on_test']} of "
+            f"{sm['tasks']} tasks.\n")
 
 
 def replace(text: str, name: str, body: str) -> str:
@@ -637,6 +665,7 @@ def main() -> None:
                           ("fixed_cost", fixed_cost_section), ("fanout", fanout_section),
                           ("wall_time", wall_time_section), ("install_time", install_time_section),
                           ("image_foundation", image_foundation_section),
+                          ("class_weight", class_weight_section),
                           ("decompose_full_image", decompose_section),
                           ("architecture", architecture_section)):
         path = RESULTS / f"{name}.json"
