@@ -324,6 +324,9 @@ def main() -> None:
     parser.add_argument("--server-cap", type=int, default=64,
                         help="rows per task the server trains the injection on (federated.injection.trainer."
                              "max_train_samples); the injected foundation trains slowly on CPU")
+    parser.add_argument("--server-epochs", type=int,
+                        help="epochs of the server's injection training (federated.injection.trainer.max_epochs; "
+                             "default: the profile's)")
     parser.add_argument("--server-fraction", type=float, default=0.8,
                         help="share of each validation split the server may train on (federated.server_fraction); "
                              "the rest is the stage's validation, scored after every server epoch")
@@ -342,6 +345,8 @@ def main() -> None:
                                  "federated.server_fraction": args.server_fraction}
     if args.rounds is not None:
         overrides["federated.rounds"] = args.rounds
+    if args.server_epochs is not None:
+        overrides["federated.injection.trainer.max_epochs"] = args.server_epochs
     overrides["federated.client.max_train_samples"] = args.client_cap
     results = {p: run_partition(work, args.profile, p, TASKS, args.held_out, overrides, args.test_cap)
                for p in args.partitions}
