@@ -17,10 +17,10 @@ task, the same rows for every model), per client task:
 5. centralized: one client model trained on all clients' shards pooled (same schedule): the upper bound of what the
    clients' data can teach a client model.
 
-Capped to fit ~25 min on 2 CPU cores (all recorded in the result): --client-cap rows per client and task (the
-profile's 300 took ~40 s per client and round here), the profile's rounds (3); the server trains the injection on
-at most --server-cap rows per task, out of the --server-fraction of each validation split it holds (the rest is the
-stage's validation, scored after every server epoch); --test-cap test rows per task.
+The profile's settings (all recorded in the result), unless changed: --client-cap rows per client and task, --rounds,
+--server-epochs; the server trains the injection on at most --server-cap rows per task, out of the --server-fraction
+of each validation split it holds (the rest is the stage's validation, scored after every server epoch);
+--test-cap test rows per task.
 
 Held-out tasks (no client trained on them): the stage's few-shot head (`fit_head_on`, `federated.held_out_shots`
 training rows) on the injected and on the non-injected foundation. Cost, from the engine's per-round reports: client
@@ -319,11 +319,11 @@ def main() -> None:
                                                    "stage outputs; default: a new temporary folder")
     parser.add_argument("--partitions", nargs="+", choices=list(PARTITIONS), default=list(PARTITIONS))
     parser.add_argument("--rounds", type=int, help="federated rounds (default: the profile's federated.rounds)")
-    parser.add_argument("--client-cap", type=int, default=100,
-                        help="rows per client and task (federated.client.max_train_samples; the profile has 300)")
-    parser.add_argument("--server-cap", type=int, default=64,
+    parser.add_argument("--client-cap", type=int,
+                        help="rows per client and task (federated.client.max_train_samples; default: the profile's)")
+    parser.add_argument("--server-cap", type=int,
                         help="rows per task the server trains the injection on (federated.injection.trainer."
-                             "max_train_samples); the injected foundation trains slowly on CPU")
+                             "max_train_samples; default: the profile's)")
     parser.add_argument("--server-epochs", type=int,
                         help="epochs of the server's injection training (federated.injection.trainer.max_epochs; "
                              "default: the profile's)")
@@ -341,13 +341,15 @@ def main() -> None:
     work = (args.work or Path(tempfile.mkdtemp(prefix="medexperts-bench-federated-"))).resolve()
     print(f"work folder: {work}", flush=True)
     start = time.perf_counter()
-    overrides: dict[str, Any] = {"federated.injection.trainer.max_train_samples": args.server_cap,
-                                 "federated.server_fraction": args.server_fraction}
+    overrides: dict[str, Any] = {"federated.server_fraction": args.server_fraction}
+    if args.server_cap is not None:
+        overrides["federated.injection.trainer.max_train_samples"] = args.server_cap
     if args.rounds is not None:
         overrides["federated.rounds"] = args.rounds
     if args.server_epochs is not None:
         overrides["federated.injection.trainer.max_epochs"] = args.server_epochs
-    overrides["federated.client.max_train_samples"] = args.client_cap
+    if args.client_cap is not None:
+        overrides["federated.client.max_train_samples"] = args.client_cap
     results = {p: run_partition(work, args.profile, p, TASKS, args.held_out, overrides, args.test_cap)
                for p in args.partitions}
     wall = time.perf_counter() - start

@@ -12,7 +12,7 @@ from components.config.training import TrainerParams
 
 
 def _injection_trainer() -> TrainerParams:
-    return TrainerParams(max_epochs=3, batch_size=32, lr=1e-3)
+    return TrainerParams(max_epochs=10, batch_size=32, lr=1e-3, max_train_samples=256)
 
 
 class ClientParams(Strict):
