@@ -6,7 +6,7 @@ client) does to a model that is fitted to convergence: the frozen foundation's l
 experts stage's own, with its L2 picked on validation) on every task of the full profile found on disk, once with
 `class_weight: none` (plain cross-entropy / BCE) and once `balanced`, same features, same splits (the data stage's
 own, seed 42). Text: all-MiniLM-L6-v2 mean-pooled (128 tokens); image: the pre-trained image foundation
-(--image-foundation: a folder the foundation stage or `bench image_foundation --work` wrote, e.g. its ResNet-18;
+(--image-foundation: an image foundation folder the foundation stage or `bench image_foundation --work` wrote;
 without it the image tasks are skipped). Reported per task: validation and test accuracy, macro-F1, AUROC, MCC of
 both, and the test macro-F1 change. DermaMNIST, when present, is the shared folder's JPEG-75 copy (not comparable to
 published DermaMNIST figures).
@@ -57,7 +57,7 @@ def setup(work: Path, tasks: list[str], image_foundation: Path | None) -> None:
     if not (foundation_dir(work / "foundation", "text") / "manifest.json").is_file():
         describe_text_foundation(params.foundation, ROOT, foundation_dir(work / "foundation", "text"))
     if image_foundation is not None and not (foundation_dir(work / "foundation", "image") / "manifest.json").is_file():
-        copy_image_checkpoint(foundation_dir(image_foundation, "image"), foundation_dir(work / "foundation", "image"))
+        copy_image_checkpoint(image_foundation, foundation_dir(work / "foundation", "image"))
 
 
 def one_task(work: Path, task: str, found: Any) -> dict[str, Any]:
@@ -99,7 +99,8 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, help="folder for splits and foundations (default: a temporary one)")
     parser.add_argument("--image-foundation", type=Path,
-                        help="folder holding image/ (a foundation written by the foundation stage)")
+                        help="an image foundation folder the foundation stage wrote (e.g. `bench image_foundation "
+                             "--work DIR`'s DIR/resnet18/image)")
     parser.add_argument("--tasks", nargs="*", help="default: every full-profile task found on disk")
     args = parser.parse_args()
 

@@ -164,6 +164,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="timed steps per method and round (step cost)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of the step-cost part (median reported)")
     parser.add_argument("--skip-quality", action="store_true", help="step cost only")
+    parser.add_argument("--methods", nargs="*", help="expert methods to train (default: every method that applies)")
+    parser.add_argument("--image-foundation", type=Path,
+                        help="an image foundation folder the foundation stage wrote (e.g. `bench image_foundation "
+                             "--work DIR`'s DIR/resnet18/image), used instead of pre-training one")
+    parser.add_argument("--result", default="experts", help="results file name (bench/results/NAME.json)")
     parser.add_argument("--work", type=Path, help="folder for data, foundation and experts (kept: `medexperts "
                                                    "bench fusion --work` reuses it); default: a new temporary folder")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
@@ -176,13 +181,14 @@ def main() -> None:
 
     tasks = args.tasks or available_tasks(args.profile)
     work = (args.work or Path(tempfile.mkdtemp(prefix="medexperts-bench-experts-"))).resolve()
-    setup(work, args.profile, tasks)
+    if not (work / "data" / "manifest.json").is_file():  # a rerun on the same --work reuses data and foundation
+        setup(work, args.profile, tasks, args.image_foundation.resolve() if args.image_foundation else None)
     print(f"work folder: {work}", flush=True)
     params = _params(args.profile, {"data.active": tasks})
     runs = []
     for task in [] if args.skip_quality else tasks:
         modality = params.data.tasks[task].modality
-        for method in METHODS[modality]:
+        for method in [m for m in METHODS[modality] if not args.methods or m in args.methods]:
             r = run_child("bench.experts", "quality", {"work": str(work), "profile": args.profile, "active": tasks,
                                                        "task": task, "method": method})
             runs.append(r)
@@ -218,9 +224,12 @@ def main() -> None:
                    "prompt_step_vs_lora": ratio(m, ("prompt", "auto"), ("lora", "auto"), "step_ms")}
                for m in STEP_CASES}
     wins = {r["task"] + ":" + r["method"]: r["test"]["macro_f1"] > r["probe_test"]["macro_f1"] for r in runs}
-    path = write_result("experts", {
+    image = None
+    if (work / "foundation" / "image" / "manifest.json").is_file():
+        image = json.loads((work / "foundation" / "image" / "manifest.json").read_text()).get("config")
+    path = write_result(args.result, {
         "params": {"profile": args.profile, "tasks": tasks, "methods": METHODS, "timed_steps": args.steps,
-                   "rounds": args.rounds,
+                   "rounds": args.rounds, "only_methods": args.methods, "image_foundation": image,
                    "primary_metric": "macro_f1"},
         "runs": runs, "step_cost": steps, "figures": figures, "beats_probe": wins, "anchors": ANCHORS,
     })
