@@ -69,7 +69,8 @@ def one_quality(spec: dict[str, Any]) -> dict[str, Any]:
     from components.training.inference import batched
 
     work, task, method = Path(spec["work"]), spec["task"], spec["method"]
-    params = _params(spec["profile"], {"data.active": spec["active"], "experts.method": method,
+    params = _params(spec["profile"], {**spec.get("overrides", {}), "data.active": spec["active"],
+                                       "experts.method": method,
                                        "experts.image_method": "lora" if method == "prompt" else method})
     out = work / "experts" / f"{task}-{method}"
     start = time.perf_counter()
@@ -169,6 +170,9 @@ def main() -> None:
                         help="an image foundation folder the foundation stage wrote (e.g. `bench image_foundation "
                              "--work DIR`'s DIR/resnet18/image), used instead of pre-training one")
     parser.add_argument("--result", default="experts", help="results file name (bench/results/NAME.json)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                        help="a param changed for the experts' training (YAML value), e.g. "
+                             "experts.trainer.image.max_epochs=10; recorded in the result")
     parser.add_argument("--work", type=Path, help="folder for data, foundation and experts (kept: `medexperts "
                                                    "bench fusion --work` reuses it); default: a new temporary folder")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
@@ -179,6 +183,14 @@ def main() -> None:
         Path(out).write_text(json.dumps(result))
         return
 
+    import yaml
+
+    overrides = {}
+    for item in args.overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            parser.error(f"--set {item!r}: expected KEY=VALUE")
+        overrides[key] = yaml.safe_load(value)
     tasks = args.tasks or available_tasks(args.profile)
     work = (args.work or Path(tempfile.mkdtemp(prefix="medexperts-bench-experts-"))).resolve()
     if not (work / "data" / "manifest.json").is_file():  # a rerun on the same --work reuses data and foundation
@@ -190,7 +202,7 @@ def main() -> None:
         modality = params.data.tasks[task].modality
         for method in [m for m in METHODS[modality] if not args.methods or m in args.methods]:
             r = run_child("bench.experts", "quality", {"work": str(work), "profile": args.profile, "active": tasks,
-                                                       "task": task, "method": method})
+                                                       "task": task, "method": method, "overrides": overrides})
             runs.append(r)
             print(f"{task:18s} {method:7s} test macro-F1 {r['test']['macro_f1']:.3f} (probe "
                   f"{r['probe_test']['macro_f1']:.3f})  trainable {r['trainable_params']:>9,d}  "
@@ -230,6 +242,7 @@ def main() -> None:
     path = write_result(args.result, {
         "params": {"profile": args.profile, "tasks": tasks, "methods": METHODS, "timed_steps": args.steps,
                    "rounds": args.rounds, "only_methods": args.methods, "image_foundation": image,
+                   "overrides": overrides,
                    "primary_metric": "macro_f1"},
         "runs": runs, "step_cost": steps, "figures": figures, "beats_probe": wins, "anchors": ANCHORS,
     })
