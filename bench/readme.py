@@ -614,6 +614,41 @@ def install_time_section(result: dict) -> str:
             f"{machine_line(result)} (`bench/results/install_time.json`).\n")
 
 
+def experts_full_image_section(result: dict) -> str:
+    """Image experts on the ResNet-18 foundation beside the probe, the strongest simple baseline and the anchor."""
+    found = json.loads((RESULTS / "image_foundation.json").read_text()) if (RESULTS / "image_foundation.json").is_file() \
+        else {"baselines": {}, "anchors": {}}
+    names = {"pixel_lr": "pixel LR", "small_cnn": "small CNN"}
+    rows = []
+    for r in result["runs"]:
+        base = found["baselines"].get(r["task"], {})
+        strongest = base.get("strongest")
+        b = base[strongest]["test"] if strongest else None
+        anchor = found["anchors"].get(r["task"], {})
+        rows.append({"task": r["task"] + (" (JPEG copy)" if r["task"] == "dermamnist" else ""), "method": r["method"],
+                     "expert": f"{r['test']['accuracy']:.3f} / {r['test']['auroc']:.3f} / {r['test']['macro_f1']:.3f}",
+                     "probe": f"{r['probe_test']['accuracy']:.3f} / {r['probe_test']['auroc']:.3f} / "
+                              f"{r['probe_test']['macro_f1']:.3f}",
+                     "base": f"{names.get(strongest, strongest)} {b['accuracy']:.3f} / {b['auroc']:.3f} / "
+                             f"{b['macro_f1']:.3f}" if b else "",
+                     "anchor": f"{anchor['accuracy']:.3f} / {anchor['auroc']:.3f}" if anchor else "",
+                     "beats": "" if not b else "yes" if r["test"]["macro_f1"] > b["macro_f1"] else "**no**",
+                     "s": r["train_seconds"] / 60, "trainable": r["trainable_params"]})
+    table = markdown_table(rows, [("task", "task"), ("method", "method"),
+                                  ("expert", "expert: ACC / AUC / macro-F1"), ("probe", "probe: ACC / AUC / macro-F1"),
+                                  ("base", "strongest simple baseline: ACC / AUC / macro-F1"),
+                                  ("anchor", "MedMNIST v2 ResNet-18: ACC / AUC"), ("beats", "expert beats baseline (macro-F1)"),
+                                  ("trainable", "trainable params"), ("s", "train min")])
+    p = result["params"]
+    image = p.get("image_foundation") or {}
+    changed = ", ".join(f"`{k}={v}`" for k, v in (p.get("overrides") or {}).items()) or "none"
+    return (f"Profile `{p['profile']}` (changed for 2 CPU cores: {changed}), {machine_line(result)}, from "
+            f"`bench/results/experts_full_image.json`: the experts stage's own training on the image foundation "
+            f"`{image.get('arch', '?')}` (widths {image.get('widths', '?')}) that `bench image_foundation` pre-trained, "
+            f"every training row; test. Baselines (hyper-parameters and class weighting picked on validation) from "
+            f"`bench/results/image_foundation.json`, same splits.\n\n{table}\n")
+
+
 def class_weight_section(result: dict) -> str:
     """Probes with plain vs class-balanced losses, per task."""
     rows = []
@@ -667,6 +702,7 @@ def main() -> None:
                           ("wall_time", wall_time_section), ("install_time", install_time_section),
                           ("image_foundation", image_foundation_section),
                           ("class_weight", class_weight_section),
+                          ("experts_full_image", experts_full_image_section),
                           ("decompose_full_image", decompose_section),
                           ("architecture", architecture_section)):
         path = RESULTS / f"{name}.json"
