@@ -30,6 +30,7 @@ from components.federated.fedkim import (
     build_injected,
     evaluate_injected,
     fit_head_on,
+    fit_probe_heads,
     load_injected,
     mixed_loss,
     no_injection,
@@ -264,6 +265,48 @@ def test_one_round_injection_and_server_training_end_to_end(found: Foundation) -
     assert np.isfinite(head["train_loss"]) and np.isfinite(head["val_accuracy"])
     assert model.task_names == [*TASKS, "breast"]
     assert set(evaluate_injected(model, {"breast": images("breast", 4, 82, "left")})) == {"breast"}
+
+
+def test_the_best_validation_epoch_is_kept_and_patience_stops(found: Foundation) -> None:
+    from components.config import TrainerParams
+
+    model = injected(found)
+    seen: dict[int, dict[str, float]] = {}
+    states: dict[int, dict[str, torch.Tensor]] = {}
+
+    def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
+        seen[epoch] = metrics
+        states[epoch] = model.trainable_state()
+
+    trainer = TrainerParams(max_epochs=6, batch_size=8, lr=5e-2, early_stopping_patience=2)
+    metrics = train_injected(model, split(16, 50), split(8, 60), trainer=trainer, seed=0, monitor="macro_f1",
+                             on_epoch=on_epoch)
+    mean = {e: np.nanmean([m[f"val_{t}_macro_f1"] for t in TASKS]) for e, m in seen.items()}
+    best = max(mean, key=lambda e: (mean[e], -e))  # the first epoch with the best score
+    assert metrics["best_epoch"] == best and metrics["val_xray_macro_f1"] == seen[best]["val_xray_macro_f1"]
+    assert all(torch.equal(v, states[best][k]) for k, v in model.trainable_state().items())  # its weights, restored
+    last = max(seen)
+    assert last == 6 or last - best == 2  # stopped after 2 epochs without improvement, or ran them all
+
+
+def test_probe_heads_are_the_experts_probe_on_the_frozen_features(found: Foundation) -> None:
+    from components.config import ProbeParams
+    from components.federated.fedkim import task_features
+    from components.training.probe import fit_probe
+
+    model = no_injection(found, {t: TASKS[t] for t in ("notes", "codes")})
+    train, val = split(24, 90), split(12, 91)
+    train, val = {t: train[t] for t in ("notes", "codes")}, {t: val[t] for t in ("notes", "codes")}
+    pp = ProbeParams(epochs=200)
+    scores = fit_probe_heads(model, train, val, pp, "macro_f1", seed=0)
+    x, y = task_features(model, "notes", train["notes"])
+    xv, yv = task_features(model, "notes", val["notes"])
+    head, expected = fit_probe((x, y), (xv, yv), "multiclass", 3, pp, "macro_f1", 0)
+    assert torch.equal(model.heads["notes"].weight, head.weight) and scores["notes"]["macro_f1"] == expected["macro_f1"]
+    assert evaluate_injected(model, {"notes": val["notes"]})["notes"]["macro_f1"] == pytest.approx(
+        expected["macro_f1"])
+    with pytest.raises(DataError, match="no validation rows"):
+        fit_probe_heads(model, train, {"notes": val["notes"]}, pp, "macro_f1")
 
 
 def test_save_then_load_reproduces_the_outputs(found: Foundation, tmp_path: Path) -> None:

@@ -36,7 +36,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from components.core import stop
-from components.config import TrainerParams
+from components.config import ProbeParams, TrainerParams
 from components.core.artifacts import read_manifest, save_tensors, write_manifest
 from components.core.errors import ArtifactError, DataError, ParamsError
 from components.data.datasets import TaskData
@@ -51,6 +51,7 @@ from components.nn.resnet import ImageBackbone
 from components.training.balance import ClassWeight, loss_weight
 from components.training.data import TensorDictDataset, labels_tensor, loader
 from components.training.module import task_loss
+from components.training.probe import fit_probe
 from components.training.trainer import on_gpu, resolve_precision
 
 KIND = "fedkim"  # manifest kind of a saved injected model
@@ -438,6 +439,7 @@ def train_injected(
     device: str | torch.device | None = None,
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
     class_weight: ClassWeight = "balanced",
+    monitor: str | None = None,
 ) -> dict[str, float]:
     """Train the experts, the gate, the projections and the heads on the server's split (mixed-task batches,
     AdamW, each sample by its own head); the foundation and client encoders stay frozen.
@@ -446,11 +448,16 @@ def train_injected(
     (``components.training.balance``). ``trainer`` (TrainerParams), when given, sets epochs, batch size, lr, weight
     decay, class weighting, the per-task sample cap and the device (GPU when its accelerator resolves to one; bf16 autocast when its precision does). Returns
     ``train_loss`` (last epoch) and, with ``val``, ``val_<task>_<metric>``; ``on_epoch(epoch, metrics)`` is called
-    after each epoch. Deterministic for a given ``seed`` on CPU; the global RNG is left as is."""
+    after each epoch. With ``val`` and ``monitor`` (a metric, e.g. "macro_f1"), the trainable weights of the epoch
+    with the best mean validation ``monitor`` over the tasks are restored at the end (``best_epoch`` in the returned
+    metrics, which are that epoch's), and training stops after ``trainer.early_stopping_patience`` epochs without
+    improvement (0: never). Deterministic for a given ``seed`` on CPU; the global RNG is left as is."""
     autocast = False
+    patience = 0
     if trainer is not None:
         epochs, batch_size, lr, weight_decay = trainer.max_epochs, trainer.batch_size, trainer.lr, trainer.weight_decay
         class_weight = trainer.class_weight
+        patience = trainer.early_stopping_patience
         train = _cap(train, trainer.max_train_samples, seed)
         device = torch.device("cuda") if on_gpu(trainer) else torch.device("cpu")
         autocast = resolve_precision(trainer) == "bf16-mixed" and device.type == "cuda"
@@ -466,6 +473,7 @@ def train_injected(
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     batches = loader(data, batch_size, shuffle=True, seed=seed)
     metrics: dict[str, float] = {}
+    best: tuple[float, int, dict[str, torch.Tensor], dict[str, float]] | None = None
     mode = model.training
     model.train()
     try:
@@ -489,12 +497,25 @@ def train_injected(
                 if val is not None:
                     scores = evaluate_injected(model, val)
                     metrics |= {f"val_{t}_{k}": v for t, m in scores.items() for k, v in m.items()}
+                    if monitor is not None:
+                        value = float(np.nanmean([m[monitor] for m in scores.values()]))
+                        if best is None or value > best[0]:
+                            best = (value, epoch, model.trainable_state(), dict(metrics))
                 if on_epoch is not None:
                     on_epoch(epoch, metrics)
+                if best is not None and patience and epoch - best[1] >= patience:
+                    break
     finally:
         for p in params:
             p.grad = None
         model.train(mode)
+    if best is not None:
+        _, epoch, state, metrics = best
+        with torch.no_grad():
+            named = dict(model.named_parameters())
+            for name, value in state.items():
+                named[name].copy_(value.to(named[name].device, named[name].dtype))
+        metrics = {**metrics, "best_epoch": float(epoch)}
     return metrics
 
 
@@ -527,6 +548,47 @@ def evaluate_injected(model: InjectedFoundation, split: Mapping[str, TaskData],
     return out
 
 
+@torch.no_grad()
+def task_features(model: InjectedFoundation, task: str, split: TaskData,
+                  batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pooled features (N, d) of one task's split in eval mode (the model's mode is restored), on the model's
+    device, and its targets (class ids, or (N, L) floats for a multilabel task)."""
+    data = model.encode({task: split})
+    device = next(model.parameters()).device
+    mode = model.training
+    model.eval()
+    try:
+        feats = torch.cat([model(data.task_ids[i:i + batch_size].to(device),
+                                 **{k: v[i:i + batch_size].to(device) for k, v in data.inputs.items()})
+                           for i in range(0, len(data), batch_size)])
+    finally:
+        model.train(mode)
+    return feats, _task_targets(data.labels.to(device), model.tasks[task])
+
+
+def fit_probe_heads(model: InjectedFoundation, train: Mapping[str, TaskData], val: Mapping[str, TaskData],
+                    probe: ProbeParams, metric: str, seed: int = 0) -> dict[str, dict[str, float]]:
+    """Fit every task's head of ``model`` as the experts stage fits its probe (``fit_probe``: to convergence, L2
+    and, for multilabel, thresholds picked on ``val``, ``probe.class_weight``) on the model's current, frozen
+    features; returns each head's validation metrics. On the no-injection model (frozen foundation + heads) this is
+    the strongest head the server's data gives, and FedKIM's heads start from it (as an expert's head starts from
+    its probe, ``experts.head_init``)."""
+    out = {}
+    for task, split in train.items():
+        if task not in val:
+            raise DataError(f"FedKIM probe heads: task {task!r} has training rows but no validation rows")
+        x, y = (t.cpu() for t in task_features(model, task, split))
+        xv, yv = (t.cpu() for t in task_features(model, task, val[task]))
+        spec = model.tasks[task]
+        head, scores = fit_probe((x, y), (xv, yv), spec.kind, spec.num_labels, probe, metric, seed)
+        with torch.no_grad():
+            target = model.heads[task]
+            target.weight.copy_(head.weight.to(target.weight.device))
+            target.bias.copy_(head.bias.to(target.bias.device))
+        out[task] = {k: float(v) for k, v in scores.items()}
+    return out
+
+
 def fit_head_on(
     model: InjectedFoundation,
     name: str,
@@ -544,27 +606,17 @@ def fit_head_on(
 ) -> dict[str, float]:
     """A held-out task (no client trained on it): add it to ``model`` (the gate routes it from its descriptions
     alone) and fit only its new head on the frozen injected model's features of ``train`` (``shots`` rows, class
-    shares kept, when given; classes weighted by their balance there with ``class_weight="balanced"``). Returns ``train_loss`` and, with ``val``, ``val_<metric>``."""
+    shares kept, when given; classes weighted by their balance there with ``class_weight="balanced"``). Returns
+    ``train_loss`` and, with ``val``, ``val_<metric>``."""
     _check_training(epochs, batch_size, lr, weight_decay, f"held-out task {name!r}")
     if shots is not None and shots < 1:
         raise ParamsError(f"held-out task {name!r}: shots={shots} must be >= 1 (or None for the whole split)")
     spec = check_task_spec(name, spec)
     model.add_task(name, spec)
     try:
-        train = train.subset(shots, seed)
-        data = model.encode({name: train})
-        device = next(model.parameters()).device
-        mode = model.training
-        model.eval()
-        try:
-            with torch.no_grad():
-                feats = torch.cat([model(data.task_ids[i:i + 256].to(device),
-                                         **{k: v[i:i + 256].to(device) for k, v in data.inputs.items()})
-                                   for i in range(0, len(data), 256)])
-        finally:
-            model.train(mode)
+        feats, labels = task_features(model, name, train.subset(shots, seed))
+        device = feats.device
         head = model.heads[name]
-        labels = _task_targets(data.labels.to(device), spec)
         weight = loss_weight(spec.kind, labels, spec.num_labels, class_weight)
         opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
         rows = TensorDictDataset({"features": feats}, labels)

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from components.bundle.format import image_input
-from components.config import FederatedParams, PrimaryMetric
+from components.config import FederatedParams, PrimaryMetric, ProbeParams
 from components.core.artifacts import read_manifest, write_manifest
 from components.core.errors import DataError
 from components.core.layout import foundation_dir as foundation_sub
@@ -28,7 +28,8 @@ from components.core.layout import federated_curve, injected_model
 from components.data.datasets import TaskData, load_split
 from components.federated.clients import TaskSpec, build_client_model, train_clients
 from components.federated.fedkim import (DEFAULT_MODALITY_DESCRIPTIONS, KIND, build_injected, evaluate_injected,
-                                         fit_head_on, load_injected, no_injection, save_injected, train_injected)
+                                         fit_head_on, fit_probe_heads, load_injected, no_injection, save_injected,
+                                         train_injected)
 from components.federated.rounds import RoundReport
 from components.federated.shards import read_shards, shard_data
 from components.metrics.plots import plot_rounds
@@ -43,6 +44,7 @@ log = logging.getLogger("medexperts")
 class FederatedInputs(TaskInputs):
     federated: FederatedParams = param("federated")
     num_clients: int = param("data.federation.num_clients", "how many shards (hospitals) the data stage wrote")
+    probe: ProbeParams = param("experts.probe", "the no-injection baseline's heads are fitted as the experts' probe")
     metric: PrimaryMetric = param("evaluate.primary_metric")
     seed: int = param("pipeline.seed")
 
@@ -126,12 +128,18 @@ def run(inp: FederatedInputs, data_dir: Path, foundation_dir: Path, out_dir: Pat
     start = time.perf_counter()
     ip = fp.injection
     client_specs = {t: specs[t] for t in client_tasks}
+    own_train = {t: server_train[t].subset(ip.trainer.max_train_samples, seed) for t in client_tasks}
+    own_val = {t: server_val[t] for t in client_tasks}
+    # The no-injection baseline: the frozen foundation with heads fitted to convergence as the experts' probe is
+    # (the strongest heads the server's data gives); FedKIM's heads start from them (as an expert's from its probe)
+    # and FedKIM keeps its best epoch on the server's validation rows.
+    plain = no_injection(found, client_specs, seed=seed)
+    fit_probe_heads(plain, own_train, own_val, inp.probe, metric, seed)
     injected = build_injected(found, federated.model, client_specs, num_experts=ip.num_experts, rank=ip.rank,
                               alpha=ip.alpha, targets=ip.targets, extra_tokens=ip.extra_tokens, seed=seed)
-    plain = no_injection(found, client_specs, seed=seed)
-    for name, model in (("FedKIM injection", injected), ("no-injection baseline", plain)):
-        train_injected(model, {t: server_train[t] for t in client_tasks}, {t: server_val[t] for t in client_tasks},
-                       trainer=ip.trainer, seed=seed, on_epoch=_epoch_line(name, ip.trainer.max_epochs))
+    injected.heads.load_state_dict(plain.heads.state_dict())
+    train_injected(injected, own_train, own_val, trainer=ip.trainer, seed=seed, monitor=metric,
+                   on_epoch=_epoch_line("FedKIM injection", ip.trainer.max_epochs))
     val = evaluate_injected(injected, {t: server_val[t] for t in client_tasks})
     val_plain = evaluate_injected(plain, {t: server_val[t] for t in client_tasks})
     held: dict[str, dict[str, dict[str, float]]] = {}
