@@ -50,7 +50,7 @@ def test_an_input_without_its_param_key_is_refused() -> None:
     ("federated.rounds", 2, {"federated"}),
     ("routing.tau", 2.0, {"routing"}),
     ("registry.margin", 0.5, {"promote"}),
-    ("experts.probe.epochs", 7, {"experts", "decompose"}),
+    ("experts.probe.epochs", 7, {"experts", "decompose", "federated"}),
     ("pipeline.seed", 7, {"data", "foundation", "experts", "decompose", "federated", "routing", "fusion", "evaluate"}),
 ])
 def test_a_param_changes_exactly_the_fingerprints_of_the_stages_that_read_it(tmp_path: Path, key: str, value: object,
