@@ -8,7 +8,8 @@ experts stage's own, with its L2 picked on validation) on every task of the full
 own, seed 42). Text: all-MiniLM-L6-v2 mean-pooled (128 tokens); image: the pre-trained image foundation
 (--image-foundation: an image foundation folder the foundation stage or `bench image_foundation --work` wrote;
 without it the image tasks are skipped). Reported per task: validation and test accuracy, macro-F1, AUROC, MCC of
-both, and the test macro-F1 change. DermaMNIST, when present, is the shared folder's JPEG-75 copy (not comparable to
+both (medians over --seeds probe seeds: the L2 picked on validation depends on the probe's initialisation), and the
+test macro-F1 change. DermaMNIST, when present, is the shared folder's JPEG-75 copy (not comparable to
 published DermaMNIST figures).
 """
 
@@ -60,7 +61,7 @@ def setup(work: Path, tasks: list[str], image_foundation: Path | None) -> None:
         copy_image_checkpoint(image_foundation, foundation_dir(work / "foundation", "image"))
 
 
-def one_task(work: Path, task: str, found: Any) -> dict[str, Any]:
+def one_task(work: Path, task: str, found: Any, seeds: list[int]) -> dict[str, Any]:
     import torch
 
     from components.config import ProbeParams
@@ -83,12 +84,20 @@ def one_task(work: Path, task: str, found: Any) -> dict[str, Any]:
     out["train_class_shares"] = (y.float().mean(0) if kind == "multilabel"
                                  else torch.bincount(y, minlength=width).float() / len(y)).tolist()
     for mode in MODES:
-        head, val = fit_probe(feats["train"], feats["val"], kind, width, ProbeParams(class_weight=mode), "macro_f1", 0)
-        with torch.no_grad():
-            test = compute_metrics(kind, head(feats["test"][0]), feats["test"][1], width)
-        out[mode] = {"l2": val["l2"], "val": {k: float(val[k]) for k in METRICS},
-                     "test": {k: float(test[k]) for k in METRICS}}
+        runs = []
+        for seed in seeds:  # the L2 picked on validation varies with the probe's initialisation: several seeds
+            head, val = fit_probe(feats["train"], feats["val"], kind, width, ProbeParams(class_weight=mode),
+                                  "macro_f1", seed)
+            with torch.no_grad():
+                test = compute_metrics(kind, head(feats["test"][0]), feats["test"][1], width)
+            runs.append({"seed": seed, "l2": val["l2"], "val": {k: float(val[k]) for k in METRICS},
+                         "test": {k: float(test[k]) for k in METRICS}})
+        out[mode] = {"seeds": runs,
+                     "val": {k: statistics.median(r["val"][k] for r in runs) for k in METRICS},
+                     "test": {k: statistics.median(r["test"][k] for r in runs) for k in METRICS}}
     out["test_macro_f1_change"] = out["balanced"]["test"]["macro_f1"] - out["none"]["test"]["macro_f1"]
+    out["test_macro_f1_change_per_seed"] = [b["test"]["macro_f1"] - n["test"]["macro_f1"]
+                                            for b, n in zip(out["balanced"]["seeds"], out["none"]["seeds"], strict=True)]
     out["val_picks"] = max(MODES, key=lambda m: out[m]["val"]["macro_f1"])
     out["test_prefers"] = max(MODES, key=lambda m: out[m]["test"]["macro_f1"])
     return out
@@ -102,6 +111,8 @@ def main() -> None:
                         help="an image foundation folder the foundation stage wrote (e.g. `bench image_foundation "
                              "--work DIR`'s DIR/resnet18/image)")
     parser.add_argument("--tasks", nargs="*", help="default: every full-profile task found on disk")
+    parser.add_argument("--seeds", type=int, default=3, help="probe seeds per task and weighting (medians reported; "
+                                                             "the first is the pipeline's seed)")
     args = parser.parse_args()
 
     from components.core.layout import foundation_dir
@@ -113,13 +124,15 @@ def main() -> None:
         tasks = [t for t in tasks if t not in skipped]
         print(f"no --image-foundation: image tasks {skipped} skipped", flush=True)
     work = (args.work or Path(tempfile.mkdtemp(prefix="medexperts-bench-classweight-"))).resolve()
+    first = _params().pipeline.seed
+    seeds = [first + i for i in range(args.seeds)]
     t0 = time.perf_counter()
     setup(work, tasks, args.image_foundation)
     modality = {t: _params().data.tasks[t].modality for t in tasks}
     founds = {m: load_foundation(work / "foundation", m) for m in set(modality.values())}
     results = {}
     for task in tasks:
-        results[task] = one_task(work, task, founds[modality[task]])
+        results[task] = one_task(work, task, founds[modality[task]], seeds)
         r = results[task]
         print(f"{task}: test macro-F1 none {r['none']['test']['macro_f1']:.3f} balanced "
               f"{r['balanced']['test']['macro_f1']:.3f} ({r['test_macro_f1_change']:+.3f})", flush=True)
@@ -135,7 +148,7 @@ def main() -> None:
 
         image = json.loads((foundation_dir(work / "foundation", "image") / "manifest.json").read_text())["config"]
     write_result("class_weight", {
-        "params": {"profile": "full", "tasks": tasks, "probe": "fit_probe (experts.probe defaults)",
+        "params": {"profile": "full", "tasks": tasks, "probe": "fit_probe (experts.probe defaults)", "seeds": seeds,
                    "image_foundation": image, "derma_note": "dermamnist: the JPEG-75 copy" if "dermamnist" in tasks
                    else None},
         "tasks": results, "summary": summary, "wall_seconds": time.perf_counter() - t0})

@@ -624,7 +624,7 @@ def experts_full_image_section(result: dict) -> str:
         base = found["baselines"].get(r["task"], {})
         strongest = base.get("strongest")
         b = base[strongest]["test"] if strongest else None
-        anchor = found["anchors"].get(r["task"], {})
+        anchor = found["anchors"].get("tasks", {}).get(r["task"], {})
         rows.append({"task": r["task"] + (" (JPEG copy)" if r["task"] == "dermamnist" else ""), "method": r["method"],
                      "expert": f"{r['test']['accuracy']:.3f} / {r['test']['auroc']:.3f} / {r['test']['macro_f1']:.3f}",
                      "probe": f"{r['probe_test']['accuracy']:.3f} / {r['probe_test']['auroc']:.3f} / "
@@ -633,7 +633,7 @@ def experts_full_image_section(result: dict) -> str:
                              f"{b['macro_f1']:.3f}" if b else "",
                      "anchor": f"{anchor['accuracy']:.3f} / {anchor['auroc']:.3f}" if anchor else "",
                      "beats": "" if not b else "yes" if r["test"]["macro_f1"] > b["macro_f1"] else "**no**",
-                     "s": r["train_seconds"] / 60, "trainable": r["trainable_params"]})
+                     "s": f"{r['train_seconds'] / 60:.1f}", "trainable": f"{r['trainable_params']:,}"})
     table = markdown_table(rows, [("task", "task"), ("method", "method"),
                                   ("expert", "expert: ACC / AUC / macro-F1"), ("probe", "probe: ACC / AUC / macro-F1"),
                                   ("base", "strongest simple baseline: ACC / AUC / macro-F1"),
