@@ -3,8 +3,9 @@ local models, the server aggregates them over rounds (example-weighted FedAvg; F
 injects their knowledge into the frozen text foundation through M3OE (``components.federated``). The server trains
 the injection on its own small split (a share of each task's validation split); the rest validates it.
 
-Compared on the same split: the same server training without injection (the foundation + heads alone), and, for
-held-out tasks no client trained on, a few-shot head on the injected and on the non-injected model.
+Compared on the same split: no injection (the frozen foundation with heads fitted as the experts' probe, to
+convergence; FedKIM's heads start from them and FedKIM keeps its best validation epoch), and, for held-out tasks no
+client trained on, a few-shot head on the injected and on the non-injected model.
 Written: ``injected/`` (trainable state, aggregated client encoders, config) and the per-round reports.
 """
 
