@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 from pydantic import Field
 
 from components.config.base import Modality, Strict
-from components.config.training import ModalityTrainers
+from components.config.training import ClassWeight, ModalityTrainers
 
 
 class LoraParams(Strict):
@@ -30,7 +30,7 @@ class ProbeParams(Strict):
                           "0.5 across a half split of it) and folded into the head: the probe, the expert, the fused "
                           "model (picked again on the merged model) and the LoRKD students and their fused experts. "
                           "bench/results/multilabel_probe.json measures them on HoC.")
-    class_weight: Literal["balanced", "none"] = Field(
+    class_weight: ClassWeight = Field(
         "balanced", description="balanced: class-weighted loss (scikit-learn's class_weight='balanced'; multilabel: "
                                 "per-label positive weights); none: unweighted.")
 

@@ -3,12 +3,10 @@ foundation (M3OE)."""
 
 from __future__ import annotations
 
-from typing import Literal
-
 from pydantic import Field
 
 from components.config.base import Strict
-from components.config.training import TrainerParams
+from components.config.training import ClassWeight, TrainerParams
 
 
 def _injection_trainer() -> TrainerParams:
@@ -22,7 +20,7 @@ class ClientParams(Strict):
     weight_decay: float = Field(0.0, ge=0, description="Local AdamW weight decay.")
     mu: float = Field(0.0, ge=0, description="FedProx proximal term μ (0 = FedAvg).")
     max_train_samples: int | None = Field(None, ge=1, description="Cap on each client's rows per task.")
-    class_weight: Literal["balanced", "none"] = Field(
+    class_weight: ClassWeight = Field(
         "balanced", description="balanced: each client weighs its classes by its own shard's balance (a Dirichlet "
                                 "shard is skewed); none: unweighted.")
     image_channels: list[int] = Field(default_factory=lambda: [16, 32], min_length=1,

@@ -9,6 +9,10 @@ from pydantic import Field
 from components.config.base import Modality, Strict
 
 
+# How a loss weighs classes (components/training/balance.py): the trainers', the probe's and the federated clients'.
+ClassWeight = Literal["balanced", "none"]
+
+
 class TrainerParams(Strict):
     max_epochs: int = Field(3, ge=1, description="Epochs.")
     batch_size: int = Field(32, ge=1, description="Samples per step (per device).")
@@ -27,7 +31,7 @@ class TrainerParams(Strict):
     max_train_samples: int | None = Field(None, ge=1, description="Cap on training samples per task.")
     resume: bool = Field(True, description="Checkpoint every epoch (trainable weights, optimiser, callbacks) and "
                          "resume a killed run from its last checkpoint.")
-    class_weight: Literal["balanced", "none"] = Field(
+    class_weight: ClassWeight = Field(
         "balanced", description="balanced: each class (multilabel: each label's positives) weighs n / (k * n_c) in "
                                 "the loss, from the training labels (macro-F1 on imbalanced tasks); none: plain "
                                 "cross-entropy / BCE.")

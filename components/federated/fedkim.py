@@ -446,7 +446,8 @@ def train_injected(
 
     ``class_weight``: each task's loss weighs its classes by the server split's balance
     (``components.training.balance``). ``trainer`` (TrainerParams), when given, sets epochs, batch size, lr, weight
-    decay, class weighting, the per-task sample cap and the device (GPU when its accelerator resolves to one; bf16 autocast when its precision does). Returns
+    decay, class weighting, patience, the per-task sample cap and the device (GPU when its accelerator resolves to
+    one; bf16 autocast when its precision does). Returns
     ``train_loss`` (last epoch) and, with ``val``, ``val_<task>_<metric>``; ``on_epoch(epoch, metrics)`` is called
     after each epoch. With ``val`` and ``monitor`` (a metric, e.g. "macro_f1"), the trainable weights of the epoch
     with the best mean validation ``monitor`` over the tasks are restored at the end (``best_epoch`` in the returned
@@ -522,18 +523,8 @@ def train_injected(
 @torch.no_grad()
 def injected_logits(model: InjectedFoundation, task: str, split: TaskData, batch_size: int = 64) -> torch.Tensor:
     """Logits (N, labels) of one task's split, in eval mode (the model's mode is restored), on CPU."""
-    data = model.encode({task: split})
-    device = next(model.parameters()).device
-    mode = model.training
-    model.eval()
-    try:
-        outs = []
-        for i in range(0, len(data), batch_size):
-            rows = {k: v[i:i + batch_size].to(device) for k, v in data.inputs.items()}
-            outs.append(model.heads[task](model(data.task_ids[i:i + batch_size].to(device), **rows)).float().cpu())
-    finally:
-        model.train(mode)
-    return torch.cat(outs)
+    feats, _ = task_features(model, task, split, batch_size)
+    return model.heads[task](feats).float().cpu()
 
 
 def evaluate_injected(model: InjectedFoundation, split: Mapping[str, TaskData],
@@ -581,10 +572,7 @@ def fit_probe_heads(model: InjectedFoundation, train: Mapping[str, TaskData], va
         xv, yv = (t.cpu() for t in task_features(model, task, val[task]))
         spec = model.tasks[task]
         head, scores = fit_probe((x, y), (xv, yv), spec.kind, spec.num_labels, probe, metric, seed)
-        with torch.no_grad():
-            target = model.heads[task]
-            target.weight.copy_(head.weight.to(target.weight.device))
-            target.bias.copy_(head.bias.to(target.bias.device))
+        model.heads[task].load_state_dict(head.state_dict())
         out[task] = {k: float(v) for k, v in scores.items()}
     return out
 

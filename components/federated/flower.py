@@ -46,7 +46,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 import torch
@@ -60,6 +60,7 @@ from components.federated.client import ClientResult, check_local, client_seed, 
 from components.federated.clients import ClientModel, LocalTask, build_client_model, client_updater
 from components.federated.payload import KeyFilter, Payload, to_payload
 from components.federated.rounds import Client, FederatedError, FederatedRun, RoundReport, run_round
+from components.training.balance import ClassWeight
 from components.training.data import TensorDictDataset
 
 log = logging.getLogger("medexperts")
@@ -116,8 +117,9 @@ class FlowerSettings:
         check_local(self.local_epochs, self.batch_size, self.lr, self.weight_decay, self.mu)
         if self.num_rounds < 1:
             raise ParamsError(f"Flower run config num-rounds={self.num_rounds} must be >= 1")
-        if self.class_weight not in ("balanced", "none"):
-            raise ParamsError(f"Flower run config class-weight={self.class_weight!r} must be 'balanced' or 'none'")
+        if self.class_weight not in get_args(ClassWeight):
+            raise ParamsError(f"Flower run config class-weight={self.class_weight!r} must be one of "
+                              f"{list(get_args(ClassWeight))}")
         if self.task not in KINDS:
             raise ParamsError(f"Flower run config task={self.task!r} is not one of {list(KINDS)}")
         if self.min_clients < 1 or self.min_nodes < 0:

@@ -141,8 +141,8 @@ def run(inp: FederatedInputs, data_dir: Path, foundation_dir: Path, out_dir: Pat
     injected.heads.load_state_dict(plain.heads.state_dict())
     train_injected(injected, own_train, own_val, trainer=ip.trainer, seed=seed, monitor=metric,
                    on_epoch=_epoch_line("FedKIM injection", ip.trainer.max_epochs))
-    val = evaluate_injected(injected, {t: server_val[t] for t in client_tasks})
-    val_plain = evaluate_injected(plain, {t: server_val[t] for t in client_tasks})
+    val = evaluate_injected(injected, own_val)
+    val_plain = evaluate_injected(plain, own_val)
     held: dict[str, dict[str, dict[str, float]]] = {}
     for t in fp.held_out:
         train = load_split(data_dir, t, "train")

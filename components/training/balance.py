@@ -7,17 +7,19 @@ class-weighted small CNN or logistic regression (bench/results/baselines.json). 
 of every trainer, probe and federated client) weighs class c by n / (k · n_c), scikit-learn's
 ``class_weight="balanced"``; multilabel tasks get the per-label positive weights of ``multilabel.pos_weight``. The
 weights come from the training labels the model is fitted on (a federated client: its own shard). ``none``: plain
-cross-entropy / BCE (better accuracy on the frequent classes, worse macro-F1).
+cross-entropy / BCE (better accuracy on the frequent classes; bench/results/class_weight.json measures both).
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 
 from components.training.multilabel import pos_weight
 
+# The same values as components.config.training.ClassWeight, spelled here because a Flower site imports this module
+# without the params layer.
 ClassWeight = Literal["balanced", "none"]
 MAX_CLASS_WEIGHT = 100.0  # a class seen once among thousands would otherwise dominate every step
 
@@ -39,8 +41,8 @@ def loss_weight(kind: str, labels: torch.Tensor, num_labels: int, mode: ClassWei
     multiclass), per-label positive weights (multilabel), or None with ``mode="none"``."""
     if mode == "none":
         return None
-    if mode != "balanced":
-        raise ValueError(f"unknown class_weight {mode!r}; expected 'balanced' or 'none'")
+    if mode not in get_args(ClassWeight):
+        raise ValueError(f"unknown class_weight {mode!r}; expected one of {list(get_args(ClassWeight))}")
     if kind == "multilabel":
         return pos_weight(labels)
     return class_weights(labels, num_labels)
