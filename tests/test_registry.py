@@ -225,3 +225,25 @@ def test_a_registration_cut_short_is_completed_not_duplicated(tmp_path: Path, ml
     assert again is not None and again[0] == v and again[1] == d
     assert registered("m", "other-fingerprint") is None
     assert len(client.search_model_versions("name='m'")) == 1
+
+
+def test_a_tag_write_that_loses_an_insert_race_is_written_again() -> None:
+    """Team mode: two runs gating one version write the same tags at once; PostgreSQL refuses the second insert."""
+    from components.tracking.registry import _set_tag
+
+    calls: list[tuple[str, ...]] = []
+
+    def racing(*args: str) -> None:
+        calls.append(args)
+        if len(calls) == 1:
+            raise MlflowException("(psycopg2.errors.UniqueViolation) duplicate key value violates unique constraint "
+                                  '"model_version_tag_pk"')
+
+    _set_tag(racing, "m", "2", "promotion.reason", "why")
+    assert calls == [("m", "2", "promotion.reason", "why")] * 2
+
+    def failing(*args: str) -> None:
+        raise MlflowException("model not found", error_code=RESOURCE_DOES_NOT_EXIST)
+
+    with pytest.raises(MlflowException, match="not found"):  # any other failure is not retried
+        _set_tag(failing, "m", "2", "k", "v")

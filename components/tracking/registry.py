@@ -140,7 +140,7 @@ def finish_registration(name: str, version: str) -> None:
     with tempfile.TemporaryDirectory(prefix="medexperts-registered-") as tmp:
         local = mlflow.artifacts.download_artifacts(f"models:/{name}/{version}", dst_path=tmp)
         digest = files_digest(Path(local))
-    MlflowClient().set_model_version_tag(name, version, FILES_TAG, digest)
+    _set_tag(MlflowClient().set_model_version_tag, name, version, FILES_TAG, digest)
 
 
 def registered(name: str, registration: str) -> tuple[str, Decision | None] | None:
@@ -259,14 +259,33 @@ def gate(name: str, version: str, metric: float, margin: float, floor: float) ->
     return decision
 
 
+def _lost_insert_race(error: MlflowException) -> bool:
+    """A tag write that lost to a concurrent write of the same key: MLflow's SQL store upserts a tag by reading,
+    then inserting, so two writers of one key at once (team mode: two runs gating the same version) make the second
+    insert break the primary key (PostgreSQL "duplicate key value violates unique constraint")."""
+    text = str(error.message).lower()
+    return "unique constraint" in text or "uniqueviolation" in text
+
+
+def _set_tag(write: Any, *args: str) -> None:
+    """``write(*args)`` (a client's tag setter); once more if it lost an insert race: the key now exists, so the
+    second write updates it, and the tag holds this writer's value either way."""
+    try:
+        write(*args)
+    except MlflowException as e:
+        if not _lost_insert_race(e):
+            raise
+        write(*args)
+
+
 def record_decision(client: MlflowClient, decision: Decision) -> None:
     """Keep the alias history MLflow lacks (mlflow#2169): tags on the version and on the model."""
     stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     payload = json.dumps({**asdict(decision), "at": stamp})
-    client.set_model_version_tag(decision.model, decision.version, "promotion.decision",
-                                 "champion" if decision.promoted else "challenger")
-    client.set_model_version_tag(decision.model, decision.version, "promotion.reason", decision.reason)
-    client.set_registered_model_tag(decision.model, f"promotion.{stamp}.v{decision.version}", payload)
+    _set_tag(client.set_model_version_tag, decision.model, decision.version, "promotion.decision",
+             "champion" if decision.promoted else "challenger")
+    _set_tag(client.set_model_version_tag, decision.model, decision.version, "promotion.reason", decision.reason)
+    _set_tag(client.set_registered_model_tag, decision.model, f"promotion.{stamp}.v{decision.version}", payload)
 
 
 def promote_manual(name: str, version: str) -> Decision:
