@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+from collections.abc import Callable
 
 from bench.common import RESULTS, ROOT
 from components.metrics.report import markdown_table
@@ -267,12 +268,28 @@ def claim_reading(d: dict) -> str:
     return "trend only" if d["lower"] > d["upper"] else "no"
 
 
+def general_lines(result: dict, goal_lines: Callable[[str, str], str]) -> str:
+    """The grouped router with AT-MoE's general adapter: its goal line, the adapter alone and the λ it learned."""
+    run = result["routing_runs"].get("grouped_general")
+    if run is None:
+        return ""
+    alone = run["val_general"]
+    mean_alone = sum(m["macro_f1"] for m in alone.values()) / len(alone)
+    mean_routed = sum(m["macro_f1"] for m in run["val"].values()) / len(run["val"])
+    return (goal_lines("grouped_general", "Grouped router + general adapter") +
+            f"- The general adapter (rank {result['params']['general']['rank']}, trained first on the same mixed "
+            f"training set with the experts' heads frozen) alone: validation mean macro-F1 {mean_alone:.3f}; mixed "
+            f"with the routed experts {mean_routed:.3f}; the learned λ (routed share, mean over the adapted layers) "
+            f"{run['lam']:.2f} from {result['params']['general']['lam_start']:.2f}.\n")
+
+
 def routing_section(result: dict) -> str:
     p, test, goals = result["params"], result["test"], result["goals"]
     tasks = p["tasks"]
     models = [("oracle", "own expert (oracle)"), ("fused", f"best fused ({result['fusion']['best_method']})"),
               ("uniform", "uniform mixture"), ("flat", "flat router"), ("grouped", "grouped (function)"),
-              ("grouped_domain", "grouped (domain)")]
+              ("grouped_domain", "grouped (domain)"), ("grouped_general", "grouped (function) + general adapter")]
+    models = [(m, label) for m, label in models if m in result["test_mean_macro_f1"]]  # older results lack some
     rows = [{"task": t, **{m: test[t][m]["macro_f1"] for m, _ in models},
              "ge": "yes" if goals["grouped"]["ge_fused_per_task"][t] else "**no**"} for t in tasks]
     rows.append({"task": "**mean**", **{m: result["test_mean_macro_f1"][m] for m, _ in models}})
@@ -401,6 +418,7 @@ def routing_section(result: dict) -> str:
         f"{groupings['domain']} (see `bench/routing.py` for why).\n\n"
         f"{goal_lines('grouped', 'Grouped router (function grouping)')}"
         f"{goal_lines('grouped_domain', 'Grouped router (domain grouping)')}"
+        f"{general_lines(result, goal_lines)}"
         f"- Fused: the fusion stage's best method by validation, `{result['fusion']['best_method']}` "
         f"({', '.join(f'{k} {v:g}' for k, v in result['fusion']['coefficients'].items())}).\n\n"
         f"Router weights per layer (validation mean; the 12 adapted query/value layers averaged into MiniLM's 6). "

@@ -207,6 +207,9 @@ def log_routing(ctx: StageContext, inp: RoutingInputs, summary: RoutingSummary, 
         return
     runs.log_metrics({t: {"val_routed": summary.val[t], "val_own_expert": summary.val_oracle[t],
                           "val_uniform": summary.val_uniform[t]} for t in summary.experts})
+    if summary.val_general:
+        runs.log_metrics({t: {"val_general_adapter": summary.val_general[t]} for t in summary.experts})
+        runs.log_metrics({"general_lambda": summary.lam})
     runs.log_metrics({"trainable_params": summary.trainable_params, "train_seconds": summary.train_seconds})
     runs.log_file(routing_weights(out))
     for task in summary.experts:

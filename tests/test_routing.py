@@ -82,6 +82,50 @@ def test_routes_the_experts_and_deploys_a_bundle(stage_inputs: Path, tiny_bert: 
     assert set(next(iter(route.values()))) == set(TASKS)
 
 
+@pytest.mark.parametrize(("lam", "learn"), [(0.5, True), (1.0, False), (0.0, False)])
+def test_general_adapter_is_trained_first_then_mixed(stage_inputs: Path, tiny_bert: Path, tmp_path: Path,
+                                                     lam: float, learn: bool) -> None:
+    """AT-MoE's option y = W0 h + λ·routed + (1 − λ)·general: λ = 1 is the routed experts alone (one-hot routing
+    = the expert exactly), λ = 0 the general adapter alone (the routing no longer matters); learned λ moves."""
+    import components.plugins  # noqa: F401
+    from components.bundle.format import load_bundle
+    from components.experts.io import load_expert
+    from components.moe.layers import molora_layers
+    from components.nn.foundation import load_foundation
+    from components.training.inference import batched
+
+    root = stage_inputs
+    general = {"enabled": True, "rank": 2, "lam": lam, "learn_lam": learn,
+               "trainer": {"max_epochs": 1, "max_train_samples": 48, "batch_size": 16, "lr": 0.01}}
+    inp = RoutingInputs.from_params(params(tiny_bert, **{"routing.general": general}))
+    summary = run(inp, root / "data", root / "foundation", root / "experts", tmp_path / "out")
+    assert set(summary.val_general) == set(TASKS) and summary.lam is not None
+    bundle = load_bundle(tmp_path / "out" / "routed")
+    assert bundle.manifest["general"] == {"rank": 2, "lam": summary.lam}
+    routed = bundle.model.encoder
+    layers = molora_layers(routed.encoder)
+    assert all(layer.general_b.abs().sum() > 0 for layer in layers.values())  # the general adapter trained
+    mixes = torch.stack([layer.mix for layer in layers.values()])
+    if learn:
+        assert 0 < summary.lam < 1 and not torch.allclose(mixes, torch.full_like(mixes, lam))  # λ trained
+    else:
+        assert torch.equal(mixes, torch.full_like(mixes, lam))
+    found = load_foundation(root / "foundation", "text")
+    x = found.inputs(["Does aspirin prevent stroke in older adults?", "Colon adenocarcinoma with nodal spread."])
+    outputs = []
+    for e, task in enumerate(TASKS):
+        routed.fixed = torch.nn.functional.one_hot(torch.tensor(e), len(TASKS)).float()
+        outputs.append(batched(routed, x))
+        if lam == 1.0:
+            expert = load_expert(root / "experts" / task, found)
+            torch.testing.assert_close(batched(bundle.model.for_task(task), x), batched(expert.classifier(), x),
+                                       atol=1e-5, rtol=1e-4)
+    if lam == 0.0:
+        torch.testing.assert_close(outputs[0], outputs[1])
+    else:
+        assert not torch.allclose(outputs[0], outputs[1])
+
+
 def test_skips_with_the_reason(stage_inputs: Path, tiny_bert: Path, tmp_path: Path) -> None:
     root = stage_inputs
     one = RoutingInputs.from_params(params(tiny_bert, **{"data.active": ["pubmedqa"]}))
@@ -95,6 +139,8 @@ def test_skips_with_the_reason(stage_inputs: Path, tiny_bert: Path, tmp_path: Pa
     ({"routing.groups": {"qa": ["pubmedqa"], "x": ["pubmedqa"]}}, "task 'pubmedqa' is in two groups"),
     ({"routing.groups": {"qa": ["pubmedqa"]}}, "active text task(s) ['medical_abstracts'] are in no group"),
     ({"routing.tau": 0}, "key 'tau': Input should be greater than 0"),
+    ({"routing.general.lam": 1.0}, "lam=1.0 must lie in (0, 1) when it is learned"),
+    ({"routing.general.lam": 1.5, "routing.general.learn_lam": False}, "lam=1.5 must lie in [0, 1]"),
     ({"routing.router": "topk"}, "key 'router': Input should be 'grouped', 'flat' or 'uniform'"),
 ])
 def test_bad_routing_params_are_one_clear_error(tiny_bert: Path, overrides: dict, message: str) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from components.config.base import Strict
 from components.config.training import TrainerParams
@@ -23,6 +23,33 @@ def _default_trainer() -> TrainerParams:
     return TrainerParams(max_epochs=2, batch_size=32, lr=5e-3, max_train_samples=400)
 
 
+def _default_general_trainer() -> TrainerParams:
+    return TrainerParams(max_epochs=2, batch_size=16, lr=1e-3, max_train_samples=400)
+
+
+class GeneralAdapterParams(Strict):
+    """AT-MoE's optional general adapter: one LoRA trained on all routed tasks' data (the experts' heads frozen),
+    then frozen and mixed in every adapted layer: y = W0 h + λ·routed + (1 − λ)·general."""
+
+    enabled: bool = Field(False, description="Train a general adapter and mix it with the routed experts.")
+    rank: int = Field(8, ge=1, description="LoRA rank of the general adapter (its alpha is 2 × rank).")
+    lam: float = Field(0.5, description="λ, the routed experts' share against the general adapter (its start "
+                       "value when learned).")
+    learn_lam: bool = Field(True, description="λ trains with the routers (a sigmoid per adapted layer, starting at "
+                            "`lam`); false keeps `lam` fixed.")
+    trainer: TrainerParams = Field(default_factory=_default_general_trainer, description="Training of the general "
+                                   "adapter on the mixed training set, before the routers (the experts' heads and "
+                                   "the foundation frozen).")
+
+    @model_validator(mode="after")
+    def _lam_range(self) -> GeneralAdapterParams:
+        if self.learn_lam and not 0.0 < self.lam < 1.0:
+            raise ValueError(f"lam={self.lam} must lie in (0, 1) when it is learned (learn_lam: a sigmoid)")
+        if not 0.0 <= self.lam <= 1.0:
+            raise ValueError(f"lam={self.lam} must lie in [0, 1]")
+        return self
+
+
 class RoutingParams(Strict):
     modality: Literal["text"] = Field("text", description="Experts of this modality are routed (AT-MoE mixes Linear "
                                       "LoRA layers; the image experts adapt convolutions).")
@@ -37,6 +64,8 @@ class RoutingParams(Strict):
     trainer: TrainerParams = Field(default_factory=_default_trainer, description="Router training on the mixed "
                                    "training set of the routed tasks (only the routers train).")
     max_val_samples: int | None = Field(None, ge=1, description="Cap on validation samples per task.")
+    general: GeneralAdapterParams = Field(default_factory=GeneralAdapterParams, description="The optional general "
+                                          "adapter mixed with the routed experts (off by default).")
 
     @field_validator("groups")
     @classmethod

@@ -103,6 +103,7 @@ class MoLoRALinear(nn.Module):
         self.routing: Routing | None = None
         self.last_weights: torch.Tensor | None = None
         self.bypass = False
+        self.general_alone = False
 
     def add_general(self, factors: LoraFactors | None = None, *, rank: int | None = None, alpha: float | None = None,
                     trainable: bool | None = None, mix: float = 0.5, learn_mix: bool = False,
@@ -162,8 +163,13 @@ class MoLoRALinear(nn.Module):
         if self.bypass:  # the frozen foundation alone (AT-MoE reads its pooled input embedding this way)
             return out
         n = x.shape[0]
-        weights = self._weights(n)
         h = self.dropout(x).reshape(n, -1, self.in_features)  # (N, in) -> (N, 1, in); tokens stay a sequence
+        if self.general_alone:  # λ = 0: the general adapter is trained this way, before the routers
+            if self.general_a is None:
+                raise RuntimeError(f"layer {self.name!r}: general_only() needs a general adapter (add_general)")
+            return out + (self.general_scale * F.linear(F.linear(h, self.general_a), self.general_b)).reshape(
+                out.shape)
+        weights = self._weights(n)
         routed = mix_lora(h, self.expert_a, self.expert_b, weights.to(h.dtype) * self.scales).reshape(out.shape)
         if self.general_a is None:
             return out + routed
@@ -285,6 +291,19 @@ def foundation_only(layers: Iterable[MoLoRALinear] | Mapping[str, MoLoRALinear])
     finally:
         for layer in layers:
             layer.bypass = False
+
+
+@contextlib.contextmanager
+def general_only(layers: Iterable[MoLoRALinear] | Mapping[str, MoLoRALinear]) -> Iterator[None]:
+    """Inside: every mixture layer is its base plus its general adapter alone (λ = 0; no routing needed)."""
+    layers = list(layers.values() if isinstance(layers, Mapping) else layers)
+    for layer in layers:
+        layer.general_alone = True
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.general_alone = False
 
 
 @torch.no_grad()

@@ -81,17 +81,32 @@ def build_routed(encoder: nn.Module, experts: Mapping[str, Mapping[str, LoraFact
                                                      static_within=static_within))
     config = {"experts": names, "targets": list(targets), "layers": layer_names, "router": router,
               "groups": [list(g) for g in groups] if groups is not None else None, "tau": tau,
-              "static_within": static_within}
+              "static_within": static_within, "general": None}
     return RoutedEncoder(model, config)
 
 
+def add_general_adapter(routed: RoutedEncoder, *, rank: int, alpha: float, lam: float, learn_lam: bool,
+                        seed: int = 0) -> None:
+    """AT-MoE's general adapter in every routed layer, fresh and trainable: y = W0 h + λ·routed + (1 − λ)·general
+    (train it inside ``general_only``, where λ = 0)."""
+    gen = torch.Generator().manual_seed(seed)
+    for layer in molora_layers(routed.encoder).values():
+        layer.add_general(rank=rank, alpha=alpha, mix=lam, learn_mix=learn_lam, generator=gen)
+    routed.config["general"] = {"rank": rank, "alpha": alpha}
+
+
 def routing_tensors(routed: RoutedEncoder) -> dict[str, torch.Tensor]:
-    """What a deployed routed model carries besides the foundation: every layer's experts and router."""
+    """What a deployed routed model carries besides the foundation: every layer's experts and router (and its
+    general adapter with the λ it ended with)."""
     out = {}
     for name, layer in molora_layers(routed.encoder).items():
         out[f"{name}.expert_a"], out[f"{name}.expert_b"], out[f"{name}.scales"] = (
             layer.expert_a.detach(), layer.expert_b.detach(), layer.scales.detach())
         out.update({f"{name}.router.{k}": v.detach() for k, v in layer.router.state_dict().items()})
+        if layer.general_a is not None:
+            out[f"{name}.general_a"], out[f"{name}.general_b"] = layer.general_a.detach(), layer.general_b.detach()
+            out[f"{name}.general_scale"], out[f"{name}.general_mix"] = (layer.general_scale.detach(),
+                                                                        layer.mix.detach())
     return out
 
 
@@ -107,6 +122,11 @@ def load_routed(encoder: nn.Module, tensors: dict[str, torch.Tensor], config: di
         for name, layer in molora_layers(routed.encoder).items():
             prefix = f"{name}.router."
             layer.router.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+            if config.get("general"):
+                layer.add_general(LoraFactors(tensors[f"{name}.general_a"], tensors[f"{name}.general_b"],
+                                              float(tensors[f"{name}.general_scale"])),
+                                  mix=float(tensors[f"{name}.general_mix"]))
+        routed.config["general"] = config.get("general")
     except (KeyError, RuntimeError, MoEParamsError) as exc:
         raise ArtifactError(f"{where}: routed experts do not match their config ({exc})") from None
     return routed.eval().requires_grad_(False)

@@ -8,16 +8,19 @@ Written: ``routed/`` (a bundle: foundation by hash + the experts and routers as 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import tempfile
 import time
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 
 from components.bundle.format import TaskHead, save_bundle
 from components.config import PrimaryMetric, RoutingParams
+from components.config.training import TrainerParams
 from components.core.artifacts import write_json
 from components.core.layout import expert_dir, routed_bundle, routing_heatmap, routing_weights
 from components.data.datasets import load_split
@@ -25,8 +28,8 @@ from components.experts.io import expert_method, load_expert
 from components.metrics.classification import compute_metrics
 from components.metrics.counts import count_parameters
 from components.metrics.plots import plot_heatmap
-from components.moe.layers import molora_layers, peft_factors
-from components.moe.routed import ROUTING, RoutedEncoder, build_routed, routing_tensors
+from components.moe.layers import general_only, molora_layers, peft_factors
+from components.moe.routed import ROUTING, RoutedEncoder, add_general_adapter, build_routed, routing_tensors
 from components.nn.classifier import MultiTaskClassifier
 from components.nn.foundation import load_foundation
 from components.stages.base import StageSummary, TaskInputs, param
@@ -54,6 +57,8 @@ class RoutingSummary(StageSummary):
     val: dict[str, dict[str, float]] = {}  # the routed model, per task
     val_oracle: dict[str, dict[str, float]] = {}  # each task's own expert (one-hot routing)
     val_uniform: dict[str, dict[str, float]] = {}  # every expert 1/E
+    val_general: dict[str, dict[str, float]] = {}  # the general adapter alone (λ = 0), when there is one
+    lam: float | None = None  # λ, the routed experts' share against the general adapter (mean over layers)
     trainable_params: int = 0
     train_seconds: float = 0.0
 
@@ -75,12 +80,18 @@ def _scores(model: MultiTaskClassifier, data: dict[str, Any]) -> dict[str, dict[
             for t, (x, y, d) in data.items()}
 
 
-def _with_fixed(routed: RoutedEncoder, weights: torch.Tensor | None, fn: Any) -> Any:
+@contextlib.contextmanager
+def _fixed_routing(routed: RoutedEncoder, weights: torch.Tensor | None) -> Iterator[None]:
     previous, routed.fixed = routed.fixed, weights
     try:
-        return fn()
+        yield
     finally:
         routed.fixed = previous
+
+
+def _with_fixed(routed: RoutedEncoder, weights: torch.Tensor | None, fn: Any) -> Any:
+    with _fixed_routing(routed, weights):
+        return fn()
 
 
 def mean_weights(model: MultiTaskClassifier, data: dict[str, Any]) -> dict[str, dict[str, list[float]]]:
@@ -118,35 +129,62 @@ def run(inp: RoutingInputs, data_dir: Path, foundation_dir: Path, experts_dir: P
                           static_within=rp.static_within, seed=seed)
     model = MultiTaskClassifier(routed, {t: e.head.requires_grad_(False) for t, e in experts.items()})
     tp = rp.trainer
-    train = _split(data_dir, tasks, "train", tp.max_train_samples, seed, found.inputs)
     val = _split(data_dir, tasks, "val", rp.max_val_samples, seed, found.inputs)
-    kinds = {t: d.kind for t, (_, _, d) in train.items()}
-    widths = {t: d.num_labels for t, (_, _, d) in train.items()}
+    kinds = {t: d.kind for t, (_, _, d) in val.items()}
+    widths = {t: d.num_labels for t, (_, _, d) in val.items()}
 
-    start = time.perf_counter()
-    if rp.router != "uniform":  # the uniform mixture has nothing to train
-        weights = {t: loss_weight(kinds[t], y, widths[t], tp.class_weight) for t, (_, y, _) in train.items()}
-        module = MultiTaskModule(model, tasks, kinds, tp.lr, tp.weight_decay, weights)
-        device = data_device(tp)
+    def fit(trainer_params: TrainerParams, label: str, checkpoints: Path | None) -> None:
+        """Train what requires grad in ``model`` on the mixed training set (capped per task by ``trainer_params``),
+        the best epoch by validation loss kept."""
+        train = _split(data_dir, tasks, "train", trainer_params.max_train_samples, seed, found.inputs)
+        weights = {t: loss_weight(kinds[t], y, widths[t], trainer_params.class_weight) for t, (_, y, _) in
+                   train.items()}
+        module = MultiTaskModule(model, tasks, kinds, trainer_params.lr, trainer_params.weight_decay, weights)
+        device = data_device(trainer_params)
+        mixed = {name: mixed_tasks({t: v[0] for t, v in split.items()}, {t: v[1] for t, v in split.items()}, kinds,
+                                   widths).to(device) for name, split in (("train", train), ("val", val))}
         with tempfile.TemporaryDirectory() as root:
-            trainer = build_trainer(tp, Path(root), logger=logger, monitor="val_loss", mode="min",
-                                    checkpoint_dir=checkpoint_dir, label=f"[routing] {rp.router} router")
-            trainer.fit(module, loader(mixed_tasks({t: v[0] for t, v in train.items()},
-                                                   {t: v[1] for t, v in train.items()}, kinds, widths).to(device),
-                                       tp.batch_size, shuffle=True, seed=seed),
-                        loader(mixed_tasks({t: v[0] for t, v in val.items()}, {t: v[1] for t, v in val.items()},
-                                           kinds, widths).to(device), tp.batch_size * 2, shuffle=False),
-                        ckpt_path=resume_from(checkpoint_dir))
+            trainer = build_trainer(trainer_params, Path(root), logger=logger, monitor="val_loss", mode="min",
+                                    checkpoint_dir=checkpoints, label=label)
+            trainer.fit(module, loader(mixed["train"], trainer_params.batch_size, shuffle=True, seed=seed),
+                        loader(mixed["val"], trainer_params.batch_size * 2, shuffle=False),
+                        ckpt_path=resume_from(checkpoints))
         model.cpu()
-    train_seconds = time.perf_counter() - start
 
-    n = len(tasks)
-    scores = _scores(model, val)
+    n = len(tasks)  # the references, before anything trains (and before a general adapter joins the mix)
     oracle = {}
     for e, t in enumerate(tasks):
         one_hot = torch.nn.functional.one_hot(torch.tensor(e), n).float()
         oracle[t] = _with_fixed(routed, one_hot, lambda: _scores(model, {t: val[t]}))[t]
     uniform = _with_fixed(routed, torch.full((n,), 1.0 / n), lambda: _scores(model, val))
+
+    start = time.perf_counter()
+    layers = molora_layers(routed.encoder)
+    routers = [layer.router for layer in layers.values()]
+    general = rp.general
+    if general.enabled:  # AT-MoE's general adapter: trained first on every task's data (λ = 0), then frozen
+        add_general_adapter(routed, rank=general.rank, alpha=2.0 * general.rank, lam=general.lam,
+                            learn_lam=general.learn_lam, seed=seed)
+        mixes = [layer.mix_logit for layer in layers.values() if hasattr(layer, "mix_logit")]
+        adapters = [p for layer in layers.values() for p in (layer.general_a, layer.general_b)]
+        for module in [*routers, *mixes]:
+            module.requires_grad_(False)
+        with general_only(layers), _fixed_routing(routed, torch.full((n,), 1.0 / n)):
+            fit(general.trainer, "[routing] general adapter",
+                checkpoint_dir / "general" if checkpoint_dir is not None else None)
+            general_scores = _scores(model, val)
+        for p in adapters:
+            p.requires_grad_(False)
+        for module in [*routers, *mixes]:
+            module.requires_grad_(True)
+    if rp.router != "uniform" or (general.enabled and general.learn_lam):  # else nothing to train
+        if rp.router == "uniform":
+            for router in routers:
+                router.requires_grad_(False)
+        fit(tp, f"[routing] {rp.router} router", checkpoint_dir)
+    train_seconds = time.perf_counter() - start
+
+    scores = _scores(model, val)
     for t in tasks:
         log.info("[routing] %s: val %s routed %.3f, own expert %.3f, uniform %.3f", t, metric, scores[t][metric],
                  oracle[t][metric], uniform[t][metric])
@@ -157,14 +195,22 @@ def run(inp: RoutingInputs, data_dir: Path, foundation_dir: Path, experts_dir: P
         plot_heatmap([per_layer[layer] for layer in per_layer], list(per_layer), tasks,
                      f"{t}: {rp.router} router weight per layer (validation mean)", routing_heatmap(out_dir, t))
     heads = {t: TaskHead(e.head, e.info.task_kind, e.info.label_names) for t, e in experts.items()}
-    trainable = sum(count_parameters(layer.router) for layer in molora_layers(routed.encoder).values())
+    trainable = sum(count_parameters(router) for router in routers)  # what the stage trained
+    lam = None
+    if general.enabled:
+        trainable += sum(p.numel() for p in (*adapters, *mixes))
+        lam = float(torch.stack([layer.mix.detach() for layer in layers.values()]).mean())
+        log.info("[routing] general adapter: val %s %s; λ (routed share) %.3f", metric,
+                 {t: round(m[metric], 3) for t, m in general_scores.items()}, lam)
     tensors = routing_tensors(routed)
     # deployed: the foundation, every expert (frozen buffers, not parameters) and router, the task heads
     deployed = (count_parameters(found.encoder) + sum(t.numel() for t in tensors.values())
                 + sum(count_parameters(e.head) for e in experts.values()))
     save_bundle(routed_bundle(out_dir), found, {}, heads, name=f"routed-{rp.modality}",
                 metadata={"method": f"atmoe_{rp.router}", "tasks_routed": tasks, "groups": groups, "metric": metric,
-                          "val_metrics": scores, "parameters": deployed},
+                          "val_metrics": scores, "parameters": deployed,
+                          "general": {"rank": general.rank, "lam": lam} if general.enabled else None},
                 wrappers={ROUTING: tensors}, wrapper_config={ROUTING: routed.config})
     return RoutingSummary(experts=tasks, groups=groups, router=rp.router, metric=metric, val=scores, val_oracle=oracle,
-                          val_uniform=uniform, trainable_params=trainable, train_seconds=train_seconds)
+                          val_uniform=uniform, val_general=general_scores if general.enabled else {}, lam=lam,
+                          trainable_params=trainable, train_seconds=train_seconds)
