@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -112,3 +113,15 @@ def test_a_bad_set_value_blames_set_not_a_params_file() -> None:
         load_params(PARAMS, "tiny", {"experts.lora.bogus": 1})
     with pytest.raises(ParamsError, match=r"--set: unknown section\(s\) \['expert'\]"):
         load_params(PARAMS, "tiny", {"expert.lora.rank": 4})
+
+
+@pytest.mark.parametrize("trainer", [{"experts.trainer.text.strategy": "ddp", "experts.trainer.text.devices": 2},
+                                     {"federated.injection.trainer.devices": "auto"},
+                                     {"decompose.trainer.image.num_nodes": 2}])
+def test_dask_runner_refuses_ddp_trainers_before_a_cluster_starts(trainer: dict) -> None:
+    path = next(iter(trainer)).rsplit(".", 1)[0]
+    with pytest.raises(ParamsError, match=rf"Lightning DDP cannot start its processes; multi-process trainers: "
+                                          rf"\['{re.escape(path)} "):
+        load_params(PARAMS, "tiny", {"pipeline.runner.kind": "dask", **trainer})
+    load_params(PARAMS, "tiny", trainer)  # in-process, DDP is a params switch
+    load_params(PARAMS, "tiny", {"pipeline.runner.kind": "dask"})  # one device per trainer: fine on Dask

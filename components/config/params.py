@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import model_validator
+from pydantic import BaseModel, model_validator
 
 from components.config.base import Strict
 from components.config.data import DataParams
@@ -15,6 +15,7 @@ from components.config.fusion import FusionParams
 from components.config.pipeline import PipelineParams
 from components.config.registry import RegistryParams
 from components.config.routing import RoutingParams
+from components.config.training import TrainerParams
 
 SECTIONS: tuple[str, ...] = ("pipeline", "data", "foundation", "experts", "decompose", "federated", "routing", "fusion",
                              "evaluate", "registry")
@@ -89,9 +90,40 @@ class Params(Strict):
         return self
 
     @model_validator(mode="after")
+    def _no_ddp_inside_dask(self) -> "Params":
+        # Lightning's DDP launches its ranks by re-running the current command (or forking), which a Dask worker
+        # process cannot do: refused here, before a cluster starts, rather than hanging or failing in a worker.
+        if self.pipeline.runner.kind != "dask":
+            return self
+        multi = [f"{path} (strategy {tp.strategy}, devices {tp.devices}, num_nodes {tp.num_nodes})"
+                 for section in ("experts", "decompose", "federated")
+                 for path, tp in _trainers(getattr(self, section), section) if _multi_process(tp)]
+        if multi:
+            raise ValueError(f"pipeline.runner.kind 'dask' runs the experts, decompose and federated stages inside "
+                             f"Dask workers, where Lightning DDP cannot start its processes; multi-process trainers: "
+                             f"{multi}. Use runner.kind 'local' with DDP, or one device per trainer on Dask (Dask "
+                             f"spreads the experts over the GPUs: cluster_class dask_cuda.LocalCUDACluster)")
+        return self
+
+    @model_validator(mode="after")
     def _student_reads_the_foundation_inputs(self) -> "Params":
         positions, length = self.decompose.student.text.max_positions, self.foundation.text.max_length
         if self.data.active_tasks("text") and "text" in self.decompose.modalities and positions < length:
             raise ValueError(f"decompose.student.text.max_positions ({positions}) is below foundation.text.max_length "
                              f"({length}): the LoRKD text student could not read the inputs the foundation reads")
         return self
+
+
+def _trainers(node: object, path: str) -> list[tuple[str, TrainerParams]]:
+    """Every TrainerParams under a params section, with its dotted path."""
+    if isinstance(node, TrainerParams):
+        return [(path, node)]
+    if isinstance(node, BaseModel):
+        return [hit for name in type(node).model_fields for hit in _trainers(getattr(node, name), f"{path}.{name}")]
+    if isinstance(node, dict):
+        return [hit for key, value in node.items() for hit in _trainers(value, f"{path}.{key}")]
+    return []
+
+
+def _multi_process(tp: TrainerParams) -> bool:
+    return tp.strategy == "ddp" or tp.devices != 1 or tp.num_nodes > 1
