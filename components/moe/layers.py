@@ -281,29 +281,25 @@ def routing_context(layers: Iterable[MoLoRALinear] | Mapping[str, MoLoRALinear],
 
 
 @contextlib.contextmanager
-def foundation_only(layers: Iterable[MoLoRALinear] | Mapping[str, MoLoRALinear]) -> Iterator[None]:
+def _flag(layers: Iterable[MoLoRALinear] | Mapping[str, MoLoRALinear], name: str) -> Iterator[None]:
+    layers = list(layers.values() if isinstance(layers, Mapping) else layers)
+    for layer in layers:
+        setattr(layer, name, True)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            setattr(layer, name, False)
+
+
+def foundation_only(layers: Iterable[MoLoRALinear] | Mapping[str, MoLoRALinear]) -> contextlib.AbstractContextManager:
     """Inside: every mixture layer is its frozen base Linear (no experts, no general adapter)."""
-    layers = list(layers.values() if isinstance(layers, Mapping) else layers)
-    for layer in layers:
-        layer.bypass = True
-    try:
-        yield
-    finally:
-        for layer in layers:
-            layer.bypass = False
+    return _flag(layers, "bypass")
 
 
-@contextlib.contextmanager
-def general_only(layers: Iterable[MoLoRALinear] | Mapping[str, MoLoRALinear]) -> Iterator[None]:
+def general_only(layers: Iterable[MoLoRALinear] | Mapping[str, MoLoRALinear]) -> contextlib.AbstractContextManager:
     """Inside: every mixture layer is its base plus its general adapter alone (λ = 0; no routing needed)."""
-    layers = list(layers.values() if isinstance(layers, Mapping) else layers)
-    for layer in layers:
-        layer.general_alone = True
-    try:
-        yield
-    finally:
-        for layer in layers:
-            layer.general_alone = False
+    return _flag(layers, "general_alone")
 
 
 @torch.no_grad()
