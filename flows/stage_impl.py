@@ -28,7 +28,7 @@ from components.stages.experts import ExpertsInputs, ExpertsSummary
 from components.stages.federated import FederatedInputs, FederatedSummary
 from components.stages.foundation import FoundationInputs, FoundationSummary
 from components.stages.fusion import FusionInputs, FusionSummary
-from components.stages.promote import Decision, PromoteInputs, PromoteSummary
+from components.stages.promote import PromoteInputs, PromoteSummary
 from components.stages.routing import RoutingInputs, RoutingSummary
 from components.stages.sources import SourcesInputs, SourcesSummary
 from components.tracking import runs
@@ -276,7 +276,7 @@ def run_promote(ctx: StageContext, inp: PromoteInputs, out: Path) -> PromoteSumm
         found = registered(c.name, fp) if fp else None
         if found is not None and found[1] is not None:
             log.info("[promote] %s v%s: registered and gated by an earlier, interrupted run; kept", c.name, found[0])
-            decisions.append(Decision(**found[1].__dict__))
+            decisions.append(found[1])
             continue
         if found is not None:
             log.info("[promote] %s v%s: registered by an interrupted run, not gated yet; completing it", c.name,
@@ -288,7 +288,7 @@ def run_promote(ctx: StageContext, inp: PromoteInputs, out: Path) -> PromoteSumm
             if fp:  # another run promoting the same outputs at this moment (team mode): one version for both
                 version = settle(c.name, fp, version)
         d = gate(c.name, version, c.metric, inp.registry.margin, inp.registry.floor_for(c.name))
-        decisions.append(Decision(**d.__dict__))
+        decisions.append(d)
     return PromoteSummary(decisions=decisions)
 
 

@@ -13,7 +13,6 @@ import math
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ from mlflow.tracking import MlflowClient
 
 from components.core.artifacts import read_manifest
 from components.core.errors import RegistryError
+from components.stages.promote import Decision
 from components.tracking.pyfunc import inference_requirements
 
 CHAMPION, CHALLENGER = "champion", "challenger"
@@ -39,15 +39,6 @@ LIBRARY = Path(__file__).resolve().parents[1]  # the components package, shipped
 LIBRARY_MAX_BYTES = 20 * 2**20  # the library's sources are well under this; more means something else got in
 
 
-@dataclass
-class Decision:
-    model: str
-    version: str
-    metric: float
-    champion_version: str | None
-    champion_metric: float | None
-    promoted: bool
-    reason: str
 
 
 def decide(metric: float, champion_metric: float | None, margin: float, floor: float) -> tuple[bool, str]:
@@ -170,7 +161,7 @@ def registered(name: str, registration: str) -> tuple[str, Decision | None] | No
     if not gated:
         return version, None
     last = gated[-1]
-    return version, Decision(**{f: last[f] for f in Decision.__dataclass_fields__})
+    return version, Decision(**{f: last[f] for f in Decision.model_fields})
 
 
 def settle(name: str, registration: str, version: str) -> str:
@@ -245,14 +236,15 @@ def gate(name: str, version: str, metric: float, margin: float, floor: float) ->
     client = MlflowClient()
     current = champion(client, name)
     if current is not None and current[0] == str(version):  # gated already (a concurrent run of the same promote)
-        decision = Decision(name, str(version), metric, None, None, True, "already champion")
+        decision = Decision(model=name, version=str(version), metric=metric, champion_version=None,
+                            champion_metric=None, promoted=True, reason="already champion")
         if "promotion.decision" not in client.get_model_version(name, str(version)).tags:
             record_decision(client, decision)  # its gate died between the alias and the record: record it now
         return decision
     promoted, reason = decide(metric, current[1] if current else None, margin, floor)
     client.set_registered_model_alias(name, CHALLENGER, version)
-    decision = Decision(name, version, metric, current[0] if current else None,
-                        current[1] if current else None, promoted, reason)
+    decision = Decision(model=name, version=version, metric=metric, champion_version=current[0] if current else None,
+                        champion_metric=current[1] if current else None, promoted=promoted, reason=reason)
     if promoted:
         client.set_registered_model_alias(name, CHAMPION, version)
     record_decision(client, decision)
@@ -281,7 +273,7 @@ def _set_tag(write: Any, *args: str) -> None:
 def record_decision(client: MlflowClient, decision: Decision) -> None:
     """Keep the alias history MLflow lacks (mlflow#2169): tags on the version and on the model."""
     stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    payload = json.dumps({**asdict(decision), "at": stamp})
+    payload = json.dumps({**decision.model_dump(), "at": stamp})
     _set_tag(client.set_model_version_tag, decision.model, decision.version, "promotion.decision",
              "champion" if decision.promoted else "challenger")
     _set_tag(client.set_model_version_tag, decision.model, decision.version, "promotion.reason", decision.reason)
@@ -300,8 +292,9 @@ def promote_manual(name: str, version: str) -> Decision:
         raise RegistryError(f"model {name!r} version {version} does not exist; registered models: {known}") from None
     current = champion(client, name)
     client.set_registered_model_alias(name, CHAMPION, str(mv.version))
-    decision = Decision(name, str(mv.version), float(mv.tags.get(METRIC_TAG, "nan")), current[0] if current else None,
-                        current[1] if current else None, True, "manual promotion")
+    decision = Decision(model=name, version=str(mv.version), metric=float(mv.tags.get(METRIC_TAG, "nan")),
+                        champion_version=current[0] if current else None,
+                        champion_metric=current[1] if current else None, promoted=True, reason="manual promotion")
     record_decision(client, decision)
     return decision
 
@@ -317,4 +310,4 @@ def aliases(name: str) -> dict[str, str]:
 
 
 def decision_rows(decisions: list[Decision]) -> list[dict[str, Any]]:
-    return [asdict(d) for d in decisions]
+    return [d.model_dump() for d in decisions]
