@@ -42,6 +42,9 @@ def export(commit: str, out: Path) -> Path:
 
 
 def variant_env(code: Path, state: Path) -> dict[str, str]:
+    # Prefect creates its home folder but not the folders above it; the old code's temporary server then failed on
+    # "unable to open database file" (the reason the first committed run recorded no "before" figure)
+    (state / "prefect").mkdir(parents=True, exist_ok=True)
     keep = {k: v for k, v in os.environ.items()
             if not k.startswith(("MEDEXPERTS_", "PREFECT_", "MLFLOW_"))}
     return {**keep, "PYTHONPATH": str(code), "MEDEXPERTS_PROJECT_DIR": str(code),
