@@ -94,12 +94,16 @@ def experts_section(result: dict) -> str:
 
 def baselines_section(result: dict) -> str:
     """The strongest simple baseline of each task beside the pipeline's experts (test macro-F1)."""
+    from bench.baselines import experts_beside
+
     names = {"majority": "majority class", "tfidf_lr": "TF-IDF + LR", "pixel_lr": "pixel LR", "small_cnn": "small CNN"}
+    # the experts as bench/results/experts.json has them now (re-joined here, so the two tables never drift apart)
+    experts = experts_beside(result["tasks"]) or result.get("experts_vs_baseline", {})
     rows = []
     for task, t in result["tasks"].items():
         e = t["expert_rows"]
         a = t.get("all_rows")
-        beside = result.get("experts_vs_baseline", {}).get(task, {})
+        beside = experts.get(task, {})
         base = e[e["strongest"]]["test"]["macro_f1"]
         lora, best = beside.get("lora_test_macro_f1"), beside.get("best_method_test_macro_f1")
         rows.append({
@@ -117,7 +121,7 @@ def baselines_section(result: dict) -> str:
                                   ("verdict", "LoRA beats baseline")])
     p = result["params"]
     return (f"Profile `{p['profile']}`, {machine_line(result)}, from `bench/results/baselines.json` (experts from "
-            f"`bench/results/experts.json`, same splits). Test macro-F1; every baseline's hyper-parameters picked on "
+            f"`bench/results/experts.json` as committed now, same splits). Test macro-F1; every baseline's hyper-parameters picked on "
             f"validation; the strongest is the best on validation; the small CNN is the median of {p['cnn_seeds']} "
             f"seeds.\n\n{table}\n")
 
