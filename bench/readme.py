@@ -263,6 +263,7 @@ def architecture_section(result: dict) -> str:
     return f"{graph}\n{lines}\n{machine_line(result)}.\n"
 
 
+TIE = 0.005  # test macro-F1: a model "≥" another by less than this is reported as a tie (one text of a few hundred)
 FLAT = 0.02  # router weight: a change of D − F between the lower and upper layers below this reads as no change
 
 
@@ -297,10 +298,13 @@ def routing_section(result: dict) -> str:
               ("uniform", "uniform mixture"), ("flat", "flat router"), ("grouped", "grouped (function)"),
               ("grouped_domain", "grouped (domain)"), ("grouped_general", "grouped (function) + general adapter")]
     models = [(m, label) for m, label in models if m in result["test_mean_macro_f1"]]  # older results lack some
+    judged = [(m, label) for m, label in (("grouped", "grouped ≥ fused"),
+                                          ("grouped_general", "grouped + general ≥ fused")) if m in goals]
     rows = [{"task": t, **{m: test[t][m]["macro_f1"] for m, _ in models},
-             "ge": "yes" if goals["grouped"]["ge_fused_per_task"][t] else "**no**"} for t in tasks]
+             **{f"ge_{m}": "yes" if goals[m]["ge_fused_per_task"][t] else "**no**" for m, _ in judged}}
+            for t in tasks]
     rows.append({"task": "**mean**", **{m: result["test_mean_macro_f1"][m] for m, _ in models}})
-    table = markdown_table(rows, [("task", "task")] + models + [("ge", "grouped ≥ fused")])
+    table = markdown_table(rows, [("task", "task")] + models + [(f"ge_{m}", label) for m, label in judged])
     mean = result["test_mean_macro_f1"]
 
     def verdict(ok: bool) -> str:
@@ -311,8 +315,12 @@ def routing_section(result: dict) -> str:
         misses = [f"{t} {test[t][name]['macro_f1']:.3f} < {test[t]['fused']['macro_f1']:.3f}" for t in tasks
                   if not r["ge_fused_per_task"][t]]
         gap = r["oracle_gap_points"]
+        ties = [f"{t} {test[t][name]['macro_f1']:.4f} vs {test[t]['fused']['macro_f1']:.4f}" for t in tasks
+                if r["ge_fused_per_task"][t] and test[t][name]["macro_f1"] - test[t]["fused"]["macro_f1"] < TIE]
+        tied = (f"; by less than {TIE} on {len(ties)} of {len(tasks)} tasks, a tie on this test set ("
+                f"{'; '.join(ties)})" if ties else "")
         return (f"- {label} ≥ best fused on every task: {verdict(r['ge_fused_every_task'])}"
-                f"{' (' + '; '.join(misses) + ')' if misses else ''}. Within 2 points of the oracle on average: "
+                f"{' (' + '; '.join(misses) + ')' if misses else ''}{tied}. Within 2 points of the oracle on average: "
                 f"{verdict(r['within_2_points_of_oracle'])} (mean {mean[name]:.3f} vs oracle {mean['oracle']:.3f}: "
                 f"{abs(gap):.1f} points {'below' if gap >= 0 else 'above'} it).\n")
 

@@ -167,7 +167,7 @@ def run_router(work: Path, profile: str, tasks: list[str], name: str, router: st
     groups = GROUPINGS[grouping or "function"]  # flat / uniform ignore the groups; they must still cover the tasks
     overrides = {"data.active": tasks, "routing.router": router, "routing.groups": groups,
                  "routing.trainer.max_train_samples": train_cap, "routing.trainer.max_epochs": epochs,
-                 "routing.max_val_samples": val_cap}
+                 "routing.max_val_samples": val_cap, "routing.general.enabled": general}
     if general:
         overrides.update({"routing.general.enabled": True, "routing.general.trainer.max_train_samples": train_cap,
                           "routing.general.trainer.max_epochs": epochs})

@@ -45,7 +45,8 @@ def test_routes_the_experts_and_deploys_a_bundle(stage_inputs: Path, tiny_bert: 
     from components.training.inference import batched
 
     groups = {"qa": ["pubmedqa"], "classification": ["medical_abstracts", "hoc"]}
-    inp = RoutingInputs.from_params(params(tiny_bert, **{"routing.router": router, "routing.groups": groups}))
+    inp = RoutingInputs.from_params(params(tiny_bert, **{"routing.router": router, "routing.groups": groups,
+                                                          "routing.general.enabled": False}))
     root = stage_inputs
     summary = run(inp, root / "data", root / "foundation", root / "experts", tmp_path / "out")
     assert summary.skipped is None and summary.experts == TASKS and summary.router == router

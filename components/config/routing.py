@@ -31,7 +31,8 @@ class GeneralAdapterParams(Strict):
     """AT-MoE's optional general adapter: one LoRA trained on all routed tasks' data (the experts' heads frozen),
     then frozen and mixed in every adapted layer: y = W0 h + λ·routed + (1 − λ)·general."""
 
-    enabled: bool = Field(False, description="Train a general adapter and mix it with the routed experts.")
+    enabled: bool = Field(True, description="Train a general adapter and mix it with the routed experts (the "
+                          "configuration that was best on validation and met the goals in bench/results/routing.json).")
     rank: int = Field(8, ge=1, description="LoRA rank of the general adapter (its alpha is 2 × rank).")
     lam: float = Field(0.5, description="λ, the routed experts' share against the general adapter (its start "
                        "value when learned).")
@@ -65,7 +66,7 @@ class RoutingParams(Strict):
                                    "training set of the routed tasks (only the routers train).")
     max_val_samples: int | None = Field(None, ge=1, description="Cap on validation samples per task.")
     general: GeneralAdapterParams = Field(default_factory=GeneralAdapterParams, description="The optional general "
-                                          "adapter mixed with the routed experts (off by default).")
+                                          "adapter mixed with the routed experts.")
 
     @field_validator("groups")
     @classmethod
