@@ -127,6 +127,34 @@ def test_general_adapter_is_trained_first_then_mixed(stage_inputs: Path, tiny_be
         assert not torch.allclose(outputs[0], outputs[1])
 
 
+@pytest.mark.parametrize("case", ["rank", "foundation"])
+def test_experts_that_cannot_be_routed_together_are_refused_before_writing(stage_inputs: Path, tiny_bert: Path,
+                                                                           tmp_path: Path, case: str) -> None:
+    import json
+    import shutil
+
+    from components.core.errors import ArtifactError
+    from components.moe.errors import MoEParamsError
+
+    root = stage_inputs
+    experts = tmp_path / "experts"
+    shutil.copytree(root / "experts" / "pubmedqa", experts / "pubmedqa")
+    if case == "rank":  # one expert of another LoRA rank
+        other = params(tiny_bert, **{"experts.lora.rank": 4})
+        train_expert("medical_abstracts", ExpertsInputs.from_params(other), root / "data", root / "foundation",
+                     experts / "medical_abstracts")
+        error, message = MoEParamsError, "experts must share their rank to be stacked; expert 0 has rank"
+    else:  # one expert trained on another foundation
+        shutil.copytree(root / "experts" / "medical_abstracts", experts / "medical_abstracts")
+        manifest = experts / "medical_abstracts" / "manifest.json"
+        manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "base_sha256": "0" * 64}))
+        error, message = ArtifactError, "expert for task 'medical_abstracts' was trained on foundation 000000000000"
+    with pytest.raises(error, match=__import__("re").escape(message)):
+        run(RoutingInputs.from_params(params(tiny_bert)), root / "data", root / "foundation", experts,
+            tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_skips_with_the_reason(stage_inputs: Path, tiny_bert: Path, tmp_path: Path) -> None:
     root = stage_inputs
     one = RoutingInputs.from_params(params(tiny_bert, **{"data.active": ["pubmedqa"]}))
