@@ -39,7 +39,8 @@ On every available text task (the shipped ones, plus Symptom2Disease and HoC whe
   likewise on the uniform mixture, on each single other expert and on the frozen foundation; test metrics.
 - latency (components.metrics.latency.measure_latency; median of 3 rounds in which the models alternate) and peak
   memory (components.metrics.memory.PeakMemory: RSS the load and a forward add, each model in a fresh process) of
-  the routed model vs the best fused model vs a single deployed expert, batch 1 and 64, CPU (and CUDA when present).
+  the routed model (grouped, with and without the general adapter) vs the best fused model vs a single deployed
+  expert, batch 1 and 64, CPU (and CUDA when present).
 
 Capped for a 2-core CPU (every text is padded to 128 tokens, and a routed forward runs the foundation twice): expert
 training as the profile says (quick: 800 texts per task, 3 epochs), router training --router-train-cap texts per task
@@ -545,7 +546,8 @@ def main() -> None:
 
     t0 = time.perf_counter()
     lat_task = "medical_abstracts" if "medical_abstracts" in tasks else tasks[0]
-    costs = cost(work, {"routed": routed_bundle(runs["grouped"]["out"]),
+    costs = cost(work, {"routed_general": routed_bundle(runs["grouped_general"]["out"]),
+                        "routed": routed_bundle(runs["grouped"]["out"]),
                         "merged": fused_bundle(fusion_out, fusion.best_method),
                         "expert": expert_bundle(work / "experts" / f"{lat_task}-lora")}, lat_task, args.latency_rounds)
     phases["latency"] = time.perf_counter() - t0
