@@ -50,6 +50,7 @@ bench: setup ## run the benchmarks (bench/results/*.json + MLflow runs), then re
 	$(BIN)/medexperts bench baselines
 	$(BIN)/medexperts bench multilabel_probe
 	$(BIN)/medexperts bench fixed_cost
+	$(BIN)/medexperts bench full_profile_time
 	$(BIN)/medexperts bench readme
 
 lint: setup ## compile-check every module

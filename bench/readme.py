@@ -612,6 +612,34 @@ def wall_time_section(result: dict) -> str:
             + "\n".join(rows) + "\n")
 
 
+def full_profile_time_section(result: dict) -> str:
+    """The full profile's expected time: per-stage estimates from measured per-sample costs, checked on a quick run."""
+    full, check = result["params"]["profile"], result["params"]["check"]
+    est, run = result["estimate"], result["check_run"]
+    target, quick = result["profiles"][full], result["profiles"][check]
+    rows = [f"| stage | {check}: measured | {check}: estimated | measured / estimated | {full}: estimated | "
+            f"{full}: calibrated |", "|---|---:|---:|---:|---:|---:|"]
+    for stage, cal in est["calibrated_stage_seconds"].items():
+        ratio = result["ratio_measured_over_raw"].get(stage)
+        real = run["stage_compute_seconds"].get(stage)
+        rows.append(f"| {stage} | {real / 60:.1f} min | {quick['stages'][stage]['seconds'] / 60:.1f} min | "
+                    + (f"{ratio:.2f} | " if ratio else "measured | ")
+                    + f"{target['stages'][stage]['seconds'] / 60:.0f} min | {cal / 60:.0f} min |")
+    loops = sorted(((stage, loop) for stage, s in target["stages"].items() for loop in s["loops"]),
+                   key=lambda x: -x[1]["seconds"])[:4]
+    top = "; ".join(f"{stage}, {loop['what']} ({loop['samples']:,.0f} samples, {loop['seconds'] / 3600:.1f} h)"
+                    for stage, loop in loops)
+    return (f"{machine_line(result)}, from `bench/results/full_profile_time.json`: the `{full}` profile's time "
+            f"estimated from per-sample costs measured with the project's own models at its settings, times the "
+            f"samples each stage's loops run (rows x epochs, validation passes, the fusion grid, ...); the same "
+            f"estimator on the `{check}` profile beside a real `{check}` run (stages' compute "
+            f"{run['compute_seconds'] / 60:.1f} min, estimated {quick['raw_seconds'] / 60:.1f} min) gives each "
+            f"stage's measured / estimated ratio, which calibrates the `{full}` estimate:\n\n" + "\n".join(rows)
+            + f"\n\n**Expected `{full}` profile on this machine: {est['calibrated_wall_seconds'] / 3600:.1f} h** "
+            f"(uncalibrated {est['raw_wall_seconds'] / 3600:.1f} h; an upper bound for the experts, whose early "
+            f"stopping can end a task before its last epoch). The largest loops: {top}.\n")
+
+
 def image_foundation_section(result: dict) -> str:
     """Compact CNN vs ResNet-18 foundations (their own pre-training heads) beside baselines and MedMNIST v2."""
     names = {"pixel_lr": "pixel LR", "small_cnn": "small CNN", "majority": "majority class"}
@@ -740,6 +768,7 @@ def main() -> None:
                           ("routing", routing_section), ("federated", federated_section),
                           ("fixed_cost", fixed_cost_section), ("fanout", fanout_section),
                           ("wall_time", wall_time_section), ("install_time", install_time_section),
+                          ("full_profile_time", full_profile_time_section),
                           ("image_foundation", image_foundation_section),
                           ("class_weight", class_weight_section),
                           ("experts_full_image", experts_full_image_section),
