@@ -12,7 +12,7 @@ times the cost of one sample through the model of that loop. So:
 2. Per-sample costs are measured here with the project's own models at each profile's settings (sequence length,
    image architecture, batch sizes, LoRA targets, LoRKD students): AdamW training steps (`bench.common.
    time_training_steps`) and batch-64 no-grad forwards, medians of a few steps after a warm-up.
-3. `work(params, sizes)` lists each stage's loops (see the stage code; inventory in `WORK` below) as
+3. `work(profile, sizes)` lists each stage's loops (the counts the stage code runs) as
    (what, samples, cost key); the raw estimate of a stage is the sum of samples x seconds per sample.
 4. The same estimator runs on the quick profile beside a measured `medexperts run --profile quick` (the stages'
    own compute from their summaries, as `bench wall_time`). Its per-stage ratio measured / raw is the estimator's
@@ -171,7 +171,7 @@ def fusion_grid(fp: Any) -> int:
 
 
 def work(profile: str, sizes: dict[str, dict[str, Any]]) -> dict[str, list[tuple[str, float, str]]]:
-    """Each stage's loops as (what, samples, cost key): the counts the stage code runs (WORK)."""
+    """Each stage's loops as (what, samples, cost key): the counts the stage code runs."""
     p = _params(profile)
     text = [t for t, s in sizes.items() if s["modality"] == "text"]
     image = [t for t, s in sizes.items() if s["modality"] == "image"]
@@ -218,9 +218,9 @@ def work(profile: str, sizes: dict[str, dict[str, Any]]) -> dict[str, list[tuple
     rp = p.routing
     routed = [t for t in text if any(t in members for members in rp.groups.values())]
     if routed:
-        v = sum(sizes[t]["val"] for t in routed)
+        v = sum(_cap(sizes[t]["val"], rp.max_val_samples) for t in routed)
         nr = sum(_cap(sizes[t]["train"], rp.trainer.max_train_samples) for t in routed)
-        out["routing"] += [("oracle and uniform scores (uniform: 2 encoder passes)", 3 * v, "text_infer"),
+        out["routing"] += [("oracle and uniform scores (fixed routing: 1 encoder pass each)", 2 * v, "text_infer"),
                            ("router steps: the router's foundation pass", nr * rp.trainer.max_epochs, "text_infer"),
                            ("router steps: the routed pass", nr * rp.trainer.max_epochs, "text_lora_train"),
                            ("validation each epoch + final scores and weights (2 passes)",
@@ -237,27 +237,30 @@ def work(profile: str, sizes: dict[str, dict[str, Any]]) -> dict[str, list[tuple
         own_train = {t: _cap(round(fed.server_fraction * s["val"]), fed.injection.trainer.max_train_samples)
                      for t, s in sizes.items()}
         own_val = {t: s["val"] - round(fed.server_fraction * s["val"]) for t, s in sizes.items()}
-        it = fed.injection.trainer
+        it, local = fed.injection.trainer, fed.rounds * fed.client.epochs
         out["federated"] += [
             ("text clients' steps (a 1-layer student of MiniLM; cost of the LoRKD text student)",
-             fed.rounds * sum(rows[t] for t in text), "text_student_train"),
-            ("image clients' steps", fed.rounds * sum(rows[t] for t in image), "image_client_train"),
-            ("aggregated clients on the server's validation each round",
-             fed.rounds * sum(own_val.values()), "text_student_infer"),
+             local * sum(rows[t] for t in text), "text_student_train"),
+            ("image clients' steps", local * sum(rows[t] for t in image), "image_client_train"),
+            ("aggregated text client on the server's validation each round",
+             fed.rounds * sum(own_val[t] for t in text), "text_student_infer"),
+            ("aggregated image client on the server's validation each round",
+             fed.rounds * sum(own_val[t] for t in image), "image_student_infer"),
             ("no-injection features (MiniLM)", sum(own_train.values()) + sum(own_val.values()), "text_infer"),
             ("injection steps (MiniLM + M3OE experts; cost of a LoRA step)", sum(own_train.values()) * it.max_epochs,
              "text_lora_train"),
             ("injected validation each epoch + final, plain final", sum(own_val.values()) * (it.max_epochs + 2),
              "text_infer")]
 
-    for t, s in sizes.items():  # evaluate: every model on every test row
+    for t, s in sizes.items():  # evaluate: every model on every (capped) test row
+        n = _cap(s["test"], p.evaluate.max_test_samples)
         if s["modality"] == "text":  # merged expert, probe, fused, routed (2 passes), FedKIM, teacher
-            out["evaluate"] += [(f"{t}: 7 MiniLM passes", 7 * s["test"], "text_infer"),
-                                (f"{t}: LoRKD and single students", 2 * s["test"], "text_student_infer")]
+            out["evaluate"] += [(f"{t}: 7 MiniLM passes", 7 * n, "text_infer"),
+                                (f"{t}: LoRKD and single students", 2 * n, "text_student_infer")]
         else:  # merged expert, probe, teacher; FedKIM reads the task description through MiniLM
-            out["evaluate"] += [(f"{t}: 3 image-foundation passes", 3 * s["test"], "image_infer"),
-                                (f"{t}: FedKIM (MiniLM over the description)", s["test"], "text_infer"),
-                                (f"{t}: LoRKD and single students", 2 * s["test"], "image_student_infer")]
+            out["evaluate"] += [(f"{t}: 3 image-foundation passes", 3 * n, "image_infer"),
+                                (f"{t}: FedKIM (MiniLM over the description)", n, "text_infer"),
+                                (f"{t}: LoRKD and single students", 2 * n, "image_student_infer")]
     return out
 
 
@@ -279,7 +282,7 @@ def quick_run() -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(prog="medexperts bench full_profile_time", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=3, help="timed training steps / forwards per cost (median)")
+    parser.add_argument("--steps", type=int, default=5, help="timed training steps / forwards per cost (median)")
     parser.add_argument("--profile", default="full", help="the profile to estimate")
     parser.add_argument("--check", default="quick", help="the profile that is run for real to check the estimator")
     args = parser.parse_args()

@@ -612,6 +612,47 @@ def wall_time_section(result: dict) -> str:
             + "\n".join(rows) + "\n")
 
 
+def full_profile_cross_checks(result: dict) -> list[str]:
+    """The full estimate's image loops beside the real full-settings image runs other benchmarks recorded (other
+    days and commits: bench/results/{image_foundation,experts_full_image,decompose_full_image}.json)."""
+    stages = result["profiles"][result["params"]["profile"]]["stages"]
+
+    def est(stage: str, prefix: str) -> float:
+        return sum(loop["seconds"] for loop in stages[stage]["loops"] if loop["cost"].startswith(prefix))
+
+    profile = result["profiles"][result["params"]["profile"]]
+    image_train = sum(t["train"] for t in profile["sizes"].values() if t["modality"] == "image")
+
+    def epochs(stage: str, what: str) -> float:  # the full profile's epochs of a loop, from its samples
+        return next(loop["samples"] for loop in stages[stage]["loops"] if loop["what"].startswith(what)) / image_train
+
+    lines = []
+    path = RESULTS / "image_foundation.json"
+    if path.is_file():
+        f = json.loads(path.read_text())
+        real, n = f["archs"]["resnet18"]["train_seconds"] / f["params"]["epochs"], epochs("foundation", "pre-training")
+        lines.append(f"ResNet-18 pre-training: {real / 60:.1f} min per epoch in `image_foundation.json` (commit "
+                     f"{f['machine']['git_commit'][:8]}), so {n * real / 60:.0f} min for the profile's {n:.0f}; "
+                     f"estimated here {est('foundation', 'image') / 60:.0f} min")
+    path = RESULTS / "experts_full_image.json"
+    if path.is_file():
+        e = json.loads(path.read_text())
+        ran = e["params"]["overrides"].get("experts.trainer.image.max_epochs")
+        real = sum(r["train_seconds"] for r in e["runs"] if r["modality"] == "image")
+        n = sum(loop["samples"] for loop in stages["experts"]["loops"]
+                if loop["cost"] == "image_lora_train") / image_train
+        lines.append(f"image LoRA experts: {real / 60:.0f} min for {ran} epochs in `experts_full_image.json` (commit "
+                     f"{e['machine']['git_commit'][:8]}), so {real * n / ran / 60:.0f} min for the profile's "
+                     f"{n:.0f}; estimated here {est('experts', 'image') / 60:.0f} min")
+    path = RESULTS / "decompose_full_image.json"
+    if path.is_file():
+        d = json.loads(path.read_text())
+        lines.append(f"image LoRKD (the full profile's students and epochs): {d['quality']['decompose_seconds'] / 60:.0f}"
+                     f" min in `decompose_full_image.json` (commit {d['machine']['git_commit'][:8]}); estimated here "
+                     f"{est('decompose', 'image') / 60:.0f} min")
+    return lines
+
+
 def full_profile_time_section(result: dict) -> str:
     """The full profile's expected time: per-stage estimates from measured per-sample costs, checked on a quick run."""
     full, check = result["params"]["profile"], result["params"]["check"]
@@ -637,7 +678,8 @@ def full_profile_time_section(result: dict) -> str:
             f"stage's measured / estimated ratio, which calibrates the `{full}` estimate:\n\n" + "\n".join(rows)
             + f"\n\n**Expected `{full}` profile on this machine: {est['calibrated_wall_seconds'] / 3600:.1f} h** "
             f"(uncalibrated {est['raw_wall_seconds'] / 3600:.1f} h; an upper bound for the experts, whose early "
-            f"stopping can end a task before its last epoch). The largest loops: {top}.\n")
+            f"stopping can end a task before its last epoch). The largest loops (uncalibrated): {top}.\n"
+            + "".join(f"\n- Cross-check, {line}." for line in full_profile_cross_checks(result)) + "\n")
 
 
 def image_foundation_section(result: dict) -> str:
