@@ -148,6 +148,25 @@ def fixed_cost_section(result: dict) -> str:
             f"{p['rounds']} rounds, {machine_line(result)} (`bench/results/fixed_cost.json`): {before}.\n")
 
 
+BASELINE_NAMES = {"tfidf_lr": "TF-IDF + LR", "pixel_lr": "pixel LR", "small_cnn": "small CNN", "majority": "majority"}
+
+
+def strongest_baseline(task: str, rows: str = "expert_rows") -> str:
+    """The strongest simple baseline of ``task`` (picked on validation) and its test macro-F1, from
+    bench/results/baselines.json (``rows``: the experts' training rows or all rows) or, for an image task it lacks,
+    bench/results/image_foundation.json (every training row); "—" when neither has the task."""
+    path = RESULTS / "baselines.json"
+    b = json.loads(path.read_text())["tasks"].get(task) if path.is_file() else None
+    if b:
+        r = b.get(rows) or b["expert_rows"]
+    else:
+        path = RESULTS / "image_foundation.json"
+        r = json.loads(path.read_text())["baselines"].get(task) if path.is_file() else None
+        if not r:
+            return "—"
+    return f"{BASELINE_NAMES.get(r['strongest'], r['strongest'])} {r[r['strongest']]['test']['macro_f1']:.3f}"
+
+
 def decompose_section(result: dict) -> str:
     metric = result["params"]["primary_metric"]
     rows = []
@@ -158,11 +177,15 @@ def decompose_section(result: dict) -> str:
         rows.append({"task": task, "teacher": t["teacher"][metric], "lorkd": t["lorkd"][metric],
                      "single": t["single_student"][metric], "params": r["parameters"],
                      "teacher_params": r["teacher_parameters"], "pct": 100 * r["parameter_fraction"],
+                     "baseline": strongest_baseline(task, "all_rows" if result["params"]["profile"] == "full"
+                                                    else "expert_rows"),
                      "goal": " / ".join("yes" if ok else "**no**" for ok in (
                          t["lorkd"][metric] >= t["teacher"][metric], r["parameter_fraction"] <= 0.10,
                          t["lorkd"][metric] >= t["single_student"][metric]))})
     table = markdown_table(rows, [("task", "task"), ("teacher", f"teacher {metric}"), ("lorkd", f"LoRKD expert {metric}"),
-                                  ("single", f"single-task student {metric}"), ("params", "deployed params"),
+                                  ("single", f"single-task student {metric}"),
+                                  ("baseline", "strongest simple baseline, same split, macro-F1"),
+                                  ("params", "deployed params"),
                                   ("teacher_params", "teacher params"), ("pct", "% of teacher"),
                                   ("goal", "≥ teacher / ≤ 10 % / ≥ single")])
     srows = []
@@ -215,6 +238,8 @@ def fusion_tables(result: dict) -> tuple[str, str, str]:
     head = [("experts", "experts"), ("single", "single-task macro-F1 (mean)")]
     t_all = markdown_table(overall, head + [(m, m) for m in methods] + [("pick", "stage's pick (by validation)")])
     t_pairs = markdown_table(pairs, [("experts", "experts")] + [(m, m) for m in methods])
+    per_task.append({"experts": "strongest simple baseline (same split, all test rows)",
+                     **{t: strongest_baseline(t) for t in tasks}})
     t_task = markdown_table(per_task, [("experts", "experts")] + [(t, t) for t in tasks])
     return t_all, t_pairs, t_task
 
