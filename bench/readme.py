@@ -648,30 +648,26 @@ def full_profile_cross_checks(result: dict) -> list[str]:
     profile = result["profiles"][result["params"]["profile"]]
     image_train = sum(t["train"] for t in profile["sizes"].values() if t["modality"] == "image")
 
-    def epochs(stage: str, what: str) -> float:  # the full profile's epochs of a loop, from its samples
-        return next(loop["samples"] for loop in stages[stage]["loops"] if loop["what"].startswith(what)) / image_train
+    def epochs(cost: str) -> float:  # the full profile's epochs of the loops of one cost, from their samples
+        return sum(loop["samples"] for st in stages.values() for loop in st["loops"] if loop["cost"] == cost) / image_train
+
+    def load(name: str) -> dict | None:
+        path = RESULTS / f"{name}.json"
+        return json.loads(path.read_text()) if path.is_file() else None
 
     lines = []
-    path = RESULTS / "image_foundation.json"
-    if path.is_file():
-        f = json.loads(path.read_text())
-        real, n = f["archs"]["resnet18"]["train_seconds"] / f["params"]["epochs"], epochs("foundation", "pre-training")
+    if f := load("image_foundation"):
+        real, n = f["archs"]["resnet18"]["train_seconds"] / f["params"]["epochs"], epochs("image_pretrain_train")
         lines.append(f"ResNet-18 pre-training: {real / 60:.1f} min per epoch in `image_foundation.json` (commit "
                      f"{f['machine']['git_commit'][:8]}), so {n * real / 60:.0f} min for the profile's {n:.0f}; "
                      f"estimated here {est('foundation', 'image') / 60:.0f} min")
-    path = RESULTS / "experts_full_image.json"
-    if path.is_file():
-        e = json.loads(path.read_text())
-        ran = e["params"]["overrides"].get("experts.trainer.image.max_epochs")
-        real = sum(r["train_seconds"] for r in e["runs"] if r["modality"] == "image")
-        n = sum(loop["samples"] for loop in stages["experts"]["loops"]
-                if loop["cost"] == "image_lora_train") / image_train
-        lines.append(f"image LoRA experts: {real / 60:.0f} min for {ran} epochs in `experts_full_image.json` (commit "
-                     f"{e['machine']['git_commit'][:8]}), so {real * n / ran / 60:.0f} min for the profile's "
+    if e := load("experts_full_image"):
+        ran, n = e["params"]["overrides"].get("experts.trainer.image.max_epochs"), epochs("image_lora_train")
+        real = sum(r["train_seconds"] for r in e["runs"] if r["modality"] == "image") / ran
+        lines.append(f"image LoRA experts: {real * ran / 60:.0f} min for {ran} epochs in `experts_full_image.json` "
+                     f"(commit {e['machine']['git_commit'][:8]}), so {real * n / 60:.0f} min for the profile's "
                      f"{n:.0f}; estimated here {est('experts', 'image') / 60:.0f} min")
-    path = RESULTS / "decompose_full_image.json"
-    if path.is_file():
-        d = json.loads(path.read_text())
+    if d := load("decompose_full_image"):
         lines.append(f"image LoRKD (the full profile's students and epochs): {d['quality']['decompose_seconds'] / 60:.0f}"
                      f" min in `decompose_full_image.json` (commit {d['machine']['git_commit'][:8]}); estimated here "
                      f"{est('decompose', 'image') / 60:.0f} min")
