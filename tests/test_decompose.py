@@ -6,8 +6,11 @@ the experts add nothing and the checks are vacuous).
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -25,9 +28,11 @@ from components.core.errors import ArtifactError, DataError, ParamsError
 from components.core.fingerprint import sha256_file
 from components.bundle.format import load_bundle
 from components.nn.classifier import make_head
-from components.nn.encoders import ImageEncoder, TextEncoder
+from components.nn.encoders import ImageEncoder, TextEncoder, image_tensor
 from components.training.data import loader
 from components.training.trainer import build_trainer
+
+PROJECT = Path(__file__).resolve().parents[1]
 
 PARAMS = Path(__file__).resolve().parents[1] / "params"
 # Task order b, a (not sorted): task ids follow the teacher's head order through save/load.
@@ -361,3 +366,28 @@ def test_multilabel_thresholds_are_picked_on_validation_and_folded_into_the_stud
         after = batched(fuse(student, "a"), x_va["a"])
     assert torch.equal(after > 0, p >= expected)
     assert all(torch.equal(v, head_b[k]) for k, v in student.heads["b"].state_dict().items())
+
+
+def test_rgb_images_train_the_image_student(tmp_path: Path) -> None:
+    """RGB (N,H,W,3) images become contiguous NCHW tensors. A permuted channels-last view crashed the process
+    (segfault / double free) in the 2-thread CPU backward of the LoRKD image student on a batch of 31, DermaMNIST's
+    last batch: run in a child process, so a crash is this test failing rather than the test run dying."""
+    rgb = np.random.default_rng(0).integers(0, 256, size=(31, 28, 28, 3), dtype=np.uint8)
+    x = image_tensor(rgb)["pixels"]
+    assert x.shape == (31, 3, 28, 28) and x.is_contiguous()
+    assert torch.equal(x[:, 1], torch.from_numpy(rgb[..., 1]).float() / 127.5 - 1)
+    code = (
+        "import numpy as np, torch\n"
+        "from components.config import load_params\n"
+        "from components.decompose.student import build_student\n"
+        "from components.nn.encoders import ImageEncoder, image_tensor\n"
+        "torch.set_num_threads(2)\n"
+        "p = load_params('params', 'quick')\n"
+        "enc = ImageEncoder([32, 64, 128])\n"
+        "s = build_student(p.decompose, 'image', enc, {'t': torch.nn.Linear(enc.out_dim, 7)}, 0).train()\n"
+        "rgb = np.random.default_rng(0).integers(0, 256, size=(31, 28, 28, 3), dtype=np.uint8)\n"
+        "s(torch.zeros(31, dtype=torch.long), **image_tensor(rgb)).sum().backward()\n"
+        "print('trained')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=PROJECT, capture_output=True, text=True)
+    assert done.returncode == 0 and "trained" in done.stdout, (done.returncode, done.stderr[-2000:])

@@ -148,7 +148,10 @@ def image_tensor(images: np.ndarray, in_channels: int = 3) -> dict[str, torch.Te
             f"images must be uint8 with shape (N,H,W) or (N,H,W,C); got {images.dtype} {images.shape}"
         )
     x = torch.from_numpy(np.ascontiguousarray(images)).float().div_(127.5).sub_(1.0)
-    x = x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)
+    # contiguous NCHW: a permuted (N,H,W,C) view has channels-last strides, and torch 2.13's 2-thread CPU backward
+    # of the LoRKD image student corrupted the heap on such a batch (DermaMNIST's last batch of 31: segfault / double
+    # free); a contiguous copy trains and is what the convs expect anyway
+    x = x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2).contiguous()
     if x.shape[1] == 1 and in_channels != 1:
         x = x.expand(-1, in_channels, -1, -1).contiguous()
     if x.shape[1] != in_channels:
