@@ -92,9 +92,14 @@ def save_image_foundation(
     return write_manifest(out_dir, manifest)
 
 
+def new_image_encoder(ip: ImageFoundationParams) -> nn.Module:
+    """A random image encoder of ``ip.arch``: the ResNet (``widths``, ``blocks``) or the compact CNN (``channels``)."""
+    return ImageBackbone(ip.widths, ip.blocks) if ip.arch == "resnet" else ImageEncoder(ip.channels)
+
+
 def new_image_model(ip: ImageFoundationParams, tasks: dict[str, TaskData]) -> MultiTaskClassifier:
     """A random image foundation of ``ip.arch`` with one head per task."""
-    encoder = ImageBackbone(ip.widths, ip.blocks) if ip.arch == "resnet" else ImageEncoder(ip.channels)
+    encoder = new_image_encoder(ip)
     heads = {n: make_head(encoder.out_dim, t.num_labels) for n, t in tasks.items()}
     return MultiTaskClassifier(encoder, heads)
 
