@@ -92,11 +92,14 @@ def experts_section(result: dict) -> str:
             f"(gradients, optimiser state, activations; peak RSS on CPU).\n\n{stable}\n")
 
 
+BASELINE_NAMES = {"majority": "majority class", "tfidf_lr": "TF-IDF + LR", "pixel_lr": "pixel LR",
+                  "small_cnn": "small CNN"}
+
+
 def baselines_section(result: dict) -> str:
     """The strongest simple baseline of each task beside the pipeline's experts (test macro-F1)."""
     from bench.baselines import experts_beside
 
-    names = {"majority": "majority class", "tfidf_lr": "TF-IDF + LR", "pixel_lr": "pixel LR", "small_cnn": "small CNN"}
     # the experts as bench/results/experts.json has them now (re-joined here, so the two tables never drift apart)
     experts = experts_beside(result["tasks"]) or result.get("experts_vs_baseline", {})
     rows = []
@@ -108,8 +111,8 @@ def baselines_section(result: dict) -> str:
         lora, best = beside.get("lora_test_macro_f1"), beside.get("best_method_test_macro_f1")
         rows.append({
             "task": task, "n": e["train_samples"], "majority": e["majority"]["test"]["macro_f1"],
-            "strongest": f"{names[e['strongest']]} {base:.3f}",
-            "all": f"{names[a['strongest']]} {a[a['strongest']]['test']['macro_f1']:.3f} (n={a['train_samples']})"
+            "strongest": f"{BASELINE_NAMES[e['strongest']]} {base:.3f}",
+            "all": f"{BASELINE_NAMES[a['strongest']]} {a[a['strongest']]['test']['macro_f1']:.3f} (n={a['train_samples']})"
                    if a else "(same rows)",
             "probe": beside.get("probe_test_macro_f1"), "lora": lora,
             "best": f"{beside['best_method']} {best:.3f}" if best is not None else "",
@@ -146,9 +149,6 @@ def fixed_cost_section(result: dict) -> str:
                   f"not be timed, its run failed in {len(tries)} of {len(tries)} tries (`{tries[-1]['error']}`)")
     return (f"A `medexperts run` that skips every stage (tiny profile, a whole process, imports included), median of "
             f"{p['rounds']} rounds, {machine_line(result)} (`bench/results/fixed_cost.json`): {before}.\n")
-
-
-BASELINE_NAMES = {"tfidf_lr": "TF-IDF + LR", "pixel_lr": "pixel LR", "small_cnn": "small CNN", "majority": "majority"}
 
 
 def strongest_baseline(task: str, rows: str = "expert_rows") -> str:
@@ -640,12 +640,12 @@ def wall_time_section(result: dict) -> str:
 def full_profile_cross_checks(result: dict) -> list[str]:
     """The full estimate's image loops beside the real full-settings image runs other benchmarks recorded (other
     days and commits: bench/results/{image_foundation,experts_full_image,decompose_full_image}.json)."""
-    stages = result["profiles"][result["params"]["profile"]]["stages"]
+    profile = result["profiles"][result["params"]["profile"]]
+    stages = profile["stages"]
 
     def est(stage: str, prefix: str) -> float:
         return sum(loop["seconds"] for loop in stages[stage]["loops"] if loop["cost"].startswith(prefix))
 
-    profile = result["profiles"][result["params"]["profile"]]
     image_train = sum(t["train"] for t in profile["sizes"].values() if t["modality"] == "image")
 
     def epochs(cost: str) -> float:  # the full profile's epochs of the loops of one cost, from their samples
@@ -705,7 +705,6 @@ def full_profile_time_section(result: dict) -> str:
 
 def image_foundation_section(result: dict) -> str:
     """Compact CNN vs ResNet-18 foundations (their own pre-training heads) beside baselines and MedMNIST v2."""
-    names = {"pixel_lr": "pixel LR", "small_cnn": "small CNN", "majority": "majority class"}
     archs, anchors = result["archs"], result["anchors"]["tasks"]
     rows = []
     for task in result["params"]["tasks"]:
@@ -716,7 +715,7 @@ def image_foundation_section(result: dict) -> str:
         b = result["baselines"].get(task)
         if b:
             m = b[b["strongest"]]["test"]
-            row["baseline"] = f"{names[b['strongest']]} {m['accuracy']:.3f} / {m['auroc']:.3f} / {m['macro_f1']:.3f}"
+            row["baseline"] = f"{BASELINE_NAMES[b['strongest']]} {m['accuracy']:.3f} / {m['auroc']:.3f} / {m['macro_f1']:.3f}"
         a = anchors.get(task)
         row["anchor"] = f"{a['accuracy']:.3f} / {a['auroc']:.3f}" if a else ""
         rows.append(row)
@@ -747,7 +746,6 @@ def experts_full_image_section(result: dict) -> str:
     """Image experts on the ResNet-18 foundation beside the probe, the strongest simple baseline and the anchor."""
     found = json.loads((RESULTS / "image_foundation.json").read_text()) if (RESULTS / "image_foundation.json").is_file() \
         else {"baselines": {}, "anchors": {}}
-    names = {"pixel_lr": "pixel LR", "small_cnn": "small CNN"}
     rows = []
     for r in result["runs"]:
         base = found["baselines"].get(r["task"], {})
@@ -758,7 +756,7 @@ def experts_full_image_section(result: dict) -> str:
                      "expert": f"{r['test']['accuracy']:.3f} / {r['test']['auroc']:.3f} / {r['test']['macro_f1']:.3f}",
                      "probe": f"{r['probe_test']['accuracy']:.3f} / {r['probe_test']['auroc']:.3f} / "
                               f"{r['probe_test']['macro_f1']:.3f}",
-                     "base": f"{names.get(strongest, strongest)} {b['accuracy']:.3f} / {b['auroc']:.3f} / "
+                     "base": f"{BASELINE_NAMES.get(strongest, strongest)} {b['accuracy']:.3f} / {b['auroc']:.3f} / "
                              f"{b['macro_f1']:.3f}" if b else "",
                      "anchor": f"{anchor['accuracy']:.3f} / {anchor['auroc']:.3f}" if anchor else "",
                      "beats": "" if not b else "yes" if r["test"]["macro_f1"] > b["macro_f1"] else "**no**",

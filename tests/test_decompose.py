@@ -33,8 +33,7 @@ from components.training.data import loader
 from components.training.trainer import build_trainer
 
 PROJECT = Path(__file__).resolve().parents[1]
-
-PARAMS = Path(__file__).resolve().parents[1] / "params"
+PARAMS = PROJECT / "params"
 # Task order b, a (not sorted): task ids follow the teacher's head order through save/load.
 KINDS = {"b": "multiclass", "a": "multilabel"}
 LABELS = {"b": 3, "a": 2}
@@ -368,7 +367,7 @@ def test_multilabel_thresholds_are_picked_on_validation_and_folded_into_the_stud
     assert all(torch.equal(v, head_b[k]) for k, v in student.heads["b"].state_dict().items())
 
 
-def test_rgb_images_train_the_image_student(tmp_path: Path) -> None:
+def test_rgb_images_train_the_image_student() -> None:
     """RGB (N,H,W,3) images become contiguous NCHW tensors. A permuted channels-last view crashed the process
     (segfault / double free) in the 2-thread CPU backward of the LoRKD image student on a batch of 31, DermaMNIST's
     last batch: run in a child process, so a crash is this test failing rather than the test run dying."""
