@@ -7,8 +7,9 @@ retinamnist dermamnist --image-foundation WORK/resnet18/image --rounds 0 --resul
 
 Quality: the decompose stage's own code (`components.stages.decompose.run`) on the image tasks and the text
 tasks (shipped, plus Symptom2Disease and HoC when ../shared/data has them), then on each test split: the teacher
-(frozen foundation + its head), the fused LoRKD expert and the same-size single-task student; parameters of the
-deployed model vs the teacher.
+(`decompose.teacher`: by default the frozen image foundation + its heads, and each text task's deployed LoRA
+expert, trained here by the experts stage's own `train_expert` unless `--work` already has it), the fused LoRKD
+expert and the same-size single-task student; parameters of the deployed model vs the teacher.
 
 Step cost (4 tasks, random data, the default students): median time of one training step (forward, LoRKD
 loss, backward, AdamW) for (1) the one-pass mixed batch, (a) the plain student without experts (the fused
@@ -45,18 +46,19 @@ def quality(work: Path, profile: str, tasks: list[str]) -> dict[str, Any]:
     from components.core.layout import lorkd_fused, lorkd_single
     from components.data.datasets import load_split
     from components.stages.decompose import DecomposeInputs, run
-    from components.stages.evaluate import _teacher_head
+    from components.stages.decompose import lorkd_teacher
     from components.metrics.classification import compute_metrics
     import components.plugins  # noqa: F401
     from components.bundle.format import load_bundle
-    from components.nn.classifier import Classifier
     from components.nn.foundation import load_foundation
     from components.training.data import labels_tensor
     from components.training.inference import batched
 
     params = _params(profile, {"data.active": tasks})
+    experts = expert_teachers(work, profile, tasks)
     start = time.perf_counter()
-    summary = run(DecomposeInputs.from_params(params), work / "data", work / "foundation", work / "decompose")
+    summary = run(DecomposeInputs.from_params(params), work / "data", work / "foundation", work / "decompose",
+                  experts_dir=experts)
     seconds = time.perf_counter() - start
     out: dict[str, Any] = {}
     for modality, s in summary.modalities.items():
@@ -64,14 +66,14 @@ def quality(work: Path, profile: str, tasks: list[str]) -> dict[str, Any]:
         for task, r in s.tasks.items():
             test = load_split(work / "data", task, "test")
             x, y = found.inputs(test.inputs), labels_tensor(test.labels, test.kind)
-            teacher = Classifier(found.encoder, _teacher_head(work / "decompose", modality, task, found.encoder.out_dim))
+            teacher = lorkd_teacher(work / "decompose", experts, found, task)
             scores = {}
             with torch.no_grad():
                 scores["teacher"] = compute_metrics(test.kind, batched(teacher, x), y, test.num_labels)
                 for key, bundle in (("lorkd", lorkd_fused), ("single_student", lorkd_single)):
                     model = load_bundle(bundle(work / "decompose", modality, task)).model.for_task(task)
                     scores[key] = compute_metrics(test.kind, batched(model, x), y, test.num_labels)
-            out[task] = {"modality": modality, "test": scores, "val": {"teacher": r.teacher_val, "lorkd": r.val,
+            out[task] = {"modality": modality, "teacher": s.teacher, "test": scores, "val": {"teacher": r.teacher_val, "lorkd": r.val,
                                                                         "single_student": r.single_val},
                          "parameters": r.parameters, "teacher_parameters": r.teacher_parameters,
                          "parameter_fraction": r.parameter_fraction, "test_samples": len(test)}
@@ -81,6 +83,21 @@ def quality(work: Path, profile: str, tasks: list[str]) -> dict[str, Any]:
                   flush=True)
         out[f"_{modality}"] = {"student_parameters": s.student_parameters, "train_seconds": s.train_seconds}
     return {"tasks": out, "decompose_seconds": seconds}
+
+
+def expert_teachers(work: Path, profile: str, tasks: list[str]) -> Path | None:
+    """A stage-layout experts folder with the deployed LoRA expert of every task of a modality whose teacher is
+    `expert` (`work/experts/<task>-lora`, trained where missing, as the routing bench does); None when no
+    modality distils an expert."""
+    from bench.routing import ensure_experts, link_experts
+
+    params = _params(profile, {"data.active": tasks})
+    need = [t for t, spec in params.data.active_tasks().items()
+            if params.decompose.teacher.of(spec.modality) == "expert"]
+    if not need:
+        return None
+    ensure_experts(work, profile, need)
+    return link_experts(work, need, "decompose-teachers")
 
 
 # --------------------------------------------------------------------------- step cost (child process)
@@ -194,6 +211,8 @@ def main() -> None:
     parser.add_argument("--image-foundation", type=Path,
                         help="an image foundation folder the foundation stage wrote (default: pre-train one)")
     parser.add_argument("--result", default="decompose", help="bench/results/RESULT.json")
+    parser.add_argument("--work", type=Path, help="work folder (default: a new temporary one); text experts "
+                                                  "already in WORK/experts/<task>-lora are reused as teachers")
     parser.add_argument("--skip-quality", action="store_true")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -203,7 +222,7 @@ def main() -> None:
         return
 
     tasks = args.tasks or available_tasks(args.profile)
-    work = Path(tempfile.mkdtemp(prefix="medexperts-bench-decompose-"))
+    work = args.work.resolve() if args.work else Path(tempfile.mkdtemp(prefix="medexperts-bench-decompose-"))
     setup(work, args.profile, tasks, args.image_foundation.resolve() if args.image_foundation else None)
     result = {"tasks": {}} if args.skip_quality else quality(work, args.profile, tasks)
     cases = ["one_pass", "plain", "loop", "teacher_full"]

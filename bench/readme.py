@@ -202,9 +202,16 @@ def decompose_section(result: dict) -> str:
                                     ("switch", "task switch ms")])
     name = result["params"].get("result", "decompose")
     teacher = result["params"].get("image_foundation") or {}
-    about = (f" Image teacher: {teacher['config']['arch']} {teacher['config'].get('widths') or teacher['config'].get('channels')}"
-             f" ({teacher['parameters'] / 1e6:.2f}M parameters) with its pre-training heads."
-             if teacher.get("config") else "")
+    kinds = {r["modality"]: r.get("teacher", "foundation") for t, r in result["quality"]["tasks"].items()
+             if not t.startswith("_")}
+    about = "".join(
+        f" {m.capitalize()} teacher: " + ("each task's deployed LoRA expert (the experts stage's own training)."
+                                          if kind == "expert" else
+                                          f"{teacher['config']['arch']} {teacher['config'].get('widths') or teacher['config'].get('channels')}"
+                                          f" ({teacher['parameters'] / 1e6:.2f}M parameters) with its pre-training heads."
+                                          if m == "image" and teacher.get("config") else
+                                          "the frozen foundation with a linear probe.")
+        for m, kind in sorted(kinds.items()))
     head = (f"Profile `{result['params']['profile']}`, {machine_line(result)}, from `bench/results/{name}.json`; test "
             f"split.{about}\n\n{table}\n")
     if not srows:

@@ -35,7 +35,7 @@ err = Console(stderr=True)
 
 # The stage names, for help texts (kept in step with flows.stages.STAGES by a test; importing the table here
 # would load torch for every command).
-STAGE_NAMES = ("sources", "data", "foundation", "experts", "decompose", "federated", "routing", "fusion", "evaluate",
+STAGE_NAMES = ("sources", "data", "foundation", "experts", "federated", "decompose", "routing", "fusion", "evaluate",
                "promote")
 Profile = Annotated[str | None, typer.Option(help="Profile under params/profiles/ (default: pipeline.yaml's).")]
 Sets = Annotated[list[str] | None, typer.Option("--set", help="Override a param: --set experts.lora.rank=16 (YAML value).")]

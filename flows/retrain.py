@@ -1,5 +1,5 @@
 """The end-to-end Prefect flow: every stage of ``flows.stages.ORDER`` (sources -> data -> foundation -> experts,
-decompose -> fusion -> evaluate -> promote), then the outputs versioned with DVC."""
+federated -> decompose, routing, fusion -> evaluate -> promote), then the outputs versioned with DVC."""
 
 from __future__ import annotations
 
@@ -106,7 +106,8 @@ def _retrain(root: Path, ctx: StageContext, params: Any, force: bool, stages: li
 
 def waves(selected: list[str]) -> list[list[str]]:
     """``selected`` (in ORDER) cut into groups that may run side by side: a stage joins the current group when it
-    needs none of the group's stages (experts, decompose and federated need only the data and the foundation)."""
+    needs none of the group's stages (experts and federated need only the data and the foundation; decompose, routing
+    and fusion read the experts as well)."""
     groups: list[list[str]] = []
     for name in selected:
         owners = {need.split("/")[0] for need in STAGES[name].needs}

@@ -153,7 +153,7 @@ def log_experts(ctx: StageContext, inp: ExpertsInputs, summary: ExpertsSummary, 
 # --------------------------------------------------------------------------- decompose (LoRKD)
 def run_decompose(ctx: StageContext, inp: DecomposeInputs, out: Path) -> DecomposeSummary:
     return decompose_stage.run(inp, ctx.out("data"), ctx.out("foundation"), out, logger=runs.lightning_logger(),
-                               checkpoint_dir=ctx.checkpoints("decompose"))
+                               checkpoint_dir=ctx.checkpoints("decompose"), experts_dir=ctx.out("experts"))
 
 
 def log_decompose(ctx: StageContext, inp: DecomposeInputs, summary: DecomposeSummary, out: Path) -> None:

@@ -189,10 +189,11 @@ STAGES: dict[str, Stage] = {
                         impl.run_foundation, impl.log_foundation),
     "experts": Stage(impl.ExpertsInputs, impl.ExpertsSummary, ("data", "foundation"), impl.run_experts,
                      impl.log_experts),
-    "decompose": Stage(impl.DecomposeInputs, impl.DecomposeSummary, ("data", "foundation"), impl.run_decompose,
-                       impl.log_decompose),
     "federated": Stage(impl.FederatedInputs, impl.FederatedSummary, ("data", "foundation"), impl.run_federated,
                        impl.log_federated),
+    # after the experts: a modality whose decompose.teacher is `expert` distils the deployed experts
+    "decompose": Stage(impl.DecomposeInputs, impl.DecomposeSummary, ("data", "foundation", "experts"),
+                       impl.run_decompose, impl.log_decompose),
     "routing": Stage(impl.RoutingInputs, impl.RoutingSummary, ("data", "foundation", "experts"), impl.run_routing,
                      impl.log_routing),
     "fusion": Stage(impl.FusionInputs, impl.FusionSummary, ("data", "foundation", "experts"), impl.run_fusion,

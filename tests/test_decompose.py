@@ -314,6 +314,24 @@ def test_params_file_validates() -> None:
         DecomposeParams.model_validate({"student": {"text": {"layers": [1, 1]}}})
     with pytest.raises(ValueError, match="Extra inputs are not permitted"):
         DecomposeParams.model_validate({"ranks": 2})
+    assert (dp.teacher.of("text"), dp.teacher.of("image")) == ("expert", "foundation")
+    with pytest.raises(ValueError, match="'expert' or 'foundation'"):
+        DecomposeParams.model_validate({"teacher": {"text": "probe"}})
+
+
+def test_an_expert_teacher_that_is_not_there_is_named(tmp_path: Path) -> None:
+    """decompose.teacher = expert without the experts stage's output, or without the task's deployed expert: an
+    error that says which and what to run (the foundation is not read before that)."""
+    from types import SimpleNamespace
+
+    from components.stages.decompose import expert_teachers
+
+    found = SimpleNamespace(sha256="0" * 64, modality="text")
+    with pytest.raises(ArtifactError, match="run the experts stage first"):
+        expert_teachers(None, ["pubmedqa"], found)
+    (tmp_path / "medical_abstracts").mkdir()
+    with pytest.raises(ArtifactError, match="no deployed expert for task 'pubmedqa'"):
+        expert_teachers(tmp_path, ["pubmedqa"], found)
 
 
 def test_the_multilabel_task_loss_is_class_weighted_per_label() -> None:

@@ -55,6 +55,9 @@ def test_retrain_end_to_end(isolated_project: Path, tiny_bert: Path, prefect_ser
     for task in TASKS:  # LoRKD: teacher, fused expert and single-task student scored on test, sizes recorded
         assert {f"{task}.metrics.{m}.macro_f1" for m in ("teacher", "lorkd", "single_student")} <= set(metrics)
         assert metrics[f"{task}.params.lorkd_deployed"] < metrics[f"{task}.params.teacher"]
+    for task in ("pubmedqa", "medical_abstracts"):  # the text teacher is the deployed expert (decompose.teacher)
+        assert metrics[f"{task}.metrics.teacher.macro_f1"] == metrics[f"{task}.metrics.expert.macro_f1"]
+        assert metrics[f"{task}.params.teacher"] == metrics[f"{task}.params.deployed"]
     assert runs["stage:decompose"].data.tags["decompose.text.student_sha256"]
 
     # registry: every expert and the fused model, with aliases; the champion loads and predicts

@@ -115,6 +115,7 @@ class BundleManifest(BaseModel):
     method: str | None = None
     parameters: int | None = None  # deployed parameters, where the producer counted them (LoRKD)
     teacher_parameters: int | None = None
+    teacher: Literal["expert", "foundation"] | None = None  # LoRKD: what was distilled (decompose.teacher)
     files: dict[str, str] = {}
 
 

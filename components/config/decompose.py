@@ -45,6 +45,23 @@ class StudentParams(Strict):
     text: TextStudentParams = Field(default_factory=TextStudentParams, description="Text student (shallow BERT).")
 
 
+TeacherKind = Literal["expert", "foundation"]
+
+
+class TeacherParams(Strict):
+    """What each modality's student is distilled from: ``expert`` = the task's deployed expert (the experts
+    stage's output, the strongest per-task model the pipeline has); ``foundation`` = the frozen foundation with
+    its pre-training head for the task (image), or a linear probe fitted here as the experts stage fits its own."""
+
+    image: TeacherKind = Field("foundation", description="Teacher of the image student (expert or foundation).")
+    text: TeacherKind = Field("expert", description="Teacher of the text student (expert or foundation).")
+
+    def of(self, modality: Modality) -> TeacherKind:
+        if modality not in ("text", "image"):
+            raise ValueError(f"unknown modality {modality!r}; expected 'text' or 'image'")
+        return self.text if modality == "text" else self.image
+
+
 def _default_trainers() -> ModalityTrainers:
     return ModalityTrainers(
         text=TrainerParams(max_epochs=3, batch_size=32, lr=5e-4, weight_decay=0.01),
@@ -57,6 +74,8 @@ class DecomposeParams(Strict):
         default_factory=lambda: ["image", "text"], min_length=1,
         description="Modalities decomposed; one student per modality serves all its active tasks.")
     student: StudentParams = Field(default_factory=StudentParams, description="Student backbone per modality.")
+    teacher: TeacherParams = Field(default_factory=TeacherParams,
+                                   description="Per modality: distil the deployed expert or the foundation + head.")
     rank: int = Field(4, ge=1, description="Rank r of every task expert (B_t A_t) in every conv/linear layer.")
     alpha: float = Field(8.0, gt=0, description="Expert scale alpha / r (LoRA convention).")
     head_init: Literal["auto", "teacher", "random"] = Field(

@@ -2,8 +2,10 @@
 batches, fuse each task into a plain deployable bundle, and train a same-size single-task student per task as
 the no-decomposition baseline.
 
-Teacher heads: the image foundation's own pre-training heads; for text (and any image task the foundation was
-not pre-trained on) a linear probe fitted here exactly as the experts stage fits it (same features, grid, seed).
+The teacher of a modality (``decompose.teacher``): ``expert``, each task's deployed expert (the experts stage's
+bundle: the strongest per-task model the pipeline has, the text default), or ``foundation``, the frozen foundation
+with the image foundation's own pre-training head (the image default) or, for a task it has no head for, a linear
+probe fitted here exactly as the experts stage fits it (same features, grid, seed).
 Output per modality (``components.core.layout``): the whole decomposed student, the teacher heads, one fused
 bundle and one single-task bundle per task, and the summary's per-task validation metrics and sizes.
 """
@@ -21,11 +23,14 @@ import lightning as L
 import torch
 from torch import nn
 
-from components.bundle.format import image_input
+from components.bundle.format import image_input, load_bundle
 from components.config import DecomposeParams, Modality, PrimaryMetric, ProbeParams
+from components.config.decompose import TeacherKind
 from components.core.artifacts import save_tensors
 from components.core.errors import ArtifactError
-from components.core.layout import lorkd_dir, lorkd_fused, lorkd_single, lorkd_student, teacher_heads as heads_file
+from safetensors.torch import load_file
+from components.core.layout import (MANIFEST, expert_bundle, expert_dir, lorkd_dir, lorkd_fused, lorkd_single,
+                                    lorkd_student, teacher_heads as heads_file)
 from components.data.datasets import TaskData, load_split
 from components.decompose.deploy import fuse, save_fused, save_student, student_hash
 from components.decompose.module import DecomposeModule
@@ -66,6 +71,7 @@ class LoRKDTask(StageSummary):
 
 class ModalityDecomposition(StageSummary):
     tasks: dict[str, LoRKDTask]
+    teacher: TeacherKind = "foundation"
     student_sha256: str
     student_parameters: int
     teacher_seconds: float
@@ -91,10 +97,11 @@ class DistillSplit:
                 {t: self.logits[t] for t in tasks})
 
 
-def teacher_heads(found: Foundation, foundation_dir: Path, feats: dict[str, tuple[torch.Tensor, torch.Tensor]],
-                  val_feats: dict[str, tuple[torch.Tensor, torch.Tensor]], data: dict[str, TaskData],
-                  inp: DecomposeInputs) -> dict[str, nn.Linear]:
-    """The teacher's head per task: pre-training head (image) where there is one, else a fitted probe."""
+def teacher_heads(found: Foundation, foundation_dir: Path, x: dict[str, dict[str, torch.Tensor]],
+                  y: dict[str, torch.Tensor], x_va: dict[str, dict[str, torch.Tensor]], y_va: dict[str, torch.Tensor],
+                  data: dict[str, TaskData], inp: DecomposeInputs) -> dict[str, nn.Linear]:
+    """The ``foundation`` teacher's head per task: pre-training head (image) where there is one, else a probe
+    fitted on the frozen foundation's features."""
     stored = load_image_heads(foundation_dir, found) if found.modality == "image" else {}
     heads = {}
     for task, td in data.items():
@@ -104,9 +111,44 @@ def teacher_heads(found: Foundation, foundation_dir: Path, feats: dict[str, tupl
                 raise ArtifactError(f"{foundation_dir}: the image foundation's {task!r} head has {head.out_features} "
                                     f"outputs; the task has {td.num_labels} labels: re-run the foundation stage")
         else:
-            head, _ = fit_probe(feats[task], val_feats[task], td.kind, td.num_labels, inp.probe, inp.metric, inp.seed)
+            feats, feats_va = (batched(found.encoder, x[task]), y[task]), (batched(found.encoder, x_va[task]), y_va[task])
+            head, _ = fit_probe(feats, feats_va, td.kind, td.num_labels, inp.probe, inp.metric, inp.seed)
         heads[task] = head.eval().requires_grad_(False)
     return heads
+
+
+def expert_teachers(experts_dir: Path | None, tasks: list[str], found: Foundation) -> dict[str, Classifier]:
+    """The ``expert`` teacher per task: the experts stage's deployed bundle of the task (ΔW folded in), frozen."""
+    if experts_dir is None:
+        raise ArtifactError("decompose.teacher asks for the deployed experts but no experts stage output was given: "
+                            "run the experts stage first, or set decompose.teacher.<modality>: foundation")
+    teachers = {}
+    for task in tasks:
+        bundle = expert_bundle(expert_dir(experts_dir, task))
+        if not (bundle / MANIFEST).is_file():
+            raise ArtifactError(f"no deployed expert for task {task!r} at {bundle} (decompose.teacher = expert): "
+                                "run the experts stage with this task active first")
+        loaded = load_bundle(bundle)
+        if loaded.info.base.sha256 != found.sha256:
+            raise ArtifactError(f"{bundle}: the expert of {task!r} was trained on foundation "
+                                f"{loaded.info.base.sha256[:12]}, not on the loaded one ({found.sha256[:12]}): "
+                                "re-run the experts stage")
+        teachers[task] = loaded.model.for_task(task).eval().requires_grad_(False)
+    return teachers
+
+
+def lorkd_teacher(decompose_dir: Path, experts_dir: Path | None, found: Foundation, task: str) -> Classifier:
+    """The teacher a stored LoRKD decomposition of ``task`` was distilled from (to score it beside the student)."""
+    teacher = load_bundle(lorkd_fused(decompose_dir, found.modality, task)).info.teacher or "foundation"
+    if teacher == "expert":
+        return expert_teachers(experts_dir, [task], found)[task]
+    tensors = load_file(heads_file(decompose_dir, found.modality))
+    state = {k.rsplit(".", 1)[1]: v for k, v in tensors.items() if k.rsplit(".", 1)[0] == task}
+    if not state:
+        raise ArtifactError(f"{heads_file(decompose_dir, found.modality)} has no teacher head for task {task!r}")
+    head = make_head(found.encoder.out_dim, state["weight"].shape[0])
+    head.load_state_dict(state)
+    return Classifier(found.encoder, head.eval()).eval()
 
 
 def _train(student: LoRKDStudent, kinds: dict[str, str], tasks: list[str], train: DistillSplit, val: DistillSplit,
@@ -148,9 +190,12 @@ def fold_val_thresholds(student: LoRKDStudent, tasks: list[str], kinds: dict[str
 
 
 def decompose_modality(modality: Modality, inp: DecomposeInputs, data_dir: Path, foundation_dir: Path,
-                       out_root: Path, logger: Any = False, checkpoint_dir: Path | None = None) -> ModalityDecomposition:
-    """Decompose ``modality``'s foundation over its active tasks; write under ``out_root`` (the stage folder)."""
+                       out_root: Path, logger: Any = False, checkpoint_dir: Path | None = None,
+                       experts_dir: Path | None = None) -> ModalityDecomposition:
+    """Decompose ``modality``'s foundation over its active tasks, distilling the teacher ``decompose.teacher``
+    names (``experts_dir``: the experts stage's output, for the ``expert`` teacher); write under ``out_root``."""
     dp, seed = inp.decompose, inp.seed
+    teacher_kind = dp.teacher.of(modality)
     tp = dp.trainer.of(modality)
     tasks = list(inp.active_tasks(modality))
     found = load_foundation(foundation_dir, modality)
@@ -167,17 +212,22 @@ def decompose_modality(modality: Modality, inp: DecomposeInputs, data_dir: Path,
     kinds = {t: d.kind for t, d in train.items()}
 
     start = time.perf_counter()
-    feats = {t: (batched(found.encoder, x[t]), y[t]) for t in tasks}
-    feats_va = {t: (batched(found.encoder, x_va[t]), y_va[t]) for t in tasks}
-    heads = teacher_heads(found, foundation_dir, feats, feats_va, train, inp)
+    if teacher_kind == "expert":
+        teachers = expert_teachers(experts_dir, tasks, found)
+    else:
+        heads = teacher_heads(found, foundation_dir, x, y, x_va, y_va, train, inp)
+        teachers = {t: Classifier(found.encoder, heads[t]).eval() for t in tasks}
+    heads = {t: teachers[t].head for t in tasks}  # the student's heads start from them (decompose.head_init)
     with torch.no_grad():
-        tr = DistillSplit(x, y, {t: heads[t](feats[t][0]) for t in tasks})
-        va = DistillSplit(x_va, y_va, {t: heads[t](feats_va[t][0]) for t in tasks})
+        tr = DistillSplit(x, y, {t: batched(teachers[t], x[t]) for t in tasks})
+        va = DistillSplit(x_va, y_va, {t: batched(teachers[t], x_va[t]) for t in tasks})
     teacher_seconds = time.perf_counter() - start
+    log.info("[decompose] %s teacher: %s (logits of %d training samples in %.1f s)", modality,
+             "each task's deployed expert" if teacher_kind == "expert" else "the foundation + its heads",
+             sum(len(v) for v in y.values()), teacher_seconds)
     lorkd_dir(out_root, modality).mkdir(parents=True, exist_ok=True)
     save_tensors({f"{t}.{k}": v for t, h in heads.items() for k, v in h.state_dict().items()},
                  heads_file(out_root, modality))
-    teacher_params = count_parameters(found.encoder)
 
     L.seed_everything(seed, workers=True, verbose=False)
     student = build_student(dp, modality, found.encoder, heads, seed)
@@ -203,12 +253,11 @@ def decompose_modality(modality: Modality, inp: DecomposeInputs, data_dir: Path,
         single_fused = fuse(single, task)
         single_val = _val_metrics(single_fused, x_va[task], y_va[task], td)
         deployed = count_parameters(fused)
-        teacher_total = teacher_params + count_parameters(heads[task])
-        info = LoRKDTask(val=fused_val, teacher_val=_val_metrics(Classifier(found.encoder, heads[task]), x_va[task],
-                                                                 y_va[task], td),
+        teacher_total = count_parameters(teachers[task])
+        info = LoRKDTask(val=fused_val, teacher_val=_val_metrics(teachers[task], x_va[task], y_va[task], td),
                          single_val=single_val, parameters=deployed, teacher_parameters=teacher_total,
                          parameter_fraction=deployed / teacher_total, single_train_seconds=single_seconds)
-        common = {"teacher_sha256": found.sha256, "teacher_parameters": teacher_total}
+        common = {"teacher_sha256": found.sha256, "teacher_parameters": teacher_total, "teacher": teacher_kind}
         for method, model, metrics, folder, h in (("lorkd", student, fused_val, lorkd_fused, sha),
                                                    ("single_student", single, single_val, lorkd_single, None)):
             save_fused(folder(out_root, modality, task), model, task, kind=td.kind, label_names=label_names,
@@ -220,18 +269,18 @@ def decompose_modality(modality: Modality, inp: DecomposeInputs, data_dir: Path,
         log.info("[decompose] %s: val %s teacher %.3f, LoRKD fused %.3f, single-task student %.3f; %d params "
                  "(%.1f%% of the teacher)", task, metric, info.teacher_val[metric], fused_val[metric],
                  single_val[metric], deployed, 100 * info.parameter_fraction)
-    return ModalityDecomposition(tasks=summary_tasks, student_sha256=sha, student_parameters=count_parameters(student),
+    return ModalityDecomposition(tasks=summary_tasks, teacher=teacher_kind, student_sha256=sha, student_parameters=count_parameters(student),
                                  teacher_seconds=teacher_seconds, train_seconds=train_seconds,
                                  train_peak_memory_mb=memory.added_mb, train_peak_memory_kind=memory.kind)
 
 
 def run(inp: DecomposeInputs, data_dir: Path, foundation_dir: Path, out_dir: Path, logger: Any = False,
-        checkpoint_dir: Path | None = None) -> DecomposeSummary:
+        checkpoint_dir: Path | None = None, experts_dir: Path | None = None) -> DecomposeSummary:
     """The stage: every configured modality that has active tasks."""
     summary = {}
     for modality in inp.decompose.modalities:
         if not inp.active_tasks(modality):
             continue
         summary[modality] = decompose_modality(modality, inp, data_dir, foundation_dir, out_dir, logger,
-                                               checkpoint_dir / modality if checkpoint_dir else None)
+                                               checkpoint_dir / modality if checkpoint_dir else None, experts_dir)
     return DecomposeSummary(modalities=summary)

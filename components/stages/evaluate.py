@@ -7,14 +7,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 
 import components.plugins  # noqa: F401  bundles of soft-prompt experts and LoRKD students
 from components.bundle.format import LoadedBundle, load_bundle
 from components.config import EvaluateParams
 from components.core.artifacts import read_model
 from components.core.layout import (SUMMARY_FILE, evaluation_plots, evaluation_report, expert_bundle, expert_dir,
-                                    fused_bundle, lorkd_fused, lorkd_single, routed_bundle, teacher_heads)
+                                    fused_bundle, lorkd_fused, lorkd_single, routed_bundle)
 from components.data.datasets import load_split
 from components.experts.io import load_expert, stored_bytes
 from components.metrics.classification import compute_metrics, confusion, normalised_score
@@ -22,10 +21,11 @@ from components.metrics.counts import count_parameters
 from components.metrics.latency import measure_latency
 from components.metrics.plots import plot_confusion
 from components.metrics.report import markdown_table
-from components.nn.classifier import Classifier, make_head
+from components.nn.classifier import Classifier
 from components.nn.foundation import Foundation, load_foundation
 from components.stages.base import StageSummary, TaskInputs, param
 from components.federated.fedkim import evaluate_injected
+from components.stages.decompose import lorkd_teacher
 from components.stages.federated import FederatedSummary, load_for_evaluation
 from components.stages.fusion import FusionSummary
 from components.stages.routing import RoutingSummary
@@ -96,14 +96,6 @@ def _injected(federated_dir: Path | None, foundation_dir: Path) -> tuple[Any, Fe
     return load_for_evaluation(federated_dir, foundation_dir), summary
 
 
-def _teacher_head(decompose_dir: Path, modality: str, task: str, in_dim: int) -> torch.nn.Module:
-    tensors = load_file(teacher_heads(decompose_dir, modality))
-    state = {k.rsplit(".", 1)[1]: v for k, v in tensors.items() if k.rsplit(".", 1)[0] == task}
-    head = make_head(in_dim, state["weight"].shape[0])
-    head.load_state_dict(state)
-    return head.eval()
-
-
 def evaluate_models(inp: EvaluateInputs, data_dir: Path, foundation_dir: Path, experts_dir: Path,
                     fusion_dir: Path | None, out_dir: Path, decompose_dir: Path | None = None,
                     routing_dir: Path | None = None, federated_dir: Path | None = None) -> EvaluateSummary:
@@ -156,9 +148,10 @@ def evaluate_models(inp: EvaluateInputs, data_dir: Path, foundation_dir: Path, e
         if injected is not None and task in federated.client_tasks + federated.held_out:
             scores["fedkim"] = evaluate_injected(injected, {task: test})[task]
         if decompose_dir is not None and lorkd_fused(decompose_dir, spec.modality, task).is_dir():
-            teacher = Classifier(found.encoder, _teacher_head(decompose_dir, spec.modality, task, found.encoder.out_dim))
-            scores["teacher"] = compute_metrics(test.kind, batched(teacher, x), y, test.num_labels)
             lorkd = load_bundle(lorkd_fused(decompose_dir, spec.modality, task))
+            teacher_logits = deployed_logits if lorkd.info.teacher == "expert" else \
+                batched(lorkd_teacher(decompose_dir, experts_dir, found, task), x)  # the expert teacher is `deployed`
+            scores["teacher"] = compute_metrics(test.kind, teacher_logits, y, test.num_labels)
             single = load_bundle(lorkd_single(decompose_dir, spec.modality, task))
             scores["lorkd"] = compute_metrics(test.kind, batched(lorkd.model.for_task(task), x), y, test.num_labels)
             scores["single_student"] = compute_metrics(test.kind, batched(single.model.for_task(task), x), y,
