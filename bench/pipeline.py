@@ -2,7 +2,13 @@
 
 Runs the retrain flow in an isolated store (temp artifacts + MLflow), times the whole flow against the
 compute inside the stages (sources, data, foundation, experts, decompose, fusion, evaluate), then runs it
-again with nothing changed. Writes bench/results/pipeline.json.
+again with nothing changed. Writes bench/results/pipeline.json (`--result NAME`: bench/results/NAME.json).
+
+`--work DIR` keeps the store in DIR instead of a temporary folder, so a run longer than one sitting (the full
+profile on CPU: most of a day) can be stopped and started again: finished stages are skipped and a stage stopped
+mid-training resumes from its last epoch's checkpoint (the pipeline's own resume). Every invocation is recorded
+in DIR/invocations.json; a stage finished by a resumed invocation reports the compute of that invocation only, and
+the result lists which stages were finished by which invocation.
 """
 
 from __future__ import annotations
@@ -22,8 +28,14 @@ COMPUTE_STAGES = ("sources", "data", "foundation", "experts", "decompose", "fusi
 def main() -> None:
     parser = argparse.ArgumentParser(prog="medexperts bench pipeline", description=__doc__)
     parser.add_argument("--profile", default="quick")
+    parser.add_argument("--work", type=Path, help="keep the run's store here and resume it (default: a temp folder)")
+    parser.add_argument("--result", default="pipeline", help="bench/results/RESULT.json")
     args = parser.parse_args()
-    tmp = Path(tempfile.mkdtemp(prefix="medexperts-bench-"))
+    tmp = args.work.resolve() if args.work else Path(tempfile.mkdtemp(prefix="medexperts-bench-"))
+    tmp.mkdir(parents=True, exist_ok=True)
+    invocations = _invocations(tmp)
+    invocations.append({"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "profile": args.profile})
+    _save_invocations(tmp, invocations)
     # The flow runs against a temporary store; the result itself is logged to the user's store (write_result).
     keys = ("MEDEXPERTS_PROJECT_DIR", "MEDEXPERTS_ARTIFACTS_DIR", "MEDEXPERTS_ARTIFACT_ROOT", "MLFLOW_TRACKING_URI")
     saved = {k: os.environ.get(k) for k in keys}
@@ -42,6 +54,9 @@ def main() -> None:
     retrain(profile=args.profile)
     unchanged = time.perf_counter() - start
 
+    invocations[-1] |= {"finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "flow_wall_seconds": wall,
+                        "stages_run": [s for s in COMPUTE_STAGES if not results[s].get("cached")]}
+    _save_invocations(tmp, invocations)
     per_stage = {s: results[s]["compute_seconds"] for s in COMPUTE_STAGES}
     compute = sum(per_stage.values())
     ev = results["evaluate"]
@@ -51,10 +66,12 @@ def main() -> None:
                  "expert_stored_bytes": r["params"]["stored_bytes"], "trainable_params": r["params"]["trainable"],
                  "foundation_params": r["params"]["foundation"],
                  "latency_ms_per_sample": r["latency_ms_per_sample"], "merge_max_abs_diff": r["merge_max_abs_diff"],
-                 "test_samples": r["test_samples"]}
+                 "test_samples": r["test_samples"],
+                 "models": {name: m[metric] for name, m in r["metrics"].items()}}  # every model scored on test
              for t, r in ev["tasks"].items()}
     payload = {
-        "params": {"profile": args.profile, "metric": metric},
+        "params": {"profile": args.profile, "metric": metric, "result": args.result},
+        "invocations": invocations,
         "figures": {"flow_wall_seconds": wall, "stage_compute_seconds": compute, "per_stage_compute_seconds": per_stage,
                     "overhead_seconds": wall - compute, "overhead_fraction": (wall - compute) / wall,
                     "unchanged_rerun_seconds": unchanged,
@@ -68,12 +85,25 @@ def main() -> None:
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
-    path = write_result("pipeline", payload)
+    path = write_result(args.result, payload)
     print(f"flow {wall:.1f}s, stage compute {compute:.1f}s, overhead {100 * (wall - compute) / wall:.1f}%, "
           f"unchanged re-run {unchanged:.1f}s")
     for t, v in tasks.items():
         print(f"  {t:20s} probe {v['probe']:.3f}  expert {v['expert']:.3f}  fused {v['fused'] if v['fused'] is None else round(v['fused'], 3)}")
     print(f"wrote {path}")
+
+
+def _invocations(work: Path) -> list[dict]:
+    import json
+
+    path = work / "invocations.json"
+    return json.loads(path.read_text()) if path.is_file() else []
+
+
+def _save_invocations(work: Path, invocations: list[dict]) -> None:
+    import json
+
+    (work / "invocations.json").write_text(json.dumps(invocations, indent=1))
 
 
 if __name__ == "__main__":
