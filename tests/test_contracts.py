@@ -75,3 +75,23 @@ def test_expert_manifest_is_checked_on_save_and_load(tmp_path: Path) -> None:
     (tmp_path / "e" / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ArtifactError, match=r"expert manifest does not match its schema \(lora\.rank"):
         load_expert(tmp_path / "e", found)
+
+
+def test_the_sources_of_the_full_profile_are_logged(mlflow_store: str, tmp_path: Path) -> None:
+    """The sources stage tags every input "<task>:<raw path>"; the optional tasks' raw paths hold
+    ``${MEDEXPERTS_SHARED_DATA:-../shared/data}``, characters MLflow refuses in a name (this stopped the full
+    profile at its first stage): the names are made valid, the hashes kept."""
+    import mlflow
+
+    from components.config import load_params
+    from components.stages.sources import SourcesInputs, source_hashes
+    from flows.stage_impl import log_sources
+
+    project = Path(__file__).resolve().parents[1]
+    inp = SourcesInputs.from_params(load_params(project / "params", "full"))
+    summary = source_hashes(inp, project)
+    assert any("${" in name for name in summary.data)
+    with runs.run("sources") as run_id:
+        log_sources(None, inp, summary, tmp_path)  # type: ignore[arg-type]  (the context is not read)
+    tags = mlflow.MlflowClient().get_run(run_id).data.tags
+    assert {runs.metric_key(f"source.data.{n}"): h for n, h in summary.data.items()}.items() <= tags.items()

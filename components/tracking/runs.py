@@ -28,7 +28,8 @@ _BAD_KEY_CHARS = re.compile(r"[^/\w.\- :]")  # outside MLflow's allowed set for 
 
 
 def metric_key(path: str) -> str:
-    """A metric name MLflow accepts for a flattened path: '@' -> '_at_', other refused characters -> '_'."""
+    """A metric, param or tag name MLflow accepts for a flattened path: '@' -> '_at_', other refused characters
+    -> '_' (a source path such as ``${MEDEXPERTS_SHARED_DATA:-../shared/data}/...`` in a tag name)."""
     return _BAD_KEY_CHARS.sub("_", path.replace("@", "_at_"))[:MAX_KEY]
 
 
@@ -132,7 +133,7 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 def log_params(tree: dict[str, Any], prefix: str = "") -> None:
     """Log a nested params tree in one batch (values cut to MLflow's length limit)."""
     active_run_id()
-    flat = {k: str(v)[:MAX_PARAM] for k, v in flatten(tree, prefix).items()}
+    flat = {metric_key(k): str(v)[:MAX_PARAM] for k, v in flatten(tree, prefix).items()}
     if flat:
         mlflow.log_params(flat)
 
@@ -150,7 +151,7 @@ def log_metrics(tree: dict[str, Any], prefix: str = "", step: int = 0) -> None:
 def set_tags(tags: dict[str, Any]) -> None:
     active_run_id()
     if tags:
-        mlflow.set_tags({k: str(v) for k, v in tags.items()})
+        mlflow.set_tags({metric_key(k): str(v) for k, v in tags.items()})
 
 
 def log_file(path: Path, artifact_path: str | None = None) -> None:
