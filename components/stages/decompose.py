@@ -21,6 +21,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from components.bundle.format import image_input, load_bundle
@@ -28,7 +29,6 @@ from components.config import DecomposeParams, Modality, PrimaryMetric, ProbePar
 from components.config.decompose import TeacherKind
 from components.core.artifacts import save_tensors
 from components.core.errors import ArtifactError
-from safetensors.torch import load_file
 from components.core.layout import (MANIFEST, expert_bundle, expert_dir, lorkd_dir, lorkd_fused, lorkd_single,
                                     lorkd_student, teacher_heads as heads_file)
 from components.data.datasets import TaskData, load_split
