@@ -66,7 +66,7 @@ def quality(work: Path, profile: str, tasks: list[str]) -> dict[str, Any]:
         for task, r in s.tasks.items():
             test = load_split(work / "data", task, "test")
             x, y = found.inputs(test.inputs), labels_tensor(test.labels, test.kind)
-            teacher = lorkd_teacher(work / "decompose", experts, found, task)
+            teacher = lorkd_teacher(s.teacher, work / "decompose", experts, found, task)
             scores = {}
             with torch.no_grad():
                 scores["teacher"] = compute_metrics(test.kind, batched(teacher, x), y, test.num_labels)

@@ -97,9 +97,9 @@ class DistillSplit:
                 {t: self.logits[t] for t in tasks})
 
 
-def teacher_heads(found: Foundation, foundation_dir: Path, x: dict[str, dict[str, torch.Tensor]],
-                  y: dict[str, torch.Tensor], x_va: dict[str, dict[str, torch.Tensor]], y_va: dict[str, torch.Tensor],
-                  data: dict[str, TaskData], inp: DecomposeInputs) -> dict[str, nn.Linear]:
+def teacher_heads(found: Foundation, foundation_dir: Path, feats: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                  val_feats: dict[str, tuple[torch.Tensor, torch.Tensor]], data: dict[str, TaskData],
+                  inp: DecomposeInputs) -> dict[str, nn.Linear]:
     """The ``foundation`` teacher's head per task: pre-training head (image) where there is one, else a probe
     fitted on the frozen foundation's features."""
     stored = load_image_heads(foundation_dir, found) if found.modality == "image" else {}
@@ -111,8 +111,7 @@ def teacher_heads(found: Foundation, foundation_dir: Path, x: dict[str, dict[str
                 raise ArtifactError(f"{foundation_dir}: the image foundation's {task!r} head has {head.out_features} "
                                     f"outputs; the task has {td.num_labels} labels: re-run the foundation stage")
         else:
-            feats, feats_va = (batched(found.encoder, x[task]), y[task]), (batched(found.encoder, x_va[task]), y_va[task])
-            head, _ = fit_probe(feats, feats_va, td.kind, td.num_labels, inp.probe, inp.metric, inp.seed)
+            head, _ = fit_probe(feats[task], val_feats[task], td.kind, td.num_labels, inp.probe, inp.metric, inp.seed)
         heads[task] = head.eval().requires_grad_(False)
     return heads
 
@@ -137,9 +136,10 @@ def expert_teachers(experts_dir: Path | None, tasks: list[str], found: Foundatio
     return teachers
 
 
-def lorkd_teacher(decompose_dir: Path, experts_dir: Path | None, found: Foundation, task: str) -> Classifier:
-    """The teacher a stored LoRKD decomposition of ``task`` was distilled from (to score it beside the student)."""
-    teacher = load_bundle(lorkd_fused(decompose_dir, found.modality, task)).info.teacher or "foundation"
+def lorkd_teacher(teacher: TeacherKind, decompose_dir: Path, experts_dir: Path | None, found: Foundation,
+                  task: str) -> Classifier:
+    """The ``teacher`` a stored LoRKD decomposition of ``task`` was distilled from (its bundle's and its summary's
+    ``teacher``), to score it beside the student."""
     if teacher == "expert":
         return expert_teachers(experts_dir, [task], found)[task]
     tensors = load_file(heads_file(decompose_dir, found.modality))
@@ -214,13 +214,18 @@ def decompose_modality(modality: Modality, inp: DecomposeInputs, data_dir: Path,
     start = time.perf_counter()
     if teacher_kind == "expert":
         teachers = expert_teachers(experts_dir, tasks, found)
-    else:
-        heads = teacher_heads(found, foundation_dir, x, y, x_va, y_va, train, inp)
+        logits = {t: batched(teachers[t], x[t]) for t in tasks}  # batched: no grad
+        logits_va = {t: batched(teachers[t], x_va[t]) for t in tasks}
+    else:  # the frozen features once: for the probe heads and for the logits
+        feats = {t: (batched(found.encoder, x[t]), y[t]) for t in tasks}
+        feats_va = {t: (batched(found.encoder, x_va[t]), y_va[t]) for t in tasks}
+        heads = teacher_heads(found, foundation_dir, feats, feats_va, train, inp)
         teachers = {t: Classifier(found.encoder, heads[t]).eval() for t in tasks}
+        with torch.no_grad():
+            logits = {t: heads[t](feats[t][0]) for t in tasks}
+            logits_va = {t: heads[t](feats_va[t][0]) for t in tasks}
     heads = {t: teachers[t].head for t in tasks}  # the student's heads start from them (decompose.head_init)
-    with torch.no_grad():
-        tr = DistillSplit(x, y, {t: batched(teachers[t], x[t]) for t in tasks})
-        va = DistillSplit(x_va, y_va, {t: batched(teachers[t], x_va[t]) for t in tasks})
+    tr, va = DistillSplit(x, y, logits), DistillSplit(x_va, y_va, logits_va)
     teacher_seconds = time.perf_counter() - start
     log.info("[decompose] %s teacher: %s (logits of %d training samples in %.1f s)", modality,
              "each task's deployed expert" if teacher_kind == "expert" else "the foundation + its heads",
