@@ -1,5 +1,6 @@
 """The simple baselines a practitioner tries first, on exactly the pipeline's splits, beside the pipeline's experts.
-`medexperts bench baselines [--profile quick] [--work DIR]` -> bench/results/baselines.json
+`medexperts bench baselines [--profile quick] [--work DIR] [--result NAME]` -> bench/results/baselines.json
+(`--result NAME`: bench/results/NAME.json)
 
 Per task (the shipped ones, plus the optional ones found on disk, as `medexperts bench experts` takes them), the data
 stage's own code (`prepare_data`, the profile's params, seed 42) writes the splits; every baseline picks its
@@ -269,15 +270,19 @@ def run_task(data_dir: Path, task: str, cap: int | None, seed: int, cnn_seeds: i
     return out
 
 
-def experts_beside(baselines: dict[str, Any]) -> dict[str, Any]:
+def experts_beside(baselines: dict[str, Any], profile: str) -> dict[str, Any]:
     """Per task: the strongest baseline (expert's rows, by validation) beside the LoRA expert (the pipeline's
-    default method) and the best method of bench/results/experts.json, test macro-F1."""
+    default method) and the best method of bench/results/experts.json, test macro-F1; empty when that file is
+    missing or was measured on another profile (other splits and caps: not comparable)."""
     import json
 
     path = ROOT / "bench" / "results" / "experts.json"
     if not path.is_file():
         return {}
-    runs = json.loads(path.read_text())["runs"]
+    experts = json.loads(path.read_text())
+    if experts.get("params", {}).get("profile", "quick") != profile:
+        return {}
+    runs = experts["runs"]
     out = {}
     for task, b in baselines.items():
         mine = [r for r in runs if r["task"] == task]
@@ -311,6 +316,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, help="folder for the data stage's output (default: a temporary one)")
     parser.add_argument("--cnn-seeds", type=int, default=3)
     parser.add_argument("--cnn-epochs", type=int, default=15)
+    parser.add_argument("--result", default="baselines", help="bench/results/RESULT.json")
     args = parser.parse_args()
 
     from bench.experts import available_tasks
@@ -327,8 +333,8 @@ def main() -> None:
         modality = params.data.tasks[task].modality
         cap = params.experts.trainer.of(modality).max_train_samples
         results[task] = run_task(work / "data", task, cap, params.pipeline.seed, args.cnn_seeds, args.cnn_epochs)
-    beside = experts_beside(results)
-    write_result("baselines", {
+    beside = experts_beside(results, args.profile)
+    write_result(args.result, {
         "params": {"profile": args.profile, "tasks": tasks, "seed": params.pipeline.seed, "text_C": TEXT_C,
                    "pixel_C": PIXEL_C, "cnn_seeds": args.cnn_seeds, "cnn_epochs": args.cnn_epochs,
                    "selection": "validation macro-F1", "metrics": METRICS},

@@ -98,16 +98,17 @@ def main() -> None:
 
 
 def _invocations(work: Path) -> list[dict]:
-    import json
+    """The invocations recorded in ``work`` so far (none in a fresh folder)."""
+    from components.core.artifacts import read_json
 
     path = work / "invocations.json"
-    return json.loads(path.read_text()) if path.is_file() else []
+    return read_json(path, "bench invocations record")["invocations"] if path.is_file() else []
 
 
 def _save_invocations(work: Path, invocations: list[dict]) -> None:
-    import json
+    from components.core.artifacts import write_json
 
-    (work / "invocations.json").write_text(json.dumps(invocations, indent=1))
+    write_json(work / "invocations.json", {"invocations": invocations})
 
 
 if __name__ == "__main__":

@@ -101,7 +101,8 @@ def baselines_section(result: dict) -> str:
     from bench.baselines import experts_beside
 
     # the experts as bench/results/experts.json has them now (re-joined here, so the two tables never drift apart)
-    experts = experts_beside(result["tasks"]) or result.get("experts_vs_baseline", {})
+    experts = (experts_beside(result["tasks"], result["params"].get("profile", "quick"))
+               or result.get("experts_vs_baseline", {}))
     rows = []
     for task, t in result["tasks"].items():
         e = t["expert_rows"]
@@ -167,6 +168,17 @@ def strongest_baseline(task: str, rows: str = "expert_rows") -> str:
     return f"{BASELINE_NAMES.get(r['strongest'], r['strongest'])} {r[r['strongest']]['test']['macro_f1']:.3f}"
 
 
+def _teacher_words(modality: str, kind: str, image_foundation: dict) -> str:
+    """What LoRKD distilled a modality's student from, in words (the decompose result's ``teacher`` kind)."""
+    if kind == "expert":
+        return "each task's deployed LoRA expert (the experts stage's own training)."
+    config = image_foundation.get("config")
+    if modality == "image" and config:
+        return (f"{config['arch']} {config.get('widths') or config.get('channels')} "
+                f"({image_foundation['parameters'] / 1e6:.2f}M parameters) with its pre-training heads.")
+    return "the frozen foundation with a linear probe."
+
+
 def decompose_section(result: dict) -> str:
     metric = result["params"]["primary_metric"]
     rows = []
@@ -201,17 +213,11 @@ def decompose_section(result: dict) -> str:
                                     ("mem", "step memory MB"), ("teacher_mem", "teacher full-FT step MB"),
                                     ("switch", "task switch ms")])
     name = result["params"].get("result", "decompose")
-    teacher = result["params"].get("image_foundation") or {}
     kinds = {r["modality"]: r.get("teacher", "foundation") for t, r in result["quality"]["tasks"].items()
              if not t.startswith("_")}
-    about = "".join(
-        f" {m.capitalize()} teacher: " + ("each task's deployed LoRA expert (the experts stage's own training)."
-                                          if kind == "expert" else
-                                          f"{teacher['config']['arch']} {teacher['config'].get('widths') or teacher['config'].get('channels')}"
-                                          f" ({teacher['parameters'] / 1e6:.2f}M parameters) with its pre-training heads."
-                                          if m == "image" and teacher.get("config") else
-                                          "the frozen foundation with a linear probe.")
-        for m, kind in sorted(kinds.items()))
+    foundation = result["params"].get("image_foundation") or {}
+    about = "".join(f" {m.capitalize()} teacher: {_teacher_words(m, kind, foundation)}"
+                    for m, kind in sorted(kinds.items()))
     head = (f"Profile `{result['params']['profile']}`, {machine_line(result)}, from `bench/results/{name}.json`; test "
             f"split.{about}\n\n{table}\n")
     if not srows:

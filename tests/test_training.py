@@ -172,3 +172,27 @@ def test_epoch_lines_when_there_is_no_progress_bar(tmp_path: Path, caplog: pytes
     assert len(lines) == 2, lines
     assert lines[0].startswith("[experts] toy: epoch 1/2 train_loss ") and "val_accuracy" in lines[0]
     assert "ETA" in lines[0] and "ETA" not in lines[1]
+
+
+def test_task_heads_round_trip_and_a_bad_heads_file_names_the_problem(tmp_path: Path) -> None:
+    """One file format for task heads (bundles, the image foundation, LoRKD teachers): saved and loaded back
+    equal; a missing task, a head of another width or a damaged file is an ArtifactError naming it."""
+    from components.nn.classifier import load_heads, make_head, save_heads
+
+    torch.manual_seed(0)
+    heads = {"pneumoniamnist": make_head(8, 2), "derma.v2": make_head(8, 7)}  # a dot in a name survives
+    path = tmp_path / "heads.safetensors"
+    save_heads(heads, path)
+    loaded = load_heads(path, 8)
+    assert sorted(loaded) == sorted(heads)
+    for task, head in heads.items():
+        assert loaded[task].out_features == head.out_features
+        assert torch.equal(loaded[task].weight, head.weight) and torch.equal(loaded[task].bias, head.bias)
+    assert list(load_heads(path, 8, ["pneumoniamnist"])) == ["pneumoniamnist"]
+    with pytest.raises(ArtifactError, match="no head for task 'hoc'"):
+        load_heads(path, 8, ["hoc"])
+    with pytest.raises(ArtifactError, match="reads 8 features; the encoder gives 16"):
+        load_heads(path, 16)
+    path.write_bytes(path.read_bytes()[:20])
+    with pytest.raises(ArtifactError, match="cannot read the task heads"):
+        load_heads(path, 8)

@@ -28,7 +28,7 @@ from components.core.artifacts import check_record, read_manifest, save_tensors,
 from components.config import Modality, TaskKind
 from components.core.errors import ArtifactError, DataError
 from components.core.registry import Registry
-from components.nn.classifier import MultiTaskClassifier, make_head
+from components.nn.classifier import MultiTaskClassifier, load_heads, save_heads
 from components.nn.encoders import (PACKAGED, encoder_inputs, image_encoder_from_config, load_text_encoder,
                                     resolve_text_source)
 from components.nn.foundation import Foundation, text_weights_hash
@@ -209,8 +209,7 @@ def save_backbone_bundle(out_dir: Path, backbone: nn.Module, architecture: str, 
 def _write(out_dir: Path, base: dict[str, Any], delta: dict[str, torch.Tensor], heads: dict[str, TaskHead],
            name: str, metadata: dict[str, Any]) -> dict[str, Any]:
     save_tensors(delta or {"_empty": torch.zeros(0)}, out_dir / "delta.safetensors")
-    save_tensors({f"{t}.{k}": v for t, th in heads.items() for k, v in th.head.state_dict().items()},
-                 out_dir / "heads.safetensors")
+    save_heads({t: th.head for t, th in heads.items()}, out_dir / "heads.safetensors")
     manifest = {
         "kind": "bundle", "format": FORMAT, "name": name, "base": base,
         "tasks": {t: {"kind": th.kind, "label_names": th.label_names, "num_labels": len(th.label_names),
@@ -277,11 +276,10 @@ def load_bundle(folder: Path) -> LoadedBundle:
         path = folder / f"{wrapper}.safetensors"
         config = manifest.get("wrapper_config", {}).get(wrapper, {})
         encoder = WRAPPERS.get(wrapper).attach(encoder, load_file(path), config, str(path))
-    tensors = load_file(folder / "heads.safetensors")
-    heads = {}
+    heads = load_heads(folder / "heads.safetensors", encoder.out_dim, manifest["tasks"])
     for task, info in manifest["tasks"].items():
-        head = make_head(encoder.out_dim, info["num_labels"])
-        head.load_state_dict({k.split(".", 1)[1]: v for k, v in tensors.items() if k.split(".", 1)[0] == task})
-        heads[task] = head
+        if heads[task].out_features != info["num_labels"]:
+            raise ArtifactError(f"{folder}: the head of {task!r} has {heads[task].out_features} outputs; the manifest "
+                                f"says {info['num_labels']} labels")
     model = MultiTaskClassifier(encoder, heads).eval()
     return LoadedBundle(model, manifest, tokenizer)

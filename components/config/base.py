@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict
 
@@ -15,3 +15,15 @@ class Strict(BaseModel):
     """Base model: unknown keys are errors, assignments are validated."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+T = TypeVar("T")
+
+
+class PerModality(Strict, Generic[T]):
+    """A setting given once per modality: subclasses declare the fields ``text`` and ``image``; ``of`` reads one."""
+
+    def of(self, modality: Modality) -> T:
+        if modality not in ("text", "image"):
+            raise ValueError(f"unknown modality {modality!r}; expected 'text' or 'image'")
+        return getattr(self, modality)

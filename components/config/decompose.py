@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from components.config.base import Modality, Strict
+from components.config.base import Modality, PerModality, Strict
 from components.config.training import ModalityTrainers, TrainerParams
 
 
@@ -48,18 +48,13 @@ class StudentParams(Strict):
 TeacherKind = Literal["expert", "foundation"]
 
 
-class TeacherParams(Strict):
+class TeacherParams(PerModality[TeacherKind]):
     """What each modality's student is distilled from: ``expert`` = the task's deployed expert (the experts
     stage's output, the strongest per-task model the pipeline has); ``foundation`` = the frozen foundation with
     its pre-training head for the task (image), or a linear probe fitted here as the experts stage fits its own."""
 
     image: TeacherKind = Field("foundation", description="Teacher of the image student (expert or foundation).")
     text: TeacherKind = Field("expert", description="Teacher of the text student (expert or foundation).")
-
-    def of(self, modality: Modality) -> TeacherKind:
-        if modality not in ("text", "image"):
-            raise ValueError(f"unknown modality {modality!r}; expected 'text' or 'image'")
-        return self.text if modality == "text" else self.image
 
 
 def _default_trainers() -> ModalityTrainers:

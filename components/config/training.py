@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from components.config.base import Modality, Strict
+from components.config.base import PerModality, Strict
 
 
 # How a loss weighs classes (components/training/balance.py): the trainers', the probe's and the federated clients'.
@@ -39,11 +39,6 @@ class TrainerParams(Strict):
                                  "runs), instead of copying every batch from the host.")
 
 
-class ModalityTrainers(Strict):
+class ModalityTrainers(PerModality[TrainerParams]):
     text: TrainerParams = Field(default_factory=TrainerParams, description="Training of text experts.")
     image: TrainerParams = Field(default_factory=TrainerParams, description="Training of image experts.")
-
-    def of(self, modality: Modality) -> TrainerParams:
-        if modality not in ("text", "image"):
-            raise ValueError(f"unknown modality {modality!r}; expected 'text' or 'image'")
-        return self.text if modality == "text" else self.image

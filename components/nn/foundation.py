@@ -22,7 +22,7 @@ from components.config.foundation import ImageFoundationParams
 from components.data.datasets import TaskData
 from components.core.fingerprint import sha256_file, tree_hash
 from components.core.errors import ArtifactError
-from components.nn.classifier import MultiTaskClassifier, make_head
+from components.nn.classifier import MultiTaskClassifier, load_heads, make_head, save_heads
 from components.nn.encoders import (ImageEncoder, encoder_inputs, image_encoder_config, image_encoder_from_config,
                                     load_text_encoder, resolve_text_source)
 from components.nn.resnet import ImageBackbone
@@ -79,7 +79,7 @@ def save_image_foundation(
 ) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     save_tensors(model.encoder.state_dict(), out_dir / "encoder.safetensors")
-    save_tensors(model.heads.state_dict(), out_dir / "heads.safetensors")
+    save_heads(model.heads, out_dir / "heads.safetensors")
     manifest = {
         "kind": "foundation",
         "modality": "image",
@@ -147,14 +147,5 @@ def load_image_heads(folder: Path, found: Foundation) -> dict[str, nn.Linear]:
     foundation stage saved them beside its encoder (``folder`` is that stage's output)."""
     from components.core.layout import IMAGE_HEADS, foundation_dir
 
-    tensors = load_file(foundation_dir(folder, "image") / IMAGE_HEADS)
-    heads = {}
-    for task in sorted({k.rsplit(".", 1)[0] for k in tensors}):
-        weight = tensors[f"{task}.weight"]
-        if weight.shape[1] != found.encoder.out_dim:
-            raise ArtifactError(f"{folder}: head {task!r} reads {weight.shape[1]} features; the encoder gives "
-                                f"{found.encoder.out_dim}")
-        head = make_head(found.encoder.out_dim, weight.shape[0])
-        head.load_state_dict({k.rsplit(".", 1)[1]: v for k, v in tensors.items() if k.rsplit(".", 1)[0] == task})
-        heads[task] = head.eval().requires_grad_(False)
-    return heads
+    heads = load_heads(foundation_dir(folder, "image") / IMAGE_HEADS, found.encoder.out_dim)
+    return {task: head.eval().requires_grad_(False) for task, head in heads.items()}

@@ -21,13 +21,11 @@ from typing import Any
 
 import lightning as L
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from components.bundle.format import image_input, load_bundle
 from components.config import DecomposeParams, Modality, PrimaryMetric, ProbeParams
 from components.config.decompose import TeacherKind
-from components.core.artifacts import save_tensors
 from components.core.errors import ArtifactError
 from components.core.layout import (MANIFEST, expert_bundle, expert_dir, lorkd_dir, lorkd_fused, lorkd_single,
                                     lorkd_student, teacher_heads as heads_file)
@@ -39,7 +37,7 @@ from components.decompose.teacher import mixed_dataset
 from components.metrics.classification import compute_metrics
 from components.metrics.counts import count_parameters
 from components.metrics.memory import PeakMemory
-from components.nn.classifier import Classifier, make_head
+from components.nn.classifier import Classifier, load_heads, save_heads
 from components.nn.foundation import Foundation, load_foundation, load_image_heads
 from components.stages.base import StageSummary, TaskInputs, param
 from components.training.balance import loss_weight
@@ -142,12 +140,7 @@ def lorkd_teacher(teacher: TeacherKind, decompose_dir: Path, experts_dir: Path |
     ``teacher``), to score it beside the student."""
     if teacher == "expert":
         return expert_teachers(experts_dir, [task], found)[task]
-    tensors = load_file(heads_file(decompose_dir, found.modality))
-    state = {k.rsplit(".", 1)[1]: v for k, v in tensors.items() if k.rsplit(".", 1)[0] == task}
-    if not state:
-        raise ArtifactError(f"{heads_file(decompose_dir, found.modality)} has no teacher head for task {task!r}")
-    head = make_head(found.encoder.out_dim, state["weight"].shape[0])
-    head.load_state_dict(state)
+    head = load_heads(heads_file(decompose_dir, found.modality), found.encoder.out_dim, [task])[task]
     return Classifier(found.encoder, head.eval()).eval()
 
 
@@ -231,8 +224,7 @@ def decompose_modality(modality: Modality, inp: DecomposeInputs, data_dir: Path,
              "each task's deployed expert" if teacher_kind == "expert" else "the foundation + its heads",
              sum(len(v) for v in y.values()), teacher_seconds)
     lorkd_dir(out_root, modality).mkdir(parents=True, exist_ok=True)
-    save_tensors({f"{t}.{k}": v for t, h in heads.items() for k, v in h.state_dict().items()},
-                 heads_file(out_root, modality))
+    save_heads(heads, heads_file(out_root, modality))
 
     L.seed_everything(seed, workers=True, verbose=False)
     student = build_student(dp, modality, found.encoder, heads, seed)
