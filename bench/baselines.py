@@ -335,7 +335,8 @@ def main() -> None:
         results[task] = run_task(work / "data", task, cap, params.pipeline.seed, args.cnn_seeds, args.cnn_epochs)
     beside = experts_beside(results, args.profile)
     write_result(args.result, {
-        "params": {"profile": args.profile, "tasks": tasks, "seed": params.pipeline.seed, "text_C": TEXT_C,
+        "params": {"profile": args.profile, "result": args.result, "tasks": tasks, "seed": params.pipeline.seed,
+                   "text_C": TEXT_C,
                    "pixel_C": PIXEL_C, "cnn_seeds": args.cnn_seeds, "cnn_epochs": args.cnn_epochs,
                    "selection": "validation macro-F1", "metrics": METRICS},
         "tasks": results, "experts_vs_baseline": beside, "wall_seconds": time.perf_counter() - t0,

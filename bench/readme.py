@@ -130,6 +130,35 @@ def baselines_section(result: dict) -> str:
             f"seeds.\n\n{table}\n")
 
 
+def baselines_all_data_section(result: dict, name: str = "baselines_full") -> str:
+    """Every simple baseline of every task trained on all its training rows (the full profile's splits): test
+    macro-F1 / AUROC, the strongest (picked on validation) in bold. ``name``: the results file, where the result
+    does not record it."""
+    rows = []
+    for task, t in result["tasks"].items():
+        r = t.get("all_rows") or t["expert_rows"]
+
+        def cell(name: str) -> str:
+            if name not in r:
+                return ""
+            test = r[name]["test"]
+            text = f"{test['macro_f1']:.3f} / {test['auroc']:.3f}"
+            return f"**{text}**" if name == r["strongest"] else text
+
+        rows.append({"task": task, "n": r["train_samples"], "test_n": t["test_samples"],
+                     "majority": f"{r['majority']['test']['macro_f1']:.3f}", "tfidf_lr": cell("tfidf_lr"),
+                     "pixel_lr": cell("pixel_lr"), "small_cnn": cell("small_cnn")})
+    table = markdown_table(rows, [("task", "task"), ("n", "train rows"), ("test_n", "test rows"),
+                                  ("majority", "majority macro-F1"), ("tfidf_lr", "TF-IDF + LR"),
+                                  ("pixel_lr", "pixel LR"), ("small_cnn", "small CNN (median of seeds)")])
+    p = result["params"]
+    name = p.get("result", name)
+    return (f"Profile `{p['profile']}` (every training row), {machine_line(result)}, from `bench/results/{name}.json` "
+            f"(wall time {result['wall_seconds'] / 60:.0f} min). Test macro-F1 / AUROC; hyper-parameters picked on "
+            f"validation; **bold**: the task's strongest baseline (best validation macro-F1); the small CNN is the "
+            f"median of {p['cnn_seeds']} seeds.\n\n{table}\n")
+
+
 def fixed_cost_section(result: dict) -> str:
     """A skip-all run's wall time before and after the project's own Prefect server."""
     m, p = result["median_seconds"], result["params"]
@@ -847,6 +876,7 @@ def main() -> None:
                           ("class_weight", class_weight_section),
                           ("experts_full_image", experts_full_image_section),
                           ("decompose_full_image", decompose_section),
+                          ("baselines_full", baselines_all_data_section),
                           ("architecture", architecture_section)):
         path = RESULTS / f"{name}.json"
         if path.is_file():
