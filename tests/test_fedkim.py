@@ -278,8 +278,6 @@ def test_the_best_validation_epoch_is_kept_and_patience_stops(found: Foundation)
         seen[epoch] = metrics
         states[epoch] = model.trainable_state()
 
-    # epoch 0, the model as given, is a candidate: training that does not help on validation is not kept
-    on_epoch(0, {f"val_{t}_{k}": v for t, m in evaluate_injected(model, split(8, 60)).items() for k, v in m.items()})
     trainer = TrainerParams(max_epochs=6, batch_size=8, lr=5e-2, early_stopping_patience=2)
     metrics = train_injected(model, split(16, 50), split(8, 60), trainer=trainer, seed=0, monitor="macro_f1",
                              on_epoch=on_epoch)

@@ -451,8 +451,7 @@ def train_injected(
     ``train_loss`` (last epoch) and, with ``val``, ``val_<task>_<metric>``; ``on_epoch(epoch, metrics)`` is called
     after each epoch. With ``val`` and ``monitor`` (a metric, e.g. "macro_f1"), the trainable weights of the epoch
     with the best mean validation ``monitor`` over the tasks are restored at the end (``best_epoch`` in the returned
-    metrics, which are that epoch's; epoch 0, the model as given, is a candidate: training that does not help on
-    validation is not kept), and training stops after ``trainer.early_stopping_patience`` epochs without
+    metrics, which are that epoch's), and training stops after ``trainer.early_stopping_patience`` epochs without
     improvement (0: never). Deterministic for a given ``seed`` on CPU; the global RNG is left as is."""
     autocast = False
     patience = 0
@@ -479,11 +478,6 @@ def train_injected(
     mode = model.training
     model.train()
     try:
-        if val is not None and monitor is not None:  # epoch 0, the untrained injection, is a candidate too
-            scores = evaluate_injected(model, val)
-            value = float(np.nanmean([m[monitor] for m in scores.values()]))
-            best = (value, 0, model.trainable_state(),
-                    {"train_loss": math.nan} | {f"val_{t}_{k}": v for t, m in scores.items() for k, v in m.items()})
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(seed)
             for epoch in range(1, epochs + 1):

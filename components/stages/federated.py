@@ -4,8 +4,7 @@ injects their knowledge into the frozen text foundation through M3OE (``componen
 the injection on its own small split (a share of each task's validation split); the rest validates it.
 
 Compared on the same split: no injection (the frozen foundation with heads fitted as the experts' probe, to
-convergence; FedKIM's heads start from the same probe fitted on its own starting features, and FedKIM keeps its best
-validation epoch, epoch 0 included), and, for held-out tasks no
+convergence; FedKIM's heads start from them and FedKIM keeps its best validation epoch), and, for held-out tasks no
 client trained on, a few-shot head on the injected and on the non-injected model.
 Written: ``injected/`` (trainable state, aggregated client encoders, config) and the per-round reports.
 """
@@ -133,15 +132,13 @@ def run(inp: FederatedInputs, data_dir: Path, foundation_dir: Path, out_dir: Pat
     own_train = {t: server_train[t].subset(ip.trainer.max_train_samples, seed) for t in client_tasks}
     own_val = {t: server_val[t] for t in client_tasks}
     # The no-injection baseline: the frozen foundation with heads fitted to convergence as the experts' probe is
-    # (the strongest heads the server's data gives). FedKIM's heads start from the same probe fitted on its own
-    # starting features (the injected client token changes them, so the baseline's heads do not fit them; the mixture
-    # of experts starts as the identity), and FedKIM keeps its best epoch on the server's validation rows, the
-    # untrained injection (epoch 0) included: server training that does not help on validation is not kept.
+    # (the strongest heads the server's data gives); FedKIM's heads start from them (as an expert's from its probe)
+    # and FedKIM keeps its best epoch on the server's validation rows.
     plain = no_injection(found, client_specs, seed=seed)
     fit_probe_heads(plain, own_train, own_val, inp.probe, metric, seed)
     injected = build_injected(found, federated.model, client_specs, num_experts=ip.num_experts, rank=ip.rank,
                               alpha=ip.alpha, targets=ip.targets, extra_tokens=ip.extra_tokens, seed=seed)
-    fit_probe_heads(injected, own_train, own_val, inp.probe, metric, seed)
+    injected.heads.load_state_dict(plain.heads.state_dict())
     train_injected(injected, own_train, own_val, trainer=ip.trainer, seed=seed, monitor=metric,
                    on_epoch=_epoch_line("FedKIM injection", ip.trainer.max_epochs))
     val = evaluate_injected(injected, own_val)
