@@ -39,8 +39,10 @@ def load_heads(path: Path, in_dim: int, tasks: Iterable[str] | None = None) -> d
     heads = {}
     for task in wanted:
         weight = state.get(task, {}).get("weight")
-        if weight is None or weight.ndim != 2:
+        if weight is None:
             raise ArtifactError(f"{path} has no head for task {task!r} (it holds {sorted(state)})")
+        if weight.ndim != 2:
+            raise ArtifactError(f"{path}: the head of {task!r} is malformed (weight of shape {tuple(weight.shape)})")
         if weight.shape[1] != in_dim:
             raise ArtifactError(f"{path}: the head of {task!r} reads {weight.shape[1]} features; the encoder gives "
                                 f"{in_dim}")
