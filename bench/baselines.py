@@ -336,8 +336,7 @@ def main() -> None:
     beside = experts_beside(results, args.profile)
     write_result(args.result, {
         "params": {"profile": args.profile, "result": args.result, "tasks": tasks, "seed": params.pipeline.seed,
-                   "text_C": TEXT_C,
-                   "pixel_C": PIXEL_C, "cnn_seeds": args.cnn_seeds, "cnn_epochs": args.cnn_epochs,
+                   "text_C": TEXT_C, "pixel_C": PIXEL_C, "cnn_seeds": args.cnn_seeds, "cnn_epochs": args.cnn_epochs,
                    "selection": "validation macro-F1", "metrics": METRICS},
         "tasks": results, "experts_vs_baseline": beside, "wall_seconds": time.perf_counter() - t0,
     })

@@ -98,32 +98,17 @@ def main() -> None:
 
 
 def _invocations(work: Path) -> list[dict]:
-    """The invocations recorded in ``work`` so far (none in a fresh folder; a record written before it was an
-    object, a bare list, is read too)."""
-    import json
-
+    """The invocations recorded in ``work`` so far (none in a fresh folder)."""
     from components.core.artifacts import read_json
-    from components.core.errors import ArtifactError
 
     path = work / "invocations.json"
-    if not path.is_file():
-        return []
-    try:
-        legacy = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        legacy = None  # read_json below names the corrupt file
-    if isinstance(legacy, list):
-        return legacy
-    record = read_json(path, "bench invocations record")
-    if not isinstance(record.get("invocations"), list):
-        raise ArtifactError(f"{path}: bench invocations record has no 'invocations' list")
-    return record["invocations"]
+    return read_json(path, "bench invocations record", expect=list) if path.is_file() else []
 
 
 def _save_invocations(work: Path, invocations: list[dict]) -> None:
     from components.core.artifacts import write_json
 
-    write_json(work / "invocations.json", {"invocations": invocations})
+    write_json(work / "invocations.json", invocations)
 
 
 if __name__ == "__main__":

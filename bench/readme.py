@@ -138,12 +138,12 @@ def baselines_all_data_section(result: dict, name: str = "baselines_full") -> st
     for task, t in result["tasks"].items():
         r = t.get("all_rows") or t["expert_rows"]
 
-        def cell(name: str) -> str:
-            if name not in r:
+        def cell(baseline: str) -> str:
+            if baseline not in r:
                 return ""
-            test = r[name]["test"]
+            test = r[baseline]["test"]
             text = f"{test['macro_f1']:.3f} / {test['auroc']:.3f}"
-            return f"**{text}**" if name == r["strongest"] else text
+            return f"**{text}**" if baseline == r["strongest"] else text
 
         rows.append({"task": task, "n": r["train_samples"], "test_n": t["test_samples"],
                      "majority": f"{r['majority']['test']['macro_f1']:.3f}", "tfidf_lr": cell("tfidf_lr"),

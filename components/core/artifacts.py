@@ -76,16 +76,17 @@ def read_model(path: Path, cls: type[M], what: str) -> M:
     return check_record(cls, read_json(path, what), path, what)
 
 
-def read_json(path: Path, what: str = "file") -> dict[str, Any]:
-    """A JSON object from ``path``; missing, unreadable or non-object content is an ArtifactError."""
+def read_json(path: Path, what: str = "file", expect: type[dict] | type[list] = dict) -> Any:
+    """A JSON object (``expect=list``: an array) from ``path``; missing, unreadable or other content is an
+    ArtifactError."""
     if not path.is_file():
         raise ArtifactError(f"{path}: {what} not found")
     try:
         obj = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ArtifactError(f"{path}: corrupt {what} ({exc})") from None
-    if not isinstance(obj, dict):
-        raise ArtifactError(f"{path}: corrupt {what} (expected a JSON object)")
+    if not isinstance(obj, expect):
+        raise ArtifactError(f"{path}: corrupt {what} (expected a JSON {'object' if expect is dict else 'array'})")
     return obj
 
 

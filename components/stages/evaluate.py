@@ -149,8 +149,9 @@ def evaluate_models(inp: EvaluateInputs, data_dir: Path, foundation_dir: Path, e
             scores["fedkim"] = evaluate_injected(injected, {task: test})[task]
         if decompose_dir is not None and lorkd_fused(decompose_dir, spec.modality, task).is_dir():
             lorkd = load_bundle(lorkd_fused(decompose_dir, spec.modality, task))
-            teacher_logits = deployed_logits if lorkd.info.teacher == "expert" else \
-                batched(lorkd_teacher(lorkd.info.teacher or "foundation", decompose_dir, experts_dir, found, task), x)  # the expert teacher is `deployed`
+            teacher = lorkd.info.teacher or "foundation"
+            teacher_logits = deployed_logits if teacher == "expert" else \
+                batched(lorkd_teacher(teacher, decompose_dir, experts_dir, found, task), x)  # the expert teacher is `deployed`
             scores["teacher"] = compute_metrics(test.kind, teacher_logits, y, test.num_labels)
             single = load_bundle(lorkd_single(decompose_dir, spec.modality, task))
             scores["lorkd"] = compute_metrics(test.kind, batched(lorkd.model.for_task(task), x), y, test.num_labels)
