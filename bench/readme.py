@@ -159,6 +159,51 @@ def baselines_all_data_section(result: dict, name: str = "baselines_full") -> st
             f"median of {p['cnn_seeds']} seeds.\n\n{table}\n")
 
 
+FULL_MODELS = (("probe", "probe"), ("expert", "deployed expert"), ("fused", "fused"), ("routed", "AT-MoE routed"),
+               ("fedkim", "FedKIM"), ("teacher", "LoRKD teacher"), ("lorkd", "LoRKD expert"),
+               ("single_student", "single-task student"))
+
+
+def pipeline_full_section(result: dict, baselines_name: str = "baselines_full") -> str:
+    """The full profile's measured run: every model's test metric per task beside the strongest simple baseline
+    on all the data (bench/results/BASELINES_NAME.json, the same splits) and the quick profile's deployed expert
+    (bench/results/pipeline.json), then the time it took."""
+    metric, m = result["params"]["metric"], result["machine"]
+    path = RESULTS / f"{baselines_name}.json"
+    baselines = json.loads(path.read_text())["tasks"] if path.is_file() else {}
+    path = RESULTS / "pipeline.json"
+    quick = json.loads(path.read_text())["tasks"] if path.is_file() else {}
+    scores = {task: t.get("models") or {k: t.get(k) for k, _ in FULL_MODELS} for task, t in result["tasks"].items()}
+    present = [(k, label) for k, label in FULL_MODELS if any(s.get(k) is not None for s in scores.values())]
+    rows, misses = [], []
+    for task, t in result["tasks"].items():
+        models = scores[task]
+        b = baselines.get(task)
+        r = (b.get("all_rows") or b["expert_rows"]) if b else None
+        base = r[r["strongest"]]["test"]["macro_f1"] if r and metric == "macro_f1" else None
+        verdict = "" if base is None else "yes" if t["expert"] > base else "**no**"
+        if verdict == "**no**":
+            misses.append(task)
+        rows.append({"task": task, "n": t["test_samples"], **{k: models.get(k) for k, _ in present},
+                     "baseline": f"{BASELINE_NAMES[r['strongest']]} {base:.3f}" if base is not None else "—",
+                     "verdict": verdict, "quick": quick.get(task, {}).get("expert")})
+    table = markdown_table(rows, [("task", "task"), ("n", "test rows"), *present,
+                                  ("baseline", "strongest baseline, all rows"), ("verdict", "expert beats it"),
+                                  ("quick", "quick-profile expert")])
+    fig = result["figures"]
+    per_stage = ", ".join(f"{s} {v / 3600:.1f} h" for s, v in fig["per_stage_compute_seconds"].items() if v >= 36)
+    verdict = ("every task's deployed expert beats it" if not misses else
+               f"the deployed expert does **not** beat it on {', '.join(misses)}")
+    return (f"Profile `full` (every task, every row), test {metric}, {machine_line(result)}, from "
+            f"`bench/results/{result['params'].get('result', 'pipeline_full')}.json`; the strongest baseline from "
+            f"`bench/results/{baselines_name}.json` (same splits).\n\n{table}\n"
+            f"- Against the strongest simple baseline: {verdict}.\n"
+            f"- Time on {m['cpus']} CPU cores, in {len(result.get('invocations', []))} invocations (each stop resumed "
+            f"by the next; the compute a stopped invocation spent is not counted): the stage compute of the "
+            f"invocation that finished each stage, {per_stage}; the last invocation's flow wall time "
+            f"{fig['flow_wall_seconds'] / 3600:.1f} h.\n")
+
+
 def fixed_cost_section(result: dict) -> str:
     """A skip-all run's wall time before and after the project's own Prefect server."""
     m, p = result["median_seconds"], result["params"]
@@ -647,6 +692,39 @@ def federated_section(result: dict) -> str:
     )
 
 
+def fedkim_variants_section(result: dict) -> str:
+    """FedKIM's server step varied on one federation (bench/results/fedkim_variants.json, and the other partition's
+    run beside it when bench/results/fedkim_variants_dirichlet.json exists): test macro-F1 per task, and the
+    validation macro-F1 of the text task the stage's epoch choice reads."""
+    runs = [result]
+    path = RESULTS / "fedkim_variants_dirichlet.json"
+    if path.is_file() and result["params"]["partition"] != "dirichlet":
+        runs.append(json.loads(path.read_text()))
+    tasks = result["params"]["tasks"]
+    text = [t for t in tasks if t != "pneumoniamnist"][-1]
+    columns, rows = [("variant", "server step")], {}
+    for run in runs:
+        part = run["params"]["partition"]
+        columns += [(f"{part}:{t}", f"{part}: {t}") for t in tasks] + [(f"{part}:val", f"{part}: {text} val")]
+        for name, v in run["variants"].items():
+            row = rows.setdefault(name, {"variant": name})
+            row |= {f"{part}:{t}": v["test"][t]["macro_f1"] for t in tasks}
+            row[f"{part}:val"] = v["val"][text]["macro_f1"]
+    p = result["params"]
+    return (f"Profile `{p['profile']}`, {machine_line(result)}, from `bench/results/fedkim_variants*.json` "
+            f"(`medexperts bench fedkim_variants --partition P`). One federation per partition, the server step "
+            f"re-run in each variant on the same aggregated clients and server rows ({p['server_train_rows'][text]} "
+            f"training, {p['server_val_rows'][text]} validation rows of {text}); test macro-F1 on the whole test "
+            f"split ({', '.join(f'{t} {n}' for t, n in p['test_rows'].items())} rows); one seed.\n\n"
+            f"{markdown_table([rows[n] for n in sorted(rows, key=_variant_order)], columns)}\n")
+
+
+def _variant_order(name: str) -> tuple[int, str]:
+    """The baseline and the stage first, then the untrained variants, then the trained ones."""
+    first = ["no_injection", "stage", "untrained_plain_heads", "untrained_own_probe"]
+    return (first.index(name), name) if name in first else (len(first), name)
+
+
 def fanout_section(result: dict) -> str:
     """The fan-out stages in one process vs on a Dask LocalCluster."""
     m, p = result["median_seconds"], result["params"]
@@ -877,6 +955,8 @@ def main() -> None:
                           ("experts_full_image", experts_full_image_section),
                           ("decompose_full_image", decompose_section),
                           ("baselines_full", baselines_all_data_section),
+                          ("pipeline_full", pipeline_full_section),
+                          ("fedkim_variants", fedkim_variants_section),
                           ("architecture", architecture_section)):
         path = RESULTS / f"{name}.json"
         if path.is_file():

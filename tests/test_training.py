@@ -176,7 +176,7 @@ def test_epoch_lines_when_there_is_no_progress_bar(tmp_path: Path, caplog: pytes
 
 def test_task_heads_round_trip_and_a_bad_heads_file_names_the_problem(tmp_path: Path) -> None:
     """One file format for task heads (bundles, the image foundation, LoRKD teachers): saved and loaded back
-    equal; a missing task, a head of another width or a damaged file is an ArtifactError naming it."""
+    equal; a missing task, a head of another width or label count, or a damaged file is an ArtifactError naming it."""
     from components.nn.classifier import load_heads, make_head, save_heads
 
     torch.manual_seed(0)
@@ -193,6 +193,9 @@ def test_task_heads_round_trip_and_a_bad_heads_file_names_the_problem(tmp_path: 
         load_heads(path, 8, ["hoc"])
     with pytest.raises(ArtifactError, match="reads 8 features; the encoder gives 16"):
         load_heads(path, 16)
+    assert sorted(load_heads(path, 8, num_labels={"pneumoniamnist": 2, "hoc": 10})) == sorted(heads)
+    with pytest.raises(ArtifactError, match="'derma.v2' has 7 outputs; the task has 9 labels"):
+        load_heads(path, 8, num_labels={"derma.v2": 9})
     path.write_bytes(path.read_bytes()[:20])
     with pytest.raises(ArtifactError, match="cannot read the task heads"):
         load_heads(path, 8)

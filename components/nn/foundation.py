@@ -7,6 +7,7 @@ multi-task heads, manifest). ``load_foundation`` rebuilds a frozen encoder and v
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -142,10 +143,12 @@ def load_foundation(folder: Path, modality: str) -> Foundation:
     return found
 
 
-def load_image_heads(folder: Path, found: Foundation) -> dict[str, nn.Linear]:
+def load_image_heads(folder: Path, found: Foundation,
+                     num_labels: Mapping[str, int] | None = None) -> dict[str, nn.Linear]:
     """The image foundation's pre-training heads (task -> frozen head on ``found``'s features), as the
-    foundation stage saved them beside its encoder (``folder`` is that stage's output)."""
+    foundation stage saved them beside its encoder (``folder`` is that stage's output); a head of a task in
+    ``num_labels`` with another number of outputs is an ``ArtifactError`` (re-run the foundation stage)."""
     from components.core.layout import IMAGE_HEADS, foundation_dir
 
-    heads = load_heads(foundation_dir(folder, "image") / IMAGE_HEADS, found.encoder.out_dim)
+    heads = load_heads(foundation_dir(folder, "image") / IMAGE_HEADS, found.encoder.out_dim, num_labels=num_labels)
     return {task: head.eval().requires_grad_(False) for task, head in heads.items()}

@@ -100,14 +100,12 @@ def teacher_heads(found: Foundation, foundation_dir: Path, feats: dict[str, tupl
                   inp: DecomposeInputs) -> dict[str, nn.Linear]:
     """The ``foundation`` teacher's head per task: pre-training head (image) where there is one, else a probe
     fitted on the frozen foundation's features."""
-    stored = load_image_heads(foundation_dir, found) if found.modality == "image" else {}
+    stored = load_image_heads(foundation_dir, found, {t: td.num_labels for t, td in data.items()}) \
+        if found.modality == "image" else {}
     heads = {}
     for task, td in data.items():
         if task in stored:
             head = stored[task]
-            if head.out_features != td.num_labels:
-                raise ArtifactError(f"{foundation_dir}: the image foundation's {task!r} head has {head.out_features} "
-                                    f"outputs; the task has {td.num_labels} labels: re-run the foundation stage")
         else:
             head, _ = fit_probe(feats[task], val_feats[task], td.kind, td.num_labels, inp.probe, inp.metric, inp.seed)
         heads[task] = head.eval().requires_grad_(False)
