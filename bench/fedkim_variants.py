@@ -14,7 +14,11 @@ whole test split (what a user gets):
 - untrained_own_probe: the same, heads fitted as a probe on the injected model's own features;
 - trained_own_probe: the stage's training, heads starting from that probe;
 - frozen_heads_then_probe: the stage's training with the heads frozen, then the heads refitted as a probe;
-- lr_x0.3 / lr_x0.1 / epochs_3: the stage's training with a lower learning rate or fewer epochs.
+- lr_x0.3 / lr_x0.1 / epochs_3: the stage's training with a lower learning rate or fewer epochs;
+- fedavg: the aggregated client model itself (its own encoders and heads): what the clients learned.
+
+`--set KEY=VALUE` (repeatable, VALUE read as YAML) changes a parameter of the run, e.g.
+`--set federated.client.text_layers=[0,1,2]`; the changes are recorded in the result.
 
 One seed; test macro-F1 differences under about 0.03 are within the noise of a few hundred test rows.
 """
@@ -27,7 +31,11 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import ROOT, write_result
-from bench.federated import PARTITIONS, TASKS, _params, _pick, capture_stage, ensure_data
+from bench.federated import PARTITIONS, TASKS, _params, _pick, capture_stage, ensure_data, per_task
+
+
+# the tasks and held-out list are the bench's; the foundation and data of a reused --work are not rebuilt
+FIXED = ("data.", "federated.held_out", "foundation.")
 
 
 def main() -> None:
@@ -38,19 +46,35 @@ def main() -> None:
     parser.add_argument("--server-fraction", type=float, default=0.8,
                         help="share of each validation split the server trains on (the rest: its validation)")
     parser.add_argument("--variants", nargs="*", help="run only these variants (default: all)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="changes",
+                        help="a parameter change, VALUE read as YAML (repeatable)")
     parser.add_argument("--result", default="fedkim_variants")
     parser.add_argument("--work", type=Path)
     args = parser.parse_args()
 
+    import yaml
+
     from components.core.layout import foundation_dir
+    from components.federated.clients import client_evaluator
     from components.data.datasets import load_split
     from components.federated.fedkim import build_injected, evaluate_injected, fit_probe_heads, train_injected
     from components.nn.foundation import describe_text_foundation, load_foundation
     from components.stages.federated import FederatedInputs, _specs, _split_rows, run
 
     tasks = [t for t in TASKS if t != "breastmnist"]
+    changes = {}
+    for change in args.changes:
+        key, sep, value = change.partition("=")
+        if not sep or not key:
+            parser.error(f"--set takes KEY=VALUE, got {change!r}")
+        if key.startswith(FIXED):  # what the bench itself decides, or what a reused --work would keep stale
+            parser.error(f"--set {key}: the bench fixes {', '.join(FIXED)}")
+        changes[key] = yaml.safe_load(value)
+    if changes and args.result == parser.get_default("result"):
+        parser.error("with --set, name the result (--result NAME): the default one is the unchanged run")
     params = _params(args.profile, {"data.active": tasks, "federated.held_out": [],
-                                    "federated.server_fraction": args.server_fraction, **PARTITIONS[args.partition]})
+                                    "federated.server_fraction": args.server_fraction, **PARTITIONS[args.partition],
+                                    **changes})
     seed, fp = params.pipeline.seed, params.federated
     ip = fp.injection
     work = (args.work or Path(tempfile.mkdtemp(prefix="medexperts-bench-fedkim-variants-"))).resolve()
@@ -106,20 +130,30 @@ def main() -> None:
     unknown = sorted(set(chosen) - set(variants))
     if unknown:
         parser.error(f"unknown variants {unknown}; known: {list(variants)}")
-    results = {}
+    results: dict[str, dict[str, Any]] = {}
+
+    def show(name: str) -> None:
+        r = results[name]
+        print(f"{name:24s} " + "  ".join(f"{t[:10]} val {r['val'][t]['macro_f1']:.3f} test {r['test'][t]['macro_f1']:.3f}/"
+                                         f"{r['test'][t]['auroc']:.3f}" for t in tasks), flush=True)
+
+    evaluate_val = client_evaluator(own_val, tokenizer=found.tokenizer, max_length=found.max_length)
+    evaluate_test = client_evaluator(test, tokenizer=found.tokenizer, max_length=found.max_length)
+    results["fedavg"] = {split: per_task(evaluate(clients), tasks)
+                         for split, evaluate in (("val", evaluate_val), ("test", evaluate_test))}
+    show("fedavg")
     for name in chosen:
         t0 = time.perf_counter()
         model = variants[name]()
         results[name] = {"val": {t: _pick(m) for t, m in evaluate_injected(model, own_val).items()},
                          "test": {t: _pick(m) for t, m in evaluate_injected(model, test).items()},
                          "seconds": time.perf_counter() - t0}
-        print(f"{name:24s} " + "  ".join(f"{t[:10]} val {results[name]['val'][t]['macro_f1']:.3f} test "
-                                         f"{results[name]['test'][t]['macro_f1']:.3f}/"
-                                         f"{results[name]['test'][t]['auroc']:.3f}" for t in tasks), flush=True)
+        show(name)
         del model
     write_result(args.result, {
-        "params": {"profile": args.profile, "partition": args.partition, "server_fraction": args.server_fraction,
-                   "tasks": tasks, "seed": seed, "injection": ip.model_dump(mode="json"),
+        "params": {"profile": args.profile, "partition": params.data.federation.partition,
+                   "server_fraction": fp.server_fraction,
+                   "tasks": tasks, "seed": seed, "changes": changes, "injection": ip.model_dump(mode="json"),
                    "server_train_rows": {t: len(d) for t, d in own_train.items()},
                    "server_val_rows": {t: len(d) for t, d in own_val.items()},
                    "test_rows": {t: len(d) for t, d in test.items()}},

@@ -166,42 +166,51 @@ FULL_MODELS = (("probe", "probe"), ("expert", "deployed expert"), ("fused", "fus
 
 def pipeline_full_section(result: dict, baselines_name: str = "baselines_full") -> str:
     """The full profile's measured run: every model's test metric per task beside the strongest simple baseline
-    on all the data (bench/results/BASELINES_NAME.json, the same splits) and the quick profile's deployed expert
-    (bench/results/pipeline.json), then the time it took."""
-    metric, m = result["params"]["metric"], result["machine"]
+    on all the data (bench/results/BASELINES_NAME.json, the same splits: test row counts are compared) and the quick
+    profile's deployed expert (bench/results/pipeline.json), then the time it took."""
+    metric, p = result["params"]["metric"], result["params"]
     path = RESULTS / f"{baselines_name}.json"
     baselines = json.loads(path.read_text())["tasks"] if path.is_file() else {}
     path = RESULTS / "pipeline.json"
     quick = json.loads(path.read_text())["tasks"] if path.is_file() else {}
     scores = {task: t.get("models") or {k: t.get(k) for k, _ in FULL_MODELS} for task, t in result["tasks"].items()}
     present = [(k, label) for k, label in FULL_MODELS if any(s.get(k) is not None for s in scores.values())]
-    rows, misses = [], []
+    rows, misses, other_split = [], [], []
     for task, t in result["tasks"].items():
-        models = scores[task]
         b = baselines.get(task)
+        if b and b.get("test_samples") != t["test_samples"]:
+            other_split.append(task)  # not the same test rows: no comparison
+            b = None
         r = (b.get("all_rows") or b["expert_rows"]) if b else None
         base = r[r["strongest"]]["test"]["macro_f1"] if r and metric == "macro_f1" else None
         verdict = "" if base is None else "yes" if t["expert"] > base else "**no**"
         if verdict == "**no**":
             misses.append(task)
-        rows.append({"task": task, "n": t["test_samples"], **{k: models.get(k) for k, _ in present},
+        rows.append({"task": task, "n": t["test_samples"], **{k: scores[task].get(k) for k, _ in present},
                      "baseline": f"{BASELINE_NAMES[r['strongest']]} {base:.3f}" if base is not None else "—",
                      "verdict": verdict, "quick": quick.get(task, {}).get("expert")})
     table = markdown_table(rows, [("task", "task"), ("n", "test rows"), *present,
                                   ("baseline", "strongest baseline, all rows"), ("verdict", "expert beats it"),
                                   ("quick", "quick-profile expert")])
     fig = result["figures"]
-    per_stage = ", ".join(f"{s} {v / 3600:.1f} h" for s, v in fig["per_stage_compute_seconds"].items() if v >= 36)
+
+    def took(seconds: float) -> str:
+        return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.0f} min"
+
+    per_stage = ", ".join(f"{s} {took(v)}" for s, v in fig["per_stage_compute_seconds"].items() if v >= 60)
+    runs = len(result.get("invocations", []))
     verdict = ("every task's deployed expert beats it" if not misses else
                f"the deployed expert does **not** beat it on {', '.join(misses)}")
-    return (f"Profile `full` (every task, every row), test {metric}, {machine_line(result)}, from "
-            f"`bench/results/{result['params'].get('result', 'pipeline_full')}.json`; the strongest baseline from "
-            f"`bench/results/{baselines_name}.json` (same splits).\n\n{table}\n"
-            f"- Against the strongest simple baseline: {verdict}.\n"
-            f"- Time on {m['cpus']} CPU cores, in {len(result.get('invocations', []))} invocations (each stop resumed "
-            f"by the next; the compute a stopped invocation spent is not counted): the stage compute of the "
-            f"invocation that finished each stage, {per_stage}; the last invocation's flow wall time "
-            f"{fig['flow_wall_seconds'] / 3600:.1f} h.\n")
+    lines = [f"- Against the strongest simple baseline: {verdict}."]
+    if other_split:
+        lines.append(f"- Not compared (the baselines file has other test rows): {', '.join(other_split)}.")
+    lines.append(f"- Stage compute of the invocation that finished each stage: {per_stage}; the last invocation's "
+                 f"flow wall time {took(fig['flow_wall_seconds'])}"
+                 + (f"; {runs} invocations in all, each stop resumed by the next (the compute a stopped invocation "
+                    f"spent is not counted)." if runs > 1 else "."))
+    return (f"Profile `{p['profile']}`, test {metric}, {machine_line(result)}, from "
+            f"`bench/results/{p.get('result', 'pipeline_full')}.json`; the strongest baseline from "
+            f"`bench/results/{baselines_name}.json`.\n\n{table}\n" + "\n".join(lines) + "\n")
 
 
 def fixed_cost_section(result: dict) -> str:
@@ -721,7 +730,7 @@ def fedkim_variants_section(result: dict) -> str:
 
 def _variant_order(name: str) -> tuple[int, str]:
     """The baseline and the stage first, then the untrained variants, then the trained ones."""
-    first = ["no_injection", "stage", "untrained_plain_heads", "untrained_own_probe"]
+    first = ["no_injection", "fedavg", "stage", "untrained_plain_heads", "untrained_own_probe"]
     return (first.index(name), name) if name in first else (len(first), name)
 
 

@@ -194,8 +194,8 @@ def test_task_heads_round_trip_and_a_bad_heads_file_names_the_problem(tmp_path: 
     with pytest.raises(ArtifactError, match="reads 8 features; the encoder gives 16"):
         load_heads(path, 16)
     assert sorted(load_heads(path, 8, num_labels={"pneumoniamnist": 2, "hoc": 10})) == sorted(heads)
-    with pytest.raises(ArtifactError, match="'derma.v2' has 7 outputs; the task has 9 labels"):
-        load_heads(path, 8, num_labels={"derma.v2": 9})
+    with pytest.raises(ArtifactError, match="'derma.v2' has 7 outputs; the task has 9 labels: re-run the stage"):
+        load_heads(path, 8, num_labels={"derma.v2": 9}, remedy="re-run the stage")
     path.write_bytes(path.read_bytes()[:20])
     with pytest.raises(ArtifactError, match="cannot read the task heads"):
         load_heads(path, 8)

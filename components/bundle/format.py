@@ -277,6 +277,7 @@ def load_bundle(folder: Path) -> LoadedBundle:
         config = manifest.get("wrapper_config", {}).get(wrapper, {})
         encoder = WRAPPERS.get(wrapper).attach(encoder, load_file(path), config, str(path))
     heads = load_heads(folder / "heads.safetensors", encoder.out_dim, manifest["tasks"],
-                       {task: info["num_labels"] for task, info in manifest["tasks"].items()})
+                       {task: info["num_labels"] for task, info in manifest["tasks"].items()},
+                       remedy="the bundle's manifest says otherwise; the bundle is inconsistent, export it again")
     model = MultiTaskClassifier(encoder, heads).eval()
     return LoadedBundle(model, manifest, tokenizer)

@@ -25,10 +25,11 @@ def save_heads(heads: Mapping[str, nn.Module], path: Path) -> None:
 
 
 def load_heads(path: Path, in_dim: int, tasks: Iterable[str] | None = None,
-               num_labels: Mapping[str, int] | None = None) -> dict[str, nn.Linear]:
+               num_labels: Mapping[str, int] | None = None, remedy: str = "") -> dict[str, nn.Linear]:
     """The linear task heads of a ``save_heads`` file (all of them, or those of ``tasks``), each reading ``in_dim``
-    features; an unreadable file, a missing task, a head of another width or, for a task in ``num_labels``, a head
-    with another number of outputs is an ``ArtifactError``."""
+    features; an unreadable file, a missing task, a head of another width or, for a loaded task that ``num_labels``
+    names (others there are ignored), a head with another number of outputs is an ``ArtifactError`` (ending with
+    ``remedy``: what the user should do)."""
     try:
         tensors = load_file(path)
     except (OSError, SafetensorError) as exc:
@@ -50,7 +51,7 @@ def load_heads(path: Path, in_dim: int, tasks: Iterable[str] | None = None,
                                 f"{in_dim}")
         if num_labels is not None and task in num_labels and weight.shape[0] != num_labels[task]:
             raise ArtifactError(f"{path}: the head of {task!r} has {weight.shape[0]} outputs; the task has "
-                                f"{num_labels[task]} labels (the file was written for another label set)")
+                                f"{num_labels[task]} labels" + (f": {remedy}" if remedy else ""))
         head = make_head(in_dim, weight.shape[0])
         try:
             head.load_state_dict(state[task])

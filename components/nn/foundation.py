@@ -150,5 +150,6 @@ def load_image_heads(folder: Path, found: Foundation,
     ``num_labels`` with another number of outputs is an ``ArtifactError`` (re-run the foundation stage)."""
     from components.core.layout import IMAGE_HEADS, foundation_dir
 
-    heads = load_heads(foundation_dir(folder, "image") / IMAGE_HEADS, found.encoder.out_dim, num_labels=num_labels)
+    heads = load_heads(foundation_dir(folder, "image") / IMAGE_HEADS, found.encoder.out_dim, num_labels=num_labels,
+                       remedy="the image foundation was pre-trained on another label set; re-run the foundation stage")
     return {task: head.eval().requires_grad_(False) for task, head in heads.items()}
