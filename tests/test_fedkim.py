@@ -5,6 +5,7 @@ the no-injection baseline, save/load, and bad inputs refused with one clear erro
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -224,6 +225,32 @@ def test_extra_tokens_extend_the_mask_and_padding_changes_nothing(found: Foundat
     assert torch.equal(moved[image_rows], out[image_rows])
 
 
+def test_the_text_keeps_its_pretrained_positions_beside_the_extra_tokens(found: Foundation,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the extra tokens masked out and the experts at zero, the injected model IS the foundation: the text
+    keeps position ids 0..L-1 (the extra tokens sit after max_length). The layout of models saved before that
+    (extra tokens first, the text shifted by one) is not, which is why it was changed."""
+    batch = inputs_of(batch_of(no_injection(found, TASKS), {"notes": notes(4, 0)}))
+    plain = found.encoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    outputs = {}
+    for layout in ("after_text", "first"):
+        model = build_injected(found, client_model(found), TASKS, num_experts=2, rank=2,
+                               extra_positions=layout).eval()
+        real = model._extra
+
+        def masked(*args: Any, real: Any = real) -> tuple[torch.Tensor, torch.Tensor]:
+            tokens, mask = real(*args)
+            return tokens, torch.zeros_like(mask)
+
+        monkeypatch.setattr(model, "_extra", masked)
+        with torch.no_grad():
+            outputs[layout] = model(**batch)
+    assert torch.allclose(outputs["after_text"], plain, atol=1e-5)
+    assert not torch.allclose(outputs["first"], plain, atol=1e-3)
+    with pytest.raises(ParamsError, match="extra_positions='middle'"):
+        build_injected(found, client_model(found), TASKS, extra_positions="middle")
+
+
 def test_no_injection_is_the_foundation_with_heads(found: Foundation) -> None:
     model = no_injection(found, TASKS).eval()
     assert all(n.startswith("heads.") for n in model.trainable_names()) and not molora_layers(model.encoder.model)
@@ -322,6 +349,14 @@ def test_save_then_load_reproduces_the_outputs(found: Foundation, tmp_path: Path
     with torch.no_grad():
         assert torch.equal(loaded.eval()(**batch), model.eval()(**batch))
         assert torch.equal(loaded.heads["breast"].weight, model.heads["breast"].weight)
+
+    assert loaded.extra_positions == "after_text"
+    # a model saved before the extra tokens' positions were a setting: they came first; it loads that way
+    path = tmp_path / "fedkim" / "manifest.json"
+    old = json.loads(path.read_text())
+    del old["config"]["extra_positions"]
+    path.write_text(json.dumps(old))
+    assert load_injected(tmp_path / "fedkim", found).extra_positions == "first"
 
     other = Foundation("text", found.encoder, "0" * 64, found.spec, found.tokenizer, found.max_length)
     with pytest.raises(ArtifactError, match="sha256"):

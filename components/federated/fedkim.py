@@ -7,7 +7,10 @@ The injected model (``InjectedFoundation``), per sample of task t:
 - extra tokens, prepended to the word embeddings (HF ``inputs_embeds``): the frozen aggregated client image
   encoder's feature of the pixels (image tasks), or the frozen aggregated client text encoder's pooled feature of
   the text (text tasks), each through a trainable projection to ``extra_tokens`` foundation-width tokens; the
-  attention mask is extended by ones for them (zeros where no client encoder of that modality was given);
+  attention mask is extended by ones for them (zeros where no client encoder of that modality was given); the text
+  keeps the position ids it was pre-trained with (0..L-1: [CLS] at 0), the extra tokens take the positions after
+  ``max_length`` (``extra_positions="after_text"``; models saved before this option prepended them at 0..K-1 and
+  shifted the text by K, ``"first"``, and still load that way);
 - M3OE: every targeted Linear of the frozen foundation (attention and feed-forward) carries E fresh rank-r LoRA
   experts (``attach_molora``); the gate (``M3OEGate``: the modality description's token embeddings attend to the
   task description's, both embedded by the foundation's own word embeddings) gives one weight vector per task,
@@ -59,6 +62,8 @@ TRAINABLE_FILE = "injected.safetensors"
 ENCODERS_FILE = "client_encoders.safetensors"
 
 # Every Linear of a BertLayer: attention q/k/v and output, feed-forward in and out (suffix names, as PEFT).
+# where the extra tokens sit among the position ids: after the text (its pre-trained positions kept), or first
+EXTRA_POSITIONS = ("after_text", "first")
 DEFAULT_TARGETS: tuple[str, ...] = ("query", "key", "value", "attention.output.dense", "intermediate.dense",
                                     "output.dense")
 DEFAULT_MODALITY_DESCRIPTIONS = {"image": "medical image", "text": "clinical text"}
@@ -97,7 +102,8 @@ class InjectedFoundation(nn.Module):
     def __init__(self, encoder: TextEncoder, tokenizer: Any, tasks: Mapping[str, Any],
                  client_encoders: Mapping[str, nn.Module], *, num_experts: int, rank: int, alpha: float | None,
                  targets: Sequence[str], extra_tokens: int, gate_heads: int, max_length: int,
-                 description_length: int, seed: int, foundation_sha256: str) -> None:
+                 description_length: int, seed: int, foundation_sha256: str,
+                 extra_positions: str = "after_text") -> None:
         super().__init__()
         if not tasks:
             raise ParamsError("FedKIM: no tasks given; the injected model needs at least one task head")
@@ -108,6 +114,8 @@ class InjectedFoundation(nn.Module):
         if num_experts < 0 or (num_experts and (rank < 1 or not targets)):
             raise ParamsError(f"FedKIM: num_experts={num_experts} must be >= 0 (0: no experts); with experts rank "
                               f"must be >= 1 (got {rank}) and targets non-empty (got {list(targets)})")
+        if extra_positions not in EXTRA_POSITIONS:
+            raise ParamsError(f"FedKIM: extra_positions={extra_positions!r}; one of {list(EXTRA_POSITIONS)}")
         if extra_tokens < 1 or gate_heads < 1 or description_length < 2:
             raise ParamsError(f"FedKIM: extra_tokens={extra_tokens} and gate_heads={gate_heads} must be >= 1, "
                               f"description_length={description_length} >= 2")
@@ -116,6 +124,7 @@ class InjectedFoundation(nn.Module):
         self.dim = int(encoder.out_dim)
         self.num_experts, self.rank, self.alpha, self.targets = num_experts, rank, alpha, list(targets)
         self.extra_tokens, self.gate_heads, self.seed = extra_tokens, gate_heads, seed
+        self.extra_positions = extra_positions
         self.description_length, self.foundation_sha256 = description_length, foundation_sha256
         positions = int(encoder.model.config.max_position_embeddings)
         slots = extra_tokens if client_encoders else 0
@@ -240,20 +249,29 @@ class InjectedFoundation(nn.Module):
         ``attention_mask`` (N, L) the text part; ``pixels`` (N, C, H, W) for image samples (ignored elsewhere)."""
         self._check_task_ids(task_ids)
         words = self.encoder.model.embeddings.word_embeddings(input_ids)
-        mask = attention_mask
+        mask, positions = attention_mask, None
         if len(self.client_encoders):
             tokens, extra_mask = self._extra(task_ids, input_ids, attention_mask, pixels, words)
             words = torch.cat([tokens, words], 1)
             mask = torch.cat([extra_mask, attention_mask], 1)
+            if self.extra_positions == "after_text":  # the text where it was pre-trained, the extra tokens after it
+                k, length = self.extra_tokens, input_ids.shape[1]
+                if length > self.max_length:
+                    raise DataError(f"{length} text tokens exceed the injected model's max_length {self.max_length} "
+                                    f"(the extra tokens' positions follow it); tokenize to max_length={self.max_length}")
+                ids = torch.cat([torch.arange(self.max_length, self.max_length + k), torch.arange(length)])
+                positions = ids.to(input_ids.device).unsqueeze(0).expand(len(input_ids), -1)
         if words.shape[1] > self.encoder.model.config.max_position_embeddings:
             raise DataError(f"{words.shape[1]} tokens (text + extra) exceed the foundation's "
                             f"{self.encoder.model.config.max_position_embeddings} positions; tokenize to "
                             f"max_length={self.max_length}")
         if self.gate is not None:
             with routing_context(molora_layers(self.encoder.model), weights=self.routing_weights(task_ids)):
-                hidden = self.encoder.model(inputs_embeds=words, attention_mask=mask).last_hidden_state
+                hidden = self.encoder.model(inputs_embeds=words, attention_mask=mask,
+                                            position_ids=positions).last_hidden_state
         else:
-            hidden = self.encoder.model(inputs_embeds=words, attention_mask=mask).last_hidden_state
+            hidden = self.encoder.model(inputs_embeds=words, attention_mask=mask,
+                                        position_ids=positions).last_hidden_state
         return masked_mean(hidden, mask)
 
     def task_logits(self, task: str, **inputs: torch.Tensor) -> torch.Tensor:
@@ -334,7 +352,8 @@ class InjectedFoundation(nn.Module):
         return {
             "tasks": [{"name": n, **s._asdict()} for n, s in self.tasks.items()],  # a list: the order is the task ids
             "num_experts": self.num_experts, "rank": self.rank, "alpha": self.alpha, "targets": list(self.targets),
-            "extra_tokens": self.extra_tokens, "gate_heads": self.gate_heads, "max_length": self.max_length,
+            "extra_tokens": self.extra_tokens, "extra_positions": self.extra_positions,
+            "gate_heads": self.gate_heads, "max_length": self.max_length,
             "description_length": self.description_length, "seed": self.seed,
             "client_encoders": {m: _encoder_spec(m, e) for m, e in self.client_encoders.items()},
             "foundation_sha256": self.foundation_sha256,
@@ -351,6 +370,7 @@ def build_injected(
     targets: Sequence[str] = DEFAULT_TARGETS,
     *,
     extra_tokens: int = 1,
+    extra_positions: str = "after_text",
     gate_heads: int = 1,
     max_length: int | None = None,
     description_length: int = 32,
@@ -361,8 +381,9 @@ def build_injected(
     ``client_encoders``: modality -> aggregated client encoder (or the aggregated ``ClientModel`` itself), copied
     and frozen; None / {} injects none. ``tasks``: name -> ``TaskSpec`` (modality, description,
     modality_description, num_labels, kind). ``num_experts`` E rank-``rank`` experts per targeted Linear (0: none);
-    ``alpha`` the LoRA scale numerator (None: scale 1). ``max_length`` defaults to the foundation's. Fresh weights
-    (experts, gate, projections, heads) are drawn under ``seed``."""
+    ``alpha`` the LoRA scale numerator (None: scale 1). ``max_length`` defaults to the foundation's.
+    ``extra_positions``: the extra tokens' position ids, after the text (default) or first (the text shifted).
+    Fresh weights (experts, gate, projections, heads) are drawn under ``seed``."""
     if foundation.modality != "text" or not isinstance(foundation.encoder, TextEncoder):
         raise ParamsError(f"FedKIM injects into a text foundation (a TextEncoder); got a {foundation.modality} one")
     if foundation.tokenizer is None:
@@ -375,7 +396,8 @@ def build_injected(
         torch.manual_seed(seed)
         return InjectedFoundation(
             copy.deepcopy(foundation.encoder), foundation.tokenizer, tasks, encoders, num_experts=num_experts,
-            rank=rank, alpha=alpha, targets=targets, extra_tokens=extra_tokens, gate_heads=gate_heads,
+            rank=rank, alpha=alpha, targets=targets, extra_tokens=extra_tokens, extra_positions=extra_positions,
+            gate_heads=gate_heads,
             max_length=foundation.max_length if max_length is None else max_length,
             description_length=description_length, seed=seed, foundation_sha256=foundation.sha256)
 
@@ -700,6 +722,8 @@ def load_injected(folder: Path, foundation: Foundation) -> InjectedFoundation:
                 _load_into(enc, mine, list(enc.state_dict()), f"{folder / ENCODERS_FILE} ({m} encoder)")
         model = build_injected(foundation, encoders, tasks, config["num_experts"], config["rank"], config["alpha"],
                                config["targets"], extra_tokens=config["extra_tokens"], gate_heads=config["gate_heads"],
+                               # saved before the option existed: extra tokens first, the text shifted after them
+                               extra_positions=config.get("extra_positions", "first"),
                                max_length=config["max_length"], description_length=config["description_length"],
                                seed=config["seed"])
     except (KeyError, TypeError, AttributeError) as exc:
