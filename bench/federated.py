@@ -222,14 +222,11 @@ def run_partition(work: Path, profile: str, partition: str, tasks: list[str], he
     client_test = {t: test[t] for t in client_tasks}
     evaluate_client = client_evaluator(client_test, tokenizer=found.tokenizer, max_length=found.max_length)
 
-    def per_task_of(flat: dict[str, float]) -> dict[str, dict[str, float]]:
-        return per_task(flat, client_tasks)
-
     t0 = time.perf_counter()
     scores: dict[str, dict[str, dict[str, float]]] = {
         "fedkim": {t: _pick(m) for t, m in evaluate_injected(kept["fedkim"], client_test).items()},
         "no_injection": {t: _pick(m) for t, m in evaluate_injected(kept["no_injection"], client_test).items()},
-        "fedavg": per_task_of(evaluate_client(kept["federated"].model)),
+        "fedavg": per_task(evaluate_client(kept["federated"].model), client_tasks),
     }
     held = {t: {"fedkim": _pick(evaluate_injected(kept["fedkim"], {t: test[t]})[t]),
                 "no_injection": _pick(evaluate_injected(kept["no_injection"], {t: test[t]})[t]),
@@ -241,11 +238,11 @@ def run_partition(work: Path, profile: str, partition: str, tasks: list[str], he
 
     t0 = time.perf_counter()
     shards = kept["shards"]
-    local = [per_task_of(evaluate_client(train_alone(kept, shard))) for shard in shards]
+    local = [per_task(evaluate_client(train_alone(kept, shard)), client_tasks) for shard in shards]
     local_seconds = time.perf_counter() - t0
     scores["local_only"] = {t: {k: statistics.mean(c[t][k] for c in local) for k in METRICS} for t in client_tasks}
     t0 = time.perf_counter()
-    scores["centralized"] = per_task_of(evaluate_client(train_alone(kept, pooled(shards))))
+    scores["centralized"] = per_task(evaluate_client(train_alone(kept, pooled(shards))), client_tasks)
     central_seconds = time.perf_counter() - t0
     print(f"[{partition}] local-only {local_seconds:.0f} s, centralized {central_seconds:.0f} s", flush=True)
 

@@ -55,8 +55,8 @@ def main() -> None:
     import yaml
 
     from components.core.layout import foundation_dir
-    from components.federated.clients import client_evaluator
     from components.data.datasets import load_split
+    from components.federated.clients import client_evaluator
     from components.federated.fedkim import build_injected, evaluate_injected, fit_probe_heads, train_injected
     from components.nn.foundation import describe_text_foundation, load_foundation
     from components.stages.federated import FederatedInputs, _specs, _split_rows, run

@@ -159,6 +159,12 @@ def baselines_all_data_section(result: dict, name: str = "baselines_full") -> st
             f"median of {p['cnn_seeds']} seeds.\n\n{table}\n")
 
 
+def committed(name: str) -> dict:
+    """bench/results/NAME.json as committed; {} when there is none."""
+    path = RESULTS / f"{name}.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 FULL_MODELS = (("probe", "probe"), ("expert", "deployed expert"), ("fused", "fused"), ("routed", "AT-MoE routed"),
                ("fedkim", "FedKIM"), ("teacher", "LoRKD teacher"), ("lorkd", "LoRKD expert"),
                ("single_student", "single-task student"))
@@ -169,10 +175,8 @@ def pipeline_full_section(result: dict, baselines_name: str = "baselines_full") 
     on all the data (bench/results/BASELINES_NAME.json, the same splits: test row counts are compared) and the quick
     profile's deployed expert (bench/results/pipeline.json), then the time it took."""
     metric, p = result["params"]["metric"], result["params"]
-    path = RESULTS / f"{baselines_name}.json"
-    baselines = json.loads(path.read_text())["tasks"] if path.is_file() else {}
-    path = RESULTS / "pipeline.json"
-    quick = json.loads(path.read_text())["tasks"] if path.is_file() else {}
+    baselines = committed(baselines_name).get("tasks", {})
+    quick = committed("pipeline").get("tasks", {})
     scores = {task: t.get("models") or {k: t.get(k) for k, _ in FULL_MODELS} for task, t in result["tasks"].items()}
     present = [(k, label) for k, label in FULL_MODELS if any(s.get(k) is not None for s in scores.values())]
     rows, misses, other_split = [], [], []
@@ -239,13 +243,11 @@ def strongest_baseline(task: str, rows: str = "expert_rows") -> str:
     """The strongest simple baseline of ``task`` (picked on validation) and its test macro-F1, from
     bench/results/baselines.json (``rows``: the experts' training rows or all rows) or, for an image task it lacks,
     bench/results/image_foundation.json (every training row); "—" when neither has the task."""
-    path = RESULTS / "baselines.json"
-    b = json.loads(path.read_text())["tasks"].get(task) if path.is_file() else None
+    b = committed("baselines").get("tasks", {}).get(task)
     if b:
         r = b.get(rows) or b["expert_rows"]
     else:
-        path = RESULTS / "image_foundation.json"
-        r = json.loads(path.read_text())["baselines"].get(task) if path.is_file() else None
+        r = committed("image_foundation").get("baselines", {}).get(task)
         if not r:
             return "—"
     return f"{BASELINE_NAMES.get(r['strongest'], r['strongest'])} {r[r['strongest']]['test']['macro_f1']:.3f}"
@@ -706,9 +708,9 @@ def fedkim_variants_section(result: dict) -> str:
     run beside it when bench/results/fedkim_variants_dirichlet.json exists): test macro-F1 per task, and the
     validation macro-F1 of the text task the stage's epoch choice reads."""
     runs = [result]
-    path = RESULTS / "fedkim_variants_dirichlet.json"
-    if path.is_file() and result["params"]["partition"] != "dirichlet":
-        runs.append(json.loads(path.read_text()))
+    other = committed("fedkim_variants_dirichlet")
+    if other and result["params"]["partition"] != "dirichlet":
+        runs.append(other)
     tasks = result["params"]["tasks"]
     text = "medical_abstracts" if "medical_abstracts" in tasks else tasks[-1]  # the text task the README discusses
     columns, rows = [("variant", "server step")], {}
@@ -780,23 +782,19 @@ def full_profile_cross_checks(result: dict) -> list[str]:
     def epochs(cost: str) -> float:  # the full profile's epochs of the loops of one cost, from their samples
         return sum(loop["samples"] for st in stages.values() for loop in st["loops"] if loop["cost"] == cost) / image_train
 
-    def load(name: str) -> dict | None:
-        path = RESULTS / f"{name}.json"
-        return json.loads(path.read_text()) if path.is_file() else None
-
     lines = []
-    if f := load("image_foundation"):
+    if f := committed("image_foundation"):
         real, n = f["archs"]["resnet18"]["train_seconds"] / f["params"]["epochs"], epochs("image_pretrain_train")
         lines.append(f"ResNet-18 pre-training: {real / 60:.1f} min per epoch in `image_foundation.json` (commit "
                      f"{f['machine']['git_commit'][:8]}), so {n * real / 60:.0f} min for the profile's {n:.0f}; "
                      f"estimated here {est('foundation', 'image') / 60:.0f} min")
-    if e := load("experts_full_image"):
+    if e := committed("experts_full_image"):
         ran, n = e["params"]["overrides"].get("experts.trainer.image.max_epochs"), epochs("image_lora_train")
         real = sum(r["train_seconds"] for r in e["runs"] if r["modality"] == "image") / ran
         lines.append(f"image LoRA experts: {real * ran / 60:.0f} min for {ran} epochs in `experts_full_image.json` "
                      f"(commit {e['machine']['git_commit'][:8]}), so {real * n / 60:.0f} min for the profile's "
                      f"{n:.0f}; estimated here {est('experts', 'image') / 60:.0f} min")
-    if d := load("decompose_full_image"):
+    if d := committed("decompose_full_image"):
         lines.append(f"image LoRKD (the full profile's students and epochs): {d['quality']['decompose_seconds'] / 60:.0f}"
                      f" min in `decompose_full_image.json` (commit {d['machine']['git_commit'][:8]}); estimated here "
                      f"{est('decompose', 'image') / 60:.0f} min")

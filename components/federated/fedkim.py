@@ -26,6 +26,7 @@ rebuild it (safetensors + manifest with the config; the foundation is checked by
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -61,9 +62,9 @@ KIND = "fedkim"  # manifest kind of a saved injected model
 TRAINABLE_FILE = "injected.safetensors"
 ENCODERS_FILE = "client_encoders.safetensors"
 
-# Every Linear of a BertLayer: attention q/k/v and output, feed-forward in and out (suffix names, as PEFT).
-# where the extra tokens sit among the position ids: after the text (its pre-trained positions kept), or first
+# Where the extra tokens sit among the position ids: after the text (its pre-trained positions kept), or first.
 EXTRA_POSITIONS = ("after_text", "first")
+# Every Linear of a BertLayer: attention q/k/v and output, feed-forward in and out (suffix names, as PEFT).
 DEFAULT_TARGETS: tuple[str, ...] = ("query", "key", "value", "attention.output.dense", "intermediate.dense",
                                     "output.dense")
 DEFAULT_MODALITY_DESCRIPTIONS = {"image": "medical image", "text": "clinical text"}
@@ -257,19 +258,18 @@ class InjectedFoundation(nn.Module):
             if self.extra_positions == "after_text":  # the text where it was pre-trained, the extra tokens after it
                 k, length = self.extra_tokens, input_ids.shape[1]
                 if length > self.max_length:
-                    raise DataError(f"{length} text tokens exceed the injected model's max_length {self.max_length} "
-                                    f"(the extra tokens' positions follow it); tokenize to max_length={self.max_length}")
+                    raise DataError(f"{length} text tokens exceed the injected model's max_length "
+                                    f"{self.max_length} (the extra tokens' positions follow it); tokenize to "
+                                    f"max_length={self.max_length}")
                 ids = torch.cat([torch.arange(self.max_length, self.max_length + k), torch.arange(length)])
                 positions = ids.to(input_ids.device).unsqueeze(0).expand(len(input_ids), -1)
         if words.shape[1] > self.encoder.model.config.max_position_embeddings:
             raise DataError(f"{words.shape[1]} tokens (text + extra) exceed the foundation's "
                             f"{self.encoder.model.config.max_position_embeddings} positions; tokenize to "
                             f"max_length={self.max_length}")
-        if self.gate is not None:
-            with routing_context(molora_layers(self.encoder.model), weights=self.routing_weights(task_ids)):
-                hidden = self.encoder.model(inputs_embeds=words, attention_mask=mask,
-                                            position_ids=positions).last_hidden_state
-        else:
+        routing = routing_context(molora_layers(self.encoder.model), weights=self.routing_weights(task_ids)) \
+            if self.gate is not None else contextlib.nullcontext()
+        with routing:
             hidden = self.encoder.model(inputs_embeds=words, attention_mask=mask,
                                         position_ids=positions).last_hidden_state
         return masked_mean(hidden, mask)
