@@ -105,11 +105,12 @@ def main() -> None:
             fit_probe_heads(model, own_train, own_val, inp.probe, inp.metric, seed)
         return model
 
-    def trained(heads: str = "plain", freeze_heads: bool = False, **change: Any) -> Any:
+    def trained(heads: str = "plain", freeze_heads: bool = False, preserve: float = ip.preserve,
+                **change: Any) -> Any:
         model = fresh(heads)
         model.heads.requires_grad_(not freeze_heads)
         train_injected(model, own_train, own_val, trainer=ip.trainer.model_copy(update=change), seed=seed,
-                       monitor=inp.metric)
+                       monitor=inp.metric, preserve=preserve, reference=kept["no_injection"])
         if freeze_heads:
             model.heads.requires_grad_(True)
             fit_probe_heads(model, own_train, own_val, inp.probe, inp.metric, seed)
@@ -125,6 +126,8 @@ def main() -> None:
         "lr_x0.3": lambda: trained(lr=ip.trainer.lr * 0.3),
         "lr_x0.1": lambda: trained(lr=ip.trainer.lr * 0.1),
         "epochs_3": lambda: trained(max_epochs=3),
+        "preserve_1": lambda: trained(preserve=1.0),
+        "preserve_3": lambda: trained(preserve=3.0),
     }
     chosen = args.variants or list(variants)
     unknown = sorted(set(chosen) - set(variants))

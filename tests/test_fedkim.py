@@ -316,6 +316,31 @@ def test_the_best_validation_epoch_is_kept_and_patience_stops(found: Foundation)
     assert last == 6 or last - best == 2  # stopped after 2 epochs without improvement, or ran them all
 
 
+def test_knowledge_preservation_keeps_the_text_tasks_near_the_reference(found: Foundation) -> None:
+    from components.decompose.loss import distill_loss
+    from components.federated.fedkim import PRESERVE_KEY, _reference_logits, injected_logits
+
+    reference = no_injection(found, TASKS, seed=1)
+    train = split(16, 50)
+    # the reference against itself: the term is exactly zero, so the loss is the plain one
+    batch = batch_of(reference, train)
+    batch[PRESERVE_KEY] = _reference_logits(reference, train)
+    assert (batch[PRESERVE_KEY][:16] == 0).all()  # the image rows carry no reference
+    assert torch.allclose(mixed_loss(reference, batch, preserve=5.0), mixed_loss(reference, batch))
+
+    def drift(preserve: float) -> float:
+        model = injected(found)
+        model.heads.load_state_dict(reference.heads.state_dict())
+        train_injected(model, train, epochs=3, batch_size=8, lr=5e-2, seed=0, preserve=preserve, reference=reference)
+        return sum(float(distill_loss(TASKS[t].kind, injected_logits(model, t, train[t]),
+                                      injected_logits(reference, t, train[t]), 1.0)) for t in ("notes", "codes"))
+
+    free, kept = drift(0.0), drift(20.0)
+    assert kept < 0.5 * free, (kept, free)  # the text predictions stay near the reference's
+    with pytest.raises(ParamsError, match="reference"):
+        train_injected(injected(found), train, epochs=1, preserve=1.0)
+
+
 def test_probe_heads_are_the_experts_probe_on_the_frozen_features(found: Foundation) -> None:
     from components.config import ProbeParams
     from components.federated.fedkim import task_features

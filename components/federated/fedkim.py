@@ -45,6 +45,7 @@ from components.core.artifacts import read_manifest, save_tensors, write_manifes
 from components.core.errors import ArtifactError, DataError, ParamsError
 from components.data.datasets import TaskData
 from components.decompose.backbones import TextBackbone
+from components.decompose.loss import distill_loss, task_targets
 from components.federated.clients import MODALITIES, ClientModel, TaskSpec, check_task_spec, frozen_encoders
 from components.metrics.classification import compute_metrics
 from components.moe.layers import attach_molora, molora_layers, routing_context
@@ -68,6 +69,7 @@ EXTRA_POSITIONS = ("after_text", "first")
 DEFAULT_TARGETS: tuple[str, ...] = ("query", "key", "value", "attention.output.dense", "intermediate.dense",
                                     "output.dense")
 DEFAULT_MODALITY_DESCRIPTIONS = {"image": "medical image", "text": "clinical text"}
+PRESERVE_KEY = "preserve_logits"  # a training batch's reference logits (knowledge preservation; train_injected)
 
 # Client encoders the server can rebuild from their ``config`` (what a saved injected model records).
 _ENCODER_TYPES: dict[str, type[nn.Module]] = {"ImageEncoder": ImageEncoder, "ImageBackbone": ImageBackbone,
@@ -410,18 +412,13 @@ def no_injection(foundation: Foundation, tasks: Mapping[str, Any], *, max_length
 
 # --- training and evaluation ---
 
-def _task_targets(labels: torch.Tensor, spec: TaskSpec) -> torch.Tensor:
-    """A task's labels out of a mixed batch: class ids (N,) or (N, L) floats."""
-    if spec.kind == "multilabel":
-        return labels[:, :spec.num_labels].float()
-    return labels[:, :spec.num_labels].argmax(-1) if labels.ndim == 2 else labels
-
-
 def mixed_loss(model: InjectedFoundation, batch: Mapping[str, torch.Tensor],
-               weights: Mapping[str, torch.Tensor | None] | None = None) -> torch.Tensor:
+               weights: Mapping[str, torch.Tensor | None] | None = None, preserve: float = 0.0) -> torch.Tensor:
     """Mean task loss of a mixed batch, each sample scored by its own task's head (``weights``: per task, the
-    ``task_loss`` weight of its class balance; none: unweighted)."""
-    inputs = {k: v for k, v in batch.items() if k not in ("labels", "task_ids")}
+    ``task_loss`` weight of its class balance; none: unweighted). With ``preserve`` > 0 and the batch's
+    ``preserve_logits`` (the no-injection model's logits, zero-padded; see ``train_injected``), each text-task
+    sample adds ``preserve`` · KL(no injection || injected) on its task's outputs."""
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", "task_ids", PRESERVE_KEY)}
     task_ids, labels = batch["task_ids"], batch["labels"]
     feats = model(task_ids, **inputs)
     total = feats.new_zeros(())
@@ -431,8 +428,27 @@ def mixed_loss(model: InjectedFoundation, batch: Mapping[str, torch.Tensor],
         spec = model.tasks[name]
         logits = model.heads[name](feats[rows])
         weight = None if weights is None else weights.get(name)
-        total = total + task_loss(spec.kind, logits, _task_targets(labels[rows], spec), weight) * rows.sum()
+        loss = task_loss(spec.kind, logits, task_targets(labels[rows], spec.kind, spec.num_labels), weight)
+        if preserve and spec.modality == "text" and PRESERVE_KEY in batch:
+            reference = batch[PRESERVE_KEY][rows, :spec.num_labels].to(logits.dtype)
+            loss = loss + preserve * distill_loss(spec.kind, logits, reference, temperature=1.0)
+        total = total + loss * rows.sum()
     return total / len(task_ids)
+
+
+@torch.no_grad()
+def _reference_logits(reference: InjectedFoundation, train: Mapping[str, TaskData]) -> torch.Tensor:
+    """The reference model's logits on every row of ``train``, in ``encode``'s row order, zero-padded to the
+    widest task; image-task rows stay zero (no text knowledge to preserve there)."""
+    width = max(reference.tasks[t].num_labels for t in train)
+    parts = []
+    for task, split in train.items():
+        if reference.tasks[task].modality == "text":
+            logits = injected_logits(reference, task, split)
+            parts.append(nn.functional.pad(logits, (0, width - logits.shape[1])))
+        else:
+            parts.append(torch.zeros(len(split), width))
+    return torch.cat(parts)
 
 
 def _check_training(epochs: int, batch_size: int, lr: float, weight_decay: float, what: str) -> None:
@@ -462,6 +478,8 @@ def train_injected(
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
     class_weight: ClassWeight = "balanced",
     monitor: str | None = None,
+    preserve: float = 0.0,
+    reference: InjectedFoundation | None = None,
 ) -> dict[str, float]:
     """Train the experts, the gate, the projections and the heads on the server's split (mixed-task batches,
     AdamW, each sample by its own head); the foundation and client encoders stay frozen.
@@ -474,7 +492,15 @@ def train_injected(
     after each epoch. With ``val`` and ``monitor`` (a metric, e.g. "macro_f1"), the trainable weights of the epoch
     with the best mean validation ``monitor`` over the tasks are restored at the end (``best_epoch`` in the returned
     metrics, which are that epoch's), and training stops after ``trainer.early_stopping_patience`` epochs without
-    improvement (0: never). Deterministic for a given ``seed`` on CPU; the global RNG is left as is."""
+    improvement (0: never). Deterministic for a given ``seed`` on CPU; the global RNG is left as is.
+
+    ``preserve`` > 0 with a ``reference`` model (the no-injection one, its heads fitted on the same rows) adds a
+    knowledge-preservation term on the text tasks' rows (Learning without Forgetting, Li & Hoiem 2016):
+    ``preserve`` · KL(reference || injected) on each row's task outputs. The server trains on a few hundred rows per
+    task, which over-fit the foundation's text path (``bench/results/fedkim_variants*.json``: every trained variant
+    lost Medical Abstracts against no injection); the term keeps what the frozen foundation already knew on text
+    while the experts learn what the client encoders add. Image rows get none: there the reference sees only the
+    task's description, so it holds no knowledge to keep."""
     autocast = False
     patience = 0
     if trainer is not None:
@@ -490,7 +516,14 @@ def train_injected(
         raise ParamsError("FedKIM server training: the injected model has no trainable parameter")
     device = torch.device(device) if device is not None else next(model.parameters()).device
     model.to(device)
-    data = model.encode(train).to(device)
+    data = model.encode(train)
+    if preserve < 0:
+        raise ParamsError(f"FedKIM server training: preserve={preserve} must be >= 0")
+    if preserve:
+        if reference is None:
+            raise ParamsError("FedKIM server training: preserve > 0 needs the reference (no-injection) model")
+        data.inputs[PRESERVE_KEY] = _reference_logits(reference, train)
+    data = data.to(device)
     weights = {t: loss_weight(d.kind, labels_tensor(d.labels, d.kind), model.tasks[t].num_labels, class_weight)
                for t, d in train.items()}
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
@@ -507,7 +540,7 @@ def train_injected(
                 for batch in batches:
                     stop.check("a FedKIM server batch")
                     with torch.autocast("cuda", torch.bfloat16, enabled=autocast):
-                        loss = mixed_loss(model, batch, weights)
+                        loss = mixed_loss(model, batch, weights, preserve)
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
@@ -576,7 +609,8 @@ def task_features(model: InjectedFoundation, task: str, split: TaskData,
                            for i in range(0, len(data), batch_size)])
     finally:
         model.train(mode)
-    return feats, _task_targets(data.labels.to(device), model.tasks[task])
+    spec = model.tasks[task]
+    return feats, task_targets(data.labels.to(device), spec.kind, spec.num_labels)
 
 
 def fit_probe_heads(model: InjectedFoundation, train: Mapping[str, TaskData], val: Mapping[str, TaskData],

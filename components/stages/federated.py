@@ -140,6 +140,7 @@ def run(inp: FederatedInputs, data_dir: Path, foundation_dir: Path, out_dir: Pat
                               alpha=ip.alpha, targets=ip.targets, extra_tokens=ip.extra_tokens, seed=seed)
     injected.heads.load_state_dict(plain.heads.state_dict())
     train_injected(injected, own_train, own_val, trainer=ip.trainer, seed=seed, monitor=metric,
+                   preserve=ip.preserve, reference=plain,
                    on_epoch=_epoch_line("FedKIM injection", ip.trainer.max_epochs))
     val = evaluate_injected(injected, own_val)
     val_plain = evaluate_injected(plain, own_val)
