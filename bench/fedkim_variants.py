@@ -128,6 +128,7 @@ def main() -> None:
         "epochs_3": lambda: trained(max_epochs=3),
         "preserve_1": lambda: trained(preserve=1.0),
         "preserve_3": lambda: trained(preserve=3.0),
+        "preserve_10": lambda: trained(preserve=10.0),
     }
     chosen = args.variants or list(variants)
     unknown = sorted(set(chosen) - set(variants))

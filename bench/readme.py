@@ -703,12 +703,12 @@ def federated_section(result: dict) -> str:
     )
 
 
-def fedkim_variants_section(result: dict) -> str:
-    """FedKIM's server step varied on one federation (bench/results/fedkim_variants.json, and the other partition's
-    run beside it when bench/results/fedkim_variants_dirichlet.json exists): test macro-F1 per task, and the
-    validation macro-F1 of the text task the stage's epoch choice reads."""
+def fedkim_variants_section(result: dict, name: str = "fedkim_variants") -> str:
+    """FedKIM's server step varied on one federation (bench/results/NAME.json, and the other partition's run beside
+    it when bench/results/NAME_dirichlet.json exists): test macro-F1 per task, and the validation macro-F1 of the
+    text task the stage's epoch choice reads."""
     runs = [result]
-    other = committed("fedkim_variants_dirichlet")
+    other = committed(f"{name}_dirichlet")
     if other and result["params"]["partition"] != "dirichlet":
         runs.append(other)
     tasks = result["params"]["tasks"]
@@ -717,13 +717,16 @@ def fedkim_variants_section(result: dict) -> str:
     for run in runs:
         part = run["params"]["partition"]
         columns += [(f"{part}:{t}", f"{part}: {t}") for t in tasks] + [(f"{part}:val", f"{part}: {text} val")]
-        for name, v in run["variants"].items():
-            row = rows.setdefault(name, {"variant": name})
+        for variant, v in run["variants"].items():
+            row = rows.setdefault(variant, {"variant": variant})
             row |= {f"{part}:{t}": v["test"][t]["macro_f1"] for t in tasks}
             row[f"{part}:val"] = v["val"][text]["macro_f1"]
     p = result["params"]
-    return (f"Profile `{p['profile']}`, {machine_line(result)}, from `bench/results/fedkim_variants*.json` "
-            f"(`medexperts bench fedkim_variants --partition P`). One federation per partition, the server step "
+    files = f"`bench/results/{name}.json`" + (f" and `{name}_dirichlet.json`" if len(runs) > 1 else "")
+    command = "medexperts bench fedkim_variants --partition P" + (
+        f" --result {name}[_dirichlet]" if name != "fedkim_variants" else "")
+    return (f"Profile `{p['profile']}`, {machine_line(result)}, from {files} (`{command}`, variants as named). One "
+            f"federation per partition, the server step "
             f"re-run in each variant on the same aggregated clients and server rows ({p['server_train_rows'][text]} "
             f"training, {p['server_val_rows'][text]} validation rows of {text}); test macro-F1 on the whole test "
             f"split ({', '.join(f'{t} {n}' for t, n in p['test_rows'].items())} rows); one seed.\n\n"
@@ -964,6 +967,8 @@ def main() -> None:
                           ("baselines_full", baselines_all_data_section),
                           ("pipeline_full", pipeline_full_section),
                           ("fedkim_variants", fedkim_variants_section),
+                          ("fedkim_variants_preserve",
+                           lambda r: fedkim_variants_section(r, "fedkim_variants_preserve")),
                           ("architecture", architecture_section)):
         path = RESULTS / f"{name}.json"
         if path.is_file():
