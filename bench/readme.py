@@ -723,6 +723,9 @@ def fedkim_variants_section(result: dict, name: str = "fedkim_variants") -> str:
             row[f"{part}:val"] = v["val"][text]["macro_f1"]
     p = result["params"]
     files = f"`bench/results/{name}.json`" + (f" and `{name}_dirichlet.json`" if len(runs) > 1 else "")
+    commits = sorted({r["machine"]["git_commit"][:8] for r in runs[1:]} - {result["machine"]["git_commit"][:8]})
+    if commits:  # the other partition measured at another commit: say so
+        files += f" (the Dirichlet run at commit {', '.join(commits)})"
     command = "medexperts bench fedkim_variants --partition P" + (
         f" --result {name}[_dirichlet]" if name != "fedkim_variants" else "")
     return (f"Profile `{p['profile']}`, {machine_line(result)}, from {files} (`{command}`, variants as named). One "
@@ -733,10 +736,14 @@ def fedkim_variants_section(result: dict, name: str = "fedkim_variants") -> str:
             f"{markdown_table([rows[n] for n in sorted(rows, key=_variant_order)], columns)}\n")
 
 
-def _variant_order(name: str) -> tuple[int, str]:
-    """The baseline and the stage first, then the untrained variants, then the trained ones."""
+def _variant_order(name: str) -> tuple[int, str, float]:
+    """The baseline and the stage first, then the untrained variants, then the trained ones (a number at the end of
+    a name in numeric order: preserve_3 before preserve_10)."""
     first = ["no_injection", "fedavg", "stage", "untrained_plain_heads", "untrained_own_probe"]
-    return (first.index(name), name) if name in first else (len(first), name)
+    if name in first:
+        return first.index(name), name, 0.0
+    stem, _, number = name.rpartition("_")
+    return (len(first), stem, float(number)) if stem and number.isdigit() else (len(first), name, 0.0)
 
 
 def fanout_section(result: dict) -> str:
