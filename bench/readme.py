@@ -96,6 +96,12 @@ BASELINE_NAMES = {"majority": "majority class", "tfidf_lr": "TF-IDF + LR", "pixe
                   "small_cnn": "small CNN"}
 
 
+def strongest_of(rows: dict) -> str:
+    """A baselines block's strongest baseline (picked on validation): its name and test macro-F1."""
+    name = rows["strongest"]
+    return f"{BASELINE_NAMES.get(name, name)} {rows[name]['test']['macro_f1']:.3f}"
+
+
 def baselines_section(result: dict) -> str:
     """The strongest simple baseline of each task beside the pipeline's experts (test macro-F1)."""
     from bench.baselines import experts_beside
@@ -112,9 +118,8 @@ def baselines_section(result: dict) -> str:
         lora, best = beside.get("lora_test_macro_f1"), beside.get("best_method_test_macro_f1")
         rows.append({
             "task": task, "n": e["train_samples"], "majority": e["majority"]["test"]["macro_f1"],
-            "strongest": f"{BASELINE_NAMES[e['strongest']]} {base:.3f}",
-            "all": f"{BASELINE_NAMES[a['strongest']]} {a[a['strongest']]['test']['macro_f1']:.3f} (n={a['train_samples']})"
-                   if a else "(same rows)",
+            "strongest": strongest_of(e),
+            "all": f"{strongest_of(a)} (n={a['train_samples']})" if a else "(same rows)",
             "probe": beside.get("probe_test_macro_f1"), "lora": lora,
             "best": f"{beside['best_method']} {best:.3f}" if best is not None else "",
             "verdict": ("" if lora is None else "yes" if lora > base else "**no**"),
@@ -191,7 +196,7 @@ def pipeline_full_section(result: dict, baselines_name: str = "baselines_full") 
         if verdict == "**no**":
             misses.append(task)
         rows.append({"task": task, "n": t["test_samples"], **{k: scores[task].get(k) for k, _ in present},
-                     "baseline": f"{BASELINE_NAMES[r['strongest']]} {base:.3f}" if base is not None else "—",
+                     "baseline": strongest_of(r) if base is not None else "—",
                      "verdict": verdict, "quick": quick.get(task, {}).get("expert")})
     table = markdown_table(rows, [("task", "task"), ("n", "test rows"), *present,
                                   ("baseline", "strongest baseline, all rows"), ("verdict", "expert beats it"),
@@ -250,7 +255,7 @@ def strongest_baseline(task: str, rows: str = "expert_rows") -> str:
         r = committed("image_foundation").get("baselines", {}).get(task)
         if not r:
             return "—"
-    return f"{BASELINE_NAMES.get(r['strongest'], r['strongest'])} {r[r['strongest']]['test']['macro_f1']:.3f}"
+    return strongest_of(r)
 
 
 def _teacher_words(modality: str, kind: str, image_foundation: dict) -> str:
