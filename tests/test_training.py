@@ -93,6 +93,21 @@ def test_killed_run_resumes_from_its_last_epoch(tmp_path: Path) -> None:
     assert resume_from(tmp_path / "nothing-here") is None
 
 
+def test_a_run_that_stopped_early_stays_stopped_when_resumed(tmp_path: Path) -> None:
+    """A stage killed after this task had finished re-runs it from its last checkpoint: nothing more may train (it
+    did train one more epoch per resume: another model than a run straight through)."""
+    tp = TrainerParams(max_epochs=60, accelerator="cpu", early_stopping_patience=2)
+    ckpt = tmp_path / "ckpt"
+    first_epochs = Epochs()
+    trainer, first = fit(tp, ckpt, tmp_path, [first_epochs])
+    assert trainer.should_stop and len(first_epochs.seen) < tp.max_epochs  # it stopped early, by patience
+    again_epochs = Epochs()
+    trainer, again = fit(tp, ckpt, tmp_path, [again_epochs])
+    assert again_epochs.seen == []  # not one more epoch
+    trained = {n: p for n, p in first.named_parameters() if p.requires_grad}
+    assert all(torch.equal(p, trained[n]) for n, p in again.named_parameters() if p.requires_grad)  # the same best
+
+
 def test_resume_refuses_a_checkpoint_of_another_model(tmp_path: Path) -> None:
     tp = TrainerParams(max_epochs=1, accelerator="cpu")
     fit(tp, tmp_path / "ckpt", tmp_path, [])

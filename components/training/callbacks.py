@@ -13,6 +13,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import EarlyStopping
 
 from components.core import stop
 
@@ -49,6 +50,17 @@ class RestoreBestTrainable(L.Callback):
         with torch.no_grad():
             for name, value in self._state.items():
                 params[name].copy_(value)
+
+
+class ResumableEarlyStopping(EarlyStopping):
+    """Lightning's EarlyStopping, with one fix for resuming: a run that had already stopped early (its patience
+    spent) and is resumed from its last checkpoint stays stopped. Lightning restores the patience count but not the
+    stop itself, so every resume of a finished run trained one more epoch, and a killed and re-run stage gave
+    another model than one that ran straight through."""
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.patience and self.wait_count >= self.patience:
+            trainer.should_stop = True
 
 
 class StopAtSafePoint(L.Callback):

@@ -11,10 +11,10 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from components.config import TrainerParams
-from components.training.callbacks import EpochLog, RestoreBestTrainable, StopAtSafePoint
+from components.training.callbacks import EpochLog, RestoreBestTrainable, ResumableEarlyStopping, StopAtSafePoint
 
 LAST = "last.ckpt"
 log = logging.getLogger("medexperts")
@@ -61,8 +61,8 @@ def build_trainer(
     if monitor:
         callbacks.append(RestoreBestTrainable(monitor, mode))
     if tp.early_stopping_patience and monitor:
-        callbacks.append(EarlyStopping(monitor=monitor, mode=mode, patience=tp.early_stopping_patience,
-                                       check_finite=False))
+        callbacks.append(ResumableEarlyStopping(monitor=monitor, mode=mode, patience=tp.early_stopping_patience,
+                                                check_finite=False))
     checkpointing = checkpoint_dir is not None and tp.resume
     if checkpointing:
         # monitor=None + top_k=1 keeps the latest epoch; one fixed name, overwritten (Lightning 2.6 only writes a
