@@ -317,12 +317,12 @@ def log_flower(folder: Annotated[Path, typer.Argument(help="The Flower server's 
                = None) -> None:
     """Log a finished Flower run into the project's MLflow store: one step per round (validation of the aggregated
     model, client losses, accepted / missing / rejected sites, bytes, seconds), the reports and the final weights."""
-    from components.federated.rounds import read_reports
+    from components.federated.rounds import FLOWER_PAYLOAD, FLOWER_REPORTS, read_reports
     from components.tracking import runs
     from flows.environment import mlruns_uri
 
     root = _setup()
-    reports = read_reports(folder / "reports.json")
+    reports = read_reports(folder / FLOWER_REPORTS)
     params = _params(root, None, False)
     runs.use_experiment(params.pipeline.experiment, mlruns_uri(root))
     sites = sorted({c for r in reports for c in r.accepted})
@@ -331,9 +331,9 @@ def log_flower(folder: Annotated[Path, typer.Argument(help="The Flower server's 
                                                                    "federated.clients": ",".join(sites)}) as run_id:
         for report in reports:
             runs.log_metrics(report.as_metrics(), prefix="round.", step=report.round)
-        runs.log_file(folder / "reports.json")
-        if (folder / "payload.pt").is_file():
-            runs.log_file(folder / "payload.pt")
+        runs.log_file(folder / FLOWER_REPORTS)
+        if (folder / FLOWER_PAYLOAD).is_file():
+            runs.log_file(folder / FLOWER_PAYLOAD)
     missing = sum(len(r.missing) for r in reports)
     out.print(f"logged {len(reports)} Flower round(s) from {folder} as MLflow run {run_id} (sites {sites}; "
               f"{missing} missing answer(s))")

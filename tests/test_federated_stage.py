@@ -69,3 +69,65 @@ def test_skipped_without_a_text_foundation(tiny_bert: Path, tmp_path: Path) -> N
 def test_bad_federated_params_are_one_clear_error(tiny_bert: Path, overrides: dict, message: str) -> None:
     with pytest.raises(ParamsError, match=re.escape(message)):
         params(tiny_bert, **overrides)
+
+
+def test_the_stage_injects_a_flower_runs_aggregate(tiny_bert: Path, tmp_path: Path) -> None:
+    """federated.clients_from: the hospitals trained on Flower; the stage injects the aggregate their ServerApp wrote
+    (payload.pt, reports.json) instead of simulating them, and refuses one of another model or an unfinished run."""
+    import dataclasses
+
+    import torch
+
+    from components.core.errors import ArtifactError
+    from components.federated.clients import build_client_model
+    from components.federated.payload import to_payload
+    from components.federated.rounds import RoundReport
+    from components.nn.foundation import load_foundation
+    from components.stages.federated import _specs
+
+    flower = tmp_path / "flower-out"
+    p = params(tiny_bert, **{"federated.clients_from": str(flower)})
+    prepare_data(p.data, PROJECT, tmp_path / "data", p.pipeline.seed)
+    describe_text_foundation(p.foundation, PROJECT, tmp_path / "foundation" / "text")
+    inp = FederatedInputs.from_params(p)
+    found = load_foundation(tmp_path / "foundation", "text")
+    cp = p.federated.client
+    sites = build_client_model(_specs(inp, TASKS), teacher=found.encoder, image_channels=cp.image_channels,
+                               text_layers=cp.text_layers, embedding_rank=cp.embedding_rank,
+                               max_positions=found.max_length, seed=p.pipeline.seed)
+    with torch.no_grad():  # what the hospitals' rounds changed
+        for param in sites.parameters():
+            param.add_(0.01)
+    report = RoundReport(round=1, client_losses={"hospital_a": 0.7, "hospital_b": 0.6},
+                         num_examples={"hospital_a": 40, "hospital_b": 60}, accepted=["hospital_a", "hospital_b"],
+                         missing={}, rejected={}, metrics={}, seconds={}, client_seconds={}, bytes_down=1)
+
+    with pytest.raises(ArtifactError, match="no such Flower output-dir"):
+        run(inp, tmp_path / "data", tmp_path / "foundation", tmp_path / "out")
+    flower.mkdir()
+    torch.save(to_payload(sites, lambda _: True), flower / "payload.pt")
+    with pytest.raises(ArtifactError, match="no round reports"):  # reports.json is written last: not finished
+        run(inp, tmp_path / "data", tmp_path / "foundation", tmp_path / "out")
+    (flower / "reports.json").write_text(json.dumps([dataclasses.asdict(report)]))
+
+    steps = []
+    from components.stages.federated import round_logger
+    summary = run(inp, tmp_path / "data", tmp_path / "foundation", tmp_path / "out",
+                  on_round=round_logger(lambda metrics, step: steps.append(step)))
+    assert summary.clients == ["hospital_a", "hospital_b"] and [s for s in steps] == [1]
+    manifest = json.loads((tmp_path / "out" / "injected" / "manifest.json").read_text())
+    assert manifest["clients"] == ["hospital_a", "hospital_b"] and manifest["rounds"] == 1
+    model = load_for_evaluation(tmp_path / "out", tmp_path / "foundation")
+    injected = dict(model.client_encoders.named_parameters())
+    aggregate = {n.removeprefix("encoders.").split(".", 1)[1]: v for n, v in sites.named_parameters()
+                 if n.startswith("encoders.text.")}
+    assert aggregate and all(torch.equal(injected[f"text.{n}"], v) for n, v in aggregate.items())
+
+    sent = to_payload(sites, lambda _: True)
+    torch.save({k: v for k, v in sent.items() if not k.startswith("encoders.image.")}, flower / "payload.pt")
+    with pytest.raises(ArtifactError, match="the payload lacks .* 'encoders.image"):  # no image encoder came back
+        run(inp, tmp_path / "data", tmp_path / "foundation", tmp_path / "out2")
+    other = {k: torch.zeros(3) for k in sent}  # another model's shapes
+    torch.save(other, flower / "payload.pt")
+    with pytest.raises(ArtifactError, match="federated.clients_from=.*has shape"):
+        run(inp, tmp_path / "data", tmp_path / "foundation", tmp_path / "out2")

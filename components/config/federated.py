@@ -56,6 +56,10 @@ class FederatedParams(Strict):
     injection: InjectionParams = Field(default_factory=InjectionParams, description="M3OE injection on the server.")
     server_fraction: float = Field(0.5, gt=0, lt=1, description="Share of each task's validation split the server "
                                    "trains the injection on; the rest validates it.")
+    clients_from: str | None = Field(None, description="A Flower run's output-dir (payload.pt and reports.json, "
+                                     "written by the ServerApp across the hospitals): the stage injects that "
+                                     "aggregate instead of simulating the clients in-process. Its sites must build "
+                                     "the client model as this stage does (same tasks, client settings and seed).")
     held_out: list[str] = Field(default_factory=list, description="Active tasks no client trains on: a few-shot head "
                                 "on the injected model (and on the non-injected one, to compare).")
     held_out_shots: int | None = Field(64, ge=1, description="Rows a held-out task's head is fitted on.")

@@ -59,7 +59,8 @@ from components.core.errors import ArtifactError, DataError, ParamsError
 from components.federated.client import ClientResult, check_local, client_seed, client_update
 from components.federated.clients import ClientModel, LocalTask, build_client_model, client_updater
 from components.federated.payload import KeyFilter, Payload, to_payload
-from components.federated.rounds import Client, FederatedError, FederatedRun, RoundReport, run_round
+from components.federated.rounds import (FLOWER_PAYLOAD, FLOWER_REPORTS, Client, FederatedError, FederatedRun,
+                                         RoundReport, run_round)
 from components.training.balance import ClassWeight
 from components.training.data import TensorDictDataset
 
@@ -369,10 +370,10 @@ def run_server(grid: Grid, settings: FlowerSettings,
 def save_run(run: FederatedRun, folder: Path) -> None:
     """``payload.pt`` (the final global payload) and ``reports.json`` (one ``RoundReport`` per round)."""
     folder.mkdir(parents=True, exist_ok=True)
-    torch.save(run.payload, folder / "payload.pt.tmp")
-    (folder / "reports.json.tmp").write_text(json.dumps([dataclasses.asdict(r) for r in run.reports], indent=1))
-    (folder / "payload.pt.tmp").replace(folder / "payload.pt")
-    (folder / "reports.json.tmp").replace(folder / "reports.json")  # last: its presence means the run is done
+    torch.save(run.payload, folder / f"{FLOWER_PAYLOAD}.tmp")
+    (folder / f"{FLOWER_REPORTS}.tmp").write_text(json.dumps([dataclasses.asdict(r) for r in run.reports], indent=1))
+    (folder / f"{FLOWER_PAYLOAD}.tmp").replace(folder / FLOWER_PAYLOAD)
+    (folder / f"{FLOWER_REPORTS}.tmp").replace(folder / FLOWER_REPORTS)  # last: its presence means the run is done
 
 
 server_app = ServerApp()

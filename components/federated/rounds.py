@@ -14,6 +14,7 @@ from pathlib import Path
 from time import perf_counter
 from typing import NamedTuple
 
+import torch
 from torch import nn
 
 from components.core import stop
@@ -94,6 +95,30 @@ def read_reports(path: Path) -> list[RoundReport]:
 class FederatedRun(NamedTuple):
     payload: Payload  # the final global payload
     reports: list[RoundReport]
+
+
+FLOWER_PAYLOAD, FLOWER_REPORTS = "payload.pt", "reports.json"  # what a Flower ServerApp writes to its output-dir
+
+
+def read_flower_run(folder: Path) -> FederatedRun:
+    """A finished Flower run from its server's output-dir: the final aggregate and the round reports (a missing
+    folder, an unfinished run or an unreadable payload is an ``ArtifactError`` naming the file)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ArtifactError(f"{folder}: no such Flower output-dir (the ServerApp's output-dir run-config)")
+    reports = read_reports(folder / FLOWER_REPORTS)  # written last: its presence means the run finished
+    path = folder / FLOWER_PAYLOAD
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ArtifactError(f"{path}: missing beside {FLOWER_REPORTS}; the Flower run's output is incomplete") \
+            from None
+    except (OSError, RuntimeError, EOFError, ValueError) as exc:
+        raise ArtifactError(f"{path}: unreadable ({type(exc).__name__}: {exc})") from None
+    if not isinstance(payload, dict) or not payload or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in payload.items()):
+        raise ArtifactError(f"{path}: not a payload (a non-empty mapping of parameter names to tensors)")
+    return FederatedRun(payload, reports)
 
 
 def _check_run(clients: Sequence[Client], rounds: int, min_clients: int, max_norm: float | None,

@@ -23,15 +23,16 @@ import numpy as np
 from components.bundle.format import image_input
 from components.config import FederatedParams, PrimaryMetric, ProbeParams
 from components.core.artifacts import read_manifest, write_manifest
-from components.core.errors import DataError
+from components.core.errors import ArtifactError, DataError
 from components.core.layout import foundation_dir as foundation_sub
 from components.core.layout import federated_curve, injected_model
 from components.data.datasets import TaskData, load_split
-from components.federated.clients import TaskSpec, build_client_model, train_clients
+from components.federated.clients import ClientTraining, TaskSpec, build_client_model, train_clients
 from components.federated.fedkim import (DEFAULT_MODALITY_DESCRIPTIONS, KIND, build_injected, evaluate_injected,
                                          fit_head_on, fit_probe_heads, load_injected, no_injection, save_injected,
                                          train_injected)
-from components.federated.rounds import RoundReport
+from components.federated.payload import load_payload
+from components.federated.rounds import RoundReport, read_flower_run
 from components.federated.shards import read_shards, shard_data
 from components.metrics.plots import plot_rounds
 from components.nn.encoders import PACKAGED, resolve_text_source
@@ -101,14 +102,6 @@ def run(inp: FederatedInputs, data_dir: Path, foundation_dir: Path, out_dir: Pat
     found = load_foundation(foundation_dir, "text")
     specs = _specs(inp, tasks)
 
-    shards: list[dict[str, TaskData]] = [{} for _ in range(inp.num_clients)]
-    for t in client_tasks:
-        train = load_split(data_dir, t, "train")
-        per_client = shard_data(train, read_shards(data_dir, t, len(train)))
-        if len(per_client) != inp.num_clients:
-            raise DataError(f"task {t}: {len(per_client)} shards for {inp.num_clients} clients; re-run the data stage")
-        for c, data in enumerate(per_client):
-            shards[c][t] = data.subset(fp.client.max_train_samples, seed + c)
     server_train, server_val = {}, {}
     for t in tasks:
         server_train[t], server_val[t] = _split_rows(load_split(data_dir, t, "val"), fp.server_fraction, seed)
@@ -118,12 +111,18 @@ def run(inp: FederatedInputs, data_dir: Path, foundation_dir: Path, out_dir: Pat
     global_model = build_client_model({t: specs[t] for t in client_tasks}, teacher=found.encoder,
                                       image_channels=cp.image_channels, text_layers=cp.text_layers,
                                       embedding_rank=cp.embedding_rank, max_positions=found.max_length, seed=seed)
-    federated = train_clients(global_model, shards, tokenizer=found.tokenizer, max_length=found.max_length,
-                              rounds=fp.rounds, epochs=cp.epochs, batch_size=cp.batch_size, lr=cp.lr,
-                              weight_decay=cp.weight_decay, mu=cp.mu, min_clients=fp.min_clients,
-                              max_norm=fp.max_norm, timeout_s=fp.timeout_s, seed=seed,
-                              val={t: server_val[t] for t in client_tasks}, on_round=on_round,
-                              class_weight=cp.class_weight)
+    if fp.clients_from:  # the hospitals trained on Flower: inject the aggregate their ServerApp wrote
+        federated = _flower_clients(global_model, Path(fp.clients_from), on_round)
+        clients = sorted({c for r in federated.reports for c in r.accepted})
+    else:
+        shards = _client_shards(data_dir, client_tasks, inp.num_clients, fp.client.max_train_samples, seed)
+        federated = train_clients(global_model, shards, tokenizer=found.tokenizer, max_length=found.max_length,
+                                  rounds=fp.rounds, epochs=cp.epochs, batch_size=cp.batch_size, lr=cp.lr,
+                                  weight_decay=cp.weight_decay, mu=cp.mu, min_clients=fp.min_clients,
+                                  max_norm=fp.max_norm, timeout_s=fp.timeout_s, seed=seed,
+                                  val={t: server_val[t] for t in client_tasks}, on_round=on_round,
+                                  class_weight=cp.class_weight)
+        clients = [f"client_{i}" for i in range(len(shards))]
     client_seconds = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -157,7 +156,7 @@ def run(inp: FederatedInputs, data_dir: Path, foundation_dir: Path, out_dir: Pat
         log.info("[federated] %s: val %s FedKIM %.3f, no injection %.3f", t, metric, val[t][metric],
                  val_plain[t][metric])
     save_deployable(injected, found, injected_model(out_dir), {
-        "clients": [f"client_{i}" for i in range(len(shards))], "rounds": fp.rounds, "client_tasks": client_tasks,
+        "clients": clients, "rounds": len(federated.reports), "client_tasks": client_tasks,
         "label_names": {t: list(inp.tasks[t].label_names) for t in tasks}, "val_metrics": val,
         # what predict accepts for an image task: the training images' size and channels (no silent resize)
         "inputs": {t: image_input(server_train[t].inputs) for t in tasks if specs[t].modality == "image"}})
@@ -167,12 +166,47 @@ def run(inp: FederatedInputs, data_dir: Path, foundation_dir: Path, out_dir: Pat
     if curve:  # the per-round curve: each task's validation metric of the aggregated client model
         plot_rounds(curve, f"aggregated client model, validation {metric}", federated_curve(out_dir))
     return FederatedSummary(
-        clients=[f"client_{i}" for i in range(len(shards))], client_tasks=client_tasks, held_out=list(fp.held_out),
+        clients=clients, client_tasks=client_tasks, held_out=list(fp.held_out),
         metric=metric, rounds=[r.as_metrics() for r in reports], rounds_accepted=[list(r.accepted) for r in reports],
         missing={str(r.round): r.missing for r in reports if r.missing},
         rejected={str(r.round): r.rejected for r in reports if r.rejected},
         val=val, val_no_injection=val_plain, held_out_val=held, client_seconds=client_seconds,
         server_seconds=server_seconds)
+
+
+def _client_shards(data_dir: Path, tasks: list[str], num_clients: int, cap: int | None,
+                   seed: int) -> list[dict[str, TaskData]]:
+    """Each simulated client's rows per task: the data stage's shards of every train split (capped per client)."""
+    shards: list[dict[str, TaskData]] = [{} for _ in range(num_clients)]
+    for t in tasks:
+        train = load_split(data_dir, t, "train")
+        per_client = shard_data(train, read_shards(data_dir, t, len(train)))
+        if len(per_client) != num_clients:
+            raise DataError(f"task {t}: {len(per_client)} shards for {num_clients} clients; re-run the data stage")
+        for c, data in enumerate(per_client):
+            shards[c][t] = data.subset(cap, seed + c)
+    return shards
+
+
+def _flower_clients(global_model: Any, folder: Path,
+                    on_round: Callable[[RoundReport], None] | None) -> ClientTraining:
+    """The aggregate of a Flower run (``federated.clients_from``) loaded into the stage's own client model; a payload
+    of another model is refused naming the first key or shape that differs. Its rounds are replayed to
+    ``on_round`` (the MLflow steps), as the in-process rounds are."""
+    run = read_flower_run(folder)
+    lacking = [n for n, _ in global_model.named_parameters() if n not in run.payload]
+    if lacking:  # load_payload checks what is sent, not that everything is: a missing encoder would stay random
+        raise ArtifactError(f"federated.clients_from={folder}: the payload lacks {len(lacking)} of the client model's "
+                            f"parameters (e.g. {lacking[0]!r}); the sites trained other tasks or another model")
+    try:
+        load_payload(global_model, run.payload)
+    except ArtifactError as exc:
+        raise ArtifactError(f"federated.clients_from={folder}: {exc} (build the sites' model with this stage's "
+                            "tasks and federated.client settings)") from None
+    for report in run.reports:
+        if on_round is not None:
+            on_round(report)
+    return ClientTraining(global_model, run.payload, run.reports)
 
 
 def save_deployable(model: Any, found: Any, out: Path, extra: dict[str, Any]) -> None:
