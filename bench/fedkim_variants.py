@@ -105,8 +105,7 @@ def main() -> None:
             fit_probe_heads(model, own_train, own_val, inp.probe, inp.metric, seed)
         return model
 
-    def trained(heads: str = "plain", freeze_heads: bool = False, preserve: float = ip.preserve,
-                **change: Any) -> Any:
+    def trained(heads: str = "plain", freeze_heads: bool = False, preserve: float = 0.0, **change: Any) -> Any:
         model = fresh(heads)
         model.heads.requires_grad_(not freeze_heads)
         train_injected(model, own_train, own_val, trainer=ip.trainer.model_copy(update=change), seed=seed,

@@ -60,6 +60,7 @@ def test_skipped_without_a_text_foundation(tiny_bert: Path, tmp_path: Path) -> N
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
+    ({"federated.clients_from": "flower-out"}, "clients_from must be an absolute path"),
     ({"federated.held_out": ["hoc"]}, "federated.held_out lists ['hoc'], which are not active tasks"),
     ({"federated.held_out": TASKS}, "federated.held_out holds out every active task"),
     ({"federated.min_clients": 5}, "federated.min_clients (5) exceeds data.federation.num_clients (3)"),
@@ -75,6 +76,7 @@ def test_the_stage_injects_a_flower_runs_aggregate(tiny_bert: Path, tmp_path: Pa
     """federated.clients_from: the hospitals trained on Flower; the stage injects the aggregate their ServerApp wrote
     (payload.pt, reports.json) instead of simulating them, and refuses one of another model or an unfinished run."""
     import dataclasses
+    import hashlib
 
     import torch
 
@@ -115,6 +117,7 @@ def test_the_stage_injects_a_flower_runs_aggregate(tiny_bert: Path, tmp_path: Pa
     summary = run(inp, tmp_path / "data", tmp_path / "foundation", tmp_path / "out",
                   on_round=round_logger(lambda metrics, step: steps.append(step)))
     assert summary.clients == ["hospital_a", "hospital_b"] and [s for s in steps] == [1]
+    assert summary.flower_run["payload.pt_sha256"] == hashlib.sha256((flower / "payload.pt").read_bytes()).hexdigest()
     manifest = json.loads((tmp_path / "out" / "injected" / "manifest.json").read_text())
     assert manifest["clients"] == ["hospital_a", "hospital_b"] and manifest["rounds"] == 1
     model = load_for_evaluation(tmp_path / "out", tmp_path / "foundation")

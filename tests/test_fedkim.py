@@ -306,6 +306,8 @@ def test_the_best_validation_epoch_is_kept_and_patience_stops(found: Foundation)
         states[epoch] = model.trainable_state()
 
     trainer = TrainerParams(max_epochs=6, batch_size=8, lr=5e-2, early_stopping_patience=2)
+    start = evaluate_injected(model, split(8, 60))  # epoch 0, the untrained start, is a candidate too
+    on_epoch(0, {f"val_{t}_{k}": v for t, m in start.items() for k, v in m.items()})
     metrics = train_injected(model, split(16, 50), split(8, 60), trainer=trainer, seed=0, monitor="macro_f1",
                              on_epoch=on_epoch)
     mean = {e: np.nanmean([m[f"val_{t}_macro_f1"] for t in TASKS]) for e, m in seen.items()}
@@ -339,6 +341,18 @@ def test_knowledge_preservation_keeps_the_text_tasks_near_the_reference(found: F
     assert kept < 0.5 * free, (kept, free)  # the text predictions stay near the reference's
     with pytest.raises(ParamsError, match="reference"):
         train_injected(injected(found), train, epochs=1, preserve=1.0)
+
+
+def test_training_that_does_not_beat_the_start_on_validation_is_not_kept(found: Foundation) -> None:
+    from components.config import TrainerParams
+
+    model = injected(found)
+    before = model.trainable_state()
+    # a learning rate that wrecks the model in one step: no epoch beats the untrained start on validation
+    metrics = train_injected(model, split(16, 50), split(8, 60), seed=0, monitor="macro_f1",
+                             trainer=TrainerParams(max_epochs=2, batch_size=8, lr=1e3))
+    assert metrics["best_epoch"] == 0
+    assert all(torch.equal(v, before[k]) for k, v in model.trainable_state().items())
 
 
 def test_probe_heads_are_the_experts_probe_on_the_frozen_features(found: Foundation) -> None:

@@ -3,7 +3,9 @@ foundation (M3OE)."""
 
 from __future__ import annotations
 
-from pydantic import Field
+from pathlib import Path
+
+from pydantic import Field, field_validator
 
 from components.config.base import Strict
 from components.config.training import ClassWeight, TrainerParams
@@ -60,6 +62,14 @@ class FederatedParams(Strict):
                                      "written by the ServerApp across the hospitals): the stage injects that "
                                      "aggregate instead of simulating the clients in-process. Its sites must build "
                                      "the client model as this stage does (same tasks, client settings and seed).")
+    @field_validator("clients_from")
+    @classmethod
+    def _absolute(cls, value: str | None) -> str | None:
+        if value is not None and not Path(value).is_absolute():
+            raise ValueError(f"clients_from must be an absolute path (the stage may run in another folder); got "
+                             f"{value!r}")
+        return value
+
     held_out: list[str] = Field(default_factory=list, description="Active tasks no client trains on: a few-shot head "
                                 "on the injected model (and on the non-injected one, to compare).")
     held_out_shots: int | None = Field(64, ge=1, description="Rows a held-out task's head is fitted on.")

@@ -491,14 +491,15 @@ def train_injected(
     ``train_loss`` (last epoch) and, with ``val``, ``val_<task>_<metric>``; ``on_epoch(epoch, metrics)`` is called
     after each epoch. With ``val`` and ``monitor`` (a metric, e.g. "macro_f1"), the trainable weights of the epoch
     with the best mean validation ``monitor`` over the tasks are restored at the end (``best_epoch`` in the returned
-    metrics, which are that epoch's), and training stops after ``trainer.early_stopping_patience`` epochs without
+    metrics, which are that epoch's; epoch 0, the start, is a candidate: training is kept only where it beats the
+    untrained model on validation), and training stops after ``trainer.early_stopping_patience`` epochs without
     improvement (0: never). Deterministic for a given ``seed`` on CPU; the global RNG is left as is.
 
     ``preserve`` > 0 with a ``reference`` model (the no-injection one, its heads fitted on the same rows) adds a
     knowledge-preservation term on the text tasks' rows (Learning without Forgetting, Li & Hoiem 2016):
     ``preserve`` · KL(reference || injected) on each row's task outputs. The server trains on a few hundred rows per
-    task, which over-fit the foundation's text path (``bench/results/fedkim_variants*.json``: every trained variant
-    lost Medical Abstracts against no injection); the term keeps what the frozen foundation already knew on text
+    task, which over-fit the foundation's text path (``bench/results/fedkim_variants*.json``: all trained variants
+    but one lost Medical Abstracts against no injection); the term keeps what the frozen foundation already knew on text
     while the experts learn what the client encoders add. Image rows get none: there the reference sees only the
     task's description, so it holds no knowledge to keep."""
     autocast = False
@@ -530,6 +531,10 @@ def train_injected(
     batches = loader(data, batch_size, shuffle=True, seed=seed)
     metrics: dict[str, float] = {}
     best: tuple[float, int, dict[str, torch.Tensor], dict[str, float]] | None = None
+    if val is not None and monitor is not None:  # the start is a candidate too: training must beat it on validation
+        scores = evaluate_injected(model, val)
+        start = {f"val_{t}_{k}": v for t, m in scores.items() for k, v in m.items()}
+        best = (float(np.nanmean([m[monitor] for m in scores.values()])), 0, model.trainable_state(), start)
     mode = model.training
     model.train()
     try:

@@ -24,6 +24,7 @@ from components.bundle.format import image_input
 from components.config import FederatedParams, PrimaryMetric, ProbeParams
 from components.core.artifacts import read_manifest, write_manifest
 from components.core.errors import ArtifactError, DataError
+from components.core.fingerprint import sha256_file
 from components.core.layout import foundation_dir as foundation_sub
 from components.core.layout import federated_curve, injected_model
 from components.data.datasets import TaskData, load_split
@@ -32,7 +33,7 @@ from components.federated.fedkim import (DEFAULT_MODALITY_DESCRIPTIONS, KIND, bu
                                          fit_head_on, fit_probe_heads, load_injected, no_injection, save_injected,
                                          train_injected)
 from components.federated.payload import load_payload
-from components.federated.rounds import RoundReport, read_flower_run
+from components.federated.rounds import FLOWER_PAYLOAD, FLOWER_REPORTS, RoundReport, read_flower_run
 from components.federated.shards import read_shards, shard_data
 from components.metrics.plots import plot_rounds
 from components.nn.encoders import PACKAGED, resolve_text_source
@@ -66,6 +67,7 @@ class FederatedSummary(StageSummary):
     held_out_val: dict[str, dict[str, dict[str, float]]] = {}  # task -> {"fedkim": ..., "no_injection": ...}
     client_seconds: float = 0.0
     server_seconds: float = 0.0
+    flower_run: dict[str, str] = {}  # with federated.clients_from: its folder and the sha256 of its two files
 
 
 def _split_rows(data: TaskData, fraction: float, seed: int) -> tuple[TaskData, TaskData]:
@@ -111,9 +113,13 @@ def run(inp: FederatedInputs, data_dir: Path, foundation_dir: Path, out_dir: Pat
     global_model = build_client_model({t: specs[t] for t in client_tasks}, teacher=found.encoder,
                                       image_channels=cp.image_channels, text_layers=cp.text_layers,
                                       embedding_rank=cp.embedding_rank, max_positions=found.max_length, seed=seed)
+    flower_run: dict[str, str] = {}
     if fp.clients_from:  # the hospitals trained on Flower: inject the aggregate their ServerApp wrote
-        federated = _flower_clients(global_model, Path(fp.clients_from), on_round)
+        folder = Path(fp.clients_from)
+        federated = _flower_clients(global_model, folder, on_round)
         clients = sorted({c for r in federated.reports for c in r.accepted})
+        flower_run = {"folder": str(folder), **{f"{name}_sha256": sha256_file(folder / name)
+                                                for name in (FLOWER_PAYLOAD, FLOWER_REPORTS)}}
     else:
         shards = _client_shards(data_dir, client_tasks, inp.num_clients, fp.client.max_train_samples, seed)
         federated = train_clients(global_model, shards, tokenizer=found.tokenizer, max_length=found.max_length,
@@ -124,6 +130,8 @@ def run(inp: FederatedInputs, data_dir: Path, foundation_dir: Path, out_dir: Pat
                                   class_weight=cp.class_weight)
         clients = [f"client_{i}" for i in range(len(shards))]
     client_seconds = time.perf_counter() - start
+    if fp.clients_from:  # the sites' own compute, as their reports give it (loading the files is not client work)
+        client_seconds = sum(r.seconds.get("clients", 0.0) for r in federated.reports)
 
     start = time.perf_counter()
     ip = fp.injection
@@ -131,13 +139,14 @@ def run(inp: FederatedInputs, data_dir: Path, foundation_dir: Path, out_dir: Pat
     own_train = {t: server_train[t].subset(ip.trainer.max_train_samples, seed) for t in client_tasks}
     own_val = {t: server_val[t] for t in client_tasks}
     # The no-injection baseline: the frozen foundation with heads fitted to convergence as the experts' probe is
-    # (the strongest heads the server's data gives); FedKIM's heads start from them (as an expert's from its probe)
-    # and FedKIM keeps its best epoch on the server's validation rows.
+    # (the strongest heads the server's data gives). FedKIM's heads start as the same probe on the injected model's
+    # own features (the experts start from theirs at zero, so the start is the injected tokens alone), and FedKIM
+    # keeps its best epoch on the server's validation rows, the start included.
     plain = no_injection(found, client_specs, seed=seed)
     fit_probe_heads(plain, own_train, own_val, inp.probe, metric, seed)
     injected = build_injected(found, federated.model, client_specs, num_experts=ip.num_experts, rank=ip.rank,
                               alpha=ip.alpha, targets=ip.targets, extra_tokens=ip.extra_tokens, seed=seed)
-    injected.heads.load_state_dict(plain.heads.state_dict())
+    fit_probe_heads(injected, own_train, own_val, inp.probe, metric, seed)
     train_injected(injected, own_train, own_val, trainer=ip.trainer, seed=seed, monitor=metric,
                    preserve=ip.preserve, reference=plain,
                    on_epoch=_epoch_line("FedKIM injection", ip.trainer.max_epochs))
@@ -171,7 +180,7 @@ def run(inp: FederatedInputs, data_dir: Path, foundation_dir: Path, out_dir: Pat
         missing={str(r.round): r.missing for r in reports if r.missing},
         rejected={str(r.round): r.rejected for r in reports if r.rejected},
         val=val, val_no_injection=val_plain, held_out_val=held, client_seconds=client_seconds,
-        server_seconds=server_seconds)
+        server_seconds=server_seconds, flower_run=flower_run)
 
 
 def _client_shards(data_dir: Path, tasks: list[str], num_clients: int, cap: int | None,
