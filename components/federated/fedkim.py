@@ -430,8 +430,8 @@ def mixed_loss(model: InjectedFoundation, batch: Mapping[str, torch.Tensor],
         weight = None if weights is None else weights.get(name)
         loss = task_loss(spec.kind, logits, task_targets(labels[rows], spec.kind, spec.num_labels), weight)
         if preserve and spec.modality == "text" and PRESERVE_KEY in batch:
-            reference = batch[PRESERVE_KEY][rows, :spec.num_labels].to(logits.dtype)
-            loss = loss + preserve * distill_loss(spec.kind, logits, reference, temperature=1.0)
+            reference = batch[PRESERVE_KEY][rows, :spec.num_labels].float()  # fp32 even under bf16 autocast
+            loss = loss + preserve * distill_loss(spec.kind, logits.float(), reference, temperature=1.0)
         total = total + loss * rows.sum()
     return total / len(task_ids)
 
