@@ -191,11 +191,16 @@ def run_federated(ctx: StageContext, inp: FederatedInputs, out: Path) -> Federat
 
 
 def log_federated(ctx: StageContext, inp: FederatedInputs, summary: FederatedSummary, out: Path) -> None:
-    runs.log_params(inp.federated.model_dump(mode="json"))
+    params = inp.federated.model_dump(mode="json")
+    if inp.federated.clients_from:  # the Flower run set its own rounds and local training: not these params
+        params = {k: v for k, v in params.items() if k not in ("rounds", "client", "min_clients", "max_norm",
+                                                                "timeout_s")}
+    runs.log_params(params)
     if summary.skipped:
         runs.set_tags({"federated.skipped": summary.skipped})
         return
-    runs.set_tags({"federated.clients": ",".join(summary.clients), "federated.rounds": str(len(summary.rounds))})
+    runs.set_tags({"federated.clients": ",".join(summary.clients), "federated.rounds": str(len(summary.rounds)),
+                   **{f"federated.flower.{k}": v for k, v in summary.flower_run.items()}})
     runs.log_metrics({t: {"val_fedkim": summary.val[t], "val_no_injection": summary.val_no_injection[t]}
                       for t in summary.client_tasks})
     runs.log_metrics({f"held_out.{t}": v for t, v in summary.held_out_val.items()})
