@@ -8,11 +8,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from components.core.artifacts import read_json
-from components.core.fingerprint import sha256_file
-from components.federated.rounds import FLOWER_PAYLOAD, FLOWER_REPORTS
 from components.core.layout import (MANIFEST, STAGE_FILE, evaluation_plots, evaluation_report, expert_dir,
                                     federated_curve, foundation_dir, fusion_curve, lorkd_student, routing_heatmap,
                                     routing_weights)
+from components.federated.rounds import flower_run_hashes
 from components.stages import data as data_stage
 from components.stages import decompose as decompose_stage
 from components.stages import evaluate as evaluate_stage
@@ -173,13 +172,10 @@ def log_decompose(ctx: StageContext, inp: DecomposeInputs, summary: DecomposeSum
 
 
 # --------------------------------------------------------------------------- federated (FedKIM)
-def flower_run_hashes(ctx: StageContext, inp: FederatedInputs) -> dict[str, Any]:
+def flower_run_inputs(ctx: StageContext, inp: FederatedInputs) -> dict[str, Any]:
     """With ``federated.clients_from``: the Flower run's files are an input, so a new run there re-runs the stage."""
-    if not inp.federated.clients_from:
-        return {}
-    folder = Path(inp.federated.clients_from)
-    return {"clients_from": {name: sha256_file(folder / name) if (folder / name).is_file() else "missing"
-                             for name in (FLOWER_PAYLOAD, FLOWER_REPORTS)}}
+    folder = inp.federated.clients_from
+    return {"clients_from": flower_run_hashes(Path(folder))} if folder else {}
 
 
 def run_federated(ctx: StageContext, inp: FederatedInputs, out: Path) -> FederatedSummary:

@@ -190,7 +190,7 @@ STAGES: dict[str, Stage] = {
     "experts": Stage(impl.ExpertsInputs, impl.ExpertsSummary, ("data", "foundation"), impl.run_experts,
                      impl.log_experts),
     "federated": Stage(impl.FederatedInputs, impl.FederatedSummary, ("data", "foundation"), impl.run_federated,
-                       impl.log_federated, extra=impl.flower_run_hashes),
+                       impl.log_federated, extra=impl.flower_run_inputs),
     # after the experts: a modality whose decompose.teacher is `expert` distils the deployed experts
     "decompose": Stage(impl.DecomposeInputs, impl.DecomposeSummary, ("data", "foundation", "experts"),
                        impl.run_decompose, impl.log_decompose),

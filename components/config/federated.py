@@ -62,6 +62,12 @@ class FederatedParams(Strict):
                                      "written by the ServerApp across the hospitals): the stage injects that "
                                      "aggregate instead of simulating the clients in-process. Its sites must build "
                                      "the client model as this stage does (same tasks, client settings and seed).")
+    held_out: list[str] = Field(default_factory=list, description="Active tasks no client trains on: a few-shot head "
+                                "on the injected model (and on the non-injected one, to compare).")
+    held_out_shots: int | None = Field(64, ge=1, description="Rows a held-out task's head is fitted on.")
+    modality_descriptions: dict[str, str] = Field(default_factory=dict, description="Task -> a description of its "
+                                                  "input modality (the gate's query); default '<modality> input'.")
+
     @field_validator("clients_from")
     @classmethod
     def _absolute(cls, value: str | None) -> str | None:
@@ -69,9 +75,3 @@ class FederatedParams(Strict):
             raise ValueError(f"clients_from must be an absolute path (the stage may run in another folder); got "
                              f"{value!r}")
         return value
-
-    held_out: list[str] = Field(default_factory=list, description="Active tasks no client trains on: a few-shot head "
-                                "on the injected model (and on the non-injected one, to compare).")
-    held_out_shots: int | None = Field(64, ge=1, description="Rows a held-out task's head is fitted on.")
-    modality_descriptions: dict[str, str] = Field(default_factory=dict, description="Task -> a description of its "
-                                                  "input modality (the gate's query); default '<modality> input'.")

@@ -517,12 +517,12 @@ def train_injected(
         raise ParamsError("FedKIM server training: the injected model has no trainable parameter")
     device = torch.device(device) if device is not None else next(model.parameters()).device
     model.to(device)
-    data = model.encode(train)
     if preserve < 0:
         raise ParamsError(f"FedKIM server training: preserve={preserve} must be >= 0")
+    if preserve and reference is None:
+        raise ParamsError("FedKIM server training: preserve > 0 needs the reference (no-injection) model")
+    data = model.encode(train)
     if preserve:
-        if reference is None:
-            raise ParamsError("FedKIM server training: preserve > 0 needs the reference (no-injection) model")
         data.inputs[PRESERVE_KEY] = _reference_logits(reference, train)
     data = data.to(device)
     weights = {t: loss_weight(d.kind, labels_tensor(d.labels, d.kind), model.tasks[t].num_labels, class_weight)

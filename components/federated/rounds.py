@@ -19,6 +19,7 @@ from torch import nn
 
 from components.core import stop
 from components.core.errors import ArtifactError, MedExpertsError, ParamsError
+from components.core.fingerprint import sha256_file
 from components.federated.aggregate import fedavg, screen
 from components.federated.client import ClientResult
 from components.federated.payload import KeyFilter, Payload, clone_payload, load_payload, payload_bytes, to_payload
@@ -98,6 +99,13 @@ class FederatedRun(NamedTuple):
 
 
 FLOWER_PAYLOAD, FLOWER_REPORTS = "payload.pt", "reports.json"  # what a Flower ServerApp writes to its output-dir
+
+
+def flower_run_hashes(folder: Path) -> dict[str, str]:
+    """``<file>_sha256`` of a Flower run's two files ("missing" for an absent one): its identity, for the stage
+    fingerprint and the model's lineage."""
+    paths = {name: Path(folder) / name for name in (FLOWER_PAYLOAD, FLOWER_REPORTS)}
+    return {f"{name}_sha256": sha256_file(path) if path.is_file() else "missing" for name, path in paths.items()}
 
 
 def read_flower_run(folder: Path) -> FederatedRun:

@@ -24,7 +24,6 @@ from components.bundle.format import image_input
 from components.config import FederatedParams, PrimaryMetric, ProbeParams
 from components.core.artifacts import read_manifest, write_manifest
 from components.core.errors import ArtifactError, DataError
-from components.core.fingerprint import sha256_file
 from components.core.layout import foundation_dir as foundation_sub
 from components.core.layout import federated_curve, injected_model
 from components.data.datasets import TaskData, load_split
@@ -33,7 +32,7 @@ from components.federated.fedkim import (DEFAULT_MODALITY_DESCRIPTIONS, KIND, bu
                                          fit_head_on, fit_probe_heads, load_injected, no_injection, save_injected,
                                          train_injected)
 from components.federated.payload import load_payload
-from components.federated.rounds import FLOWER_PAYLOAD, FLOWER_REPORTS, RoundReport, read_flower_run
+from components.federated.rounds import RoundReport, flower_run_hashes, read_flower_run
 from components.federated.shards import read_shards, shard_data
 from components.metrics.plots import plot_rounds
 from components.nn.encoders import PACKAGED, resolve_text_source
@@ -118,8 +117,9 @@ def run(inp: FederatedInputs, data_dir: Path, foundation_dir: Path, out_dir: Pat
         folder = Path(fp.clients_from)
         federated = _flower_clients(global_model, folder, on_round)
         clients = sorted({c for r in federated.reports for c in r.accepted})
-        flower_run = {"folder": str(folder), **{f"{name}_sha256": sha256_file(folder / name)
-                                                for name in (FLOWER_PAYLOAD, FLOWER_REPORTS)}}
+        flower_run = {"folder": str(folder), **flower_run_hashes(folder)}
+        # the sites' own compute, as their reports give it (loading the files here is not client work)
+        client_seconds = sum(r.seconds.get("clients", 0.0) for r in federated.reports)
     else:
         shards = _client_shards(data_dir, client_tasks, inp.num_clients, fp.client.max_train_samples, seed)
         federated = train_clients(global_model, shards, tokenizer=found.tokenizer, max_length=found.max_length,
@@ -129,9 +129,7 @@ def run(inp: FederatedInputs, data_dir: Path, foundation_dir: Path, out_dir: Pat
                                   val={t: server_val[t] for t in client_tasks}, on_round=on_round,
                                   class_weight=cp.class_weight)
         clients = [f"client_{i}" for i in range(len(shards))]
-    client_seconds = time.perf_counter() - start
-    if fp.clients_from:  # the sites' own compute, as their reports give it (loading the files is not client work)
-        client_seconds = sum(r.seconds.get("clients", 0.0) for r in federated.reports)
+        client_seconds = time.perf_counter() - start
 
     start = time.perf_counter()
     ip = fp.injection
@@ -212,8 +210,8 @@ def _flower_clients(global_model: Any, folder: Path,
     except ArtifactError as exc:
         raise ArtifactError(f"federated.clients_from={folder}: {exc} (build the sites' model with this stage's "
                             "tasks and federated.client settings)") from None
-    for report in run.reports:
-        if on_round is not None:
+    if on_round is not None:
+        for report in run.reports:
             on_round(report)
     return ClientTraining(global_model, run.payload, run.reports)
 
