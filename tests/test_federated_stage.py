@@ -81,6 +81,7 @@ def test_the_stage_injects_a_flower_runs_aggregate(tiny_bert: Path, tmp_path: Pa
     import torch
 
     from components.core.errors import ArtifactError
+    from components.core.layout import federated_curve
     from components.federated.clients import build_client_model
     from components.federated.payload import to_payload
     from components.federated.rounds import RoundReport
@@ -110,16 +111,27 @@ def test_the_stage_injects_a_flower_runs_aggregate(tiny_bert: Path, tmp_path: Pa
     torch.save(to_payload(sites, lambda _: True), flower / "payload.pt")
     with pytest.raises(ArtifactError, match="no round reports"):  # reports.json is written last: not finished
         run(inp, tmp_path / "data", tmp_path / "foundation", tmp_path / "out")
-    (flower / "reports.json").write_text(json.dumps([dataclasses.asdict(report)]))
+    # two rounds; the ServerApp kept round 2's aggregate (rounds/), not round 1's (as a run cut short could)
+    reports = [dataclasses.asdict(report), dataclasses.asdict(dataclasses.replace(report, round=2))]
+    (flower / "reports.json").write_text(json.dumps(reports))
+    (flower / "rounds").mkdir()
+    torch.save(to_payload(sites, lambda _: True), flower / "rounds" / "round_0002.pt")
 
     steps = []
     from components.stages.federated import round_logger
     summary = run(inp, tmp_path / "data", tmp_path / "foundation", tmp_path / "out",
                   on_round=round_logger(lambda metrics, step: steps.append(step)))
-    assert summary.clients == ["hospital_a", "hospital_b"] and [s for s in steps] == [1]
+    assert summary.clients == ["hospital_a", "hospital_b"] and steps == [1, 2]
     assert summary.flower_run["payload.pt_sha256"] == hashlib.sha256((flower / "payload.pt").read_bytes()).hexdigest()
+    assert summary.flower_run["rounds_sha256"] != "missing"
+    # round 2's aggregate is scored on the server's validation rows, as a simulated round is; round 1 has no scores
+    metric = p.evaluate.primary_metric
+    scored = {t: summary.rounds[1].get(f"val_{t}_{metric}") for t in summary.client_tasks}
+    assert scored and all(v is not None and 0.0 <= v <= 1.0 for v in scored.values()), scored
+    assert not any(k.startswith("val_") for k in summary.rounds[0])
+    assert federated_curve(tmp_path / "out").is_file()
     manifest = json.loads((tmp_path / "out" / "injected" / "manifest.json").read_text())
-    assert manifest["clients"] == ["hospital_a", "hospital_b"] and manifest["rounds"] == 1
+    assert manifest["clients"] == ["hospital_a", "hospital_b"] and manifest["rounds"] == 2
     model = load_for_evaluation(tmp_path / "out", tmp_path / "foundation")
     injected = dict(model.client_encoders.named_parameters())
     aggregate = {n.removeprefix("encoders.").split(".", 1)[1]: v for n, v in sites.named_parameters()

@@ -31,7 +31,7 @@ from components.core.errors import ArtifactError, ParamsError  # noqa: E402
 from components.federated import flower  # noqa: E402
 from components.federated.client import client_seed, client_update  # noqa: E402
 from components.federated.payload import to_payload  # noqa: E402
-from components.federated.rounds import Client, run_rounds  # noqa: E402
+from components.federated.rounds import Client, FederatedError, run_rounds  # noqa: E402
 
 PROJECT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # flower-superlink, flower-supernode, flwr and flower-superexec live beside python
@@ -296,6 +296,15 @@ def test_server_rounds_match_the_core_and_record_missing_clients(tmp_path: Path,
         assert got.num_examples == want.num_examples and got.accepted == want.accepted
     saved = json.loads((tmp_path / "out" / "reports.json").read_text())
     assert [r["round"] for r in saved] == [1, 2]
+    # each round's aggregate is kept as the round ends (the stage scores them for the per-round curve)
+    kept = {r: torch.load(tmp_path / "out" / "rounds" / f"round_{r:04d}.pt", weights_only=True) for r in (1, 2)}
+    first = in_process(flower.FlowerSettings(**dict(SETTINGS, num_rounds=1)))
+    for k, v in first.payload.items():
+        torch.testing.assert_close(kept[1][k], v, rtol=1e-6, atol=1e-6)
+    assert all(torch.equal(kept[2][k], v) for k, v in run.payload.items())
+    with pytest.raises(FederatedError, match="output-dir .* is not empty"):  # a second run would overwrite this one
+        flower.run_server(LoopbackGrid(s, nodes=2), s)
+    assert json.loads((tmp_path / "out" / "reports.json").read_text()) == saved
 
     s3 = flower.FlowerSettings(**dict(SETTINGS, min_clients=1))
     report = flower.run_server(LoopbackGrid(s3, nodes=3, failing=2, silent=3), s3).reports[0]

@@ -60,7 +60,7 @@ from components.federated.client import ClientResult, check_local, client_seed, 
 from components.federated.clients import ClientModel, LocalTask, build_client_model, client_updater
 from components.federated.payload import KeyFilter, Payload, to_payload
 from components.federated.rounds import (FLOWER_PAYLOAD, FLOWER_REPORTS, Client, FederatedError, FederatedRun,
-                                         RoundReport, run_round)
+                                         RoundReport, flower_round_file, run_round)
 from components.training.balance import ClassWeight
 from components.training.data import TensorDictDataset
 
@@ -349,8 +349,15 @@ def flower_round(grid: Grid, model: nn.Module, nodes: Sequence[int], round_: int
 
 def run_server(grid: Grid, settings: FlowerSettings,
                on_round: Callable[[RoundReport], None] | None = None) -> FederatedRun:
-    """``num-rounds`` rounds over the connected SuperNodes; the final payload and the reports are written to
-    ``output-dir`` when it is set."""
+    """``num-rounds`` rounds over the connected SuperNodes. With ``output-dir`` set, each round's aggregate is kept
+    as it ends (``rounds/round_0001.pt``, ...: the federated stage evaluates them for the per-round curve, and a run
+    that stops half-way keeps its finished rounds), then the final payload and the reports. The output-dir must be
+    new or empty: one holding another run's files is refused before any round starts (this run would overwrite or
+    mix with them)."""
+    out = Path(settings.output_dir) if settings.output_dir else None
+    if out is not None and out.is_dir() and any(out.iterdir()):
+        raise FederatedError(f"output-dir {out} is not empty (another run's {sorted(p.name for p in out.iterdir())}); "
+                             "give this run a new output-dir, or move those files away first")
     model = build_model(settings.model, settings.seed, settings.model_config)
     reports: list[RoundReport] = []
     for r in range(1, settings.num_rounds + 1):
@@ -359,21 +366,30 @@ def run_server(grid: Grid, settings: FlowerSettings,
         log.info("[federated] flower round %d/%d: %d accepted, %d missing, %d rejected", r, settings.num_rounds,
                  len(report.accepted), len(report.missing), len(report.rejected))
         reports.append(report)
+        if out is not None:
+            _save(to_payload(model, settings.key_filter), flower_round_file(out, r))
         if on_round is not None:
             on_round(report)
     run = FederatedRun(to_payload(model, settings.key_filter), reports)
-    if settings.output_dir:
-        save_run(run, Path(settings.output_dir))
+    if out is not None:
+        save_run(run, out)
     return run
 
 
+def _save(payload: Payload, path: Path) -> None:
+    """``torch.save`` through a temporary file, so a reader never sees half a payload."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(payload, path.with_name(path.name + ".tmp"))
+    path.with_name(path.name + ".tmp").replace(path)
+
+
 def save_run(run: FederatedRun, folder: Path) -> None:
-    """``payload.pt`` (the final global payload) and ``reports.json`` (one ``RoundReport`` per round)."""
+    """``payload.pt`` (the final global payload), then ``reports.json`` (one ``RoundReport`` per round): the reports
+    last, as their presence is what marks the run finished."""
     folder.mkdir(parents=True, exist_ok=True)
-    torch.save(run.payload, folder / f"{FLOWER_PAYLOAD}.tmp")
+    _save(run.payload, folder / FLOWER_PAYLOAD)
     (folder / f"{FLOWER_REPORTS}.tmp").write_text(json.dumps([dataclasses.asdict(r) for r in run.reports], indent=1))
-    (folder / f"{FLOWER_PAYLOAD}.tmp").replace(folder / FLOWER_PAYLOAD)
-    (folder / f"{FLOWER_REPORTS}.tmp").replace(folder / FLOWER_REPORTS)  # last: its presence means the run is done
+    (folder / f"{FLOWER_REPORTS}.tmp").replace(folder / FLOWER_REPORTS)
 
 
 server_app = ServerApp()

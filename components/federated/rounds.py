@@ -19,7 +19,7 @@ from torch import nn
 
 from components.core import stop
 from components.core.errors import ArtifactError, MedExpertsError, ParamsError
-from components.core.fingerprint import sha256_file
+from components.core.fingerprint import sha256_file, tree_hash
 from components.federated.aggregate import fedavg, screen
 from components.federated.client import ClientResult
 from components.federated.payload import KeyFilter, Payload, clone_payload, load_payload, payload_bytes, to_payload
@@ -99,13 +99,39 @@ class FederatedRun(NamedTuple):
 
 
 FLOWER_PAYLOAD, FLOWER_REPORTS = "payload.pt", "reports.json"  # what a Flower ServerApp writes to its output-dir
+FLOWER_ROUNDS = "rounds"  # ... and, as each round ends, that round's aggregate: rounds/round_0001.pt, ...
+
+
+def flower_round_file(folder: Path, round_: int) -> Path:
+    """Where a Flower ServerApp keeps round ``round_``'s aggregate inside its output-dir."""
+    return Path(folder) / FLOWER_ROUNDS / f"round_{round_:04d}.pt"
 
 
 def flower_run_hashes(folder: Path) -> dict[str, str]:
-    """``<file>_sha256`` of a Flower run's two files ("missing" for an absent one): its identity, for the stage
-    fingerprint and the model's lineage."""
-    paths = {name: Path(folder) / name for name in (FLOWER_PAYLOAD, FLOWER_REPORTS)}
-    return {f"{name}_sha256": sha256_file(path) if path.is_file() else "missing" for name, path in paths.items()}
+    """``<file>_sha256`` of a Flower run's two files ("missing" for an absent one) and ``rounds_sha256``, one hash of
+    its per-round aggregates (the ``rounds/`` folder's names and contents; "missing" when empty): the run's identity,
+    for the stage fingerprint and the model's lineage."""
+    folder = Path(folder)
+    paths = {name: folder / name for name in (FLOWER_PAYLOAD, FLOWER_REPORTS)}
+    out = {f"{name}_sha256": sha256_file(path) if path.is_file() else "missing" for name, path in paths.items()}
+    rounds = folder / FLOWER_ROUNDS
+    out["rounds_sha256"] = tree_hash(rounds) if rounds.is_dir() and any(rounds.iterdir()) else "missing"
+    return out
+
+
+def read_payload_file(path: Path) -> Payload:
+    """A payload saved with ``torch.save`` (parameter name -> tensor); a missing, unreadable or malformed file is an
+    ``ArtifactError`` naming it."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ArtifactError(f"{path}: no such payload file") from None
+    except (OSError, RuntimeError, EOFError, ValueError) as exc:
+        raise ArtifactError(f"{path}: unreadable ({type(exc).__name__}: {exc})") from None
+    if not isinstance(payload, dict) or not payload or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in payload.items()):
+        raise ArtifactError(f"{path}: not a payload (a non-empty mapping of parameter names to tensors)")
+    return payload
 
 
 def read_flower_run(folder: Path) -> FederatedRun:
@@ -116,17 +142,9 @@ def read_flower_run(folder: Path) -> FederatedRun:
         raise ArtifactError(f"{folder}: no such Flower output-dir (the ServerApp's output-dir run-config)")
     reports = read_reports(folder / FLOWER_REPORTS)  # written last: its presence means the run finished
     path = folder / FLOWER_PAYLOAD
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise ArtifactError(f"{path}: missing beside {FLOWER_REPORTS}; the Flower run's output is incomplete") \
-            from None
-    except (OSError, RuntimeError, EOFError, ValueError) as exc:
-        raise ArtifactError(f"{path}: unreadable ({type(exc).__name__}: {exc})") from None
-    if not isinstance(payload, dict) or not payload or not all(
-            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in payload.items()):
-        raise ArtifactError(f"{path}: not a payload (a non-empty mapping of parameter names to tensors)")
-    return FederatedRun(payload, reports)
+    if not path.is_file():
+        raise ArtifactError(f"{path}: missing beside {FLOWER_REPORTS}; the Flower run's output is incomplete")
+    return FederatedRun(read_payload_file(path), reports)
 
 
 def _check_run(clients: Sequence[Client], rounds: int, min_clients: int, max_norm: float | None,

@@ -27,12 +27,14 @@ from components.core.errors import ArtifactError, DataError
 from components.core.layout import foundation_dir as foundation_sub
 from components.core.layout import federated_curve, injected_model
 from components.data.datasets import TaskData, load_split
-from components.federated.clients import ClientTraining, TaskSpec, build_client_model, train_clients
+from components.federated.clients import (ClientTraining, TaskSpec, build_client_model, client_evaluator,
+                                          train_clients)
 from components.federated.fedkim import (DEFAULT_MODALITY_DESCRIPTIONS, KIND, build_injected, evaluate_injected,
                                          fit_head_on, fit_probe_heads, load_injected, no_injection, save_injected,
                                          train_injected)
 from components.federated.payload import load_payload
-from components.federated.rounds import RoundReport, flower_run_hashes, read_flower_run
+from components.federated.rounds import (RoundReport, flower_round_file, flower_run_hashes, read_flower_run,
+                                         read_payload_file)
 from components.federated.shards import read_shards, shard_data
 from components.metrics.plots import plot_rounds
 from components.nn.encoders import PACKAGED, resolve_text_source
@@ -115,7 +117,9 @@ def run(inp: FederatedInputs, data_dir: Path, foundation_dir: Path, out_dir: Pat
     flower_run: dict[str, str] = {}
     if fp.clients_from:  # the hospitals trained on Flower: inject the aggregate their ServerApp wrote
         folder = Path(fp.clients_from)
-        federated = _flower_clients(global_model, folder, on_round)
+        evaluate = client_evaluator({t: server_val[t] for t in client_tasks}, tokenizer=found.tokenizer,
+                                    max_length=found.max_length)
+        federated = _flower_clients(global_model, folder, evaluate, on_round)
         clients = sorted({c for r in federated.reports for c in r.accepted})
         flower_run = {"folder": str(folder), **flower_run_hashes(folder)}
         # the sites' own compute, as their reports give it (loading the files here is not client work)
@@ -168,8 +172,8 @@ def run(inp: FederatedInputs, data_dir: Path, foundation_dir: Path, out_dir: Pat
         # what predict accepts for an image task: the training images' size and channels (no silent resize)
         "inputs": {t: image_input(server_train[t].inputs) for t in tasks if specs[t].modality == "image"}})
     reports = federated.reports
-    curve = {k: [r.metrics.get(k.removeprefix("val_")) for r in reports]
-             for k in reports[0].as_metrics() if k.startswith("val_") and k.endswith(f"_{metric}")} if reports else {}
+    scored = sorted({k for r in reports for k in r.metrics if k.endswith(f"_{metric}")})  # any round's, in order
+    curve = {f"val_{k}": [r.metrics.get(k) for r in reports] for k in scored}
     if curve:  # the per-round curve: each task's validation metric of the aggregated client model
         plot_rounds(curve, f"aggregated client model, validation {metric}", federated_curve(out_dir))
     return FederatedSummary(
@@ -195,25 +199,42 @@ def _client_shards(data_dir: Path, tasks: list[str], num_clients: int, cap: int 
     return shards
 
 
-def _flower_clients(global_model: Any, folder: Path,
+def _flower_clients(global_model: Any, folder: Path, evaluate: Callable[[Any], dict[str, float]],
                     on_round: Callable[[RoundReport], None] | None) -> ClientTraining:
     """The aggregate of a Flower run (``federated.clients_from``) loaded into the stage's own client model; a payload
-    of another model is refused naming the first key or shape that differs. Its rounds are replayed to
-    ``on_round`` (the MLflow steps), as the in-process rounds are."""
+    of another model is refused naming the first key or shape that differs. Each round's aggregate the ServerApp
+    kept (``rounds/``) is scored with ``evaluate`` on the server's validation rows, as the in-process rounds are, and
+    the rounds are replayed to ``on_round`` (the MLflow steps)."""
     run = read_flower_run(folder)
-    lacking = [n for n, _ in global_model.named_parameters() if n not in run.payload]
-    if lacking:  # load_payload checks what is sent, not that everything is: a missing encoder would stay random
-        raise ArtifactError(f"federated.clients_from={folder}: the payload lacks {len(lacking)} of the client model's "
-                            f"parameters (e.g. {lacking[0]!r}); the sites trained other tasks or another model")
-    try:
-        load_payload(global_model, run.payload)
-    except ArtifactError as exc:
-        raise ArtifactError(f"federated.clients_from={folder}: {exc} (build the sites' model with this stage's "
-                            "tasks and federated.client settings)") from None
+    missing = []
+    for report in run.reports:
+        path = flower_round_file(folder, report.round)
+        if not path.is_file():
+            missing.append(report.round)
+            continue
+        _load_aggregate(global_model, read_payload_file(path), path)
+        report.metrics = evaluate(global_model)
+    if missing:
+        log.warning("[federated] %s: no aggregate kept for rounds %s (a ServerApp older than rounds/); those rounds "
+                    "have no validation metrics and the per-round curve lacks them", folder, missing)
+    _load_aggregate(global_model, run.payload, folder)
     if on_round is not None:
         for report in run.reports:
             on_round(report)
     return ClientTraining(global_model, run.payload, run.reports)
+
+
+def _load_aggregate(global_model: Any, payload: dict[str, Any], source: Path) -> None:
+    """``payload`` into the client model; one that lacks a parameter or differs in a key or shape is refused."""
+    lacking = [n for n, _ in global_model.named_parameters() if n not in payload]
+    if lacking:  # load_payload checks what is sent, not that everything is: a missing encoder would stay random
+        raise ArtifactError(f"federated.clients_from={source}: the payload lacks {len(lacking)} of the client model's "
+                            f"parameters (e.g. {lacking[0]!r}); the sites trained other tasks or another model")
+    try:
+        load_payload(global_model, payload)
+    except ArtifactError as exc:
+        raise ArtifactError(f"federated.clients_from={source}: {exc} (build the sites' model with this stage's "
+                            "tasks and federated.client settings)") from None
 
 
 def save_deployable(model: Any, found: Any, out: Path, extra: dict[str, Any]) -> None:
