@@ -11,7 +11,6 @@ from components.core.artifacts import read_json
 from components.core.layout import (MANIFEST, STAGE_FILE, evaluation_plots, evaluation_report, expert_dir,
                                     federated_curve, foundation_dir, fusion_curve, lorkd_student, routing_heatmap,
                                     routing_weights)
-from components.federated.rounds import flower_run_hashes
 from components.stages import data as data_stage
 from components.stages import decompose as decompose_stage
 from components.stages import evaluate as evaluate_stage
@@ -174,8 +173,7 @@ def log_decompose(ctx: StageContext, inp: DecomposeInputs, summary: DecomposeSum
 # --------------------------------------------------------------------------- federated (FedKIM)
 def flower_run_inputs(ctx: StageContext, inp: FederatedInputs) -> dict[str, Any]:
     """With ``federated.clients_from``: the Flower run's files are an input, so a new run there re-runs the stage."""
-    folder = inp.federated.clients_from
-    return {"clients_from": flower_run_hashes(Path(folder))} if folder else {}
+    return federated_stage.flower_run_inputs(inp)
 
 
 def run_federated(ctx: StageContext, inp: FederatedInputs, out: Path) -> FederatedSummary:

@@ -11,7 +11,9 @@ folder -> log a child MLflow run.
 
 from __future__ import annotations
 
+import ast
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -27,7 +29,7 @@ from components.core import stop
 from components.config import Params
 from components.core.artifacts import atomic_dir, mark_stage, read_json, read_model, stage_is_current, write_model
 from components.core.errors import ArtifactError
-from components.core.fingerprint import code_hash, json_hash, sha256_file
+from components.core.fingerprint import imported_files, json_hash, sha256_file
 from components.core.layout import STAGE_FILE, SUMMARY_FILE, checkpoints_root, stage_checkpoints, stage_dir
 from components.stages.base import StageInputs, StageSummary
 from components.tracking import runs
@@ -36,10 +38,10 @@ from flows import stage_impl as impl
 
 log = logging.getLogger("medexperts")
 
-# What a stage's fingerprint hashes as its code, and what dvc.yaml lists as each stage's code deps: the library
-# plus the stage table and implementations here (a docstring edit re-runs every stage: conservative and simple).
+# What a stage's fingerprint hashes as its code, and what dvc.yaml lists as its code deps (``stage_code``): the
+# stage table and implementations here, plus the library modules the stage reaches by import.
 FLOW_CODE: tuple[str, ...] = ("flows/stages.py", "flows/stage_impl.py")
-CODE_DEPS: tuple[str, ...] = ("components", *FLOW_CODE)
+ROOT = Path(components.__file__).parent.parent
 
 
 Mapper = Callable[[Callable[[Any], Any], list[Any]], list[Any]]
@@ -109,9 +111,48 @@ class Stage:
     always_changed: bool = False  # DVC runs it at every `dvc repro` (it reads what DVC cannot watch)
 
 
-def _code_hash() -> str:
-    root = Path(components.__file__).parent.parent
-    return json_hash([code_hash(Path(components.__file__).parent), *(sha256_file(root / f) for f in FLOW_CODE)])
+@functools.cache
+def stage_code(name: str) -> tuple[str, ...]:
+    """The project files whose code decides stage ``name``'s output: ``FLOW_CODE``, and every ``components`` module
+    reached by import from the stage's own module (``components/stages/<name>.py``), from the library modules the
+    driver here imports, and from those its ``run_<name>`` in ``stage_impl`` uses (directly or through the helpers
+    there it calls; its ``log_<name>`` writes MLflow records, not the stage's output). A change in one of them
+    re-runs the stage; a change elsewhere, say in a later stage's module, does not: a fix in fusion does not
+    retrain the foundation. A docstring edit in one of them re-runs it: conservative and simple."""
+    roots = [f"components.stages.{name}", *_library_imports(ROOT / "flows/stages.py")]
+    impl_imports = _library_imports(ROOT / "flows/stage_impl.py", by_name=True)
+    tree = ast.parse((ROOT / "flows/stage_impl.py").read_text())
+    functions = {f.name: f for f in tree.body if isinstance(f, ast.FunctionDef)}
+    todo, seen = [f"run_{name}"], set()
+    while todo:  # run_<name> and the helpers it calls, for the library names they use
+        fn = todo.pop()
+        if fn in seen or fn not in functions:
+            continue
+        seen.add(fn)
+        for node in ast.walk(functions[fn]):
+            if isinstance(node, ast.Name):
+                todo.append(node.id)
+                roots += impl_imports.get(node.id, [])
+    return (*FLOW_CODE, *imported_files(roots, ROOT, "components"))
+
+
+def _library_imports(path: Path, by_name: bool = False) -> Any:
+    """The ``components`` modules a file imports at its top level: a list, or (``by_name``) local name -> modules
+    (``from a import b`` gives ``a`` and ``a.b``: ``b`` is a module or a name in ``a``)."""
+    names: dict[str, list[str]] = {}
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("components"):
+            for alias in node.names:
+                names[alias.asname or alias.name] = [node.module, f"{node.module}.{alias.name}"]
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.startswith("components"):
+                    names[alias.asname or alias.name.split(".")[0]] = [alias.name]
+    return names if by_name else [m for modules in names.values() for m in modules]
+
+
+def _code_hash(name: str) -> str:
+    return json_hash({f: sha256_file(ROOT / f) for f in stage_code(name)})
 
 
 def _upstream(ctx: StageContext, need: str) -> str:
@@ -128,7 +169,7 @@ def fingerprint(name: str, ctx: StageContext) -> tuple[str, dict[str, str], Stag
     stage = STAGES[name]
     inp = stage.inputs.from_params(ctx.params)
     upstream = {need: _upstream(ctx, need) for need in stage.needs}
-    payload = {"stage": name, "inputs": inp.model_dump(mode="json"), "upstream": upstream, "code": _code_hash(),
+    payload = {"stage": name, "inputs": inp.model_dump(mode="json"), "upstream": upstream, "code": _code_hash(name),
                "extra": stage.extra(ctx, inp) if stage.extra else {}}
     return json_hash(payload), upstream, inp
 

@@ -62,3 +62,48 @@ def test_a_param_changes_exactly_the_fingerprints_of_the_stages_that_read_it(tmp
 
     base, moved = prints({}), prints({key: value})
     assert {name for name in base if base[name] != moved[name]} == changes
+
+
+def test_a_stage_hashes_the_code_it_imports_and_not_a_later_stages(tmp_path: Path) -> None:
+    """The fingerprint's code is the stage's import closure: a fix in fusion or FedKIM does not retrain the
+    foundation; the experts' methods are the experts' code; promote's registry calls are promote's."""
+    from flows.stages import stage_code
+
+    for name in ORDER:
+        code = stage_code(name)
+        assert {"flows/stages.py", "flows/stage_impl.py", f"components/stages/{name}.py"} <= set(code)
+        assert all((PROJECT / f).is_file() for f in code)
+    foundation = set(stage_code("foundation"))
+    assert {"components/nn/foundation.py", "components/training/trainer.py", "components/core/fingerprint.py",
+            "components/__init__.py", "components/nn/__init__.py"} <= foundation
+    assert not {f for f in foundation if f.startswith(("components/fusion/", "components/federated/",
+                                                       "components/decompose/", "components/moe/",
+                                                       "components/stages/experts.py"))}
+    assert "components/experts/methods.py" in stage_code("experts")
+    assert "components/federated/fedkim.py" in stage_code("federated")
+    assert "components/tracking/registry.py" in stage_code("promote")  # used by run_promote in flows/stage_impl.py
+    assert "components/tracking/registry.py" not in stage_code("experts")  # the stage's MLflow logging is not code
+
+
+def test_the_import_closure_follows_every_kind_of_import(tmp_path: Path) -> None:
+    from components.core.fingerprint import imported_files
+
+    pkg = tmp_path / "pkg"
+    for folder in (pkg, pkg / "sub", pkg / "other"):
+        folder.mkdir()
+        (folder / "__init__.py").write_text("")
+    files = {
+        "pkg/root.py": "import os\nfrom pkg.sub import a\nfrom pkg.sub.b import name\n\n"
+                       "def later():\n    import pkg.other.lazy\n",
+        "pkg/sub/a.py": "from . import c\nfrom .. import top\n",  # relative, from the module and its parent
+        "pkg/sub/b.py": "name = 1\n",
+        "pkg/sub/c.py": "",
+        "pkg/top.py": "",
+        "pkg/other/lazy.py": "",
+        "pkg/other/unused.py": "import pkg.root\n",
+    }
+    for rel, text in files.items():
+        (tmp_path / rel).write_text(text)
+    assert imported_files(["pkg.root"], tmp_path, "pkg") == sorted([
+        "pkg/__init__.py", "pkg/root.py", "pkg/sub/__init__.py", "pkg/sub/a.py", "pkg/sub/b.py", "pkg/sub/c.py",
+        "pkg/top.py", "pkg/other/__init__.py", "pkg/other/lazy.py"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 from pathlib import Path
@@ -49,15 +50,51 @@ def tree_hash(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def code_hash(package_dir: str | Path) -> str:
-    """sha256 over every *.py file under a folder (paths and contents), for stage caching."""
-    root = Path(package_dir)
-    h = hashlib.sha256()
-    for f in sorted(root.rglob("*.py")):
-        if "__pycache__" in f.parts:
+def imported_files(roots: list[str], source_root: str | Path, package: str) -> list[str]:
+    """The files of ``package`` (under ``source_root``) that importing the modules ``roots`` can execute: each
+    module's file, the ``__init__.py`` of every package on its path, and, transitively, every module of ``package``
+    it imports anywhere in its body (top-level or inside a function; ``from a import b`` counts ``a.b`` when that
+    is a module). Sorted paths relative to ``source_root``.
+
+    Why not ``modulefinder``: it imports nothing but also follows the standard library and third-party packages,
+    which is slow and beside the point here; only the project's own code decides whether a stage's cached output
+    is still what its code would produce. A module reached only through ``importlib`` with a computed name is not
+    seen: the project's stages import what they run by name."""
+    root = Path(source_root)
+
+    def path_of(module: str) -> Path | None:
+        base = root.joinpath(*module.split("."))
+        for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+            if candidate.is_file():
+                return candidate
+        return None
+
+    seen: dict[str, Path] = {}
+    todo = list(roots)
+    while todo:
+        module = todo.pop()
+        if module in seen or not (module == package or module.startswith(package + ".")):
             continue
-        h.update(f"{f.relative_to(root).as_posix()}\0{sha256_file(f)}\n".encode())
-    return h.hexdigest()
+        path = path_of(module)
+        if path is None:
+            continue  # a name imported from a module, not a module
+        seen[module] = path
+        parts = module.split(".")
+        todo += [".".join(parts[:i]) for i in range(1, len(parts))]  # its packages' __init__ run first
+        is_package = path.name == "__init__.py"
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.Import):
+                todo += [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:  # relative: from the module's own package upwards
+                    anchor = parts if is_package else parts[:-1]
+                    anchor = anchor[:len(anchor) - node.level + 1]
+                    base = ".".join([*anchor, node.module] if node.module else anchor)
+                else:
+                    base = node.module or ""
+                todo.append(base)
+                todo += [f"{base}.{alias.name}" for alias in node.names]
+    return sorted(p.relative_to(root).as_posix() for p in seen.values())
 
 
 def json_hash(obj: Any) -> str:

@@ -94,6 +94,13 @@ def _specs(inp: FederatedInputs, tasks: list[str]) -> dict[str, TaskSpec]:
     return out
 
 
+def flower_run_inputs(inp: FederatedInputs) -> dict[str, Any]:
+    """With ``federated.clients_from``, the Flower run's file hashes: an input of the stage outside the params (a new
+    run there re-runs the stage)."""
+    folder = inp.federated.clients_from
+    return {"clients_from": flower_run_hashes(Path(folder))} if folder else {}
+
+
 def run(inp: FederatedInputs, data_dir: Path, foundation_dir: Path, out_dir: Path,
         on_round: Callable[[RoundReport], None] | None = None) -> FederatedSummary:
     """The stage; skipped (with the reason) without a text foundation to inject into."""
