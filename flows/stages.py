@@ -29,7 +29,7 @@ from components.core import stop
 from components.config import Params
 from components.core.artifacts import atomic_dir, mark_stage, read_json, read_model, stage_is_current, write_model
 from components.core.errors import ArtifactError
-from components.core.fingerprint import imported_files, json_hash, sha256_file
+from components.core.fingerprint import imported_files, json_hash, sha256_bytes, sha256_file
 from components.core.layout import STAGE_FILE, SUMMARY_FILE, checkpoints_root, stage_checkpoints, stage_dir
 from components.stages.base import StageInputs, StageSummary
 from components.tracking import runs
@@ -112,28 +112,49 @@ class Stage:
 
 
 @functools.cache
-def stage_code(name: str) -> tuple[str, ...]:
-    """The project files whose code decides stage ``name``'s output: ``FLOW_CODE``, and every ``components`` module
-    reached by import from the stage's own module (``components/stages/<name>.py``), from the library modules the
-    driver here imports, and from those its ``run_<name>`` in ``stage_impl`` uses (directly or through the helpers
-    there it calls; its ``log_<name>`` writes MLflow records, not the stage's output). A change in one of them
-    re-runs the stage; a change elsewhere, say in a later stage's module, does not: a fix in fusion does not
-    retrain the foundation. A docstring edit in one of them re-runs it: conservative and simple."""
-    roots = [f"components.stages.{name}", *_library_imports(ROOT / "flows/stages.py")]
-    impl_imports = _library_imports(ROOT / "flows/stage_impl.py", by_name=True)
-    tree = ast.parse((ROOT / "flows/stage_impl.py").read_text())
-    functions = {f.name: f for f in tree.body if isinstance(f, ast.FunctionDef)}
+def _stage_code(name: str) -> tuple[tuple[str, ...], dict[str, str]]:
+    """(files, {definition in ``flows/stage_impl.py``: its source}) whose code decides stage ``name``'s output:
+    ``flows/stages.py`` (the driver and the table); in ``stage_impl``, its ``run_<name>`` and the module-level
+    definitions that uses, transitively (its ``log_<name>`` writes MLflow records, not the stage's output; the
+    other stages' glue is not its code); and every ``components`` module reached by import from the stage's own
+    module (``components/stages/<name>.py``), from the driver's library imports and from the library names those
+    definitions use. A change in one of them re-runs the stage; a change elsewhere, say in a later stage's module,
+    does not: a fix in fusion does not retrain the foundation. A docstring edit in one of them re-runs it:
+    conservative and simple."""
+    roots = [f"components.stages.{name}", *_library_imports(ROOT / FLOW_CODE[0])]
+    impl_imports = _library_imports(ROOT / FLOW_CODE[1], by_name=True)
+    source = (ROOT / FLOW_CODE[1]).read_text()
+    definitions = _definitions(source)
     todo, seen = [f"run_{name}"], set()
-    while todo:  # run_<name> and the helpers it calls, for the library names they use
-        fn = todo.pop()
-        if fn in seen or fn not in functions:
+    while todo:  # run_<name> and what it uses, for the library names they use
+        used = todo.pop()
+        if used in seen or used not in definitions:
             continue
-        seen.add(fn)
-        for node in ast.walk(functions[fn]):
+        seen.add(used)
+        for node in ast.walk(definitions[used]):
             if isinstance(node, ast.Name):
                 todo.append(node.id)
                 roots += impl_imports.get(node.id, [])
-    return (*FLOW_CODE, *imported_files(roots, ROOT, "components"))
+    lines = source.splitlines()
+    segments = {}
+    for used in sorted(seen):  # a definition's lines, its decorators included
+        node = definitions[used]
+        first = min([node.lineno, *(d.lineno for d in getattr(node, "decorator_list", []))])
+        segments[used] = "\n".join(lines[first - 1:node.end_lineno])
+    return (FLOW_CODE[0], *imported_files(roots, ROOT, "components")), segments
+
+
+def _definitions(source: str) -> dict[str, ast.stmt]:
+    """A module's top-level functions, classes and assigned names."""
+    out: dict[str, ast.stmt] = {}
+    for node in ast.parse(source).body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            out[node.name] = node
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            for target in node.targets if isinstance(node, ast.Assign) else [node.target]:
+                if isinstance(target, ast.Name):
+                    out[target.id] = node
+    return out
 
 
 def _library_imports(path: Path, by_name: bool = False) -> Any:
@@ -151,8 +172,17 @@ def _library_imports(path: Path, by_name: bool = False) -> Any:
     return names if by_name else [m for modules in names.values() for m in modules]
 
 
+def stage_code(name: str) -> tuple[str, ...]:
+    """The files stage ``name``'s code lives in (``_stage_code``), ``flows/stage_impl.py`` whole: dvc.yaml's code
+    deps. DVC sees files, not definitions, so it re-runs a stage on an edit of another stage's glue there; the
+    stage's own fingerprint then finds its code unchanged and skips it."""
+    return (*FLOW_CODE, *_stage_code(name)[0][1:])
+
+
 def _code_hash(name: str) -> str:
-    return json_hash({f: sha256_file(ROOT / f) for f in stage_code(name)})
+    files, segments = _stage_code(name)
+    return json_hash({f: sha256_file(ROOT / f) for f in files}
+                     | {f"{FLOW_CODE[1]}:{n}": sha256_bytes(text.encode()) for n, text in segments.items()})
 
 
 def _upstream(ctx: StageContext, need: str) -> str:

@@ -67,7 +67,7 @@ def test_a_param_changes_exactly_the_fingerprints_of_the_stages_that_read_it(tmp
 def test_a_stage_hashes_the_code_it_imports_and_not_a_later_stages(tmp_path: Path) -> None:
     """The fingerprint's code is the stage's import closure: a fix in fusion or FedKIM does not retrain the
     foundation; the experts' methods are the experts' code; promote's registry calls are promote's."""
-    from flows.stages import stage_code
+    from flows.stages import _stage_code, stage_code
 
     for name in ORDER:
         code = stage_code(name)
@@ -83,6 +83,12 @@ def test_a_stage_hashes_the_code_it_imports_and_not_a_later_stages(tmp_path: Pat
     assert "components/federated/fedkim.py" in stage_code("federated")
     assert "components/tracking/registry.py" in stage_code("promote")  # used by run_promote in flows/stage_impl.py
     assert "components/tracking/registry.py" not in stage_code("experts")  # the stage's MLflow logging is not code
+    # of the glue in flows/stage_impl.py, a stage's fingerprint hashes only its run_<name> and what that uses
+    assert set(_stage_code("foundation")[1]) == {"run_foundation"}
+    experts = _stage_code("experts")[1]
+    assert {"run_experts", "train_expert_job"} <= set(experts) and "run_fusion" not in experts
+    assert experts["train_expert_job"].startswith("def train_expert_job(")
+    assert "@dataclass" in experts["ExpertJob"]  # decorators are part of a definition
 
 
 def test_the_import_closure_follows_every_kind_of_import(tmp_path: Path) -> None:
