@@ -1,0 +1,124 @@
+"""FedKIM against its baselines over several seeds: is a difference between two models larger than what a new seed
+moves? `medexperts bench federated_seeds [--seeds 42 43 44] [--work DIR]` -> bench/results/federated_seeds.json
+
+Each seed is one whole `medexperts bench federated` run of both partitions (`bench.federated.run_partition`, the
+same settings and defaults) with `pipeline.seed` set to it, which draws anew what a seed decides: the text tasks'
+train / validation / test splits where the dataset has no official one, the client shards (IID, Dirichlet), the
+server's split, every model's initialisation and batch order, and the test rows scored (at most --test-cap per
+task). Per partition, client task and model: the test macro-F1 and AUROC of every seed, and their mean and sample
+standard deviation. The goals of `bench federated` are checked on the seed means and per seed (in how many seeds
+each holds), with the paired difference FedKIM − no injection per task (mean ± standard deviation over seeds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.common import write_result
+from bench.federated import MODELS, PARTITIONS, TASKS, run_partition
+
+KEYS = ("macro_f1", "auroc")
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    """Mean, sample standard deviation (0 for one value), min and max."""
+    return {"mean": statistics.mean(values), "sd": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "min": min(values), "max": max(values)}
+
+
+def summarise(runs: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """One partition's per-seed runs (seed -> ``run_partition`` result) as per-model spreads and goal counts."""
+    first = next(iter(runs.values()))
+    tasks, held_out = first["client_tasks"], first["held_out"]
+    models: dict[str, dict[str, dict[str, Any]]] = {}
+    diffs: dict[str, dict[str, Any]] = {}
+    for t in tasks:
+        models[t] = {m: {k: {"per_seed": [r["table"][t][m][k] for r in runs.values()]} for k in KEYS}
+                     for m in MODELS}
+        models[t]["majority_class"] = {k: {"per_seed": [r["majority_class_test"][t][k] for r in runs.values()]}
+                                       for k in KEYS}
+        for per_key in models[t].values():
+            for k in KEYS:
+                per_key[k] |= spread(per_key[k]["per_seed"])
+        diffs[t] = {}
+        for other in ("no_injection", "local_only", "fedavg"):
+            d = {k: [r["table"][t]["fedkim"][k] - r["table"][t][other][k] for r in runs.values()] for k in KEYS}
+            diffs[t][other] = {k: {"per_seed": d[k], **spread(d[k]), "seeds_ahead": sum(v > 0 for v in d[k])}
+                               for k in KEYS}
+    held = {t: {k: [r["held_out_test"][t]["fedkim"][k] - r["held_out_test"][t]["no_injection"][k]
+                    for r in runs.values()] for k in KEYS} for t in held_out}
+    held_mean = {k: statistics.mean(statistics.mean(held[t][k]) for t in held_out) if held_out else None for k in KEYS}
+
+    def on_means(other: str, key: str) -> dict[str, bool]:
+        return {t: models[t]["fedkim"][key]["mean"] > models[t][other][key]["mean"] for t in tasks}
+
+    goals = {}
+    for key in KEYS:
+        vs_none, vs_local = on_means("no_injection", key), on_means("local_only", key)
+        goals[key] = {
+            "fedkim_beats_no_injection_on_the_mean": vs_none,
+            "fedkim_beats_no_injection_every_task_on_the_mean": all(vs_none.values()),
+            "fedkim_beats_local_only_on_the_mean": vs_local,
+            "fedkim_beats_local_only_every_task_on_the_mean": all(vs_local.values()),
+            "seeds_where_fedkim_beats_no_injection_every_task": sum(
+                all(r["table"][t]["fedkim"][key] > r["table"][t]["no_injection"][key] for t in tasks)
+                for r in runs.values()),
+            "held_out_mean_gain": held_mean[key],
+            "held_out_injected_beats_not_injected_on_average": held_mean[key] is not None and held_mean[key] > 0,
+        }
+    return {"client_tasks": tasks, "held_out": held_out, "models": models, "fedkim_minus": diffs,
+            "held_out_gain": {t: {k: {"per_seed": v, **spread(v)} for k, v in h.items()} for t, h in held.items()},
+            "goals": goals, "seconds": {str(s): r["seconds"]["partition"] for s, r in runs.items()},
+            "params": first["params"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="medexperts bench federated_seeds", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--profile", default="quick")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[42, 43, 44],
+                        help="pipeline.seed of each run (default: 42 43 44; 42 is the profile's)")
+    parser.add_argument("--work", type=Path, help="folder for each seed's data and the foundation record "
+                        "(default: a new temporary folder)")
+    parser.add_argument("--partitions", nargs="+", choices=list(PARTITIONS), default=list(PARTITIONS))
+    parser.add_argument("--test-cap", type=int, default=300, help="test rows per task (the same for every model)")
+    parser.add_argument("--held-out", nargs="+", default=["breastmnist"], metavar="TASK",
+                        help="tasks no client trains on (default: breastmnist)")
+    args = parser.parse_args()
+    if len(set(args.seeds)) != len(args.seeds) or len(args.seeds) < 2:
+        parser.error(f"--seeds {args.seeds}: give at least two different seeds")
+    unknown = [t for t in args.held_out if t not in TASKS]
+    if unknown:
+        parser.error(f"--held-out {unknown}: not one of the shipped tasks {TASKS}")
+    work = (args.work or Path(tempfile.mkdtemp(prefix="medexperts-bench-federated-seeds-"))).resolve()
+    print(f"work folder: {work}", flush=True)
+    start = time.perf_counter()
+    runs: dict[str, dict[int, dict[str, Any]]] = {p: {} for p in args.partitions}
+    for seed in args.seeds:
+        for p in args.partitions:
+            print(f"=== seed {seed}, {p}", flush=True)
+            runs[p][seed] = run_partition(work / f"seed_{seed}", args.profile, p, TASKS, args.held_out,
+                                          {"pipeline.seed": seed, "federated.server_fraction": 0.8}, args.test_cap)
+    wall = time.perf_counter() - start
+    results = {p: summarise(r) for p, r in runs.items()}
+    path = write_result("federated_seeds", {
+        "params": {"profile": args.profile, "seeds": args.seeds, "tasks": TASKS, "held_out": args.held_out,
+                   "partitions": args.partitions, "test_cap": args.test_cap, "models": list(MODELS),
+                   "metrics": list(KEYS)},
+        "partitions": results, "wall_seconds": wall,
+    })
+    for p, r in results.items():
+        for t in r["client_tasks"]:
+            m = r["models"][t]
+            print(f"[{p}] {t:18s} " + "  ".join(f"{x} {m[x]['macro_f1']['mean']:.3f}±{m[x]['macro_f1']['sd']:.3f}"
+                                              for x in MODELS), flush=True)
+    print(f"wall {wall:.0f} s; wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
