@@ -33,7 +33,8 @@ test-fast: setup ## the suite without the end-to-end (slow) tests: a contributor
 	$(BIN)/lint-imports --no-cache
 	$(PY) -m pytest -q -m "not slow" $(ARGS)
 
-repro: setup ## reproduce the stages with DVC (dvc.yaml)
+repro: setup ## reproduce the stages with DVC (dvc.yaml; refused while it lags the stage table's code deps)
+	$(BIN)/medexperts dvc-yaml --check
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro $(ARGS)
 
 ui: setup ## open the MLflow UI on 127.0.0.1:5000

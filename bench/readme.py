@@ -594,6 +594,67 @@ FEDERATED_MODELS = (("no_injection", "no injection (server data only)"), ("local
                     ("centralized", "centralized (pooled, upper bound)"))
 
 
+def federated_seeds_section(result: dict) -> str:
+    """``bench federated_seeds``: each model's test macro-F1 over seeds (mean ± sd) and FedKIM's paired gaps."""
+    p = result["params"]
+    seeds = ", ".join(map(str, p["seeds"]))
+
+    def ms(x: dict) -> str:
+        return f"{x['mean']:.3f} ± {x['sd']:.3f}"
+
+    text = []
+    for partition in p["partitions"]:
+        r = result["partitions"][partition]
+        name = "IID" if partition == "iid" else f"Dirichlet α = {r['params']['alpha']:g}"
+        rows = []
+        for t in r["client_tasks"]:
+            m, d = r["models"][t], r["fedkim_minus"][t]
+            rows.append({"task": t, "majority": ms(m["majority_class"]["macro_f1"]),
+                         **{k: ms(m[k]["macro_f1"]) for k, _ in FEDERATED_MODELS},
+                         **{f"d_{o}": f"{d[o]['macro_f1']['mean']:+.3f} ± {d[o]['macro_f1']['sd']:.3f} "
+                                      f"({d[o]['macro_f1']['seeds_ahead']}/{len(p['seeds'])})"
+                            for o in ("no_injection", "local_only")},
+                         "auc": f"{d['no_injection']['auroc']['mean']:+.3f} "
+                                f"({d['no_injection']['auroc']['seeds_ahead']}/{len(p['seeds'])})"})
+        table = markdown_table(rows, [("task", "task"), ("majority", "majority class")] + list(FEDERATED_MODELS)
+                               + [("d_no_injection", "FedKIM − no injection (seeds ahead)"),
+                                  ("d_local_only", "FedKIM − local-only (seeds ahead)"),
+                                  ("auc", "FedKIM − no injection, AUROC (seeds ahead)")])
+        g, a = r["goals"]["macro_f1"], r["goals"]["auroc"]
+        held = "; ".join(f"{t} {h['macro_f1']['mean']:+.3f} ± {h['macro_f1']['sd']:.3f}"
+                         for t, h in r["held_out_gain"].items())
+
+        def verdict(ok: bool) -> str:
+            return "**met**" if ok else "**missed**"
+
+        def misses(goal: dict, key: str) -> str:
+            bad = [t for t, ok in goal[key].items() if not ok]
+            return f" (not on {', '.join(bad)})" if bad else ""
+
+        text.append(
+            f"**{name}**, test macro-F1, mean ± sd over the seeds:\n\n{table}\n"
+            f"- FedKIM beats no injection on every client task, on the seed means: macro-F1 "
+            f"{verdict(g['fedkim_beats_no_injection_every_task_on_the_mean'])}"
+            f"{misses(g, 'fedkim_beats_no_injection_on_the_mean')}, AUROC "
+            f"{verdict(a['fedkim_beats_no_injection_every_task_on_the_mean'])}"
+            f"{misses(a, 'fedkim_beats_no_injection_on_the_mean')}; on every task within one seed: "
+            f"{g['seeds_where_fedkim_beats_no_injection_every_task']} of {len(p['seeds'])} seeds (macro-F1), "
+            f"{a['seeds_where_fedkim_beats_no_injection_every_task']} (AUROC).\n"
+            f"- FedKIM beats local-only on every client task, on the seed means: macro-F1 "
+            f"{verdict(g['fedkim_beats_local_only_every_task_on_the_mean'])}"
+            f"{misses(g, 'fedkim_beats_local_only_on_the_mean')}, AUROC "
+            f"{verdict(a['fedkim_beats_local_only_every_task_on_the_mean'])}"
+            f"{misses(a, 'fedkim_beats_local_only_on_the_mean')}.\n"
+            f"- Held-out task, injected − not injected (macro-F1, mean ± sd): {held}: "
+            f"{verdict(g['held_out_injected_beats_not_injected_on_average'])} (AUROC mean gain "
+            f"{a['held_out_mean_gain']:+.3f}).\n")
+    return (f"Seeds {seeds} (`pipeline.seed`: the text tasks' splits where the dataset has none, the client shards, "
+            f"the server's split, every initialisation, the {p['test_cap']} test rows per task), {machine_line(result)}"
+            f", from `bench/results/federated_seeds.json` (wall time {result['wall_seconds'] / 60:.0f} min). Each seed "
+            f"is one `bench federated` run with its defaults; the differences are paired (the same seed's rows and "
+            f"shards), \"seeds ahead\" counts the seeds where FedKIM scored higher.\n\n" + "\n".join(text))
+
+
 def federated_section(result: dict) -> str:
     p = result["params"]
     parts = {k: result["partitions"][k] for k in p["partitions"]}  # the run's order (the JSON's keys are sorted)
@@ -969,6 +1030,7 @@ def main() -> None:
     for name, section in (("experts", experts_section), ("baselines", baselines_section),
                           ("decompose", decompose_section), ("fusion", fusion_section),
                           ("routing", routing_section), ("federated", federated_section),
+                          ("federated_seeds", federated_seeds_section),
                           ("fixed_cost", fixed_cost_section), ("fanout", fanout_section),
                           ("wall_time", wall_time_section), ("install_time", install_time_section),
                           ("full_profile_time", full_profile_time_section),

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import ast
 import contextlib
-import functools
 import json
 import logging
 import os
@@ -29,18 +28,29 @@ from components.core import stop
 from components.config import Params
 from components.core.artifacts import atomic_dir, mark_stage, read_json, read_model, stage_is_current, write_model
 from components.core.errors import ArtifactError
-from components.core.fingerprint import imported_files, json_hash, sha256_bytes, sha256_file
+from components.core.fingerprint import imported_files, json_hash, sha256_file
 from components.core.layout import STAGE_FILE, SUMMARY_FILE, checkpoints_root, stage_checkpoints, stage_dir
 from components.stages.base import StageInputs, StageSummary
 from components.tracking import runs
 from components.tracking.lineage import git_info
-from flows import stage_impl as impl
+from components.stages.data import DataInputs, DataSummary
+from components.stages.decompose import DecomposeInputs, DecomposeSummary
+from components.stages.evaluate import EvaluateInputs, EvaluateSummary
+from components.stages.experts import ExpertsInputs, ExpertsSummary
+from components.stages.federated import FederatedInputs, FederatedSummary
+from components.stages.foundation import FoundationInputs, FoundationSummary
+from components.stages.fusion import FusionInputs, FusionSummary
+from components.stages.promote import PromoteInputs, PromoteSummary
+from components.stages.routing import RoutingInputs, RoutingSummary
+from components.stages.sources import SourcesInputs, SourcesSummary
+from flows import stage_logs
+from flows.stage_impl import (data, decompose, evaluate, experts, federated, foundation, fusion, promote, routing,
+                              sources)
 
 log = logging.getLogger("medexperts")
 
-# What a stage's fingerprint hashes as its code, and what dvc.yaml lists as its code deps (``stage_code``): the
-# stage table and implementations here, plus the library modules the stage reaches by import.
-FLOW_CODE: tuple[str, ...] = ("flows/stages.py", "flows/stage_impl.py")
+# The driver and the stage table: part of every stage's code (``stage_code``).
+DRIVER = "flows/stages.py"
 ROOT = Path(components.__file__).parent.parent
 
 
@@ -109,80 +119,36 @@ class Stage:
     extra: Callable[[StageContext, Any], dict[str, Any]] | None = None
     cache: bool = True  # DVC caches the output (promote's output is a record of registry calls: not cached)
     always_changed: bool = False  # DVC runs it at every `dvc repro` (it reads what DVC cannot watch)
-
-
-@functools.cache
-def _stage_code(name: str) -> tuple[tuple[str, ...], dict[str, str]]:
-    """(files, {definition in ``flows/stage_impl.py``: its source}) whose code decides stage ``name``'s output:
-    ``flows/stages.py`` (the driver and the table); in ``stage_impl``, its ``run_<name>`` and the module-level
-    definitions that uses, transitively (its ``log_<name>`` writes MLflow records, not the stage's output; the
-    other stages' glue is not its code); and every ``components`` module reached by import from the stage's own
-    module (``components/stages/<name>.py``), from the driver's library imports and from the library names those
-    definitions use. A change in one of them re-runs the stage; a change elsewhere, say in a later stage's module,
-    does not: a fix in fusion does not retrain the foundation. A docstring edit in one of them re-runs it:
-    conservative and simple."""
-    roots = [f"components.stages.{name}", *_library_imports(ROOT / FLOW_CODE[0])]
-    impl_imports = _library_imports(ROOT / FLOW_CODE[1], by_name=True)
-    source = (ROOT / FLOW_CODE[1]).read_text()
-    definitions = _definitions(source)
-    todo, seen = [f"run_{name}"], set()
-    while todo:  # run_<name> and what it uses, for the library names they use
-        used = todo.pop()
-        if used in seen or used not in definitions:
-            continue
-        seen.add(used)
-        for node in ast.walk(definitions[used]):
-            if isinstance(node, ast.Name):
-                todo.append(node.id)
-                roots += impl_imports.get(node.id, [])
-    lines = source.splitlines()
-    segments = {}
-    for used in sorted(seen):  # a definition's lines, its decorators included
-        node = definitions[used]
-        first = min([node.lineno, *(d.lineno for d in getattr(node, "decorator_list", []))])
-        segments[used] = "\n".join(lines[first - 1:node.end_lineno])
-    return (FLOW_CODE[0], *imported_files(roots, ROOT, "components")), segments
-
-
-def _definitions(source: str) -> dict[str, ast.stmt]:
-    """A module's top-level functions, classes and assigned names."""
-    out: dict[str, ast.stmt] = {}
-    for node in ast.parse(source).body:
-        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
-            out[node.name] = node
-        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
-            for target in node.targets if isinstance(node, ast.Assign) else [node.target]:
-                if isinstance(target, ast.Name):
-                    out[target.id] = node
-    return out
-
-
-def _library_imports(path: Path, by_name: bool = False) -> Any:
-    """The ``components`` modules a file imports at its top level: a list, or (``by_name``) local name -> modules
-    (``from a import b`` gives ``a`` and ``a.b``: ``b`` is a module or a name in ``a``)."""
-    names: dict[str, list[str]] = {}
-    for node in ast.parse(path.read_text()).body:
-        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("components"):
-            for alias in node.names:
-                names[alias.asname or alias.name] = [node.module, f"{node.module}.{alias.name}"]
-        elif isinstance(node, ast.Import):
-            for alias in node.names:
-                if alias.name.startswith("components"):
-                    names[alias.asname or alias.name.split(".")[0]] = [alias.name]
-    return names if by_name else [m for modules in names.values() for m in modules]
+    code_dirs: tuple[str, ...] = ()  # folders whose every .py file is its code, besides what its glue imports
 
 
 def stage_code(name: str) -> tuple[str, ...]:
-    """The files stage ``name``'s code lives in (``_stage_code``), ``flows/stage_impl.py`` whole: dvc.yaml's code
-    deps. DVC sees files, not definitions, so it re-runs a stage on an edit of another stage's glue there; the
-    stage's own fingerprint then finds its code unchanged and skips it."""
-    return (*FLOW_CODE, *_stage_code(name)[0][1:])
+    """The project files whose code decides stage ``name``'s output: what its fingerprint hashes and what dvc.yaml
+    lists as its code deps. The driver and table (``flows/stages.py``), and every file of ``components`` and
+    ``flows.stage_impl`` reached by import from the stage's glue module (``flows/stage_impl/<name>.py``, the module
+    of its ``run``) and from the driver's library imports. Not followed: imports under ``TYPE_CHECKING`` (they never
+    run); the table's imports of every stage's Inputs / Summary types (each stage reaches its own through its glue);
+    ``flows/stage_logs.py`` (a stage's MLflow records are made after its output is complete). Plus every file under
+    the stage's ``code_dirs`` (promote copies the whole library into each model it registers). A change elsewhere,
+    say in a later stage's module, does not re-run it: a fix in fusion does not retrain the foundation."""
+    stage = STAGES[name]
+    roots = [stage.run.__module__]
+    for node in ast.parse((ROOT / DRIVER).read_text()).body:  # the driver's library imports, less the stages' own
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("components"):
+            roots += [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+        elif isinstance(node, ast.Import):
+            roots += [a.name for a in node.names if a.name.startswith("components")]
+    stage_modules = {f"components.stages.{other}" for other in STAGES}  # the table's Inputs / Summary types
+    roots = [roots[0], *(m for m in roots[1:] if not m.startswith(tuple(stage_modules)))]
+    files = set(imported_files(roots, ROOT, ("components", "flows.stage_impl")))
+    for folder in stage.code_dirs:
+        files |= {p.relative_to(ROOT).as_posix() for p in (ROOT / folder).rglob("*.py")
+                  if "__pycache__" not in p.parts}
+    return (DRIVER, *sorted(files))
 
 
 def _code_hash(name: str) -> str:
-    files, segments = _stage_code(name)
-    return json_hash({f: sha256_file(ROOT / f) for f in files}
-                     | {f"{FLOW_CODE[1]}:{n}": sha256_bytes(text.encode()) for n, text in segments.items()})
+    return json_hash({f: sha256_file(ROOT / f) for f in stage_code(name)})
 
 
 def _upstream(ctx: StageContext, need: str) -> str:
@@ -253,27 +219,27 @@ def _last_time(out: Path) -> str:
 
 # --------------------------------------------------------------------------- the stages
 STAGES: dict[str, Stage] = {
-    "sources": Stage(impl.SourcesInputs, impl.SourcesSummary, (), impl.run_sources, impl.log_sources,
-                     extra=impl.source_hashes, always_changed=True),
-    "data": Stage(impl.DataInputs, impl.DataSummary, ("sources/data.json",), impl.run_data, impl.log_data),
-    "foundation": Stage(impl.FoundationInputs, impl.FoundationSummary, ("data", "sources/foundation.json"),
-                        impl.run_foundation, impl.log_foundation),
-    "experts": Stage(impl.ExpertsInputs, impl.ExpertsSummary, ("data", "foundation"), impl.run_experts,
-                     impl.log_experts),
-    "federated": Stage(impl.FederatedInputs, impl.FederatedSummary, ("data", "foundation"), impl.run_federated,
-                       impl.log_federated, extra=impl.flower_run_inputs),
+    "sources": Stage(SourcesInputs, SourcesSummary, (), sources.run, stage_logs.log_sources,
+                     extra=sources.source_hashes, always_changed=True),
+    "data": Stage(DataInputs, DataSummary, ("sources/data.json",), data.run, stage_logs.log_data),
+    "foundation": Stage(FoundationInputs, FoundationSummary, ("data", "sources/foundation.json"), foundation.run,
+                        stage_logs.log_foundation),
+    "experts": Stage(ExpertsInputs, ExpertsSummary, ("data", "foundation"), experts.run, stage_logs.log_experts),
+    "federated": Stage(FederatedInputs, FederatedSummary, ("data", "foundation"), federated.run,
+                       stage_logs.log_federated, extra=federated.flower_run_inputs),
     # after the experts: a modality whose decompose.teacher is `expert` distils the deployed experts
-    "decompose": Stage(impl.DecomposeInputs, impl.DecomposeSummary, ("data", "foundation", "experts"),
-                       impl.run_decompose, impl.log_decompose),
-    "routing": Stage(impl.RoutingInputs, impl.RoutingSummary, ("data", "foundation", "experts"), impl.run_routing,
-                     impl.log_routing),
-    "fusion": Stage(impl.FusionInputs, impl.FusionSummary, ("data", "foundation", "experts"), impl.run_fusion,
-                    impl.log_fusion),
-    "evaluate": Stage(impl.EvaluateInputs, impl.EvaluateSummary,
+    "decompose": Stage(DecomposeInputs, DecomposeSummary, ("data", "foundation", "experts"), decompose.run,
+                       stage_logs.log_decompose),
+    "routing": Stage(RoutingInputs, RoutingSummary, ("data", "foundation", "experts"), routing.run,
+                     stage_logs.log_routing),
+    "fusion": Stage(FusionInputs, FusionSummary, ("data", "foundation", "experts"), fusion.run, stage_logs.log_fusion),
+    "evaluate": Stage(EvaluateInputs, EvaluateSummary,
                       ("data", "foundation", "experts", "decompose", "federated", "routing", "fusion"),
-                      impl.run_evaluate, impl.log_evaluate),
-    "promote": Stage(impl.PromoteInputs, impl.PromoteSummary,
+                      evaluate.run, stage_logs.log_evaluate),
+    # its models carry a copy of the whole library (components.tracking.registry): all of it is its code
+    "promote": Stage(PromoteInputs, PromoteSummary,
                      ("data", "experts", "decompose", "federated", "routing", "fusion", "evaluate"),
-                     impl.run_promote, impl.log_promote, extra=impl.registry_target, cache=False),
+                     promote.run, stage_logs.log_promote, extra=promote.registry_target, cache=False,
+                     code_dirs=("components",)),
 }
 ORDER: tuple[str, ...] = tuple(STAGES)

@@ -85,7 +85,7 @@ def test_the_sources_of_the_full_profile_are_logged(mlflow_store: str, tmp_path:
 
     from components.config import load_params
     from components.stages.sources import SourcesInputs, source_hashes
-    from flows.stage_impl import log_sources
+    from flows.stage_logs import log_sources
 
     project = Path(__file__).resolve().parents[1]
     inp = SourcesInputs.from_params(load_params(project / "params", "full"))

@@ -282,7 +282,7 @@ def test_fusion_stage_writes_a_bundle_and_search_per_method(space: str, tiny_ber
     # what the stage records in MLflow: chosen coefficients as metrics, the whole search as a JSON artifact
     import mlflow
 
-    from flows.stage_impl import log_fusion
+    from flows.stage_logs import log_fusion
 
     with mlflow.start_run() as run:
         log_fusion(SimpleNamespace(params=params), inp, summary, tmp_path / "out")

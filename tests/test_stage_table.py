@@ -64,31 +64,29 @@ def test_a_param_changes_exactly_the_fingerprints_of_the_stages_that_read_it(tmp
     assert {name for name in base if base[name] != moved[name]} == changes
 
 
-def test_a_stage_hashes_the_code_it_imports_and_not_a_later_stages(tmp_path: Path) -> None:
+def test_a_stage_hashes_the_code_it_imports_and_not_a_later_stages() -> None:
     """The fingerprint's code is the stage's import closure: a fix in fusion or FedKIM does not retrain the
-    foundation; the experts' methods are the experts' code; promote's registry calls are promote's."""
-    from flows.stages import _stage_code, stage_code
+    foundation; the experts' methods are the experts' code; promote ships the whole library in its models."""
+    from flows.stages import stage_code
 
+    library = {p.relative_to(PROJECT).as_posix() for p in (PROJECT / "components").rglob("*.py")}
     for name in ORDER:
         code = stage_code(name)
-        assert {"flows/stages.py", "flows/stage_impl.py", f"components/stages/{name}.py"} <= set(code)
+        assert {"flows/stages.py", f"flows/stage_impl/{name}.py", f"components/stages/{name}.py"} <= set(code)
         assert all((PROJECT / f).is_file() for f in code)
+        assert "flows/stage_logs.py" not in code  # MLflow records are made after the output is complete
+        assert not {f"flows/stage_impl/{other}.py" for other in ORDER if other != name} & set(code)
     foundation = set(stage_code("foundation"))
     assert {"components/nn/foundation.py", "components/training/trainer.py", "components/core/fingerprint.py",
             "components/__init__.py", "components/nn/__init__.py"} <= foundation
     assert not {f for f in foundation if f.startswith(("components/fusion/", "components/federated/",
                                                        "components/decompose/", "components/moe/",
+                                                       "components/tracking/registry.py",
                                                        "components/stages/experts.py"))}
     assert "components/experts/methods.py" in stage_code("experts")
     assert "components/federated/fedkim.py" in stage_code("federated")
-    assert "components/tracking/registry.py" in stage_code("promote")  # used by run_promote in flows/stage_impl.py
-    assert "components/tracking/registry.py" not in stage_code("experts")  # the stage's MLflow logging is not code
-    # of the glue in flows/stage_impl.py, a stage's fingerprint hashes only its run_<name> and what that uses
-    assert set(_stage_code("foundation")[1]) == {"run_foundation"}
-    experts = _stage_code("experts")[1]
-    assert {"run_experts", "train_expert_job"} <= set(experts) and "run_fusion" not in experts
-    assert experts["train_expert_job"].startswith("def train_expert_job(")
-    assert "@dataclass" in experts["ExpertJob"]  # decorators are part of a definition
+    assert "components/experts/prompt.py" in stage_code("decompose")  # it loads the experts' bundles
+    assert library <= set(stage_code("promote"))  # its models carry a copy of the library
 
 
 def test_the_import_closure_follows_every_kind_of_import(tmp_path: Path) -> None:
@@ -99,17 +97,22 @@ def test_the_import_closure_follows_every_kind_of_import(tmp_path: Path) -> None
         folder.mkdir()
         (folder / "__init__.py").write_text("")
     files = {
-        "pkg/root.py": "import os\nfrom pkg.sub import a\nfrom pkg.sub.b import name\n\n"
+        "pkg/root.py": "import os\nfrom typing import TYPE_CHECKING\nfrom pkg.sub import a\nfrom pkg.sub.b import name\n"
+                       "if TYPE_CHECKING:\n    from pkg.other import typed_only\nelse:\n    import pkg.other.fallback\n\n"
                        "def later():\n    import pkg.other.lazy\n",
         "pkg/sub/a.py": "from . import c\nfrom .. import top\n",  # relative, from the module and its parent
         "pkg/sub/b.py": "name = 1\n",
         "pkg/sub/c.py": "",
         "pkg/top.py": "",
         "pkg/other/lazy.py": "",
+        "pkg/other/fallback.py": "",
+        "pkg/other/typed_only.py": "",
         "pkg/other/unused.py": "import pkg.root\n",
     }
     for rel, text in files.items():
         (tmp_path / rel).write_text(text)
-    assert imported_files(["pkg.root"], tmp_path, "pkg") == sorted([
+    assert imported_files(["pkg.root"], tmp_path, ("pkg",)) == sorted([
         "pkg/__init__.py", "pkg/root.py", "pkg/sub/__init__.py", "pkg/sub/a.py", "pkg/sub/b.py", "pkg/sub/c.py",
-        "pkg/top.py", "pkg/other/__init__.py", "pkg/other/lazy.py"])
+        "pkg/top.py", "pkg/other/__init__.py", "pkg/other/lazy.py", "pkg/other/fallback.py"])
+    assert imported_files(["pkg.sub.a"], tmp_path, ("pkg.sub",)) == ["pkg/sub/__init__.py", "pkg/sub/a.py",
+                                                                      "pkg/sub/c.py"]  # other packages not followed

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import hashlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -50,11 +51,12 @@ def tree_hash(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def imported_files(roots: list[str], source_root: str | Path, package: str) -> list[str]:
-    """The files of ``package`` (under ``source_root``) that importing the modules ``roots`` can execute: each
-    module's file, the ``__init__.py`` of every package on its path, and, transitively, every module of ``package``
-    it imports anywhere in its body (top-level or inside a function; ``from a import b`` counts ``a.b`` when that
-    is a module). Sorted paths relative to ``source_root``.
+def imported_files(roots: list[str], source_root: str | Path, packages: tuple[str, ...]) -> list[str]:
+    """The files of ``packages`` (dotted names, under ``source_root``) that importing the modules ``roots`` can
+    execute: each module's file, the ``__init__.py`` of every package on its path, and, transitively, every module
+    of ``packages`` it imports anywhere in its body (top-level or inside a function; ``from a import b`` counts
+    ``a.b`` when that is a module), except under ``if TYPE_CHECKING:``, which never runs. Sorted paths relative to
+    ``source_root``.
 
     Why not ``modulefinder``: it imports nothing but also follows the standard library and third-party packages,
     which is slow and beside the point here; only the project's own code decides whether a stage's cached output
@@ -69,11 +71,14 @@ def imported_files(roots: list[str], source_root: str | Path, package: str) -> l
                 return candidate
         return None
 
+    def ours(module: str) -> bool:
+        return any(module == p or module.startswith(p + ".") for p in packages)
+
     seen: dict[str, Path] = {}
     todo = list(roots)
     while todo:
         module = todo.pop()
-        if module in seen or not (module == package or module.startswith(package + ".")):
+        if module in seen or not ours(module):
             continue
         path = path_of(module)
         if path is None:
@@ -82,7 +87,7 @@ def imported_files(roots: list[str], source_root: str | Path, package: str) -> l
         parts = module.split(".")
         todo += [".".join(parts[:i]) for i in range(1, len(parts))]  # its packages' __init__ run first
         is_package = path.name == "__init__.py"
-        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        for node in _runtime_nodes(ast.parse(path.read_text(), filename=str(path))):
             if isinstance(node, ast.Import):
                 todo += [alias.name for alias in node.names]
             elif isinstance(node, ast.ImportFrom):
@@ -95,6 +100,23 @@ def imported_files(roots: list[str], source_root: str | Path, package: str) -> l
                 todo.append(base)
                 todo += [f"{base}.{alias.name}" for alias in node.names]
     return sorted(p.relative_to(root).as_posix() for p in seen.values())
+
+
+def _runtime_nodes(tree: ast.AST) -> Iterator[ast.AST]:
+    """Every node of ``tree`` but the bodies of ``if TYPE_CHECKING:`` (their ``else`` kept)."""
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        yield node
+        if isinstance(node, ast.If) and _is_type_checking(node.test):
+            stack += [node.test, *node.orelse]
+        else:
+            stack += list(ast.iter_child_nodes(node))
+
+
+def _is_type_checking(test: ast.expr) -> bool:
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
 
 
 def json_hash(obj: Any) -> str:

@@ -355,9 +355,13 @@ def run_server(grid: Grid, settings: FlowerSettings,
     new or empty: one holding another run's files is refused before any round starts (this run would overwrite or
     mix with them)."""
     out = Path(settings.output_dir) if settings.output_dir else None
-    if out is not None and out.is_dir() and any(out.iterdir()):
-        raise FederatedError(f"output-dir {out} is not empty (another run's {sorted(p.name for p in out.iterdir())}); "
-                             "give this run a new output-dir, or move those files away first")
+    if out is not None and out.exists() and not out.is_dir():
+        raise FederatedError(f"output-dir {out} is a file, not a folder")
+    if out is not None and any(out.glob("*")):
+        held = sorted(p.name for p in out.iterdir())
+        raise FederatedError(f"output-dir {out} is not empty (it holds {', '.join(held[:5])}"
+                             f"{', ...' if len(held) > 5 else ''}: another run's); give this run a new output-dir "
+                             "(flwr run ... --run-config 'output-dir=\"/new/folder\"'), or move those files away")
     model = build_model(settings.model, settings.seed, settings.model_config)
     reports: list[RoundReport] = []
     for r in range(1, settings.num_rounds + 1):

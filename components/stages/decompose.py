@@ -23,6 +23,7 @@ import lightning as L
 import torch
 from torch import nn
 
+import components.plugins  # noqa: F401  the expert bundles it loads may be soft prompts (their wrapper)
 from components.bundle.format import image_input, load_bundle
 from components.config import DecomposeParams, Modality, PrimaryMetric, ProbeParams
 from components.config.decompose import TeacherKind

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+import components.plugins  # noqa: F401  the expert bundles it loads may be soft prompts (their wrapper)
 from components.bundle.format import TaskHead, save_bundle
 from components.config import PrimaryMetric, RoutingParams
 from components.config.training import TrainerParams
