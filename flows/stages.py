@@ -25,7 +25,7 @@ from typing import Any
 
 import components
 from components.core import stop
-from components.config import Params
+from components.config import SECTIONS, Params
 from components.core.artifacts import atomic_dir, mark_stage, read_json, read_model, stage_is_current, write_model
 from components.core.errors import ArtifactError
 from components.core.fingerprint import imported_files, json_hash, sha256_file
@@ -140,7 +140,16 @@ def stage_code(name: str) -> tuple[str, ...]:
             roots += [a.name for a in node.names if a.name.startswith("components")]
     stage_modules = {f"components.stages.{other}" for other in STAGES}  # the table's Inputs / Summary types
     roots = [roots[0], *(m for m in roots[1:] if not m.startswith(tuple(stage_modules)))]
-    files = set(imported_files(roots, ROOT, ("components", "flows.stage_impl")))
+    # The params package imports every section's model (components/config/__init__.py, params.py); a section this
+    # stage does not read reaches it only as validated values of other sections, never as its inputs (hashed by
+    # value): its model's module is not the stage's code, or adding a FedKIM param would retrain the foundation.
+    read = {key.split(".")[0] for key in stage.inputs.param_keys().values()}
+    unread = {f"components.config.{s}" for s in SECTIONS if s not in read}
+
+    def skip(importer: str, module: str) -> bool:
+        return importer in ("components.config", "components.config.params") and module in unread
+
+    files = set(imported_files(roots, ROOT, ("components", "flows.stage_impl"), skip))
     for folder in stage.code_dirs:
         files |= {p.relative_to(ROOT).as_posix() for p in (ROOT / folder).rglob("*.py")
                   if "__pycache__" not in p.parts}

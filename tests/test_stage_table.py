@@ -83,6 +83,10 @@ def test_a_stage_hashes_the_code_it_imports_and_not_a_later_stages() -> None:
                                                        "components/decompose/", "components/moe/",
                                                        "components/tracking/registry.py",
                                                        "components/stages/experts.py"))}
+    # the params package imports every section's model; one the stage does not read is not its code
+    assert {"components/config/foundation.py", "components/config/params.py"} <= foundation
+    assert "components/config/federated.py" not in foundation
+    assert "components/config/federated.py" in stage_code("federated")
     assert "components/experts/methods.py" in stage_code("experts")
     assert "components/federated/fedkim.py" in stage_code("federated")
     assert "components/experts/prompt.py" in stage_code("decompose")  # it loads the experts' bundles
@@ -116,3 +120,5 @@ def test_the_import_closure_follows_every_kind_of_import(tmp_path: Path) -> None
         "pkg/top.py", "pkg/other/__init__.py", "pkg/other/lazy.py", "pkg/other/fallback.py"])
     assert imported_files(["pkg.sub.a"], tmp_path, ("pkg.sub",)) == ["pkg/sub/__init__.py", "pkg/sub/a.py",
                                                                       "pkg/sub/c.py"]  # other packages not followed
+    skipped = imported_files(["pkg.root"], tmp_path, ("pkg",), skip=lambda importer, module: module == "pkg.sub.a")
+    assert "pkg/sub/a.py" not in skipped and "pkg/sub/c.py" not in skipped and "pkg/sub/b.py" in skipped

@@ -5,7 +5,7 @@ from __future__ import annotations
 import ast
 import hashlib
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -51,12 +51,13 @@ def tree_hash(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def imported_files(roots: list[str], source_root: str | Path, packages: tuple[str, ...]) -> list[str]:
+def imported_files(roots: list[str], source_root: str | Path, packages: tuple[str, ...],
+                   skip: Callable[[str, str], bool] | None = None) -> list[str]:
     """The files of ``packages`` (dotted names, under ``source_root``) that importing the modules ``roots`` can
     execute: each module's file, the ``__init__.py`` of every package on its path, and, transitively, every module
     of ``packages`` it imports anywhere in its body (top-level or inside a function; ``from a import b`` counts
-    ``a.b`` when that is a module), except under ``if TYPE_CHECKING:``, which never runs. Sorted paths relative to
-    ``source_root``.
+    ``a.b`` when that is a module), except under ``if TYPE_CHECKING:``, which never runs, and the imports
+    ``skip(importer, imported)`` says to leave out. Sorted paths relative to ``source_root``.
 
     Why not ``modulefinder``: it imports nothing but also follows the standard library and third-party packages,
     which is slow and beside the point here; only the project's own code decides whether a stage's cached output
@@ -75,21 +76,21 @@ def imported_files(roots: list[str], source_root: str | Path, packages: tuple[st
         return any(module == p or module.startswith(p + ".") for p in packages)
 
     seen: dict[str, Path] = {}
-    todo = list(roots)
+    todo: list[tuple[str, str]] = [("", r) for r in roots]  # (importer, module)
     while todo:
-        module = todo.pop()
-        if module in seen or not ours(module):
+        importer, module = todo.pop()
+        if module in seen or not ours(module) or (skip is not None and importer and skip(importer, module)):
             continue
         path = path_of(module)
         if path is None:
             continue  # a name imported from a module, not a module
         seen[module] = path
         parts = module.split(".")
-        todo += [".".join(parts[:i]) for i in range(1, len(parts))]  # its packages' __init__ run first
+        todo += [("", ".".join(parts[:i])) for i in range(1, len(parts))]  # its packages' __init__ run first
         is_package = path.name == "__init__.py"
         for node in _runtime_nodes(ast.parse(path.read_text(), filename=str(path))):
             if isinstance(node, ast.Import):
-                todo += [alias.name for alias in node.names]
+                todo += [(module, alias.name) for alias in node.names]
             elif isinstance(node, ast.ImportFrom):
                 if node.level:  # relative: from the module's own package upwards
                     anchor = parts if is_package else parts[:-1]
@@ -97,8 +98,8 @@ def imported_files(roots: list[str], source_root: str | Path, packages: tuple[st
                     base = ".".join([*anchor, node.module] if node.module else anchor)
                 else:
                     base = node.module or ""
-                todo.append(base)
-                todo += [f"{base}.{alias.name}" for alias in node.names]
+                todo.append((module, base))
+                todo += [(module, f"{base}.{alias.name}") for alias in node.names]
     return sorted(p.relative_to(root).as_posix() for p in seen.values())
 
 
