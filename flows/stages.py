@@ -140,9 +140,11 @@ def stage_code(name: str) -> tuple[str, ...]:
             roots += [a.name for a in node.names if a.name.startswith("components")]
     stage_modules = {f"components.stages.{other}" for other in STAGES}  # the table's Inputs / Summary types
     roots = [roots[0], *(m for m in roots[1:] if not m.startswith(tuple(stage_modules)))]
-    # The params package imports every section's model (components/config/__init__.py, params.py); a section this
-    # stage does not read reaches it only as validated values of other sections, never as its inputs (hashed by
-    # value): its model's module is not the stage's code, or adding a FedKIM param would retrain the foundation.
+    # The params package imports every section's model (components/config/__init__.py, params.py): that import
+    # alone does not make a section's model the stage's code (or adding a FedKIM param would retrain the
+    # foundation); the values the stage reads are hashed as its inputs. Its code does use the models it imports by
+    # name (`from components.config import LoraParams` counts components/config/experts.py: imported_files follows
+    # the package's re-exports).
     read = {key.split(".")[0] for key in stage.inputs.param_keys().values()}
     unread = {f"components.config.{s}" for s in SECTIONS if s not in read}
 

@@ -87,6 +87,7 @@ def test_a_stage_hashes_the_code_it_imports_and_not_a_later_stages() -> None:
     assert {"components/config/foundation.py", "components/config/params.py"} <= foundation
     assert "components/config/federated.py" not in foundation
     assert "components/config/federated.py" in stage_code("federated")
+    assert "components/config/experts.py" in stage_code("routing")  # it builds LoraParams to load the experts
     assert "components/experts/methods.py" in stage_code("experts")
     assert "components/federated/fedkim.py" in stage_code("federated")
     assert "components/experts/prompt.py" in stage_code("decompose")  # it loads the experts' bundles
@@ -122,3 +123,12 @@ def test_the_import_closure_follows_every_kind_of_import(tmp_path: Path) -> None
                                                                       "pkg/sub/c.py"]  # other packages not followed
     skipped = imported_files(["pkg.root"], tmp_path, ("pkg",), skip=lambda importer, module: module == "pkg.sub.a")
     assert "pkg/sub/a.py" not in skipped and "pkg/sub/c.py" not in skipped and "pkg/sub/b.py" in skipped
+    # a name taken through a package that re-exports it depends on its module, even when the package's own
+    # import of that module is skipped
+    (pkg / "cfg").mkdir()
+    (pkg / "cfg" / "__init__.py").write_text("from pkg.cfg.one import One\nfrom .two import Two\n")
+    (pkg / "cfg" / "one.py").write_text("")
+    (pkg / "cfg" / "two.py").write_text("")
+    (pkg / "user.py").write_text("from pkg.cfg import Two\n")
+    assert imported_files(["pkg.user"], tmp_path, ("pkg",), skip=lambda importer, module: importer == "pkg.cfg") == [
+        "pkg/__init__.py", "pkg/cfg/__init__.py", "pkg/cfg/two.py", "pkg/user.py"]

@@ -56,7 +56,8 @@ def imported_files(roots: list[str], source_root: str | Path, packages: tuple[st
     """The files of ``packages`` (dotted names, under ``source_root``) that importing the modules ``roots`` can
     execute: each module's file, the ``__init__.py`` of every package on its path, and, transitively, every module
     of ``packages`` it imports anywhere in its body (top-level or inside a function; ``from a import b`` counts
-    ``a.b`` when that is a module), except under ``if TYPE_CHECKING:``, which never runs, and the imports
+    ``a.b`` when that is a module, and, when ``a`` is a package that re-exports ``b``, the module its
+    ``__init__`` takes ``b`` from), except under ``if TYPE_CHECKING:``, which never runs, and the imports
     ``skip(importer, imported)`` says to leave out. Sorted paths relative to ``source_root``.
 
     Why not ``modulefinder``: it imports nothing but also follows the standard library and third-party packages,
@@ -75,6 +76,29 @@ def imported_files(roots: list[str], source_root: str | Path, packages: tuple[st
     def ours(module: str) -> bool:
         return any(module == p or module.startswith(p + ".") for p in packages)
 
+    def absolute(node: ast.ImportFrom, module: str, is_package: bool) -> str:
+        """The module an ``ImportFrom`` in ``module`` imports from."""
+        if not node.level:
+            return node.module or ""
+        anchor = module.split(".") if is_package else module.split(".")[:-1]  # relative: from its package upwards
+        anchor = anchor[:len(anchor) - node.level + 1]
+        return ".".join([*anchor, node.module] if node.module else anchor)
+
+    exports: dict[str, dict[str, str]] = {}
+
+    def source_of(package: str, name: str) -> str | None:
+        """The module a package's ``__init__`` takes ``name`` from (``from .sub import name``): a name imported
+        through the package depends on that module, whatever the package's own imports are made to skip."""
+        if package not in exports:
+            exports[package] = {}
+            path = path_of(package)
+            if path is not None and path.name == "__init__.py":
+                for node in ast.parse(path.read_text()).body:
+                    if isinstance(node, ast.ImportFrom):
+                        for alias in node.names:
+                            exports[package][alias.asname or alias.name] = absolute(node, package, True)
+        return exports[package].get(name)
+
     seen: dict[str, Path] = {}
     todo: list[tuple[str, str]] = [("", r) for r in roots]  # (importer, module)
     while todo:
@@ -92,14 +116,13 @@ def imported_files(roots: list[str], source_root: str | Path, packages: tuple[st
             if isinstance(node, ast.Import):
                 todo += [(module, alias.name) for alias in node.names]
             elif isinstance(node, ast.ImportFrom):
-                if node.level:  # relative: from the module's own package upwards
-                    anchor = parts if is_package else parts[:-1]
-                    anchor = anchor[:len(anchor) - node.level + 1]
-                    base = ".".join([*anchor, node.module] if node.module else anchor)
-                else:
-                    base = node.module or ""
+                base = absolute(node, module, is_package)
                 todo.append((module, base))
-                todo += [(module, f"{base}.{alias.name}") for alias in node.names]
+                for alias in node.names:
+                    todo.append((module, f"{base}.{alias.name}"))
+                    source = source_of(base, alias.name) if ours(base) else None
+                    if source is not None:
+                        todo.append((module, source))
     return sorted(p.relative_to(root).as_posix() for p in seen.values())
 
 

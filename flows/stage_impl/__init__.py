@@ -1,3 +1,3 @@
-"""What each stage runs (one component call) and what it records in MLflow (through components.tracking): one module
-per stage, so a stage's fingerprint and its dvc.yaml deps name its own glue and not the other stages'
-(``flows.stages.stage_code``). Each module has ``run(ctx, inp, out)`` and ``log(ctx, inp, summary, out)``."""
+"""What each stage runs: one module per stage, ``run(ctx, inp, out)`` (one component call) and what else the stage
+table needs from it. Each stage's fingerprint and dvc.yaml deps name its own module, not the others'
+(``flows.stages.stage_code``); its MLflow records are in ``flows/stage_logs.py``."""
