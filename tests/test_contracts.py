@@ -95,3 +95,17 @@ def test_the_sources_of_the_full_profile_are_logged(mlflow_store: str, tmp_path:
         log_sources(None, inp, summary, tmp_path)  # type: ignore[arg-type]  (the context is not read)
     tags = mlflow.MlflowClient().get_run(run_id).data.tags
     assert {runs.metric_key(f"source.data.{n}"): h for n, h in summary.data.items()}.items() <= tags.items()
+
+
+def test_the_package_build_ships_every_package_of_the_project() -> None:
+    """A wheel (not only an editable install) must hold every package: flows.stage_impl was once left out."""
+    import tomllib
+
+    from setuptools import find_packages
+
+    project = Path(__file__).resolve().parents[1]
+    include = tomllib.loads((project / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+    shipped = set(find_packages(str(project), include=include["include"]))
+    on_disk = {p.parent.relative_to(project).as_posix().replace("/", ".")
+               for top in ("components", "flows") for p in (project / top).rglob("__init__.py")}
+    assert on_disk <= shipped, sorted(on_disk - shipped)
