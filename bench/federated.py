@@ -314,13 +314,31 @@ def run_partition(work: Path, profile: str, partition: str, tasks: list[str], he
                        "held_out_shots": params.federated.held_out_shots, "max_length": found.max_length}}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(prog="medexperts bench federated", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options `bench federated` shares with `bench federated_seeds`."""
     parser.add_argument("--profile", default="quick")
     parser.add_argument("--work", type=Path, help="folder for the data (per partition), the foundation record and the "
                                                    "stage outputs; default: a new temporary folder")
     parser.add_argument("--partitions", nargs="+", choices=list(PARTITIONS), default=list(PARTITIONS))
+    parser.add_argument("--test-cap", type=int, default=300, help="test rows per task (the same for every model)")
+    parser.add_argument("--held-out", nargs="+", default=["breastmnist"], metavar="TASK",
+                        help="tasks no client trains on (default: breastmnist)")
+
+
+def work_folder(parser: argparse.ArgumentParser, args: argparse.Namespace, prefix: str) -> Path:
+    """Checks ``--held-out``; the run's folder: ``--work``, or a new temporary one (printed)."""
+    unknown = [t for t in args.held_out if t not in TASKS]
+    if unknown:
+        parser.error(f"--held-out {unknown}: not one of the shipped tasks {TASKS}")
+    work = (args.work or Path(tempfile.mkdtemp(prefix=prefix))).resolve()
+    print(f"work folder: {work}", flush=True)
+    return work
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="medexperts bench federated", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_arguments(parser)
     parser.add_argument("--rounds", type=int, help="federated rounds (default: the profile's federated.rounds)")
     parser.add_argument("--client-cap", type=int,
                         help="rows per client and task (federated.client.max_train_samples; default: the profile's)")
@@ -333,16 +351,8 @@ def main() -> None:
     parser.add_argument("--server-fraction", type=float, default=0.8,
                         help="share of each validation split the server may train on (federated.server_fraction); "
                              "the rest is the stage's validation, scored after every server epoch")
-    parser.add_argument("--test-cap", type=int, default=300, help="test rows per task (the same for every model)")
-    parser.add_argument("--held-out", nargs="+", default=["breastmnist"], metavar="TASK",
-                        help="tasks no client trains on (default: breastmnist)")
     args = parser.parse_args()
-
-    unknown = [t for t in args.held_out if t not in TASKS]
-    if unknown:
-        parser.error(f"--held-out {unknown}: not one of the shipped tasks {TASKS}")
-    work = (args.work or Path(tempfile.mkdtemp(prefix="medexperts-bench-federated-"))).resolve()
-    print(f"work folder: {work}", flush=True)
+    work = work_folder(parser, args, "medexperts-bench-federated-")
     start = time.perf_counter()
     overrides: dict[str, Any] = {"federated.server_fraction": args.server_fraction}
     if args.server_cap is not None:

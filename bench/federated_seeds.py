@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from bench.common import write_result
-from bench.federated import MODELS, PARTITIONS, TASKS, run_partition
+from bench.federated import MODELS, TASKS, add_common_arguments, run_partition, work_folder
 
 KEYS = ("macro_f1", "auroc")
 
@@ -80,23 +79,13 @@ def summarise(runs: dict[int, dict[str, Any]]) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(prog="medexperts bench federated_seeds", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--profile", default="quick")
+    add_common_arguments(parser)
     parser.add_argument("--seeds", nargs="+", type=int, default=[42, 43, 44],
                         help="pipeline.seed of each run (default: 42 43 44; 42 is the profile's)")
-    parser.add_argument("--work", type=Path, help="folder for each seed's data and the foundation record "
-                        "(default: a new temporary folder)")
-    parser.add_argument("--partitions", nargs="+", choices=list(PARTITIONS), default=list(PARTITIONS))
-    parser.add_argument("--test-cap", type=int, default=300, help="test rows per task (the same for every model)")
-    parser.add_argument("--held-out", nargs="+", default=["breastmnist"], metavar="TASK",
-                        help="tasks no client trains on (default: breastmnist)")
     args = parser.parse_args()
     if len(set(args.seeds)) != len(args.seeds) or len(args.seeds) < 2:
         parser.error(f"--seeds {args.seeds}: give at least two different seeds")
-    unknown = [t for t in args.held_out if t not in TASKS]
-    if unknown:
-        parser.error(f"--held-out {unknown}: not one of the shipped tasks {TASKS}")
-    work = (args.work or Path(tempfile.mkdtemp(prefix="medexperts-bench-federated-seeds-"))).resolve()
-    print(f"work folder: {work}", flush=True)
+    work = work_folder(parser, args, "medexperts-bench-federated-seeds-")
     start = time.perf_counter()
     runs: dict[str, dict[int, dict[str, Any]]] = {p: {} for p in args.partitions}
     for seed in args.seeds:
