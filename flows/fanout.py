@@ -5,7 +5,10 @@ cluster for the run (``cluster_class``, by default a ``LocalCluster`` of ``worke
 at ``address`` (workers on other machines that share the project folder), runs the stages that need only the data
 and the foundation side by side, and maps the experts stage's per-task jobs onto the workers, one Prefect task each
 (each visible in the Prefect UI). The runner is opened inside the flow, from the run's params, so a scheduled run
-(`medexperts serve`, a worker) fans out exactly as `medexperts run` does.
+(`medexperts serve`, a worker) fans out exactly as `medexperts run` does. Before any work is sent, every worker
+must run the code this process sees on disk (``check_workers``): a long-lived worker that imported the project
+before a change, or one started from another checkout, would otherwise train with old code under a fingerprint
+that names the new one.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from prefect import task
 from prefect.cache_policies import NONE
 from prefect.futures import wait
 
+import flows
 from components.config.pipeline import RunnerParams
 from components.core import stop
 from components.core.errors import ParamsError
@@ -44,7 +48,31 @@ def fan_out(rp: RunnerParams) -> Iterator[Any]:
         except (ImportError, AttributeError, ValueError) as exc:
             raise ParamsError(f"pipeline.runner.cluster_class={rp.cluster_class!r}: {exc}") from None
     with runner:
+        check_workers(runner.client, rp.address)
         yield runner
+
+
+def _loaded_source() -> str:
+    """Run on a worker: the digest of the project code it runs (read when it first imported the project)."""
+    return flows.LOADED_SOURCE
+
+
+def check_workers(client: Any, address: str | None, timeout: float = 60.0) -> None:
+    """Refuse (ParamsError) a scheduler without workers, and workers whose code is not the code on disk here
+    (``address``: the scheduler joined; None: the cluster started for this run)."""
+    where = f"the Dask scheduler at {address}" if address else "the Dask cluster started for this run"
+    restart = f"(`dask worker {address}`) from a checkout of this commit" if address else "(run again)"
+    try:
+        client.wait_for_workers(1, timeout=timeout)
+    except TimeoutError:
+        raise ParamsError(f"no worker joined {where} within {timeout:g} s: start them {restart}") from None
+    here = flows.source_digest()
+    stale = sorted(worker for worker, digest in client.run(_loaded_source).items() if digest != here)
+    if stale:
+        raise ParamsError(
+            f"{len(stale)} worker(s) of {where} run other code than this checkout's ({', '.join(stale[:5])}): "
+            f"started before the project's files changed, or from another checkout. Restart them {restart}; "
+            f"the stages' fingerprints hash the code on disk, not the code a worker runs")
 
 
 def gather(futures: list[Any], what: str) -> list[Any]:

@@ -81,3 +81,38 @@ def test_a_two_worker_local_cluster_gives_byte_identical_experts(isolated_projec
     experts = client.search_runs([exp], f"tags.mlflow.parentRunId = '{stage_runs['stage:experts'].info.run_id}'")
     assert sorted(r.info.run_name for r in experts) == sorted(f"expert:{t}" for t in local)
     assert all(r.info.status == "FINISHED" for r in [*experts, *stage_runs.values()])
+
+
+def test_source_digest_names_the_code_on_disk(tmp_path: Path) -> None:
+    import flows
+
+    for rel, text in {"components/a.py": "x = 1\n", "flows/b.py": "y = 2\n", "components/notes.md": "-"}.items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(text)
+    before = flows.source_digest(tmp_path)
+    (tmp_path / "components/notes.md").write_text("changed")  # not code
+    assert flows.source_digest(tmp_path) == before
+    (tmp_path / "flows/b.py").write_text("y = 3\n")
+    assert flows.source_digest(tmp_path) != before
+    assert flows.LOADED_SOURCE == flows.source_digest()  # this process imported the checkout as it is
+
+
+def test_workers_that_run_other_code_or_none_at_all_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    distributed = pytest.importorskip("distributed")
+    import flows
+    from components.core.errors import ParamsError
+    from flows.fanout import check_workers
+
+    with distributed.LocalCluster(n_workers=1, processes=True, threads_per_worker=1, dashboard_address=None) as cluster, \
+            distributed.Client(cluster) as client:
+        check_workers(client, None)  # a fresh worker imports the code on disk: accepted
+        # the files change after the worker imported them (this process sees the new code on disk)
+        monkeypatch.setattr(flows, "source_digest", lambda root=None: "0" * 64)
+        with pytest.raises(ParamsError, match=r"1 worker\(s\) of the Dask cluster started for this run run other "
+                                              r"code than this checkout's \(tcp://"):
+            check_workers(client, None)
+    with distributed.LocalCluster(n_workers=0, processes=False, dashboard_address=None) as cluster, \
+            distributed.Client(cluster) as client:
+        with pytest.raises(ParamsError, match=r"no worker joined the Dask scheduler at tcp://x:8786 within 0.5 s: "
+                                              r"start them \(`dask worker tcp://x:8786`\)"):
+            check_workers(client, "tcp://x:8786", timeout=0.5)
