@@ -202,7 +202,9 @@ def test_extra_tokens_extend_the_mask_and_padding_changes_nothing(found: Foundat
     out = model(**x)
     hook.remove()
     mask = seen[0]
-    assert mask.shape == (4, found.max_length + 1) and torch.equal(mask[:, 1:], x["attention_mask"])
+    width = int(x["attention_mask"].sum(1).max())  # the batch runs without the padding no row uses
+    assert width < found.max_length and mask.shape == (4, width + 1)
+    assert torch.equal(mask[:, 1:], x["attention_mask"][:, :width]) and not x["attention_mask"][:, width:].any()
     assert bool((mask[:, 0] == 1).all())  # image rows: the image token; text rows: the client text token
 
     padded = x["attention_mask"] == 0

@@ -214,3 +214,30 @@ def test_task_heads_round_trip_and_a_bad_heads_file_names_the_problem(tmp_path: 
     path.write_bytes(path.read_bytes()[:20])
     with pytest.raises(ArtifactError, match="cannot read the task heads"):
         load_heads(path, 8)
+
+
+def test_a_text_batch_runs_without_the_padding_no_text_uses(tiny_bert: Path) -> None:
+    from components.core.errors import DataError
+    from components.nn.encoders import load_text_encoder, tokenize, trim_padding
+
+    encoder, tokenizer = load_text_encoder(tiny_bert)
+    encoder.eval()
+    texts = ["Pneumonia.", "Bilateral infiltrates on the chest X-ray, worse at the bases."]
+    padded = tokenize(tokenizer, texts, max_length=64)
+    ids, mask = trim_padding(padded["input_ids"], padded["attention_mask"])
+    assert mask.shape[1] == int(padded["attention_mask"].sum(1).max()) < 64  # the longest text's tokens only
+    assert torch.equal(ids, padded["input_ids"][:, : mask.shape[1]])
+    with torch.no_grad():  # the same pooled features as each text run alone at its own length
+        batch = encoder(**padded)
+        alone = torch.cat([encoder(**tokenize(tokenizer, [t], max_length=64)) for t in texts])
+        seen = {}
+        hook = encoder.model.register_forward_pre_hook(lambda m, a, kw: seen.update(width=kw["input_ids"].shape[1]),
+                                                       with_kwargs=True)
+        encoder(**padded)
+        hook.remove()
+    assert seen["width"] == mask.shape[1]  # the encoder ran on the trimmed batch
+    assert torch.allclose(batch, alone, atol=1e-5)
+    full = torch.ones(2, 5, dtype=torch.long)
+    assert trim_padding(full, full)[1] is full  # nothing to cut: the same tensors
+    with pytest.raises(DataError, match=r"input_ids \(2, 5\) and attention_mask \(2, 4\) must be the same"):
+        trim_padding(full, full[:, :4])

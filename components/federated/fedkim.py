@@ -50,7 +50,7 @@ from components.federated.clients import MODALITIES, ClientModel, TaskSpec, chec
 from components.metrics.classification import compute_metrics
 from components.moe.layers import attach_molora, molora_layers, routing_context
 from components.moe.m3oe import M3OEGate, describe, masked_mean
-from components.nn.encoders import ImageEncoder, TextEncoder, image_tensor, tokenize
+from components.nn.encoders import ImageEncoder, TextEncoder, image_tensor, tokenize, trim_padding
 from components.nn.foundation import Foundation
 from components.nn.resnet import ImageBackbone
 from components.training.balance import ClassWeight, loss_weight
@@ -251,6 +251,7 @@ class InjectedFoundation(nn.Module):
         """Pooled features (N, d) of a (mixed-task) batch: ``task_ids`` (N,) index ``task_names``; ``input_ids`` /
         ``attention_mask`` (N, L) the text part; ``pixels`` (N, C, H, W) for image samples (ignored elsewhere)."""
         self._check_task_ids(task_ids)
+        input_ids, attention_mask = trim_padding(input_ids, attention_mask)
         words = self.encoder.model.embeddings.word_embeddings(input_ids)
         mask, positions = attention_mask, None
         if len(self.client_encoders):

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from components.core.errors import ArtifactError, ParamsError
+from components.core.errors import ArtifactError, DataError, ParamsError
 from components.nn.resnet import ImageBackbone
 
 PACKAGED = "packaged"
@@ -37,6 +37,22 @@ def resolve_text_source(source: str, project_dir: Path | None = None) -> Path:
     return path
 
 
+def trim_padding(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch without the padding columns no text in it uses (those after the last column any row attends to).
+
+    Texts are padded to ``max_length`` once, so a batch of short texts (HoC's sentences: about 35 of 256 tokens)
+    would run every layer over columns of padding. The attention mask gives them zero weight and the pooling skips
+    them, so the outputs are the same up to float rounding, at the cost of the batch's longest text."""
+    if attention_mask.ndim != 2 or input_ids.shape != attention_mask.shape:
+        raise DataError(f"text inputs: input_ids {tuple(input_ids.shape)} and attention_mask "
+                        f"{tuple(attention_mask.shape)} must be the same (batch, tokens) shape")
+    used = attention_mask.any(0).nonzero()
+    width = int(used.max()) + 1 if len(used) else 1
+    if width == attention_mask.shape[1]:
+        return input_ids, attention_mask
+    return input_ids[:, :width], attention_mask[:, :width]
+
+
 class TextEncoder(nn.Module):
     """HF encoder + attention-masked mean pooling (the pooling all-MiniLM-L6-v2 was trained with)."""
 
@@ -46,6 +62,7 @@ class TextEncoder(nn.Module):
         self.out_dim = int(model.config.hidden_size)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        input_ids, attention_mask = trim_padding(input_ids, attention_mask)
         hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         extra = hidden.shape[1] - attention_mask.shape[1]
         if extra > 0:  # a soft prompt's virtual tokens come first; they are pooled like real tokens
@@ -70,7 +87,8 @@ def load_text_encoder(folder: Path) -> tuple[TextEncoder, Any]:
 
 
 def tokenize(tokenizer: Any, texts: list[str], max_length: int) -> dict[str, torch.Tensor]:
-    """Pad/truncate every text to ``max_length`` tokens (fixed shapes batch cheaply)."""
+    """Pad/truncate every text to ``max_length`` tokens: one tensor per split, batched by index; each batch is cut
+    back to its longest text when the encoder runs (``trim_padding``)."""
     enc = tokenizer(
         list(texts), truncation=True, max_length=max_length, padding="max_length", return_tensors="pt"
     )
