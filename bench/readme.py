@@ -906,6 +906,21 @@ def full_profile_time_section(result: dict) -> str:
             + "".join(f"\n- Cross-check, {line}." for line in full_profile_cross_checks(result)) + "\n")
 
 
+def text_padding_section(result: dict) -> str:
+    rows = [{"task": t, "width": f"{v['median_width']:g} of {v['max_length']}",
+             "padded": v["padded_s_per_sample"] * 1e3, "trimmed": v["trimmed_s_per_sample"] * 1e3,
+             "speedup": v["speedup"], "gap": f"{v['max_abs_feature_gap']:.1e}"}
+            for t, v in result["figures"].items()]
+    table = markdown_table(rows, [("task", "task"), ("width", "batch width, tokens (median)"),
+                                  ("padded", "padded: ms/sample"), ("trimmed", "trimmed: ms/sample"),
+                                  ("speedup", "padded / trimmed"), ("gap", "max feature difference")])
+    v = next(iter(result["figures"].values()))
+    return (f"A LoRA expert's training step (the experts stage's LoRA on MiniLM, batches of {v['batch_size']}, profile "
+            f"`{result['params']['profile']}`: texts tokenised to {v['max_length']}), median of "
+            f"{result['params']['batches']} alternating steps per path, {machine_line(result)}, from "
+            f"`bench/results/text_padding.json`:\n\n{table}\n")
+
+
 def image_foundation_section(result: dict) -> str:
     """Compact CNN vs ResNet-18 foundations (their own pre-training heads) beside baselines and MedMNIST v2."""
     archs, anchors = result["archs"], result["anchors"]["tasks"]
@@ -1034,6 +1049,7 @@ def main() -> None:
                           ("fixed_cost", fixed_cost_section), ("fanout", fanout_section),
                           ("wall_time", wall_time_section), ("install_time", install_time_section),
                           ("full_profile_time", full_profile_time_section),
+                          ("text_padding", text_padding_section),
                           ("image_foundation", image_foundation_section),
                           ("class_weight", class_weight_section),
                           ("experts_full_image", experts_full_image_section),
