@@ -13,7 +13,9 @@ def source_digest(root: Path = _ROOT) -> str:
     ``flows/`` of ``root``, by path relative to it and content."""
     h = hashlib.sha256()
     for path in sorted(p for package in ("components", "flows") for p in (root / package).rglob("*.py")):
-        h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+        rel = path.relative_to(root)
+        if not any(part.startswith(".") for part in rel.parts):  # not code the project runs: .ipynb_checkpoints
+            h.update(rel.as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
     return h.hexdigest()
 
 

@@ -52,11 +52,6 @@ def fan_out(rp: RunnerParams) -> Iterator[Any]:
         yield runner
 
 
-def _loaded_source() -> str:
-    """Run on a worker: the digest of the project code it runs (read when it first imported the project)."""
-    return flows.LOADED_SOURCE
-
-
 def check_workers(client: Any, address: str | None, timeout: float = 60.0) -> None:
     """Refuse (ParamsError) a scheduler without workers, and workers whose code is not the code on disk here
     (``address``: the scheduler joined; None: the cluster started for this run)."""
@@ -66,8 +61,20 @@ def check_workers(client: Any, address: str | None, timeout: float = 60.0) -> No
         client.wait_for_workers(1, timeout=timeout)
     except TimeoutError:
         raise ParamsError(f"no worker joined {where} within {timeout:g} s: start them {restart}") from None
+
+    def loaded_source() -> str:
+        """Run on each worker (a nested function: Dask sends it by value, so a worker that holds an older
+        ``flows`` in memory, or none that imports, still runs it): the digest of the project code it runs."""
+        import importlib
+
+        try:
+            return importlib.import_module("flows").LOADED_SOURCE  # the module it imported first, if it did
+        except Exception as exc:  # noqa: BLE001 -- an old flows without it, or no project at all: both refused
+            return f"cannot tell ({type(exc).__name__}: {exc})"
+
     here = flows.source_digest()
-    stale = sorted(worker for worker, digest in client.run(_loaded_source).items() if digest != here)
+    stale = sorted(worker for worker, digest in client.run(loaded_source, on_error="return").items()
+                   if digest != here)
     if stale:
         raise ParamsError(
             f"{len(stale)} worker(s) of {where} run other code than this checkout's ({', '.join(stale[:5])}): "

@@ -91,6 +91,8 @@ def test_source_digest_names_the_code_on_disk(tmp_path: Path) -> None:
         (tmp_path / rel).write_text(text)
     before = flows.source_digest(tmp_path)
     (tmp_path / "components/notes.md").write_text("changed")  # not code
+    (tmp_path / "components/.ipynb_checkpoints").mkdir()
+    (tmp_path / "components/.ipynb_checkpoints/a-checkpoint.py").write_text("x = 0\n")  # not run either
     assert flows.source_digest(tmp_path) == before
     (tmp_path / "flows/b.py").write_text("y = 3\n")
     assert flows.source_digest(tmp_path) != before
@@ -106,6 +108,18 @@ def test_workers_that_run_other_code_or_none_at_all_are_refused(monkeypatch: pyt
     with distributed.LocalCluster(n_workers=1, processes=True, threads_per_worker=1, dashboard_address=None) as cluster, \
             distributed.Client(cluster) as client:
         check_workers(client, None)  # a fresh worker imports the code on disk: accepted
+
+        def forget() -> None:  # on the worker: a flows module from before the check existed
+            import sys
+
+            del sys.modules["flows"].LOADED_SOURCE
+
+        client.run(forget)
+        with pytest.raises(ParamsError, match=r"1 worker\(s\) of the Dask cluster started for this run run other "
+                                              r"code than this checkout's \(tcp://"):
+            check_workers(client, None)
+        client.restart()  # fresh worker processes
+        check_workers(client, None)
         # the files change after the worker imported them (this process sees the new code on disk)
         monkeypatch.setattr(flows, "source_digest", lambda root=None: "0" * 64)
         with pytest.raises(ParamsError, match=r"1 worker\(s\) of the Dask cluster started for this run run other "
