@@ -909,13 +909,26 @@ def full_profile_time_section(result: dict) -> str:
 def text_padding_section(result: dict) -> str:
     rows = [{"task": t, "width": f"{v['median_width']:g} of {v['max_length']}",
              "padded": v["padded_s_per_sample"] * 1e3, "trimmed": v["trimmed_s_per_sample"] * 1e3,
-             "speedup": v["speedup"], "total": v["speedup_total"], "gap": f"{v['max_abs_feature_gap']:.1e}"}
+             "speedup": v["speedup"], "total": v["speedup_total"], "gap": f"{v['max_abs_feature_gap']:.1e}",
+             **({"inf_padded": v["inference"]["s_per_sample"]["padded"] * 1e3,
+                 "inf_order": v["inference"]["s_per_sample"]["trimmed_in_order"] * 1e3,
+                 "inf_sorted": v["inference"]["s_per_sample"]["batched_by_length"] * 1e3,
+                 "inf_speedup": v["inference"]["speedup_batched_by_length"]} if "inference" in v else {})}
             for t, v in result["figures"].items()]
+    inference = [r for r in rows if "inf_padded" in r]
     table = markdown_table(rows, [("task", "task"), ("width", "batch width, tokens (median)"),
                                   ("padded", "padded: ms/sample"), ("trimmed", "trimmed: ms/sample"),
                                   ("speedup", "padded / trimmed (medians)"),
                                   ("total", "padded / trimmed (all steps' time)"), ("gap", "max feature difference")])
     v = next(iter(result["figures"].values()))
+    if inference:
+        inf = v["inference"]
+        table += ("\n" + f"Inference (no grad) over {inf['rows']} training rows per task in batches of "
+                  f"{inf['batch_size']}, median of {inf['repeats']} passes each:\n\n" + markdown_table(
+                      inference, [("task", "task"), ("inf_padded", "padded: ms/sample"),
+                                  ("inf_order", "cut, rows in order: ms/sample"),
+                                  ("inf_sorted", "`batched`, shortest first: ms/sample"),
+                                  ("inf_speedup", "padded / `batched`")]))
     return (f"A LoRA expert's training step (the experts stage's LoRA on MiniLM, batches of {v['batch_size']}, profile "
             f"`{result['params']['profile']}`: texts tokenised to {v['max_length']}), median of "
             f"{result['params']['batches']} alternating steps per path, {machine_line(result)}, from "

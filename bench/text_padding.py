@@ -3,7 +3,8 @@
 
 The same model (the frozen encoder in eval mode, as the experts stage trains it), batches, optimiser and
 step; the two are timed alternately, batch by batch, so drift on a noisy
-machine hits both alike; medians per task and their ratio. Also the pooled features of both paths on the same
+machine hits both alike; medians per task and their ratio. Then inference over the same task's rows, three
+ways (padded; cut, rows in order; ``batched``: shortest first, then cut). Also the pooled features of both paths on the same
 batch (eval mode): they must agree up to float rounding, since the attention mask gives padding zero weight.
 `medexperts bench text_padding [--profile full] [--batches 6]` -> bench/results/text_padding.json
 """
@@ -28,6 +29,40 @@ def padded_features(encoder: Any, input_ids: torch.Tensor, attention_mask: torch
     hidden = encoder.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
     mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
     return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+
+
+INFERENCE_ROWS = 512  # rows of the task's training split scored by each inference path
+
+
+@torch.no_grad()
+def time_inference(model: Any, x: dict[str, torch.Tensor], batch_size: int = 64, repeats: int = 3) -> dict[str, Any]:
+    """Median seconds per sample of three inference passes over the same rows, in batches of ``batch_size`` (what
+    ``batched`` uses): every batch padded to max_length (before), each batch cut to its longest text in the rows'
+    order, and ``batched`` itself (shortest first, then cut); the largest difference between the outputs."""
+    from components.training.inference import batched
+
+    model.eval()
+
+    def in_order(fn: Any) -> torch.Tensor:
+        n = len(x["input_ids"])
+        return torch.cat([fn(**{k: v[i:i + batch_size] for k, v in x.items()}) for i in range(0, n, batch_size)])
+
+    paths = {"padded": lambda: in_order(lambda **b: padded_features(model, **b)),
+             "trimmed_in_order": lambda: in_order(model), "batched_by_length": lambda: batched(model, x, batch_size)}
+    runs: dict[str, list[float]] = {name: [] for name in paths}
+    outs = {}
+    for r in range(repeats):  # the paths in turn, the order reversed every other repeat: drift hits all alike
+        for name in list(paths)[:: 1 if r % 2 == 0 else -1]:
+            start = time.perf_counter()
+            outs[name] = paths[name]()
+            runs[name].append((time.perf_counter() - start) / len(x["input_ids"]))
+    seconds = {name: statistics.median(v) for name, v in runs.items()}
+    gap = max(float((outs[name] - outs["padded"]).abs().max()) for name in outs)
+    print("  inference, per sample: " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in seconds.items()))
+    return {"rows": len(x["input_ids"]), "batch_size": batch_size, "repeats": repeats, "s_per_sample": seconds,
+            "runs": runs,
+            "speedup_batched_by_length": seconds["padded"] / seconds["batched_by_length"],
+            "max_abs_output_gap": gap}
 
 
 def measure(task: str, split: Any, params: Any, batches: int, batch_size: int) -> dict[str, Any]:
@@ -65,6 +100,8 @@ def measure(task: str, split: Any, params: Any, batches: int, batch_size: int) -
             loss.backward()
             opt.step()
             times[path].append((time.perf_counter() - start) / len(labels))
+    inference = time_inference(model, encoder_inputs(split.subset(INFERENCE_ROWS, 0).inputs, "text",
+                                                      tokenizer=tokenizer, max_length=max_length))
     padded, trimmed = statistics.median(times["padded"]), statistics.median(times["trimmed"])
     total = sum(times["padded"]) / sum(times["trimmed"])  # what an epoch's time follows (the mean, not the median)
     print(f"{task}: {padded * 1e3:.1f} ms/sample padded to {max_length}, {trimmed * 1e3:.1f} trimmed "
@@ -74,7 +111,7 @@ def measure(task: str, split: Any, params: Any, batches: int, batch_size: int) -
             "median_width": statistics.median(widths), "widths": widths,
             "padded_s_per_sample": padded, "trimmed_s_per_sample": trimmed, "speedup": padded / trimmed,
             "speedup_total": total,
-            "runs": times, "max_abs_feature_gap": gap}
+            "runs": times, "max_abs_feature_gap": gap, "inference": inference}
 
 
 def main() -> None:

@@ -241,3 +241,25 @@ def test_a_text_batch_runs_without_the_padding_no_text_uses(tiny_bert: Path) -> 
     assert trim_padding(full, full)[1] is full  # nothing to cut: the same tensors
     with pytest.raises(DataError, match=r"input_ids \(2, 5\) and attention_mask \(2, 4\) must be the same"):
         trim_padding(full, full[:, :4])
+
+
+def test_batched_text_inference_groups_like_lengths_and_keeps_the_row_order(tiny_bert: Path) -> None:
+    from components.nn.encoders import load_text_encoder, tokenize
+    from components.training.inference import batched
+
+    encoder, tokenizer = load_text_encoder(tiny_bert)
+    encoder.eval()
+    texts = ["short", "a much longer clinical note about a chest X-ray with bilateral infiltrates at the bases",
+             "mid length text here", "ok"] * 3
+    x = tokenize(tokenizer, texts, max_length=48)
+    widths: list[int] = []
+    hook = encoder.model.register_forward_pre_hook(lambda m, a, kw: widths.append(kw["input_ids"].shape[1]),
+                                                   with_kwargs=True)
+    out = batched(encoder, x, batch_size=4)
+    hook.remove()
+    with torch.no_grad():
+        one_by_one = torch.cat([encoder(**{k: v[i:i + 1] for k, v in x.items()}) for i in range(len(texts))])
+    assert torch.allclose(out, one_by_one, atol=1e-5)  # row i is text i's output
+    lengths = sorted(x["attention_mask"].sum(1).tolist())
+    assert widths == [max(lengths[i:i + 4]) for i in range(0, len(texts), 4)]  # shortest first, like with like
+    assert widths[0] < widths[-1] == max(lengths)
