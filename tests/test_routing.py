@@ -81,6 +81,15 @@ def test_routes_the_experts_and_deploys_a_bundle(stage_inputs: Path, tiny_bert: 
     route = __import__("json").loads(frame["routing"].iloc[0])
     assert set(route) == set(last) and all(abs(sum(w.values()) - 1) < 1e-5 for w in route.values())
     assert set(next(iter(route.values()))) == set(TASKS)
+    # several texts of different lengths (scored shortest first): each row keeps its own routing
+    texts = ["Does long-term low-dose aspirin prevent a first ischaemic stroke in adults over seventy?", "Stroke?",
+             "Colon adenocarcinoma with nodal spread."]
+    frame = predict_frame(bundle, texts, "pubmedqa", routing=True, batch_size=2)
+    assert router == "uniform" or frame["routing"].nunique() == 3  # a learned router routes each text its own way
+    for i, text in enumerate(texts):
+        alone = predict_frame(bundle, [text], "pubmedqa", routing=True)
+        got, want = (__import__("json").loads(f["routing"].iloc[j]) for f, j in ((frame, i), (alone, 0)))
+        assert all(abs(got[layer][e] - want[layer][e]) < 1e-5 for layer in want for e in want[layer])
 
 
 @pytest.mark.parametrize(("lam", "learn"), [(0.5, True), (1.0, False), (0.0, False)])

@@ -131,7 +131,7 @@ def evaluate_models(inp: EvaluateInputs, data_dir: Path, foundation_dir: Path, e
         deployed_logits = batched(deployed, x)
         # The un-merged adapter model is only needed to check that merging did not move the outputs.
         check = {k: v[:EQUALITY_SAMPLES] for k, v in x.items()}
-        merge_diff = float((batched(expert.classifier(), check) - deployed_logits[:EQUALITY_SAMPLES]).abs().max())
+        merge_diff = float((batched(expert.classifier(), check) - batched(deployed, check)).abs().max())  # same rows
         scores = {"probe": compute_metrics(test.kind, batched(probe_model, x), y, test.num_labels),
                   "expert": score_and_plot("expert", deployed_logits, f"{expert.info.method} expert")}
         sizes = {"foundation": count_parameters(found.encoder), "trainable": expert.info.trainable_params or 0,

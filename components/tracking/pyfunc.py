@@ -75,20 +75,21 @@ def predict_frame(bundle: Any, raw: list[str] | np.ndarray, task: str, batch_siz
 
         check_image_input(raw, info.get("input"), task)
     inputs = bundle.inputs(raw)
-    routes: list[dict[str, dict[str, float]]] = []
+    n = len(next(iter(inputs.values())))
+    routes: list[dict[str, dict[str, float]]] = [{} for _ in range(n)]
     encoder = bundle.model.encoder
     if routing and not hasattr(encoder, "last_weights"):
         raise ArtifactError(f"routing weights were asked for, but {bundle.manifest['name']!r} is not a routed model")
 
-    def forward(**x: torch.Tensor) -> torch.Tensor:
+    def forward(row: torch.Tensor, **x: torch.Tensor) -> torch.Tensor:
         logits = bundle.model(task, **x)
-        if routing:
+        if routing:  # by row number: batched runs texts shortest first, not in the request's order
             per_layer = encoder.last_weights()
-            for i in range(len(logits)):
-                routes.append({layer: dict(zip(encoder.experts, w[i].tolist())) for layer, w in per_layer.items()})
+            for i, r in enumerate(row.tolist()):
+                routes[r] = {layer: dict(zip(encoder.experts, w[i].tolist())) for layer, w in per_layer.items()}
         return logits
 
-    frame = frame_from_logits(batched(forward, inputs, batch_size), info, task)
+    frame = frame_from_logits(batched(forward, {**inputs, "row": torch.arange(n)}, batch_size), info, task)
     if routing:
         frame["routing"] = [json.dumps(r) for r in routes]
     return frame

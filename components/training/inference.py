@@ -20,12 +20,14 @@ def batched(fn: Callable[..., torch.Tensor], inputs: dict[str, torch.Tensor], ba
     n = len(next(iter(inputs.values())))
     mask = inputs.get("attention_mask")
     order = torch.argsort(mask.sum(1), stable=True) if mask is not None and mask.ndim == 2 else None
-    if order is not None:
-        inputs = {k: v[order.to(v.device)] for k, v in inputs.items()}
     outs = []
     for i in range(0, n, batch_size):
         stop.check("an inference batch")
-        outs.append(fn(**{k: v[i : i + batch_size] for k, v in inputs.items()}))
+        if order is None:
+            outs.append(fn(**{k: v[i : i + batch_size] for k, v in inputs.items()}))
+        else:  # one batch of rows at a time: no sorted copy of the whole split
+            rows = order[i : i + batch_size]
+            outs.append(fn(**{k: v[rows.to(v.device)] for k, v in inputs.items()}))
     out = torch.cat(outs).float()
     if order is None:
         return out
