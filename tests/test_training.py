@@ -241,6 +241,32 @@ def test_a_text_batch_runs_without_the_padding_no_text_uses(tiny_bert: Path) -> 
     assert trim_padding(full, full)[1] is full  # nothing to cut: the same tensors
     with pytest.raises(DataError, match=r"input_ids \(2, 5\) and attention_mask \(2, 4\) must be the same"):
         trim_padding(full, full[:, :4])
+    holes = torch.tensor([[0, 1, 0, 0, 0], [1, 0, 0, 0, 0]])  # kept up to the last column any row attends to
+    assert trim_padding(full, holes)[1].tolist() == [[0, 1], [1, 0]]
+    assert trim_padding(full, torch.zeros_like(full))[1].shape == (2, 1)  # no token at all: one column, not none
+
+
+def test_grouped_training_batches_hold_like_lengths_and_every_row_once_an_epoch() -> None:
+    lengths = torch.tensor([3, 60, 5, 58, 4, 61, 6, 59] * 25)  # short and long texts, interleaved
+    mask = (torch.arange(64) < lengths[:, None]).long()
+    ds = TensorDictDataset({"input_ids": mask.clone(), "attention_mask": mask}, torch.arange(len(lengths)))
+
+    def epochs(group: bool, seed: int = 0) -> list[list[torch.Tensor]]:
+        batches = loader(ds, 8, shuffle=True, seed=seed, group_by_length=group)
+        return [[b["labels"] for b in batches] for _ in range(2)]
+
+    def mixed(batches: list[torch.Tensor]) -> float:  # share of batches holding a short and a long text
+        return sum(bool((lengths[b] < 10).any() and (lengths[b] > 50).any()) for b in batches) / len(batches)
+
+    grouped, plain = epochs(True), epochs(False)
+    for epoch in grouped:
+        assert sorted(torch.cat(epoch).tolist()) == list(range(len(lengths)))  # every row once
+    assert not torch.equal(torch.cat(grouped[0]), torch.cat(grouped[1]))  # a new order every epoch
+    assert torch.equal(torch.cat(epochs(True)[0]), torch.cat(grouped[0]))  # seeded: the same order again
+    assert mixed(grouped[0]) <= 0.25 < 0.9 < mixed(plain[0])  # at most one mixed batch per sorted chunk of 6
+    images = TensorDictDataset({"pixels": torch.zeros(10, 1, 2, 2)}, torch.arange(10))  # no mask: plain shuffle
+    assert sorted(torch.cat([b["labels"] for b in loader(images, 4, True, group_by_length=True)]).tolist()) == \
+        list(range(10))
 
 
 def test_batched_text_inference_groups_like_lengths_and_keeps_the_row_order(tiny_bert: Path) -> None:

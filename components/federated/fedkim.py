@@ -49,8 +49,8 @@ from components.decompose.loss import distill_loss, task_targets
 from components.federated.clients import MODALITIES, ClientModel, TaskSpec, check_task_spec, frozen_encoders
 from components.metrics.classification import compute_metrics
 from components.moe.layers import attach_molora, molora_layers, routing_context
-from components.moe.m3oe import M3OEGate, describe, masked_mean
-from components.nn.encoders import ImageEncoder, TextEncoder, image_tensor, tokenize, trim_padding
+from components.moe.m3oe import M3OEGate, describe
+from components.nn.encoders import ImageEncoder, TextEncoder, image_tensor, masked_mean, tokenize, trim_padding
 from components.nn.foundation import Foundation
 from components.nn.resnet import ImageBackbone
 from components.training.balance import ClassWeight, loss_weight

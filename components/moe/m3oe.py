@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from components.moe.errors import MoEParamsError
-from components.nn.encoders import tokenize
+from components.nn.encoders import masked_mean, tokenize
 
 
 def describe(texts: Sequence[str], tokenizer: Any, embedding: nn.Embedding,
@@ -31,13 +31,6 @@ def describe(texts: Sequence[str], tokenizer: Any, embedding: nn.Embedding,
     enc = tokenize(tokenizer, list(texts), max_length)
     ids = enc["input_ids"].to(embedding.weight.device)
     return embedding(ids), enc["attention_mask"].to(embedding.weight.device)
-
-
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of x (N, L, d) over the positions where mask (N, L) is nonzero -> (N, d)."""
-    keep = mask.unsqueeze(-1).bool()
-    # where(), not x * mask: whatever sits at padded positions (even NaN) cannot leak into the mean
-    return torch.where(keep, x, 0).sum(1) / keep.sum(1).clamp_min(1).to(x.dtype)
 
 
 def _check_mask(mask: torch.Tensor | None, seq: torch.Tensor, what: str) -> torch.Tensor:

@@ -37,17 +37,25 @@ def resolve_text_source(source: str, project_dir: Path | None = None) -> Path:
     return path
 
 
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of x (N, L, d) over the positions where mask (N, L) is nonzero -> (N, d)."""
+    keep = mask.unsqueeze(-1).bool()
+    # where(), not x * mask: whatever sits at padded positions (even NaN) cannot leak into the mean
+    return torch.where(keep, x, 0).sum(1) / keep.sum(1).clamp_min(1).to(x.dtype)
+
+
 def trim_padding(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A batch without the padding columns no text in it uses (those after the last column any row attends to).
 
-    Texts are padded to ``max_length`` once, so a batch of short texts (HoC's sentences: about 35 of 256 tokens)
-    would run every layer over columns of padding. The attention mask gives them zero weight and the pooling skips
-    them, so the outputs are the same up to float rounding, at the cost of the batch's longest text."""
+    Texts are padded to ``max_length`` once, so a batch of short texts would run every layer over columns of
+    padding (a shuffled batch of 32 HoC sentences is about 100 of 256 tokens wide: ``bench/results/
+    text_padding.json``). The attention mask gives them zero weight and the pooling skips them, so the outputs are
+    the same up to float rounding, at the cost of the batch's longest text. One host sync (the width)."""
     if attention_mask.ndim != 2 or input_ids.shape != attention_mask.shape:
         raise DataError(f"text inputs: input_ids {tuple(input_ids.shape)} and attention_mask "
                         f"{tuple(attention_mask.shape)} must be the same (batch, tokens) shape")
-    used = attention_mask.any(0).nonzero()
-    width = int(used.max()) + 1 if len(used) else 1
+    used = attention_mask.any(0)  # column j (counted from 1) is kept when any row attends to it or past it
+    width = max(int((used * torch.arange(1, len(used) + 1, device=used.device)).max()), 1)
     if width == attention_mask.shape[1]:
         return input_ids, attention_mask
     return input_ids[:, :width], attention_mask[:, :width]
@@ -67,8 +75,7 @@ class TextEncoder(nn.Module):
         extra = hidden.shape[1] - attention_mask.shape[1]
         if extra > 0:  # a soft prompt's virtual tokens come first; they are pooled like real tokens
             attention_mask = torch.cat([attention_mask.new_ones(len(attention_mask), extra), attention_mask], 1)
-        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+        return masked_mean(hidden, attention_mask)
 
 
 def load_text_encoder(folder: Path) -> tuple[TextEncoder, Any]:

@@ -159,7 +159,8 @@ def _train(student: LoRKDStudent, kinds: dict[str, str], tasks: list[str], train
         trainer = build_trainer(tp, Path(root), logger=logger, monitor=f"val_{metric}", checkpoint_dir=checkpoint_dir,
                                 label=f"[decompose] {modality} student ({', '.join(tasks)})")
         student.train()
-        trainer.fit(module, loader(train_ds.to(device), tp.batch_size, shuffle=True, seed=seed),
+        trainer.fit(module, loader(train_ds.to(device), tp.batch_size, shuffle=True, seed=seed,
+                                   group_by_length=tp.group_by_length),
                     loader(val_ds.to(device), tp.batch_size * 2, shuffle=False), ckpt_path=resume_from(checkpoint_dir))
     student.cpu().eval()
     return time.perf_counter() - start

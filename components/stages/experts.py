@@ -109,7 +109,8 @@ def train_expert(task: str, inp: ExpertsInputs, data_dir: Path, foundation_dir: 
         device = data_device(tp)
         trainer.fit(
             module,
-            loader(TensorDictDataset(x_tr, y_tr).to(device), tp.batch_size, shuffle=True, seed=seed),
+            loader(TensorDictDataset(x_tr, y_tr).to(device), tp.batch_size, shuffle=True, seed=seed,
+                   group_by_length=tp.group_by_length),
             loader(TensorDictDataset(x_va, y_va).to(device), tp.batch_size * 2, shuffle=False),
             ckpt_path=resume_from(checkpoint_dir),
         )

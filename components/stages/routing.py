@@ -147,7 +147,8 @@ def run(inp: RoutingInputs, data_dir: Path, foundation_dir: Path, experts_dir: P
         with tempfile.TemporaryDirectory() as root:
             trainer = build_trainer(trainer_params, Path(root), logger=logger, monitor="val_loss", mode="min",
                                     checkpoint_dir=checkpoints, label=label)
-            trainer.fit(module, loader(mixed["train"], trainer_params.batch_size, shuffle=True, seed=seed),
+            trainer.fit(module, loader(mixed["train"], trainer_params.batch_size, shuffle=True, seed=seed,
+                                       group_by_length=trainer_params.group_by_length),
                         loader(mixed["val"], trainer_params.batch_size * 2, shuffle=False),
                         ckpt_path=resume_from(checkpoints))
         model.cpu()

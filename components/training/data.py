@@ -43,16 +43,27 @@ class TensorDictDataset(Dataset):
         return row
 
 
-def loader(ds: Dataset, batch_size: int, shuffle: bool, seed: int = 0) -> DataLoader:
+def loader(ds: Dataset, batch_size: int, shuffle: bool, seed: int = 0, group_by_length: bool = False) -> DataLoader:
     """A DataLoader with a seeded generator (reproducible order) and no worker processes
     (the data is already in memory; workers would only add start-up time on small tasks). Unshuffled (evaluation)
-    loaders score every row exactly once under DDP too (``EveryRowOnce``)."""
+    loaders score every row exactly once under DDP too (``EveryRowOnce``).
+
+    ``group_by_length`` (shuffled text rows): batches of like lengths, by transformers' ``LengthGroupedSampler``
+    (random chunks of up to 50 batches, each sorted by length), so a batch of short texts runs at its own width
+    (``trim_padding``) instead of the longest text a random batch happens to hold. Rows without an attention mask
+    (images) are shuffled as usual."""
     gen = torch.Generator().manual_seed(seed)
     collate = _as_is if isinstance(ds, TensorDictDataset) else None  # __getitems__ already built the batch
-    if shuffle:
+    if not shuffle:
+        return DataLoader(ds, batch_size=batch_size, sampler=EveryRowOnce(len(ds)), generator=gen, num_workers=0,
+                          collate_fn=collate)  # the generator: iterating draws no number from the global RNG
+    mask = ds.inputs.get("attention_mask") if group_by_length and isinstance(ds, TensorDictDataset) else None
+    if mask is None:
         return DataLoader(ds, batch_size=batch_size, shuffle=True, generator=gen, num_workers=0, collate_fn=collate)
-    return DataLoader(ds, batch_size=batch_size, sampler=EveryRowOnce(len(ds)), generator=gen, num_workers=0,
-                      collate_fn=collate)  # the generator: iterating draws no number from the global RNG
+    from transformers.trainer_pt_utils import LengthGroupedSampler  # lazy: transformers is a heavy import
+
+    sampler = LengthGroupedSampler(batch_size, lengths=mask.sum(1).tolist(), generator=gen)
+    return DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=0, collate_fn=collate)
 
 
 class EveryRowOnce(DistributedSampler):
