@@ -2,7 +2,8 @@
 (``trainer.group_by_length``), same data, seed and schedule: training time and test quality.
 
 Each run is the experts stage's own ``train_expert`` in a fresh process (``bench.experts``' quality child: the
-deployed bundle and the probe scored on the test split). Per task and seed, the two arms run back to back, their
+deployed bundle and the probe scored on the test split), on the quick profile's schedule with up to
+``--max-train-samples`` training rows. Per task and seed, the two arms run back to back, their
 order swapped every other seed so drift on a noisy machine hits both alike; medians of the training seconds and
 their ratio, mean and spread of the test metrics. Grouping changes which rows share a batch, so the two arms do
 not train the same steps: the quality columns say whether that costs anything.
@@ -51,6 +52,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--tasks", nargs="+", default=["hoc", "symptom2disease"])
     parser.add_argument("--method", default="lora")
+    parser.add_argument("--max-train-samples", type=int, default=3000,
+                        help="training rows per task (the quick profile caps 800: its validation pass, the same in "
+                             "both arms, would dominate the time)")
     args = parser.parse_args()
     from flows.environment import configure
 
@@ -66,6 +70,7 @@ def main() -> None:
                     spec = {"work": str(work), "task": task, "method": args.method, "profile": args.profile,
                             "active": args.tasks,
                             "overrides": {"pipeline.seed": seed,
+                                          "experts.trainer.text.max_train_samples": args.max_train_samples,
                                           "experts.trainer.text.group_by_length": arm == "grouped"}}
                     result = run_child("bench.experts", "quality", spec)
                     runs[arm].append({"seed": seed, "train_seconds": result["train_seconds"], "test": result["test"],
@@ -78,7 +83,8 @@ def main() -> None:
                              / arms["grouped"]["train_seconds_median"]}
             print(f"{task}: {figures[task]['speedup']:.2f}x faster grouped", flush=True)
     path = write_result("length_grouping", {"params": {"profile": args.profile, "seeds": args.seeds,
-                                                       "tasks": args.tasks, "method": args.method},
+                                                       "tasks": args.tasks, "method": args.method,
+                                                       "max_train_samples": args.max_train_samples},
                                             "figures": figures})
     print(f"wrote {path}")
 

@@ -935,6 +935,27 @@ def text_padding_section(result: dict) -> str:
             f"`bench/results/text_padding.json`:\n\n{table}\n")
 
 
+def length_grouping_section(result: dict) -> str:
+    rows = []
+    for task, v in result["figures"].items():
+        a = v["arms"]
+        rows.append({"task": task, "samples": v["train_samples"],
+                     "random_s": a["random"]["train_seconds_median"], "grouped_s": a["grouped"]["train_seconds_median"],
+                     "speedup": v["speedup"],
+                     **{f"{arm}_{m}": f"{a[arm][f'test_{m}_mean']:.3f} ± {a[arm][f'test_{m}_sd']:.3f}"
+                        for arm in ("random", "grouped") for m in ("macro_f1", "auroc")}})
+    table = markdown_table(rows, [("task", "task"), ("samples", "training rows"), ("random_s", "random batches: s"),
+                                  ("grouped_s", "grouped: s"), ("speedup", "random / grouped"),
+                                  ("random_macro_f1", "random: test macro-F1"),
+                                  ("grouped_macro_f1", "grouped: test macro-F1"),
+                                  ("random_auroc", "random: test AUROC"), ("grouped_auroc", "grouped: test AUROC")])
+    p = result["params"]
+    return (f"The experts stage's {p['method']} expert (`train_expert`, profile `{p['profile']}`, up to "
+            f"{p['max_train_samples']} training rows), random vs "
+            f"length-grouped training batches, {p['seeds']} seeds each (training seconds: median; test metrics: mean ± "
+            f"sd over the seeds), {machine_line(result)}, from `bench/results/length_grouping.json`:\n\n{table}\n")
+
+
 def image_foundation_section(result: dict) -> str:
     """Compact CNN vs ResNet-18 foundations (their own pre-training heads) beside baselines and MedMNIST v2."""
     archs, anchors = result["archs"], result["anchors"]["tasks"]
@@ -1064,6 +1085,7 @@ def main() -> None:
                           ("wall_time", wall_time_section), ("install_time", install_time_section),
                           ("full_profile_time", full_profile_time_section),
                           ("text_padding", text_padding_section),
+                          ("length_grouping", length_grouping_section),
                           ("image_foundation", image_foundation_section),
                           ("class_weight", class_weight_section),
                           ("experts_full_image", experts_full_image_section),

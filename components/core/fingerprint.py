@@ -84,6 +84,13 @@ def imported_files(roots: list[str], source_root: str | Path, packages: tuple[st
         anchor = anchor[:len(anchor) - node.level + 1]
         return ".".join([*anchor, node.module] if node.module else anchor)
 
+    trees: dict[Path, ast.Module] = {}
+
+    def tree_of(path: Path) -> ast.Module:  # each file parsed once (a package's __init__ is read twice)
+        if path not in trees:
+            trees[path] = ast.parse(path.read_text(), filename=str(path))
+        return trees[path]
+
     exports: dict[str, dict[str, str]] = {}
 
     def source_of(package: str, name: str) -> str | None:
@@ -93,7 +100,7 @@ def imported_files(roots: list[str], source_root: str | Path, packages: tuple[st
             exports[package] = {}
             path = path_of(package)
             if path is not None and path.name == "__init__.py":
-                for node in ast.parse(path.read_text()).body:
+                for node in tree_of(path).body:
                     if isinstance(node, ast.ImportFrom):
                         for alias in node.names:
                             exports[package][alias.asname or alias.name] = absolute(node, package, True)
@@ -112,7 +119,7 @@ def imported_files(roots: list[str], source_root: str | Path, packages: tuple[st
         parts = module.split(".")
         todo += [("", ".".join(parts[:i])) for i in range(1, len(parts))]  # its packages' __init__ run first
         is_package = path.name == "__init__.py"
-        for node in _runtime_nodes(ast.parse(path.read_text(), filename=str(path))):
+        for node in _runtime_nodes(tree_of(path)):
             if isinstance(node, ast.Import):
                 todo += [(module, alias.name) for alias in node.names]
             elif isinstance(node, ast.ImportFrom):
