@@ -356,9 +356,12 @@ def test_training_that_does_not_beat_the_start_on_validation_is_not_kept(found: 
     # on a few rows, its outcome differs between CPUs), while the weights really train
     scores = iter([0.9, 0.5, 0.4])
     monkeypatch.setattr(fedkim, "evaluate_injected", lambda model, val: {t: {"macro_f1": next(scores)} for t in ["x"]})
+    trained: list[dict[str, torch.Tensor]] = []
     metrics = train_injected(model, split(16, 50), split(8, 60), seed=0, monitor="macro_f1",
-                             trainer=TrainerParams(max_epochs=2, batch_size=8, lr=1e-2))
+                             trainer=TrainerParams(max_epochs=2, batch_size=8, lr=1e-2),
+                             on_epoch=lambda epoch, m: trained.append(model.trainable_state()))
     assert metrics["best_epoch"] == 0 and metrics["val_x_macro_f1"] == 0.9
+    assert not all(torch.equal(v, before[k]) for k, v in trained[-1].items())  # the weights did train
     assert all(torch.equal(v, before[k]) for k, v in model.trainable_state().items())  # the start, restored
     assert next(scores, None) is None  # the start and both epochs were scored
 

@@ -258,12 +258,19 @@ def test_grouped_training_batches_hold_like_lengths_and_every_row_once_an_epoch(
     def mixed(batches: list[torch.Tensor]) -> float:  # share of batches holding a short and a long text
         return sum(bool((lengths[b] < 10).any() and (lengths[b] > 50).any()) for b in batches) / len(batches)
 
+    state = torch.get_rng_state()
     grouped, plain = epochs(True), epochs(False)
+    assert torch.equal(torch.get_rng_state(), state)  # the loaders' own generators: no global draw
     for epoch in grouped:
         assert sorted(torch.cat(epoch).tolist()) == list(range(len(lengths)))  # every row once
     assert not torch.equal(torch.cat(grouped[0]), torch.cat(grouped[1]))  # a new order every epoch
     assert torch.equal(torch.cat(epochs(True)[0]), torch.cat(grouped[0]))  # seeded: the same order again
     assert mixed(grouped[0]) <= 0.25 < 0.9 < mixed(plain[0])  # at most one mixed batch per sorted chunk of 6
+    widths = [int(lengths[b].max()) for b in grouped[0]]
+    assert widths != sorted(widths) and widths != sorted(widths, reverse=True)  # batches in random order
+    odd = TensorDictDataset({"attention_mask": mask[:21]}, torch.arange(21))  # the short batch comes last
+    batches = [b["labels"] for b in loader(odd, 4, True, group_by_length=True)]
+    assert [len(b) for b in batches] == [4] * 5 + [1] and sorted(torch.cat(batches).tolist()) == list(range(21))
     images = TensorDictDataset({"pixels": torch.zeros(10, 1, 2, 2)}, torch.arange(10))  # no mask: plain shuffle
     assert sorted(torch.cat([b["labels"] for b in loader(images, 4, True, group_by_length=True)]).tolist()) == \
         list(range(10))

@@ -529,7 +529,8 @@ def train_injected(
     weights = {t: loss_weight(d.kind, labels_tensor(d.labels, d.kind), model.tasks[t].num_labels, class_weight)
                for t, d in train.items()}
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    batches = loader(data, batch_size, shuffle=True, seed=seed)
+    batches = loader(data, batch_size, shuffle=True, seed=seed,
+                     group_by_length=trainer is not None and trainer.group_by_length)
     metrics: dict[str, float] = {}
     best: tuple[float, int, dict[str, torch.Tensor], dict[str, float]] | None = None
     if val is not None and monitor is not None:  # the start is a candidate too: training must beat it on validation

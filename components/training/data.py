@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler
 
 
 class TensorDictDataset(Dataset):
@@ -48,22 +48,44 @@ def loader(ds: Dataset, batch_size: int, shuffle: bool, seed: int = 0, group_by_
     (the data is already in memory; workers would only add start-up time on small tasks). Unshuffled (evaluation)
     loaders score every row exactly once under DDP too (``EveryRowOnce``).
 
-    ``group_by_length`` (shuffled text rows): batches of like lengths, by transformers' ``LengthGroupedSampler``
-    (random chunks of up to 50 batches, each sorted by length), so a batch of short texts runs at its own width
-    (``trim_padding``) instead of the longest text a random batch happens to hold. Rows without an attention mask
-    (images) are shuffled as usual."""
+    ``group_by_length`` (shuffled text rows): batches of like lengths (``LengthGroupedBatches``), so a batch of short
+    texts runs at its own width (``trim_padding``) instead of the longest text a random batch happens to hold. Rows
+    without an attention mask (images) are shuffled as usual."""
     gen = torch.Generator().manual_seed(seed)
     collate = _as_is if isinstance(ds, TensorDictDataset) else None  # __getitems__ already built the batch
-    if not shuffle:
-        return DataLoader(ds, batch_size=batch_size, sampler=EveryRowOnce(len(ds)), generator=gen, num_workers=0,
-                          collate_fn=collate)  # the generator: iterating draws no number from the global RNG
     mask = ds.inputs.get("attention_mask") if group_by_length and isinstance(ds, TensorDictDataset) else None
-    if mask is None:
-        return DataLoader(ds, batch_size=batch_size, shuffle=True, generator=gen, num_workers=0, collate_fn=collate)
-    from transformers.trainer_pt_utils import LengthGroupedSampler  # lazy: transformers is a heavy import
+    if not shuffle:
+        sampler: Sampler[int] = EveryRowOnce(len(ds))
+    elif mask is None:
+        sampler = RandomSampler(ds, generator=gen)
+    else:
+        sampler = LengthGroupedBatches(mask.sum(1).tolist(), batch_size, gen)
+    # the generator: iterating draws no number from the global RNG
+    return DataLoader(ds, batch_size=batch_size, sampler=sampler, generator=gen, num_workers=0, collate_fn=collate)
 
-    sampler = LengthGroupedSampler(batch_size, lengths=mask.sum(1).tolist(), generator=gen)
-    return DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=0, collate_fn=collate)
+
+class LengthGroupedBatches(Sampler[int]):
+    """Row order for batches of like lengths: transformers' length grouping (each random chunk of up to 50 batches
+    sorted by length), then the batches in a random order. transformers' own ``LengthGroupedSampler`` yields each
+    chunk's batches longest to shortest, so consecutive steps see ever shorter texts (and, where labels follow
+    length, ever other labels); shuffling whole batches keeps what grouping saves without that drift. The one short
+    batch (``len % batch_size`` rows) stays last, so the DataLoader cuts batches where they were formed."""
+
+    def __init__(self, lengths: list[int], batch_size: int, generator: torch.Generator) -> None:  # noqa: D107
+        self.lengths, self.batch_size, self.generator = lengths, batch_size, generator
+
+    def __iter__(self) -> Iterator[int]:
+        from transformers.trainer_pt_utils import get_length_grouped_indices  # lazy: a heavy import
+
+        order = get_length_grouped_indices(self.lengths, self.batch_size, generator=self.generator)
+        full = len(order) // self.batch_size * self.batch_size
+        batches = [order[i : i + self.batch_size] for i in range(0, full, self.batch_size)]
+        for b in torch.randperm(len(batches), generator=self.generator).tolist():
+            yield from batches[b]
+        yield from order[full:]
+
+    def __len__(self) -> int:
+        return len(self.lengths)
 
 
 class EveryRowOnce(DistributedSampler):

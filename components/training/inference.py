@@ -19,15 +19,17 @@ def batched(fn: Callable[..., torch.Tensor], inputs: dict[str, torch.Tensor], ba
     eval mode), so only float rounding can tell the two orders apart."""
     n = len(next(iter(inputs.values())))
     mask = inputs.get("attention_mask")
-    text = mask is not None and mask.ndim == 2
-    order = torch.argsort(mask.sum(1), stable=True) if text else torch.arange(n)
+    order = torch.argsort(mask.sum(1), stable=True) if mask is not None and mask.ndim == 2 else None
     outs = []
     for i in range(0, n, batch_size):  # one batch of rows at a time: no sorted copy of the whole split
         stop.check("an inference batch")
-        rows = order[i : i + batch_size]
-        outs.append(fn(**{k: v[rows.to(v.device)] for k, v in inputs.items()}))
+        if order is None:
+            outs.append(fn(**{k: v[i : i + batch_size] for k, v in inputs.items()}))  # views, no copy
+        else:
+            rows = order[i : i + batch_size]
+            outs.append(fn(**{k: v[rows.to(v.device)] for k, v in inputs.items()}))
     out = torch.cat(outs).float()
-    if not text:
+    if order is None:
         return out
     restored = torch.empty_like(out)
     restored[order.to(out.device)] = out
