@@ -140,7 +140,7 @@ def setup(work: Path, profile: str, active: list[str], image_foundation: Path | 
     describe_text_foundation(params.foundation, ROOT, foundation_dir(work / "foundation", "text"))
     if image_foundation is not None:
         copy_image_checkpoint(image_foundation, foundation_dir(work / "foundation", "image"))
-    else:
+    elif any(params.data.tasks[t].modality == "image" for t in active):  # text tasks only: no image foundation
         pretrain_image_foundation(FoundationInputs.from_params(params), work / "data",
                                   foundation_dir(work / "foundation", "image"))
 

@@ -1029,6 +1029,42 @@ def experts_full_image_section(result: dict) -> str:
             f"`bench/results/image_foundation.json`, same splits.\n\n{table}\n")
 
 
+def experts_full_text_section(result: dict) -> str:
+    """Text experts trained on every row beside the quick profile's (capped) expert, the probe and the strongest
+    simple baseline fitted on the same full splits."""
+    def load(name: str) -> dict:
+        return json.loads((RESULTS / name).read_text()) if (RESULTS / name).is_file() else {}
+
+    baselines, quick = load("baselines_full.json").get("tasks", {}), load("experts.json")
+    quick_runs = {(r["task"], r["method"]): r for r in quick.get("runs", [])}
+    rows = []
+    for r in result["runs"]:
+        base = baselines.get(r["task"], {}).get("expert_rows", {})
+        strongest = base.get("strongest")
+        b = base[strongest]["test"] if strongest else None
+        q = quick_runs.get((r["task"], r["method"]))
+        rows.append({"task": r["task"], "method": r["method"], "rows": f"{r['train_samples']:,}",
+                     "quick": f"{q['test']['macro_f1']:.3f} ({q['train_samples']:,} rows)" if q else "",
+                     "expert": f"{r['test']['accuracy']:.3f} / {r['test']['auroc']:.3f} / {r['test']['macro_f1']:.3f}",
+                     "probe": f"{r['probe_test']['macro_f1']:.3f}",
+                     "base": f"{BASELINE_NAMES.get(strongest, strongest)} {b['accuracy']:.3f} / {b['auroc']:.3f} / "
+                             f"{b['macro_f1']:.3f}" if b else "",
+                     "beats": "" if not b else "yes" if r["test"]["macro_f1"] > b["macro_f1"] else "**no**",
+                     "s": f"{r['train_seconds'] / 60:.1f}"})
+    table = markdown_table(rows, [("task", "task"), ("method", "method"), ("rows", "training rows"),
+                                  ("quick", "quick profile expert: macro-F1"),
+                                  ("expert", "full: expert ACC / AUC / macro-F1"), ("probe", "full: probe macro-F1"),
+                                  ("base", "strongest simple baseline, all rows: ACC / AUC / macro-F1"),
+                                  ("beats", "expert beats baseline (macro-F1)"), ("s", "train min")])
+    p = result["params"]
+    changed = ", ".join(f"`{k}={v}`" for k, v in (p.get("overrides") or {}).items()) or "none"
+    return (f"Profile `{p['profile']}` (changed: {changed}), {machine_line(result)}, from "
+            f"`bench/results/experts_full_text.json`: the experts stage's own training on every training row; test. "
+            f"Quick profile column: `bench/results/experts.json` (commit {quick.get('machine', {}).get('git_commit', '?')[:8]}); "
+            f"baselines: `bench/results/baselines_full.json` (hyper-parameters and class weighting picked on "
+            f"validation), same splits.\n\n{table}\n")
+
+
 def class_weight_section(result: dict) -> str:
     """Probes with plain vs class-balanced losses, per task."""
     rows = []
@@ -1089,6 +1125,7 @@ def main() -> None:
                           ("image_foundation", image_foundation_section),
                           ("class_weight", class_weight_section),
                           ("experts_full_image", experts_full_image_section),
+                          ("experts_full_text", experts_full_text_section),
                           ("decompose_full_image", decompose_section),
                           ("baselines_full", baselines_all_data_section),
                           ("pipeline_full", pipeline_full_section),
