@@ -244,6 +244,7 @@ def test_a_text_batch_runs_without_the_padding_no_text_uses(tiny_bert: Path) -> 
     holes = torch.tensor([[0, 1, 0, 0, 0], [1, 0, 0, 0, 0]])  # kept up to the last column any row attends to
     assert trim_padding(full, holes)[1].tolist() == [[0, 1], [1, 0]]
     assert trim_padding(full, torch.zeros_like(full))[1].shape == (2, 1)  # no token at all: one column, not none
+    assert trim_padding(full[:, :0], full[:, :0])[1].shape == (2, 0)  # no column to cut
 
 
 def test_grouped_training_batches_hold_like_lengths_and_every_row_once_an_epoch() -> None:

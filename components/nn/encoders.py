@@ -54,6 +54,8 @@ def trim_padding(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple
     if attention_mask.ndim != 2 or input_ids.shape != attention_mask.shape:
         raise DataError(f"text inputs: input_ids {tuple(input_ids.shape)} and attention_mask "
                         f"{tuple(attention_mask.shape)} must be the same (batch, tokens) shape")
+    if attention_mask.shape[1] == 0:
+        return input_ids, attention_mask
     used = attention_mask.any(0)  # column j (counted from 1) is kept when any row attends to it or past it
     width = max(int((used * torch.arange(1, len(used) + 1, device=used.device)).max()), 1)
     if width == attention_mask.shape[1]:
