@@ -995,24 +995,36 @@ def install_time_section(result: dict) -> str:
             f"{machine_line(result)} (`bench/results/install_time.json`).\n")
 
 
+def _versus_baseline(run: dict, block: dict) -> dict[str, str]:
+    """An expert run's cells beside a baselines block (``strongest`` names the one picked on validation): the
+    strongest baseline's ACC / AUC / macro-F1 and whether the expert beats it on macro-F1."""
+    strongest = block.get("strongest")
+    b = block[strongest]["test"] if strongest else None
+    if not b:
+        return {"base": "", "beats": ""}
+    return {"base": f"{BASELINE_NAMES.get(strongest, strongest)} {b['accuracy']:.3f} / {b['auroc']:.3f} / "
+                    f"{b['macro_f1']:.3f}",
+            "beats": "yes" if run["test"]["macro_f1"] > b["macro_f1"] else "**no**"}
+
+
+def _changed(params: dict) -> str:
+    """The params a bench changed (``--set``), for its caption."""
+    return ", ".join(f"`{k}={v}`" for k, v in (params.get("overrides") or {}).items()) or "none"
+
+
 def experts_full_image_section(result: dict) -> str:
     """Image experts on the ResNet-18 foundation beside the probe, the strongest simple baseline and the anchor."""
     found = json.loads((RESULTS / "image_foundation.json").read_text()) if (RESULTS / "image_foundation.json").is_file() \
         else {"baselines": {}, "anchors": {}}
     rows = []
     for r in result["runs"]:
-        base = found["baselines"].get(r["task"], {})
-        strongest = base.get("strongest")
-        b = base[strongest]["test"] if strongest else None
         anchor = found["anchors"].get("tasks", {}).get(r["task"], {})
         rows.append({"task": r["task"] + (" (JPEG copy)" if r["task"] == "dermamnist" else ""), "method": r["method"],
                      "expert": f"{r['test']['accuracy']:.3f} / {r['test']['auroc']:.3f} / {r['test']['macro_f1']:.3f}",
                      "probe": f"{r['probe_test']['accuracy']:.3f} / {r['probe_test']['auroc']:.3f} / "
                               f"{r['probe_test']['macro_f1']:.3f}",
-                     "base": f"{BASELINE_NAMES.get(strongest, strongest)} {b['accuracy']:.3f} / {b['auroc']:.3f} / "
-                             f"{b['macro_f1']:.3f}" if b else "",
+                     **_versus_baseline(r, found["baselines"].get(r["task"], {})),
                      "anchor": f"{anchor['accuracy']:.3f} / {anchor['auroc']:.3f}" if anchor else "",
-                     "beats": "" if not b else "yes" if r["test"]["macro_f1"] > b["macro_f1"] else "**no**",
                      "s": f"{r['train_seconds'] / 60:.1f}", "trainable": f"{r['trainable_params']:,}"})
     table = markdown_table(rows, [("task", "task"), ("method", "method"),
                                   ("expert", "expert: ACC / AUC / macro-F1"), ("probe", "probe: ACC / AUC / macro-F1"),
@@ -1021,8 +1033,7 @@ def experts_full_image_section(result: dict) -> str:
                                   ("trainable", "trainable params"), ("s", "train min")])
     p = result["params"]
     image = p.get("image_foundation") or {}
-    changed = ", ".join(f"`{k}={v}`" for k, v in (p.get("overrides") or {}).items()) or "none"
-    return (f"Profile `{p['profile']}` (changed for 2 CPU cores: {changed}), {machine_line(result)}, from "
+    return (f"Profile `{p['profile']}` (changed for 2 CPU cores: {_changed(p)}), {machine_line(result)}, from "
             f"`bench/results/experts_full_image.json`: the experts stage's own training on the image foundation "
             f"`{image.get('arch', '?')}` (widths {image.get('widths', '?')}) that `bench image_foundation` pre-trained, "
             f"every training row; test. Baselines (hyper-parameters and class weighting picked on validation) from "
@@ -1039,17 +1050,12 @@ def experts_full_text_section(result: dict) -> str:
     quick_runs = {(r["task"], r["method"]): r for r in quick.get("runs", [])}
     rows = []
     for r in result["runs"]:
-        base = baselines.get(r["task"], {}).get("expert_rows", {})
-        strongest = base.get("strongest")
-        b = base[strongest]["test"] if strongest else None
         q = quick_runs.get((r["task"], r["method"]))
         rows.append({"task": r["task"], "method": r["method"], "rows": f"{r['train_samples']:,}",
                      "quick": f"{q['test']['macro_f1']:.3f} ({q['train_samples']:,} rows)" if q else "",
                      "expert": f"{r['test']['accuracy']:.3f} / {r['test']['auroc']:.3f} / {r['test']['macro_f1']:.3f}",
                      "probe": f"{r['probe_test']['macro_f1']:.3f}",
-                     "base": f"{BASELINE_NAMES.get(strongest, strongest)} {b['accuracy']:.3f} / {b['auroc']:.3f} / "
-                             f"{b['macro_f1']:.3f}" if b else "",
-                     "beats": "" if not b else "yes" if r["test"]["macro_f1"] > b["macro_f1"] else "**no**",
+                     **_versus_baseline(r, baselines.get(r["task"], {}).get("expert_rows", {})),
                      "s": f"{r['train_seconds'] / 60:.1f}"})
     table = markdown_table(rows, [("task", "task"), ("method", "method"), ("rows", "training rows"),
                                   ("quick", "quick profile expert: macro-F1"),
@@ -1057,8 +1063,7 @@ def experts_full_text_section(result: dict) -> str:
                                   ("base", "strongest simple baseline, all rows: ACC / AUC / macro-F1"),
                                   ("beats", "expert beats baseline (macro-F1)"), ("s", "train min")])
     p = result["params"]
-    changed = ", ".join(f"`{k}={v}`" for k, v in (p.get("overrides") or {}).items()) or "none"
-    return (f"Profile `{p['profile']}` (changed: {changed}), {machine_line(result)}, from "
+    return (f"Profile `{p['profile']}` (changed: {_changed(p)}), {machine_line(result)}, from "
             f"`bench/results/experts_full_text.json`: the experts stage's own training on every training row; test. "
             f"Quick profile column: `bench/results/experts.json` (commit {quick.get('machine', {}).get('git_commit', '?')[:8]}); "
             f"baselines: `bench/results/baselines_full.json` (hyper-parameters and class weighting picked on "
