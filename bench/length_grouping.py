@@ -20,21 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import ROOT, run_child, write_result
+from bench.experts import METRICS, setup  # setup: the data splits and the text foundation (text tasks: no image one)
 
 ARMS = ("random", "grouped")
-METRICS = ("accuracy", "macro_f1", "auroc", "mcc")
-
-
-def setup(work: Path, profile: str, tasks: list[str]) -> None:
-    """The data stage's splits and the text foundation's description, as the pipeline writes them."""
-    from components.config import load_params
-    from components.core.layout import foundation_dir
-    from components.nn.foundation import describe_text_foundation
-    from components.stages.data import prepare_data
-
-    params = load_params(ROOT / "params", profile, {"data.active": tasks})
-    prepare_data(params.data, ROOT, work / "data", seed=params.pipeline.seed)
-    describe_text_foundation(params.foundation, ROOT, foundation_dir(work / "foundation", "text"))
 
 
 def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:

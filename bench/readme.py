@@ -1043,10 +1043,7 @@ def experts_full_image_section(result: dict) -> str:
 def experts_full_text_section(result: dict) -> str:
     """Text experts trained on every row beside the quick profile's (capped) expert, the probe and the strongest
     simple baseline fitted on the same full splits."""
-    def load(name: str) -> dict:
-        return json.loads((RESULTS / name).read_text()) if (RESULTS / name).is_file() else {}
-
-    baselines, quick = load("baselines_full.json").get("tasks", {}), load("experts.json")
+    baselines, quick = committed("baselines_full").get("tasks", {}), committed("experts")
     quick_runs = {(r["task"], r["method"]): r for r in quick.get("runs", [])}
     rows = []
     for r in result["runs"]:
