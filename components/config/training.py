@@ -35,9 +35,10 @@ class TrainerParams(Strict):
         "balanced", description="balanced: each class (multilabel: each label's positives) weighs n / (k * n_c) in "
                                 "the loss, from the training labels (macro-F1 on imbalanced tasks); none: plain "
                                 "cross-entropy / BCE.")
-    group_by_length: bool = Field(False, description="Text: batch rows of like lengths (shuffled in chunks of <= 50 "
-                                  "batches), so short texts skip the padding a random batch's longest text forces "
-                                  "(bench/results/length_grouping.json); images: no effect.")
+    group_by_length: bool = Field(False, description="Text: batch rows of like lengths (sorted within random chunks "
+                                  "of up to 50 batches, the batches then in random order), so short texts skip the "
+                                  "padding a random batch's longest text forces (bench/results/length_grouping.json); "
+                                  "images: no effect.")
     data_on_device: bool = Field(True, description="Move in-memory training data to the GPU once (single-device "
                                  "runs), instead of copying every batch from the host.")
 
