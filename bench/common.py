@@ -14,14 +14,19 @@ ROOT = Path(__file__).resolve().parents[1]  # the project folder: `python -m ben
 RESULTS = ROOT / "bench" / "results"
 
 
+def git_commit() -> str:
+    """The project's checked-out commit ('unknown' outside a git checkout)."""
+    done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    return done.stdout.strip() or "unknown"
+
+
 def machine() -> dict[str, Any]:
     import torch
 
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     return {"platform": platform.platform(), "processor": platform.machine(), "cpus": os.cpu_count(),
             "python": platform.python_version(), "torch": torch.__version__,
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "torch_threads": torch.get_num_threads(), "git_commit": commit or "unknown",
+            "torch_threads": torch.get_num_threads(), "git_commit": git_commit(),
             "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 

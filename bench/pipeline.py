@@ -7,23 +7,27 @@ again with nothing changed. Writes bench/results/pipeline.json (`--result NAME`:
 `--work DIR` keeps the store in DIR instead of a temporary folder, so a run longer than one sitting (the full
 profile on CPU: most of a day) can be stopped and started again: finished stages are skipped and a stage stopped
 mid-training resumes from its last epoch's checkpoint (the pipeline's own resume). Every invocation is recorded
-in DIR/invocations.json; a stage finished by a resumed invocation reports the compute of that invocation only, and
-the result lists which stages were finished by which invocation.
+in DIR/invocations.json (its commit, its start, and a heartbeat every minute, so an invocation that was killed still
+shows how long it ran); a stage finished by a resumed invocation reports the compute of that invocation only, and
+the result lists which stages were finished by which invocation and the wall time summed over all of them.
 """
 
 from __future__ import annotations
 
 import argparse
+import calendar
 import os
 import tempfile
+import threading
 import time
 from pathlib import Path
 
-from bench.common import ROOT, write_result
+from bench.common import ROOT, git_commit, write_result
 
 # The stages that compute: every stage of the flow but promote (registration, counted as overhead); sources hashes
 # the inputs outside the project.
 OVERHEAD_STAGES = ("promote",)
+HEARTBEAT_SECONDS = 60.0
 
 
 def main() -> None:
@@ -35,8 +39,10 @@ def main() -> None:
     tmp = args.work.resolve() if args.work else Path(tempfile.mkdtemp(prefix="medexperts-bench-"))
     tmp.mkdir(parents=True, exist_ok=True)
     invocations = _invocations(tmp)
-    invocations.append({"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "profile": args.profile})
+    invocations.append({"started": _now(), "profile": args.profile, "git_commit": git_commit()})
     _save_invocations(tmp, invocations)
+    beat = _Heartbeat(tmp, invocations)
+    beat.start()
     # The flow runs against a temporary store; the result itself is logged to the user's store (write_result).
     keys = ("MEDEXPERTS_PROJECT_DIR", "MEDEXPERTS_ARTIFACTS_DIR", "MEDEXPERTS_ARTIFACT_ROOT", "MLFLOW_TRACKING_URI")
     saved = {k: os.environ.get(k) for k in keys}
@@ -58,9 +64,8 @@ def main() -> None:
     retrain(profile=args.profile)
     unchanged = time.perf_counter() - start
 
-    invocations[-1] |= {"finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "flow_wall_seconds": wall,
-                        "stages_run": [s for s in compute_stages if not results[s].get("cached")]}
-    _save_invocations(tmp, invocations)
+    beat.stop({"finished": _now(), "flow_wall_seconds": wall,
+               "stages_run": [s for s in compute_stages if not results[s].get("cached")]})
     per_stage = {s: results[s]["compute_seconds"] for s in compute_stages}
     compute = sum(per_stage.values())
     ev = results["evaluate"]
@@ -71,12 +76,14 @@ def main() -> None:
                  "foundation_params": r["params"]["foundation"],
                  "latency_ms_per_sample": r["latency_ms_per_sample"], "merge_max_abs_diff": r["merge_max_abs_diff"],
                  "test_samples": r["test_samples"],
-                 "models": {name: m[metric] for name, m in r["metrics"].items()}}  # every model scored on test
+                 "models": {name: m[metric] for name, m in r["metrics"].items()},  # every model scored on test
+                 "metrics": r["metrics"], "params": r["params"]}  # every metric; every model's parameter count
              for t, r in ev["tasks"].items()}
     payload = {
         "params": {"profile": args.profile, "metric": metric, "result": args.result},
         "invocations": invocations,
         "figures": {"flow_wall_seconds": wall, "stage_compute_seconds": compute, "per_stage_compute_seconds": per_stage,
+                    "invocations_wall_seconds": invocations_wall_seconds(invocations),
                     "overhead_seconds": wall - compute, "overhead_fraction": (wall - compute) / wall,
                     "unchanged_rerun_seconds": unchanged,
                     "every_expert_beats_probe": all(v["expert"] > v["probe"] for v in tasks.values())},
@@ -95,6 +102,48 @@ def main() -> None:
     for t, v in tasks.items():
         print(f"  {t:20s} probe {v['probe']:.3f}  expert {v['expert']:.3f}  fused {v['fused'] if v['fused'] is None else round(v['fused'], 3)}")
     print(f"wrote {path}")
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _seconds(stamp: str) -> int:
+    return calendar.timegm(time.strptime(stamp, "%Y-%m-%dT%H:%M:%SZ"))
+
+
+def invocations_wall_seconds(invocations: list[dict]) -> float:
+    """Wall time summed over the invocations: each from its start to its finish, or, for one that was stopped, to its
+    last heartbeat (an invocation recorded before heartbeats existed, stopped, counts nothing: it is unknown)."""
+    return float(sum(_seconds(end) - _seconds(i["started"]) for i in invocations
+                     if (end := i.get("finished") or i.get("last_seen"))))
+
+
+class _Heartbeat:
+    """Writes ``last_seen`` into the running invocation's record every HEARTBEAT_SECONDS, from a daemon thread, so a
+    killed invocation (a reboot, a session's end) still says how long it ran; ``stop`` records its end."""
+
+    def __init__(self, work: Path, invocations: list[dict]) -> None:
+        self.work, self.invocations = work, invocations
+        self.lock, self.done = threading.Lock(), threading.Event()
+        self.thread = threading.Thread(target=self._beat, name="bench-heartbeat", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def _beat(self) -> None:
+        while not self.done.wait(HEARTBEAT_SECONDS):
+            self._update({"last_seen": _now()})
+
+    def _update(self, fields: dict) -> None:
+        with self.lock:
+            self.invocations[-1] |= fields
+            _save_invocations(self.work, self.invocations)
+
+    def stop(self, fields: dict) -> None:
+        self.done.set()
+        self.thread.join()
+        self._update(fields)
 
 
 def _invocations(work: Path) -> list[dict]:

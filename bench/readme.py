@@ -217,9 +217,37 @@ def pipeline_full_section(result: dict, baselines_name: str = "baselines_full") 
                  f"flow wall time {took(fig['flow_wall_seconds'])}"
                  + (f"; {runs} invocations in all, each stop resumed by the next (the compute a stopped invocation "
                     f"spent is not counted)." if runs > 1 else "."))
+    if fig.get("invocations_wall_seconds"):
+        lines.append(f"- Wall time summed over the invocations (a stopped one up to its last heartbeat): "
+                     f"{took(fig['invocations_wall_seconds'])}.")
     return (f"Profile `{p['profile']}`, test {metric}, {machine_line(result)}, from "
             f"`bench/results/{p.get('result', 'pipeline_full')}.json`; the strongest baseline from "
-            f"`bench/results/{baselines_name}.json`.\n\n{table}\n" + "\n".join(lines) + "\n")
+            f"`bench/results/{baselines_name}.json`.\n\n{table}\n" + "\n".join(lines) + "\n"
+            + lorkd_goals(result))
+
+
+def lorkd_goals(result: dict) -> str:
+    """LoRKD's three goals per task from a pipeline result (the evaluate stage's test scores and parameter counts):
+    the fused LoRKD expert >= its teacher, <= 10 % of the teacher's parameters, >= the same-size single-task student.
+    Empty when the result predates the parameter counts or has no LoRKD models."""
+    metric, rows = result["params"]["metric"], []
+    for task, t in result["tasks"].items():
+        models, sizes = t.get("models", {}), t.get("params", {})
+        if models.get("lorkd") is None or models.get("teacher") is None or "lorkd_deployed" not in sizes:
+            continue
+        share = sizes["lorkd_deployed"] / sizes["teacher"]
+        single = models.get("single_student")
+        goals = (models["lorkd"] >= models["teacher"], share <= 0.10,
+                 None if single is None else models["lorkd"] >= single)
+        rows.append({"task": task, "teacher": models["teacher"], "lorkd": models["lorkd"], "single": single,
+                     "params": sizes["lorkd_deployed"], "pct": 100 * share,
+                     "goal": " / ".join("—" if ok is None else "yes" if ok else "**no**" for ok in goals)})
+    if not rows:
+        return ""
+    table = markdown_table(rows, [("task", "task"), ("teacher", f"teacher {metric}"), ("lorkd", f"LoRKD expert {metric}"),
+                                  ("single", f"single-task student {metric}"), ("params", "deployed params"),
+                                  ("pct", "% of teacher"), ("goal", "≥ teacher / ≤ 10 % / ≥ single")])
+    return f"\nLoRKD in the same run (test {metric}; its goals per task):\n\n{table}\n"
 
 
 def fixed_cost_section(result: dict) -> str:

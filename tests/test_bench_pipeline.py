@@ -1,0 +1,66 @@
+"""The full-profile bench spans several sittings: its invocations' time is kept even when one is killed, and its
+README table checks LoRKD's goals from the run's own scores and parameter counts."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import pytest
+
+from bench import pipeline
+from bench.readme import lorkd_goals
+
+
+def test_wall_time_sums_finished_and_stopped_invocations() -> None:
+    invocations = [
+        {"started": "2026-12-05T10:00:00Z", "last_seen": "2026-12-05T12:30:00Z"},  # killed: up to its heartbeat
+        {"started": "2026-12-05T20:00:00Z"},  # killed before its first heartbeat: unknown, counts nothing
+        {"started": "2026-12-06T00:00:00Z", "last_seen": "2026-12-06T00:59:00Z", "finished": "2026-12-06T01:00:00Z"},
+    ]
+    assert pipeline.invocations_wall_seconds(invocations) == 2.5 * 3600 + 3600
+
+
+def test_heartbeat_records_the_running_invocation_and_its_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(pipeline, "HEARTBEAT_SECONDS", 0.01)
+    invocations = [{"started": "2026-12-05T10:00:00Z", "finished": "2026-12-05T11:00:00Z"},
+                   {"started": "2026-12-06T00:00:00Z"}]
+    beaten = threading.Event()
+    save = pipeline._save_invocations
+
+    def saved_and_told(work: Path, records: list[dict]) -> None:
+        save(work, records)
+        beaten.set()
+
+    monkeypatch.setattr(pipeline, "_save_invocations", saved_and_told)
+    beat = pipeline._Heartbeat(tmp_path, invocations)
+    beat.start()
+    assert beaten.wait(600), "no heartbeat was written"  # generous: the beat comes every 10 ms
+    record = tmp_path / "invocations.json"
+    saved = json.loads(record.read_text())
+    assert "last_seen" in saved[-1] and "last_seen" not in saved[0]
+    beat.stop({"finished": "2026-12-06T01:00:00Z"})
+    saved = json.loads(record.read_text())
+    assert saved[-1]["finished"] == "2026-12-06T01:00:00Z" and saved[0] == invocations[0]
+    assert not beat.thread.is_alive()
+
+
+def _task(teacher: float, lorkd: float, single: float | None, deployed: int, teacher_params: int) -> dict:
+    return {"models": {"expert": 0.8, "teacher": teacher, "lorkd": lorkd, "single_student": single},
+            "params": {"lorkd_deployed": deployed, "teacher": teacher_params}}
+
+
+def test_lorkd_goals_are_checked_from_the_runs_scores_and_sizes() -> None:
+    result = {"params": {"metric": "macro_f1"},
+              "tasks": {"pneumoniamnist": _task(0.85, 0.87, 0.86, 700, 11_000),  # every goal met
+                        "breastmnist": _task(0.80, 0.78, 0.79, 2_000, 11_000),  # below the teacher, 18 %, below single
+                        "hoc": _task(0.60, 0.61, None, 500, 22_000),  # no single-task student scored: not judged
+                        "pubmedqa": {"models": {"expert": 0.4}, "params": {}}}}  # no LoRKD model: no row
+    text = lorkd_goals(result)
+    rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| ")}
+    assert rows["pneumoniamnist"].rstrip(" |").endswith("yes / yes / yes")
+    assert rows["breastmnist"].rstrip(" |").endswith("**no** / **no** / **no**")
+    assert rows["hoc"].rstrip(" |").endswith("yes / yes / —")
+    assert "pubmedqa" not in rows
+    assert lorkd_goals({"params": {"metric": "macro_f1"}, "tasks": {"pubmedqa": {"models": {}}}}) == ""
