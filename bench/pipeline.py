@@ -44,14 +44,25 @@ def main() -> None:
     beat = _Heartbeat(tmp, invocations)
     beat.start()
     # The flow runs against a temporary store; the result itself is logged to the user's store (write_result).
-    keys = ("MEDEXPERTS_PROJECT_DIR", "MEDEXPERTS_ARTIFACTS_DIR", "MEDEXPERTS_ARTIFACT_ROOT", "MLFLOW_TRACKING_URI")
+    keys = ("MEDEXPERTS_PROJECT_DIR", "MEDEXPERTS_ARTIFACTS_DIR", "MEDEXPERTS_ARTIFACT_ROOT", "MLFLOW_TRACKING_URI",
+            "PREFECT_HOME", "PREFECT_API_URL", "MEDEXPERTS_PREFECT_OWNED")
     saved = {k: os.environ.get(k) for k in keys}
     os.environ.update({"MEDEXPERTS_PROJECT_DIR": str(ROOT), "MEDEXPERTS_ARTIFACTS_DIR": str(tmp / "artifacts"),
                        "MEDEXPERTS_ARTIFACT_ROOT": (tmp / "mlruns").as_uri(),
                        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}"})
+    if args.work:
+        os.environ["PREFECT_HOME"] = str(tmp / ".prefect")
     from flows.environment import configure
 
     configure(ROOT)  # before Prefect is imported: its settings (home, analytics off) are read at import
+    if args.work:
+        # A run kept in DIR spans sittings, so it talks to a Prefect server of its own (state in DIR/.prefect, started
+        # in its own session by flows.services, reused by the next invocation). Prefect's temporary server is this
+        # process's child: a Ctrl-C or a `kill` of the process group stops it first, and the stopping flow then
+        # retries it for minutes before it exits.
+        from flows.services import ensure_prefect_server
+
+        print(f"Prefect server of this run: {ensure_prefect_server(tmp, port=0)}", flush=True)
     from flows.retrain import retrain
     from flows.stages import ORDER
 
@@ -91,6 +102,10 @@ def main() -> None:
         "fusion": {k: results["fusion"].get(k) for k in ("best_method", "methods", "curves")},
         "registry": results["promote"]["decisions"],
     }
+    if args.work:
+        from flows.services import stop_prefect_server
+
+        stop_prefect_server(tmp)  # the run is complete: nothing will resume it
     for key, value in saved.items():
         if value is None:
             os.environ.pop(key, None)

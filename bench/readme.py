@@ -208,7 +208,9 @@ def pipeline_full_section(result: dict, baselines_name: str = "baselines_full") 
 
     per_stage = ", ".join(f"{s} {took(v)}" for s, v in fig["per_stage_compute_seconds"].items() if v >= 60)
     runs = len(result.get("invocations", []))
-    verdict = ("every task's deployed expert beats it" if not misses else
+    compared = sum(r["verdict"] != "" for r in rows)
+    verdict = ("no task compared" if not compared else
+               f"the deployed expert beats it on every task compared ({compared} of {len(rows)})" if not misses else
                f"the deployed expert does **not** beat it on {', '.join(misses)}")
     lines = [f"- Against the strongest simple baseline: {verdict}."]
     if other_split:
