@@ -7,7 +7,7 @@ again with nothing changed. Writes bench/results/pipeline.json (`--result NAME`:
 `--work DIR` keeps the store in DIR instead of a temporary folder, so a run longer than one sitting (the full
 profile on CPU: most of a day) can be stopped and started again: finished stages are skipped and a stage stopped
 mid-training resumes from its last epoch's checkpoint (the pipeline's own resume). Every invocation is recorded
-in DIR/invocations.json (its commit, its start, and a heartbeat every minute, so an invocation that was killed still
+in DIR/invocations.json (its commit, its start, and a heartbeat every 15 s, so an invocation that was killed still
 shows how long it ran); a stage finished by a resumed invocation reports the compute of that invocation only, and
 the result lists which stages were finished by which invocation and the wall time summed over all of them.
 """
@@ -15,6 +15,7 @@ the result lists which stages were finished by which invocation and the wall tim
 from __future__ import annotations
 
 import argparse
+import atexit
 import calendar
 import os
 import tempfile
@@ -27,7 +28,7 @@ from bench.common import ROOT, git_commit, write_result
 # The stages that compute: every stage of the flow but promote (registration, counted as overhead); sources hashes
 # the inputs outside the project.
 OVERHEAD_STAGES = ("promote",)
-HEARTBEAT_SECONDS = 60.0
+HEARTBEAT_SECONDS = 15.0  # a stop by signal ends the process without Python clean-up: the heartbeat is its record
 
 
 def main() -> None:
@@ -38,6 +39,16 @@ def main() -> None:
     args = parser.parse_args()
     tmp = args.work.resolve() if args.work else Path(tempfile.mkdtemp(prefix="medexperts-bench-"))
     tmp.mkdir(parents=True, exist_ok=True)
+    from components.core.lock import ProjectBusy, project_lock
+
+    try:
+        with project_lock(tmp, wait=False, what="medexperts bench pipeline"):  # one invocation per DIR at a time
+            _measure(args, tmp)
+    except ProjectBusy as busy:
+        raise SystemExit(f"{tmp} is in use by another `medexperts bench pipeline` ({busy})") from None
+
+
+def _measure(args: argparse.Namespace, tmp: Path) -> None:
     invocations = _invocations(tmp)
     invocations.append({"started": _now(), "profile": args.profile, "git_commit": git_commit()})
     _save_invocations(tmp, invocations)
@@ -45,13 +56,14 @@ def main() -> None:
     beat.start()
     # The flow runs against a temporary store; the result itself is logged to the user's store (write_result).
     keys = ("MEDEXPERTS_PROJECT_DIR", "MEDEXPERTS_ARTIFACTS_DIR", "MEDEXPERTS_ARTIFACT_ROOT", "MLFLOW_TRACKING_URI",
-            "PREFECT_HOME", "PREFECT_API_URL", "MEDEXPERTS_PREFECT_OWNED")
+            "PREFECT_HOME", "PREFECT_API_URL", "MEDEXPERTS_PREFECT_OWNED", "MEDEXPERTS_PREFECT_PORT")
     saved = {k: os.environ.get(k) for k in keys}
     os.environ.update({"MEDEXPERTS_PROJECT_DIR": str(ROOT), "MEDEXPERTS_ARTIFACTS_DIR": str(tmp / "artifacts"),
                        "MEDEXPERTS_ARTIFACT_ROOT": (tmp / "mlruns").as_uri(),
                        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}"})
     if args.work:
         os.environ["PREFECT_HOME"] = str(tmp / ".prefect")
+        os.environ.pop("MEDEXPERTS_PREFECT_PORT", None)  # that port is the project's server's, not this run's
     from flows.environment import configure
 
     configure(ROOT)  # before Prefect is imported: its settings (home, analytics off) are read at import
@@ -62,18 +74,23 @@ def main() -> None:
         # retries it for minutes before it exits.
         from flows.services import ensure_prefect_server
 
-        print(f"Prefect server of this run: {ensure_prefect_server(tmp, port=0)}", flush=True)
+        print(f"Prefect server of this run: {ensure_prefect_server(tmp, port=0)} (it outlives a stop; "
+              f"`PREFECT_HOME={tmp / '.prefect'} medexperts services down` stops it)", flush=True)
     from flows.retrain import retrain
     from flows.stages import ORDER
 
     compute_stages = [s for s in ORDER if s not in OVERHEAD_STAGES]
 
-    start = time.perf_counter()
-    results = retrain(profile=args.profile)
-    wall = time.perf_counter() - start
-    start = time.perf_counter()
-    retrain(profile=args.profile)
-    unchanged = time.perf_counter() - start
+    try:
+        start = time.perf_counter()
+        results = retrain(profile=args.profile)
+        wall = time.perf_counter() - start
+        start = time.perf_counter()
+        retrain(profile=args.profile)
+        unchanged = time.perf_counter() - start
+    except BaseException as stopped:  # a stop (SIGTERM, Ctrl-C) or a failure: record how long this one ran
+        beat.stop({"last_seen": _now(), "stopped": f"{type(stopped).__name__}: {stopped}"[:300]})
+        raise
 
     beat.stop({"finished": _now(), "flow_wall_seconds": wall,
                "stages_run": [s for s in compute_stages if not results[s].get("cached")]})
@@ -102,16 +119,15 @@ def main() -> None:
         "fusion": {k: results["fusion"].get(k) for k in ("best_method", "methods", "curves")},
         "registry": results["promote"]["decisions"],
     }
-    if args.work:
-        from flows.services import stop_prefect_server
-
-        stop_prefect_server(tmp)  # the run is complete: nothing will resume it
+    home = os.environ.get("PREFECT_HOME")
     for key, value in saved.items():
         if value is None:
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
     path = write_result(args.result, payload)
+    if args.work:  # the run is complete, nothing will resume it: its server stops once Prefect has sent what it holds
+        atexit.register(_stop_server, tmp, home)
     print(f"flow {wall:.1f}s, stage compute {compute:.1f}s, overhead {100 * (wall - compute) / wall:.1f}%, "
           f"unchanged re-run {unchanged:.1f}s")
     for t, v in tasks.items():
@@ -159,6 +175,19 @@ class _Heartbeat:
         self.done.set()
         self.thread.join()
         self._update(fields)
+
+
+def _stop_server(work: Path, home: str | None) -> None:
+    """At exit (after Prefect's own exit hooks have sent its last logs and events): stop the run's server; a failure
+    is reported, never raised (the result is written already)."""
+    from flows.services import ServiceError, stop_prefect_server
+
+    if home:
+        os.environ["PREFECT_HOME"] = home
+    try:
+        stop_prefect_server(work)
+    except (ServiceError, OSError) as err:
+        print(f"the run's Prefect server was not stopped: {err}")
 
 
 def _invocations(work: Path) -> list[dict]:

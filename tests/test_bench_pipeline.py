@@ -4,6 +4,8 @@ README table checks LoRKD's goals from the run's own scores and parameter counts
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -64,3 +66,23 @@ def test_lorkd_goals_are_checked_from_the_runs_scores_and_sizes() -> None:
     assert rows["hoc"].rstrip(" |").endswith("yes / yes / —")
     assert "pubmedqa" not in rows
     assert lorkd_goals({"params": {"metric": "macro_f1"}, "tasks": {"pubmedqa": {"models": {}}}}) == ""
+
+
+def test_a_second_invocation_on_the_same_folder_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # the first invocation is another process holding DIR (a lock this process held would be re-entered)
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\n"
+                               "from pathlib import Path\n"
+                               "from components.core.lock import project_lock\n"
+                               "with project_lock(Path(sys.argv[1]), wait=False, what='the first invocation'):\n"
+                               "    print('held', flush=True); time.sleep(600)", str(tmp_path)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        monkeypatch.setattr("sys.argv", ["bench.pipeline", "--profile", "tiny", "--work", str(tmp_path)])
+        with pytest.raises(SystemExit) as refused:
+            pipeline.main()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert str(tmp_path) in str(refused.value) and "the first invocation" in str(refused.value)
+    assert not (tmp_path / "invocations.json").exists()  # nothing recorded for the refused one
