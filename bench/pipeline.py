@@ -36,7 +36,19 @@ def main() -> None:
     parser.add_argument("--profile", default="quick")
     parser.add_argument("--work", type=Path, help="keep the run's store here and resume it (default: a temp folder)")
     parser.add_argument("--result", default="pipeline", help="bench/results/RESULT.json")
+    parser.add_argument("--set", dest="sets", action="append", metavar="KEY=VALUE",
+                        help="override a param, as `medexperts run --set` (repeatable), e.g. data.active=[...]")
     args = parser.parse_args()
+    from components.config import load_params
+    from flows.cli import parse_sets
+
+    from components.core.errors import MedExpertsError
+
+    try:  # bad params fail here, in one line, before anything is recorded
+        args.overrides = parse_sets(args.sets)
+        load_params(ROOT / "params", args.profile, args.overrides)
+    except MedExpertsError as err:
+        raise SystemExit(f"medexperts bench pipeline: {err}") from None
     tmp = args.work.resolve() if args.work else Path(tempfile.mkdtemp(prefix="medexperts-bench-"))
     tmp.mkdir(parents=True, exist_ok=True)
     from components.core.lock import ProjectBusy, project_lock
@@ -50,7 +62,8 @@ def main() -> None:
 
 def _measure(args: argparse.Namespace, tmp: Path) -> None:
     invocations = _invocations(tmp)
-    invocations.append({"started": _now(), "profile": args.profile, "git_commit": git_commit()})
+    invocations.append({"started": _now(), "profile": args.profile, "overrides": args.overrides,
+                        "git_commit": git_commit()})
     _save_invocations(tmp, invocations)
     beat = _Heartbeat(tmp, invocations)
     beat.start()
@@ -83,10 +96,10 @@ def _measure(args: argparse.Namespace, tmp: Path) -> None:
 
     try:
         start = time.perf_counter()
-        results = retrain(profile=args.profile)
+        results = retrain(profile=args.profile, overrides=args.overrides)
         wall = time.perf_counter() - start
         start = time.perf_counter()
-        retrain(profile=args.profile)
+        retrain(profile=args.profile, overrides=args.overrides)
         unchanged = time.perf_counter() - start
     except BaseException as stopped:  # a stop (SIGTERM, Ctrl-C) or a failure: record how long this one ran
         beat.stop({"last_seen": _now(), "stopped": f"{type(stopped).__name__}: {stopped}"[:300]})
@@ -108,7 +121,7 @@ def _measure(args: argparse.Namespace, tmp: Path) -> None:
                  "metrics": r["metrics"], "params": r["params"]}  # every metric; every model's parameter count
              for t, r in ev["tasks"].items()}
     payload = {
-        "params": {"profile": args.profile, "metric": metric, "result": args.result},
+        "params": {"profile": args.profile, "overrides": args.overrides, "metric": metric, "result": args.result},
         "invocations": invocations,
         "figures": {"flow_wall_seconds": wall, "stage_compute_seconds": compute, "per_stage_compute_seconds": per_stage,
                     "invocations_wall_seconds": invocations_wall_seconds(invocations),

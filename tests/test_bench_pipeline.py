@@ -86,3 +86,14 @@ def test_a_second_invocation_on_the_same_folder_is_refused(tmp_path: Path, monke
         holder.wait()
     assert str(tmp_path) in str(refused.value) and "the first invocation" in str(refused.value)
     assert not (tmp_path / "invocations.json").exists()  # nothing recorded for the refused one
+
+
+def test_bad_overrides_fail_in_one_line_before_anything_is_recorded(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    work = tmp_path / "run"
+    monkeypatch.setattr("sys.argv", ["bench.pipeline", "--profile", "tiny", "--work", str(work),
+                                     "--set", "data.active=[nosuch_task]"])
+    with pytest.raises(SystemExit) as refused:
+        pipeline.main()
+    assert "nosuch_task" in str(refused.value) and "known:" in str(refused.value)
+    assert not work.exists()
