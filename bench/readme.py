@@ -178,7 +178,8 @@ FULL_MODELS = (("probe", "probe"), ("expert", "deployed expert"), ("fused", "fus
 def pipeline_full_section(result: dict, baselines_name: str = "baselines_full") -> str:
     """The full profile's measured run: every model's test metric per task beside the strongest simple baseline
     on all the data (bench/results/BASELINES_NAME.json, the same splits: test row counts are compared) and the quick
-    profile's deployed expert (bench/results/pipeline.json), then the time it took."""
+    profile's deployed expert (bench/results/pipeline.json), then the time it took, what the quick profile's caps
+    cost per model, and LoRKD's goals."""
     metric, p = result["params"]["metric"], result["params"]
     baselines = committed(baselines_name).get("tasks", {})
     quick = committed("pipeline").get("tasks", {})
@@ -225,7 +226,33 @@ def pipeline_full_section(result: dict, baselines_name: str = "baselines_full") 
     return (f"Profile `{p['profile']}`, test {metric}, {machine_line(result)}, from "
             f"`bench/results/{p.get('result', 'pipeline_full')}.json`; the strongest baseline from "
             f"`bench/results/{baselines_name}.json`.\n\n{table}\n" + "\n".join(lines) + "\n"
-            + lorkd_goals(result))
+            + quick_vs_full(committed("pipeline"), result) + lorkd_goals(result))
+
+
+def quick_vs_full(quick: dict, full: dict) -> str:
+    """What the quick profile's caps cost: every model both pipeline results scored, per task both ran on the same
+    test rows, as 'quick → full'. Empty when they share no task."""
+    if not quick.get("tasks") or quick["params"].get("metric") != full["params"]["metric"]:
+        return ""
+
+    def scores(t: dict) -> dict:
+        return t.get("models") or {k: t.get(k) for k, _ in FULL_MODELS}
+
+    shared = [task for task, t in full["tasks"].items()
+              if task in quick["tasks"] and quick["tasks"][task]["test_samples"] == t["test_samples"]]
+    models = [(k, label) for k, label in FULL_MODELS
+              if any(scores(quick["tasks"][t]).get(k) is not None and scores(full["tasks"][t]).get(k) is not None
+                     for t in shared)]
+    if not shared or not models:
+        return ""
+    rows = []
+    for task in shared:
+        q, f = scores(quick["tasks"][task]), scores(full["tasks"][task])
+        rows.append({"task": task, **{k: f"{q[k]:.3f} → {f[k]:.3f}" if q.get(k) is not None and f.get(k) is not None
+                                      else "—" for k, _ in models}})
+    table = markdown_table(rows, [("task", "task"), *models])
+    return (f"\nWhat the quick profile's caps cost (test {full['params']['metric']}, quick → full, the same test rows; "
+            f"quick from `bench/results/pipeline.json`, commit {quick['machine']['git_commit'][:8]}):\n\n{table}\n")
 
 
 def lorkd_goals(result: dict) -> str:

@@ -97,3 +97,20 @@ def test_bad_overrides_fail_in_one_line_before_anything_is_recorded(tmp_path: Pa
         pipeline.main()
     assert "nosuch_task" in str(refused.value) and "known:" in str(refused.value)
     assert not work.exists()
+
+
+def test_quick_vs_full_pairs_the_models_both_runs_scored_on_the_same_rows() -> None:
+    from bench.readme import quick_vs_full
+
+    quick = {"params": {"metric": "macro_f1"}, "machine": {"git_commit": "abcdef123"},
+             "tasks": {"hoc": {"test_samples": 3547, "probe": 0.38, "expert": 0.43, "fused": 0.40},  # older: no models
+                       "pubmedqa": {"test_samples": 48, "models": {"expert": 0.3}}}}  # other test rows: left out
+    full = {"params": {"metric": "macro_f1"},
+            "tasks": {"hoc": {"test_samples": 3547, "models": {"probe": 0.43, "expert": 0.63, "lorkd": 0.5}},
+                      "pubmedqa": {"test_samples": 500, "models": {"expert": 0.41}},
+                      "retinamnist": {"test_samples": 400, "models": {"expert": 0.4}}}}  # not in quick
+    text = quick_vs_full(quick, full)
+    rows = [line for line in text.splitlines() if line.startswith("| ")]
+    assert rows[0].split("|")[2:4] == [" probe ", " deployed expert "] and "LoRKD" not in rows[0]
+    assert rows[2].startswith("| hoc | 0.380 → 0.430 | 0.430 → 0.630 |") and len(rows) == 3
+    assert quick_vs_full({"params": {"metric": "accuracy"}, "tasks": quick["tasks"]}, full) == ""
