@@ -40,9 +40,8 @@ def main() -> None:
                         help="override a param, as `medexperts run --set` (repeatable), e.g. data.active=[...]")
     args = parser.parse_args()
     from components.config import load_params
-    from flows.cli import parse_sets
-
     from components.core.errors import MedExpertsError
+    from flows.cli import parse_sets
 
     try:  # bad params fail here, in one line, before anything is recorded
         args.overrides = parse_sets(args.sets)
@@ -51,13 +50,14 @@ def main() -> None:
         raise SystemExit(f"medexperts bench pipeline: {err}") from None
     tmp = args.work.resolve() if args.work else Path(tempfile.mkdtemp(prefix="medexperts-bench-"))
     tmp.mkdir(parents=True, exist_ok=True)
-    from components.core.lock import ProjectBusy, project_lock
+    from components.core.lock import LOCK_FILE, ProjectBusy, describe, holder, project_lock
 
     try:
         with project_lock(tmp, wait=False, what="medexperts bench pipeline"):  # one invocation per DIR at a time
             _measure(args, tmp)
-    except ProjectBusy as busy:
-        raise SystemExit(f"{tmp} is in use by another `medexperts bench pipeline` ({busy})") from None
+    except ProjectBusy:
+        raise SystemExit(f"{tmp} is in use by another invocation ({describe(holder(tmp / LOCK_FILE))}); "
+                         "wait for it to finish or stop it") from None
 
 
 def _measure(args: argparse.Namespace, tmp: Path) -> None:
