@@ -28,6 +28,7 @@ from bench.common import ROOT, git_commit, write_result
 # The stages that compute: every stage of the flow but promote (registration, counted as overhead); sources hashes
 # the inputs outside the project.
 OVERHEAD_STAGES = ("promote",)
+STAMP = "%Y-%m-%dT%H:%M:%SZ"  # the invocation record's UTC times
 HEARTBEAT_SECONDS = 15.0  # a stop by signal ends the process without Python clean-up: the heartbeat is its record
 
 
@@ -132,7 +133,6 @@ def _measure(args: argparse.Namespace, tmp: Path) -> None:
         "fusion": {k: results["fusion"].get(k) for k in ("best_method", "methods", "curves")},
         "registry": results["promote"]["decisions"],
     }
-    home = os.environ.get("PREFECT_HOME")
     for key, value in saved.items():
         if value is None:
             os.environ.pop(key, None)
@@ -140,7 +140,7 @@ def _measure(args: argparse.Namespace, tmp: Path) -> None:
             os.environ[key] = value
     path = write_result(args.result, payload)
     if args.work:  # the run is complete, nothing will resume it: its server stops once Prefect has sent what it holds
-        atexit.register(_stop_server, tmp, home)
+        atexit.register(_stop_server, tmp)
     print(f"flow {wall:.1f}s, stage compute {compute:.1f}s, overhead {100 * (wall - compute) / wall:.1f}%, "
           f"unchanged re-run {unchanged:.1f}s")
     for t, v in tasks.items():
@@ -149,11 +149,11 @@ def _measure(args: argparse.Namespace, tmp: Path) -> None:
 
 
 def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    return time.strftime(STAMP, time.gmtime())
 
 
 def _seconds(stamp: str) -> int:
-    return calendar.timegm(time.strptime(stamp, "%Y-%m-%dT%H:%M:%SZ"))
+    return calendar.timegm(time.strptime(stamp, STAMP))
 
 
 def invocations_wall_seconds(invocations: list[dict]) -> float:
@@ -165,11 +165,11 @@ def invocations_wall_seconds(invocations: list[dict]) -> float:
 
 class _Heartbeat:
     """Writes ``last_seen`` into the running invocation's record every HEARTBEAT_SECONDS, from a daemon thread, so a
-    killed invocation (a reboot, a session's end) still says how long it ran; ``stop`` records its end."""
+    killed invocation (a reboot, a session's end) still says how long it ran; ``stop`` records its end. Only the
+    thread writes until ``stop`` has joined it, so the record needs no lock."""
 
     def __init__(self, work: Path, invocations: list[dict]) -> None:
-        self.work, self.invocations = work, invocations
-        self.lock, self.done = threading.Lock(), threading.Event()
+        self.work, self.invocations, self.done = work, invocations, threading.Event()
         self.thread = threading.Thread(target=self._beat, name="bench-heartbeat", daemon=True)
 
     def start(self) -> None:
@@ -180,9 +180,8 @@ class _Heartbeat:
             self._update({"last_seen": _now()})
 
     def _update(self, fields: dict) -> None:
-        with self.lock:
-            self.invocations[-1] |= fields
-            _save_invocations(self.work, self.invocations)
+        self.invocations[-1] |= fields
+        _save_invocations(self.work, self.invocations)
 
     def stop(self, fields: dict) -> None:
         self.done.set()
@@ -190,13 +189,12 @@ class _Heartbeat:
         self._update(fields)
 
 
-def _stop_server(work: Path, home: str | None) -> None:
-    """At exit (after Prefect's own exit hooks have sent its last logs and events): stop the run's server; a failure
-    is reported, never raised (the result is written already)."""
+def _stop_server(work: Path) -> None:
+    """At exit (after Prefect's own exit hooks have sent its last logs and events): stop the run's server (state in
+    WORK/.prefect); a failure is reported, never raised (the result is written already)."""
     from flows.services import ServiceError, stop_prefect_server
 
-    if home:
-        os.environ["PREFECT_HOME"] = home
+    os.environ["PREFECT_HOME"] = str(work / ".prefect")  # the user's own PREFECT_HOME was restored before exit
     try:
         stop_prefect_server(work)
     except (ServiceError, OSError) as err:

@@ -182,8 +182,9 @@ def pipeline_full_section(result: dict, baselines_name: str = "baselines_full") 
     cost per model, and LoRKD's goals."""
     metric, p = result["params"]["metric"], result["params"]
     baselines = committed(baselines_name).get("tasks", {})
-    quick = committed("pipeline").get("tasks", {})
-    scores = {task: t.get("models") or {k: t.get(k) for k, _ in FULL_MODELS} for task, t in result["tasks"].items()}
+    quick_result = committed("pipeline")
+    quick = quick_result.get("tasks", {})
+    scores = {task: model_scores(t) for task, t in result["tasks"].items()}
     present = [(k, label) for k, label in FULL_MODELS if any(s.get(k) is not None for s in scores.values())]
     rows, misses, other_split = [], [], []
     for task, t in result["tasks"].items():
@@ -226,7 +227,13 @@ def pipeline_full_section(result: dict, baselines_name: str = "baselines_full") 
     return (f"Profile `{p['profile']}`, test {metric}, {machine_line(result)}, from "
             f"`bench/results/{p.get('result', 'pipeline_full')}.json`; the strongest baseline from "
             f"`bench/results/{baselines_name}.json`.\n\n{table}\n" + "\n".join(lines) + "\n"
-            + quick_vs_full(committed("pipeline"), result) + lorkd_goals(result))
+            + quick_vs_full(quick_result, result) + lorkd_goals(result))
+
+
+def model_scores(task: dict) -> dict:
+    """A pipeline result's test scores per model for one task (results older than the per-model record: the three
+    models they kept)."""
+    return task.get("models") or {k: task.get(k) for k, _ in FULL_MODELS}
 
 
 def quick_vs_full(quick: dict, full: dict) -> str:
@@ -235,19 +242,17 @@ def quick_vs_full(quick: dict, full: dict) -> str:
     if not quick.get("tasks") or quick["params"].get("metric") != full["params"]["metric"]:
         return ""
 
-    def scores(t: dict) -> dict:
-        return t.get("models") or {k: t.get(k) for k, _ in FULL_MODELS}
-
     shared = [task for task, t in full["tasks"].items()
               if task in quick["tasks"] and quick["tasks"][task]["test_samples"] == t["test_samples"]]
     models = [(k, label) for k, label in FULL_MODELS
-              if any(scores(quick["tasks"][t]).get(k) is not None and scores(full["tasks"][t]).get(k) is not None
+              if any(model_scores(quick["tasks"][t]).get(k) is not None
+                     and model_scores(full["tasks"][t]).get(k) is not None
                      for t in shared)]
     if not shared or not models:
         return ""
     rows = []
     for task in shared:
-        q, f = scores(quick["tasks"][task]), scores(full["tasks"][task])
+        q, f = model_scores(quick["tasks"][task]), model_scores(full["tasks"][task])
         rows.append({"task": task, **{k: f"{q[k]:.3f} → {f[k]:.3f}" if q.get(k) is not None and f.get(k) is not None
                                       else "—" for k, _ in models}})
     table = markdown_table(rows, [("task", "task"), *models])
@@ -261,7 +266,7 @@ def lorkd_goals(result: dict) -> str:
     Empty when the result predates the parameter counts or has no LoRKD models."""
     metric, rows = result["params"]["metric"], []
     for task, t in result["tasks"].items():
-        models, sizes = t.get("models", {}), t.get("params", {})
+        models, sizes = model_scores(t), t.get("params", {})
         if models.get("lorkd") is None or models.get("teacher") is None or "lorkd_deployed" not in sizes:
             continue
         share = sizes["lorkd_deployed"] / sizes["teacher"]
