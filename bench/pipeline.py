@@ -106,10 +106,13 @@ def _measure(args: argparse.Namespace, tmp: Path) -> None:
         beat.stop({"last_seen": _now(), "stopped": f"{type(stopped).__name__}: {stopped}"[:300]})
         raise
 
-    beat.stop({"finished": _now(), "flow_wall_seconds": wall,
-               "stages_run": [s for s in compute_stages if not results[s].get("cached")]})
-    per_stage = {s: results[s]["compute_seconds"] for s in compute_stages}
+    ran = [s for s in compute_stages if not results[s].get("cached")]
+    beat.stop({"finished": _now(), "flow_wall_seconds": wall, "stages_run": ran})
+    per_stage = {s: results[s]["compute_seconds"] for s in compute_stages}  # a skipped stage: the run that made it
     compute = sum(per_stage.values())
+    # Overhead is this invocation's wall time less the compute of the stages it ran: on a run resumed across
+    # invocations, the stages finished earlier count in `compute` but not in `wall`.
+    overhead = wall - sum(per_stage[s] for s in ran)
     ev = results["evaluate"]
     metric = ev["metric"]
     tasks = {t: {"probe": r["metrics"]["probe"][metric], "expert": r["metrics"]["expert"][metric],
@@ -126,7 +129,7 @@ def _measure(args: argparse.Namespace, tmp: Path) -> None:
         "invocations": invocations,
         "figures": {"flow_wall_seconds": wall, "stage_compute_seconds": compute, "per_stage_compute_seconds": per_stage,
                     "invocations_wall_seconds": invocations_wall_seconds(invocations),
-                    "overhead_seconds": wall - compute, "overhead_fraction": (wall - compute) / wall,
+                    "overhead_seconds": overhead, "overhead_fraction": overhead / wall,
                     "unchanged_rerun_seconds": unchanged,
                     "every_expert_beats_probe": all(v["expert"] > v["probe"] for v in tasks.values())},
         "tasks": tasks,
@@ -141,7 +144,7 @@ def _measure(args: argparse.Namespace, tmp: Path) -> None:
     path = write_result(args.result, payload)
     if args.work:  # the run is complete, nothing will resume it: its server stops once Prefect has sent what it holds
         atexit.register(_stop_server, tmp)
-    print(f"flow {wall:.1f}s, stage compute {compute:.1f}s, overhead {100 * (wall - compute) / wall:.1f}%, "
+    print(f"flow {wall:.1f}s, stage compute {compute:.1f}s, overhead {100 * overhead / wall:.1f}%, "
           f"unchanged re-run {unchanged:.1f}s")
     for t, v in tasks.items():
         print(f"  {t:20s} probe {v['probe']:.3f}  expert {v['expert']:.3f}  fused {v['fused'] if v['fused'] is None else round(v['fused'], 3)}")
