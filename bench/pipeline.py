@@ -18,6 +18,7 @@ import argparse
 import atexit
 import calendar
 import os
+import shutil
 import tempfile
 import threading
 import time
@@ -59,6 +60,9 @@ def main() -> None:
     except ProjectBusy:
         raise SystemExit(f"{tmp} is in use by another invocation ({describe(holder(tmp / LOCK_FILE))}); "
                          "wait for it to finish or stop it") from None
+    finally:
+        if not args.work:  # a temporary store (186 MB for the quick profile): nothing can resume it
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _measure(args: argparse.Namespace, tmp: Path) -> None:
