@@ -27,7 +27,6 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 import numpy as np
 
@@ -47,13 +46,11 @@ def label_thresholds(head, feats: dict, labels: dict) -> list[dict[str, Any]]:  
     with torch.no_grad():
         val_logits, test_logits = head(feats["val"]), head(feats["test"])
     with_floor = multilabel.best_thresholds(val_logits, labels["val"])
-    with mock.patch.object(multilabel, "MIN_POSITIVES", 0):  # the floor is a module constant, not an argument
-        no_floor = multilabel.best_thresholds(val_logits, labels["val"])
+    no_floor = multilabel.best_thresholds(val_logits, labels["val"], min_positives=0)
     p, y = torch.sigmoid(test_logits), labels["test"] > 0.5
 
     def f1(j: int, t: float) -> float:
-        pred = p[:, j] >= t
-        return float(2 * (pred & y[:, j]).sum() / max(int(pred.sum() + y[:, j].sum()), 1))
+        return float(multilabel.f1_at(p[:, j], y[:, j], torch.tensor([t]))[0])
 
     return [{"label": j, "val_positives": int(labels["val"][:, j].sum()), "test_positives": int(y[:, j].sum()),
              "threshold": float(with_floor[j]), "threshold_without_floor": float(no_floor[j]),

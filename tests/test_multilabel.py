@@ -81,6 +81,7 @@ def test_a_threshold_needs_enough_validation_positives() -> None:
 
     assert best_thresholds(*pattern(MIN_POSITIVES))[0] > 0.6
     assert best_thresholds(*pattern(MIN_POSITIVES - 1))[0] == 0.5
+    assert best_thresholds(*pattern(MIN_POSITIVES - 1), min_positives=MIN_POSITIVES - 1)[0] > 0.6  # the floor moves
 
 
 def test_a_fused_multilabel_head_re_picks_its_thresholds_on_the_merged_model() -> None:

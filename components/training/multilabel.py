@@ -20,9 +20,10 @@ from torch import nn
 MAX_POS_WEIGHT = 100.0
 THRESHOLDS = torch.arange(0.05, 0.951, 0.05)
 # A label's threshold is tuned only when validation holds at least this many of its positives (15 per half of the
-# half-split check). Measured on HoC (bench/results/multilabel_probe.json, 1,798 validation rows): the labels tuned on
-# 11 and 20 positives lost 0.23 and 0.09 test F1 (validation's label rates differ from test's), those on 45-72 kept
-# or gained.
+# half-split check). Measured on HoC's probe (bench/results/multilabel_probe.json `per_label`, the check run with and
+# without this floor): below it, the labels with 11 and 20 validation positives would lose 0.22 and 0.09 test F1
+# (validation's label rates differ from test's) and the one with 23 would gain 0.03; above it, the tuned labels moved
+# by +0.035 (72 positives) and -0.008 (45).
 MIN_POSITIVES = 30
 
 
@@ -34,18 +35,18 @@ def pos_weight(labels: torch.Tensor) -> torch.Tensor:
     return w.clamp(1 / MAX_POS_WEIGHT, MAX_POS_WEIGHT)
 
 
-def _f1_at(p: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """F1 of one label at every threshold of THRESHOLDS: (T,)."""
-    pred = p.unsqueeze(0) >= THRESHOLDS.unsqueeze(1)  # (T, N)
+def f1_at(p: torch.Tensor, y: torch.Tensor, thresholds: torch.Tensor = THRESHOLDS) -> torch.Tensor:
+    """F1 of one label (probabilities ``p``, bool truths ``y``, both (N,)) at every threshold: (T,)."""
+    pred = p.unsqueeze(0) >= thresholds.unsqueeze(1)  # (T, N)
     tp = (pred & y).sum(dim=1).float()
     return 2 * tp / (pred.sum(dim=1) + y.sum()).clamp(min=1)
 
 
-def best_thresholds(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def best_thresholds(logits: torch.Tensor, labels: torch.Tensor, min_positives: int = MIN_POSITIVES) -> torch.Tensor:
     """Per label, the probability threshold in 0.05..0.95 with the best F1 on (validation) ``logits`` -- kept only
     where it generalises: the threshold picked on one half of the rows (even / odd) must beat 0.5 on the other half,
     summed over both ways. A threshold tuned on a handful of positives otherwise overfits (measured on HoC: tuned on
-    all of validation, +7 macro-F1 points there and -3 on test). 0.5 for a label with fewer than MIN_POSITIVES
+    all of validation, +7 macro-F1 points there and -3 on test). 0.5 for a label with fewer than ``min_positives``
     positives in ``labels``."""
     p = torch.sigmoid(logits.detach().float())
     y = labels.float() > 0.5
@@ -53,16 +54,16 @@ def best_thresholds(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     default = int((THRESHOLDS - 0.5).abs().argmin())
     out = torch.full((p.shape[1],), 0.5)
     for j in range(p.shape[1]):
-        if int(y[:, j].sum()) < MIN_POSITIVES:
+        if int(y[:, j].sum()) < min_positives:
             continue
         tuned = default_score = 0.0
         for fit, check in ((half, ~half), (~half, half)):
-            chosen = int(_f1_at(p[fit, j], y[fit, j]).argmax())
-            f1 = _f1_at(p[check, j], y[check, j])
+            chosen = int(f1_at(p[fit, j], y[fit, j]).argmax())
+            f1 = f1_at(p[check, j], y[check, j])
             tuned += float(f1[chosen])
             default_score += float(f1[default])
         if tuned > default_score:
-            out[j] = THRESHOLDS[int(_f1_at(p[:, j], y[:, j]).argmax())]
+            out[j] = THRESHOLDS[int(f1_at(p[:, j], y[:, j]).argmax())]
     return out
 
 
