@@ -42,18 +42,33 @@ def tiny_params(tiny_bert: Path):  # noqa: ANN201
     return load_params(PROJECT / "params", "tiny", {"foundation.text.source": str(tiny_bert)})
 
 
+_CREATED_PREFECT_HOME = pytest.StashKey[str]()
+
+
 def pytest_configure(config: pytest.Config) -> None:
     """Isolate Prefect's home and MLflow's defaults from the developer's before anything imports them."""
     import os
     import tempfile
 
-    os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="medexperts-prefect-"))
+    if "PREFECT_HOME" not in os.environ:  # a developer's own PREFECT_HOME is theirs: used, never removed
+        home = config.stash[_CREATED_PREFECT_HOME] = tempfile.mkdtemp(prefix="medexperts-prefect-")
+        os.environ["PREFECT_HOME"] = home
     os.environ.setdefault("DO_NOT_TRACK", "true")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("MEDEXPERTS_PREFECT_PORT", "0")  # the suite's Prefect server takes any free port
     os.environ.setdefault("PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS", "5")  # schedules fire within seconds
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """Remove the Prefect home this session created (its server database and logs); the session fixtures have
+    stopped the server by now."""
+    import shutil
+
+    home = config.stash.get(_CREATED_PREFECT_HOME, None)
+    if home:
+        shutil.rmtree(home, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
