@@ -99,7 +99,7 @@ def one_step(spec: dict[str, Any]) -> dict[str, Any]:
     import numpy as np
     import torch
 
-    from components.config import ExpertsParams, LoraParams, PromptParams
+    from components.config import ExpertsParams, PromptParams
     from components.experts.methods import get_method
     from components.nn.classifier import Classifier, make_head
     from components.nn.foundation import load_foundation
@@ -115,7 +115,9 @@ def one_step(spec: dict[str, Any]) -> dict[str, Any]:
     else:
         x = found.inputs(rng.integers(0, 256, size=(64, 28, 28), dtype=np.uint8))
     y = torch.as_tensor(rng.integers(0, 3, size=len(next(iter(x.values())))))
-    ep = ExpertsParams(method=method, llora_path=path, lora=LoraParams(), prompt=PromptParams(init="random"))
+    # the profile's LoRA targets: the full profile's ResNet names its convs conv1/conv2, the quick CNN's are conv
+    lora = _params(spec["profile"], spec["overrides"]).experts.lora
+    ep = ExpertsParams(method=method, llora_path=path, lora=lora, prompt=PromptParams(init="random"))
     torch.manual_seed(0)
     model = Classifier(get_method(method).build(found, ep, ""), make_head(found.encoder.out_dim, 3)).train()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -214,7 +216,8 @@ def main() -> None:
         for modality, cases in STEP_CASES.items():
             for method, path in cases:
                 r = run_child("bench.experts", "step", {"work": str(work), "modality": modality, "method": method,
-                                                        "path": path, "warmup": 3, "steps": args.steps})
+                                                        "path": path, "warmup": 3, "steps": args.steps,
+                                                        "profile": args.profile, "overrides": overrides})
                 rounds.setdefault((modality, method, path), []).append(r)
     steps = []
     for runs_of_case in rounds.values():
