@@ -6,10 +6,10 @@ method that applies (soft prompts are text-only), the experts stage's own traini
 profile's schedules) in a fresh process, then the deployed bundle and the probe on the test split. Per run:
 test metrics, trainable parameters, stored expert bytes, training seconds, the process's peak RSS.
 
-Step cost: one fixed batch (text: 16 x 128 tokens on all-MiniLM-L6-v2; image: 64 images on the pre-trained
-CNN), AdamW, warm-up then timed steps; median step time, and the memory a training step adds over the built
-model (grads, optimiser state, activations: peak RSS on CPU, peak allocated on GPU). Each method runs in its
-own process so one method's freed memory cannot hide another's peak.
+Step cost: one fixed batch (text: 16 x 128 tokens on all-MiniLM-L6-v2; image: 64 images on the profile's
+image foundation; LoRA with the profile's targets), AdamW, warm-up then timed steps; median step time, and the
+memory a training step adds over the built model (grads, optimiser state, activations: peak RSS on CPU, peak
+allocated on GPU). Each method runs in its own process so one method's freed memory cannot hide another's peak.
 """
 
 from __future__ import annotations
