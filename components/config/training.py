@@ -11,12 +11,16 @@ from components.config.base import PerModality, Strict
 
 # How a loss weighs classes (components/training/balance.py): the trainers', the probe's and the federated clients'.
 ClassWeight = Literal["balanced", "none"]
+# The trainers' learning-rate schedule (components/training/schedule.py).
+LrSchedule = Literal["constant", "one_cycle"]
 
 
 class TrainerParams(Strict):
     max_epochs: int = Field(3, ge=1, description="Epochs.")
     batch_size: int = Field(32, ge=1, description="Samples per step (per device).")
-    lr: float = Field(1e-3, gt=0, description="AdamW learning rate.")
+    lr: float = Field(1e-3, gt=0, description="AdamW learning rate (one_cycle: the peak).")
+    lr_schedule: LrSchedule = Field("constant", description="constant, or one_cycle: warm-up over the first 15 % of "
+                                    "the steps to lr, then cosine annealing to ~0 at max_epochs (torch's OneCycleLR).")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     accelerator: Literal["auto", "cpu", "gpu"] = Field("auto", description="Lightning accelerator.")
     devices: int | Literal["auto"] = Field(1, description="Devices per node (>1 or 'auto' with strategy ddp).")

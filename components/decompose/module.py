@@ -10,11 +10,13 @@ import lightning as L
 import torch
 from torch import nn
 
+from components.config.training import LrSchedule
 from components.decompose.layers import ExpertLayer
 from components.decompose.loss import lorkd_loss, task_targets
 from components.decompose.student import LoRKDStudent
 from components.core.errors import ParamsError
 from components.training.module import ValidationScore, log_score
+from components.training.schedule import optimizer_config
 
 EXTRA_KEYS = ("labels", "task_ids", "teacher_logits")
 
@@ -25,7 +27,8 @@ class DecomposeModule(L.LightningModule):
 
     def __init__(self, student: LoRKDStudent, kinds: Mapping[str, str], kd_weight: float, temperature: float,
                  lr: float, weight_decay: float, metric: str = "macro_f1",
-                 loss_weights: Mapping[str, torch.Tensor | None] | None = None) -> None:
+                 loss_weights: Mapping[str, torch.Tensor | None] | None = None,
+                 lr_schedule: LrSchedule = "constant") -> None:
         super().__init__()
         missing = [t for t in student.task_names if t not in kinds]
         if missing:
@@ -36,7 +39,7 @@ class DecomposeModule(L.LightningModule):
         self.kd_weight, self.temperature = kd_weight, temperature
         # per task (task-id order): its class balance (components.training.balance), None: unweighted
         self.loss_weights = [(loss_weights or {}).get(t) for t in student.task_names]
-        self.lr, self.weight_decay, self.metric = lr, weight_decay, metric
+        self.lr, self.weight_decay, self.metric, self.lr_schedule = lr, weight_decay, metric, lr_schedule
         # one per task, in task-id order (a list, not a dict: task names need not be valid module names)
         self.val_scores = nn.ModuleList(ValidationScore(kind, width, metric)
                                         for kind, width in zip(self.kinds, self.widths, strict=True))
@@ -95,4 +98,4 @@ class DecomposeModule(L.LightningModule):
             {"params": [p for p in params if id(p) not in expert_ids], "weight_decay": self.weight_decay},
             {"params": [p for p in params if id(p) in expert_ids], "weight_decay": 0.0},
         ]
-        return torch.optim.AdamW(groups, lr=self.lr)
+        return optimizer_config(self, torch.optim.AdamW(groups, lr=self.lr), self.lr_schedule)

@@ -57,6 +57,7 @@ from components.training.balance import ClassWeight, loss_weight
 from components.training.data import TensorDictDataset, labels_tensor, loader
 from components.training.module import task_loss
 from components.training.probe import fit_probe
+from components.training.schedule import one_cycle
 from components.training.trainer import on_gpu, resolve_precision
 
 KIND = "fedkim"  # manifest kind of a saved injected model
@@ -531,6 +532,8 @@ def train_injected(
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     batches = loader(data, batch_size, shuffle=True, seed=seed,
                      group_by_length=trainer is not None and trainer.group_by_length)
+    schedule = (one_cycle(opt, epochs * len(batches)) if trainer is not None and trainer.lr_schedule == "one_cycle"
+                else None)
     metrics: dict[str, float] = {}
     best: tuple[float, int, dict[str, torch.Tensor], dict[str, float]] | None = None
     if val is not None and monitor is not None:  # the start is a candidate too: training must beat it on validation
@@ -551,6 +554,8 @@ def train_injected(
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
+                    if schedule is not None:
+                        schedule.step()
                     total += loss.detach() * len(batch["task_ids"])
                     seen += len(batch["task_ids"])
                 metrics = {"train_loss": float(total) / seen}

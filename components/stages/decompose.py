@@ -152,7 +152,7 @@ def _train(student: LoRKDStudent, kinds: dict[str, str], tasks: list[str], train
     weights = {t: loss_weight(kinds[t], train.labels[t], student.num_labels[t], tp.class_weight)
                for t in tasks}  # as probe and experts
     module = DecomposeModule(student, {t: kinds[t] for t in tasks}, dp.kd_weight, dp.temperature, tp.lr,
-                             tp.weight_decay, metric, loss_weights=weights)
+                             tp.weight_decay, metric, loss_weights=weights, lr_schedule=tp.lr_schedule)
     device = data_device(tp)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as root:

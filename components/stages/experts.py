@@ -101,7 +101,7 @@ def train_expert(task: str, inp: ExpertsInputs, data_dir: Path, foundation_dir: 
     head.requires_grad_(True)
     model = Classifier(encoder, head)
     module = ClassifierModule(model, train.kind, train.num_labels, lr, tp.weight_decay, metric,
-                              loss_weight(train.kind, y_tr, train.num_labels, tp.class_weight))
+                              loss_weight(train.kind, y_tr, train.num_labels, tp.class_weight), tp.lr_schedule)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as root, PeakMemory(data_device(tp).type) as memory:
         trainer = build_trainer(tp, Path(root), logger=logger, monitor=f"val_{metric}", checkpoint_dir=checkpoint_dir,

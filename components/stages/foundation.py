@@ -72,7 +72,7 @@ def pretrain_image_foundation(inp: FoundationInputs, data_dir: Path, out_dir: Pa
     weights = {n: loss_weight(t.kind, labels_tensor(t.labels, t.kind), t.num_labels, ip.trainer.class_weight)
                for n, t in train.items()}
     module = MultiTaskModule(model, list(train), {n: t.kind for n, t in train.items()}, ip.trainer.lr,
-                             ip.trainer.weight_decay, weights)
+                             ip.trainer.weight_decay, weights, ip.trainer.lr_schedule)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as root:
         trainer = build_trainer(ip.trainer, Path(root), logger=logger, monitor="val_loss", mode="min",

@@ -140,7 +140,8 @@ def run(inp: RoutingInputs, data_dir: Path, foundation_dir: Path, experts_dir: P
         train = _split(data_dir, tasks, "train", trainer_params.max_train_samples, seed, found.inputs)
         weights = {t: loss_weight(kinds[t], y, widths[t], trainer_params.class_weight) for t, (_, y, _) in
                    train.items()}
-        module = MultiTaskModule(model, tasks, kinds, trainer_params.lr, trainer_params.weight_decay, weights)
+        module = MultiTaskModule(model, tasks, kinds, trainer_params.lr, trainer_params.weight_decay, weights,
+                                 trainer_params.lr_schedule)
         device = data_device(trainer_params)
         mixed = {name: mixed_tasks({t: v[0] for t, v in split.items()}, {t: v[1] for t, v in split.items()}, kinds,
                                    widths).to(device) for name, split in (("train", train), ("val", val))}

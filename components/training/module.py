@@ -23,9 +23,11 @@ from torchmetrics.classification import (
 )
 from torchmetrics.utilities.data import dim_zero_cat
 
+from components.config.training import LrSchedule
 from components.core.errors import ArtifactError
 from components.metrics.classification import (PRIMARY_METRICS, _auroc_defined, confusion_counts, mcc_from_confusion,
                                                predictions)
+from components.training.schedule import optimizer_config
 
 
 def task_loss(kind: str, logits: torch.Tensor, labels: torch.Tensor,
@@ -222,11 +224,11 @@ class ClassifierModule(TrainableCheckpoint):
 
     def __init__(
         self, model: nn.Module, kind: str, num_labels: int, lr: float, weight_decay: float, metric: str,
-        loss_weight: torch.Tensor | None = None,
+        loss_weight: torch.Tensor | None = None, lr_schedule: LrSchedule = "constant",
     ) -> None:
         super().__init__()
         self.model, self.kind, self.num_labels = model, kind, num_labels
-        self.lr, self.weight_decay, self.metric = lr, weight_decay, metric
+        self.lr, self.weight_decay, self.metric, self.lr_schedule = lr, weight_decay, metric, lr_schedule
         self.loss_weight = loss_weight  # class balance of the training labels (components.training.balance)
         self.val_score = ValidationScore(kind, num_labels, metric)
 
@@ -257,7 +259,8 @@ class ClassifierModule(TrainableCheckpoint):
 
     def configure_optimizers(self) -> Any:
         params = [p for p in self.model.parameters() if p.requires_grad]
-        return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+        return optimizer_config(self, torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay),
+                                self.lr_schedule)
 
 
 def task_labels(labels: torch.Tensor, kind: str, width: int) -> torch.Tensor:
@@ -273,10 +276,11 @@ class MultiTaskModule(TrainableCheckpoint):
     """Mixed batches of several tasks: shared encoder features, each sample scored by its own head."""
 
     def __init__(self, model: nn.Module, task_names: list[str], kinds: dict[str, str], lr: float,
-                 weight_decay: float, loss_weights: Mapping[str, torch.Tensor | None] | None = None) -> None:
+                 weight_decay: float, loss_weights: Mapping[str, torch.Tensor | None] | None = None,
+                 lr_schedule: LrSchedule = "constant") -> None:
         super().__init__()
         self.model, self.task_names, self.kinds = model, task_names, kinds
-        self.lr, self.weight_decay = lr, weight_decay
+        self.lr, self.weight_decay, self.lr_schedule = lr, weight_decay, lr_schedule
         self.loss_weights = dict(loss_weights or {})  # per task, its class balance (components.training.balance)
 
     def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -301,4 +305,5 @@ class MultiTaskModule(TrainableCheckpoint):
         self.log("val_loss", self._loss(batch), on_epoch=True, batch_size=len(batch["labels"]))
 
     def configure_optimizers(self) -> Any:
-        return torch.optim.AdamW(self.model.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        return optimizer_config(self, torch.optim.AdamW(self.model.parameters(), lr=self.lr,
+                                                        weight_decay=self.weight_decay), self.lr_schedule)
