@@ -36,9 +36,10 @@ def data() -> TensorDictDataset:
     return TensorDictDataset({"x": x}, (x[:, 0] > 0).long())
 
 
-def module() -> ClassifierModule:
+def module(lr_schedule: str = "constant") -> ClassifierModule:
     torch.manual_seed(0)
-    return ClassifierModule(Classifier(Encoder(), nn.Linear(8, 2)), "binary", 2, 0.05, 0.0, "accuracy")
+    return ClassifierModule(Classifier(Encoder(), nn.Linear(8, 2)), "binary", 2, 0.05, 0.0, "accuracy",
+                            lr_schedule=lr_schedule)  # type: ignore[arg-type]
 
 
 class Killed(RuntimeError):
@@ -65,7 +66,7 @@ class Epochs(L.Callback):
 
 
 def fit(tp: TrainerParams, ckpt: Path | None, root: Path, extra: list[L.Callback]) -> tuple[L.Trainer, ClassifierModule]:
-    mod = module()
+    mod = module(tp.lr_schedule)
     trainer = build_trainer(tp, root, monitor="val_accuracy", checkpoint_dir=ckpt, progress=False)
     trainer.callbacks.extend(extra)
     ds = data()
@@ -91,6 +92,43 @@ def test_killed_run_resumes_from_its_last_epoch(tmp_path: Path) -> None:
     assert epochs.seen == [2, 3]  # resumed, not restarted
     assert trainer.global_step == 16
     assert resume_from(tmp_path / "nothing-here") is None
+
+
+class StepLrs(L.Callback):
+    """The learning rate each optimizer step ran with."""
+
+    def __init__(self) -> None:
+        self.lrs: list[float] = []
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: object, i: int) -> None:
+        self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+
+def test_one_cycle_schedule_warms_up_anneals_and_resumes_on_its_curve(tmp_path: Path) -> None:
+    tp = TrainerParams(max_epochs=4, accelerator="cpu", lr_schedule="one_cycle")
+    straight = StepLrs()
+    fit(tp, None, tmp_path / "a", [straight])
+    lrs = straight.lrs
+    assert len(lrs) == 16  # 4 epochs of 4 steps
+    peak = max(range(16), key=lambda i: lrs[i])
+    assert 0 < peak < 8 and lrs[peak] == pytest.approx(0.05, rel=0.05)  # warm-up to the configured lr, early
+    assert lrs[0] < 0.01 and lrs[-1] < 0.005  # starts low, anneals towards zero
+    assert all(a >= b for a, b in zip(lrs[peak:], lrs[peak + 1:]))  # then only decreases
+
+    killed, resumed = StepLrs(), StepLrs()  # killed at epoch 2 and resumed: the same curve, not a restart
+    with pytest.raises(Killed):
+        fit(tp, tmp_path / "ckpt", tmp_path / "b", [KillAt(2), killed])
+    fit(tp, tmp_path / "ckpt", tmp_path / "b", [resumed])
+    assert killed.lrs + resumed.lrs == pytest.approx(lrs)
+
+    constant = StepLrs()
+    fit(TrainerParams(max_epochs=2, accelerator="cpu"), None, tmp_path / "c", [constant])
+    assert constant.lrs == [0.05] * 8
+
+
+def test_an_unknown_lr_schedule_is_rejected_by_name() -> None:
+    with pytest.raises(ValueError, match="lr_schedule"):
+        TrainerParams(lr_schedule="cosine")  # type: ignore[arg-type]
 
 
 def test_a_run_that_stopped_early_stays_stopped_when_resumed(tmp_path: Path) -> None:
