@@ -29,7 +29,7 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--widths", type=int, nargs="+", default=[32, 64, 128, 256])
-    parser.add_argument("--tasks", nargs="*", default=["dermamnist"])
+    parser.add_argument("--tasks", nargs="+", default=["dermamnist"])
     parser.add_argument("--work", type=Path, help="folder for the splits and foundations (default: a temporary one)")
     args = parser.parse_args()
 
@@ -41,6 +41,11 @@ def main() -> None:
     from components.stages.data import prepare_data
     from components.stages.foundation import FoundationInputs, pretrain_image_foundation
 
+    known = load_params(ROOT / "params", "full").data.tasks
+    unknown = [t for t in args.tasks if t not in known or known[t].modality != "image"]
+    if unknown:
+        raise ParamsError(f"bench lr_schedule: {unknown} are not image tasks of params/data.yaml; known: "
+                          f"{sorted(t for t in known if known[t].modality == 'image')}")
     missing = sorted(set(args.tasks) - set(available(tuple(args.tasks))))
     if missing:
         raise ParamsError(f"bench lr_schedule: task(s) {missing} not found on disk (MEDEXPERTS_SHARED_DATA?)")

@@ -1046,6 +1046,28 @@ def image_foundation_section(result: dict) -> str:
             + markdown_table(rows, cols) + "\n")
 
 
+def lr_schedule_section(result: dict) -> str:
+    """The foundation stage's pre-training, constant step size vs one_cycle, pre-training heads on test."""
+    p, runs = result["params"], result["runs"]
+    rows = []
+    for task in p["tasks"]:
+        row = {"task": task}
+        for schedule, run in runs.items():
+            m = run["tasks"][task]["test"]
+            row[schedule] = f"{m['accuracy']:.3f} / {m['auroc']:.3f} / {m['macro_f1']:.3f}"
+        row["delta"] = f"{result['macro_f1_one_cycle_minus_constant'][task]:+.3f}"
+        rows.append(row)
+    cols = [("task", "task")] + [(s, f"{s}: ACC / AUC / macro-F1") for s in runs]
+    cols += [("delta", "macro-F1, one_cycle − constant")]
+    notes = "".join(f" Note: {n}." for n in result.get("notes", []))
+    params = next(iter(runs.values()))["parameters"]
+    return (f"{machine_line(result)}, from `bench/results/lr_schedule.json`: the foundation stage's pre-training of a "
+            f"ResNet of widths {p['widths']} ({params / 1e6:.2f}M parameters, GroupNorm), {p['epochs']} epochs, "
+            f"lr {p['trainer']['lr']}, batch {p['trainer']['batch_size']}, the same seed for both schedules, the "
+            f"checkpoint with the best validation loss; test, pre-training heads.{notes}\n\n"
+            + markdown_table(rows, cols) + "\n")
+
+
 def install_time_section(result: dict) -> str:
     """`make setup` on a fresh clone."""
     cache = result["params"]["pip_cache_mib_before"] or 0.0
@@ -1187,6 +1209,7 @@ def main() -> None:
                           ("text_padding", text_padding_section),
                           ("length_grouping", length_grouping_section),
                           ("image_foundation", image_foundation_section),
+                          ("lr_schedule", lr_schedule_section),
                           ("class_weight", class_weight_section),
                           ("experts_full_image", experts_full_image_section),
                           ("experts_full_text", experts_full_text_section),

@@ -14,6 +14,7 @@ from components.core.errors import ArtifactError
 from components.nn.classifier import Classifier
 from components.training.data import TensorDictDataset, loader
 from components.training.module import ClassifierModule
+from components.training.schedule import optimizer_config
 from components.training.trainer import LAST, build_trainer, data_device, resume_from
 
 
@@ -129,6 +130,9 @@ def test_one_cycle_schedule_warms_up_anneals_and_resumes_on_its_curve(tmp_path: 
 def test_an_unknown_lr_schedule_is_rejected_by_name() -> None:
     with pytest.raises(ValueError, match="lr_schedule"):
         TrainerParams(lr_schedule="cosine")  # type: ignore[arg-type]
+    mod = module()  # a module built directly, without params
+    with pytest.raises(ValueError, match="unknown lr_schedule 'cosine'"):
+        optimizer_config(mod, torch.optim.AdamW(mod.parameters()), "cosine")  # type: ignore[arg-type]
 
 
 def test_a_run_that_stopped_early_stays_stopped_when_resumed(tmp_path: Path) -> None:

@@ -20,7 +20,8 @@ class TrainerParams(Strict):
     batch_size: int = Field(32, ge=1, description="Samples per step (per device).")
     lr: float = Field(1e-3, gt=0, description="AdamW learning rate (one_cycle: the peak).")
     lr_schedule: LrSchedule = Field("constant", description="constant, or one_cycle: warm-up over the first 15 % of "
-                                    "the steps to lr, then cosine annealing to ~0 at max_epochs (torch's OneCycleLR).")
+                                    "the steps to lr, then cosine annealing to ~0 at max_epochs (torch's OneCycleLR); "
+                                    "with early_stopping_patience the run may stop before the annealing.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     accelerator: Literal["auto", "cpu", "gpu"] = Field("auto", description="Lightning accelerator.")
     devices: int | Literal["auto"] = Field(1, description="Devices per node (>1 or 'auto' with strategy ddp).")
