@@ -102,3 +102,16 @@ def tiny_bert(folder: Path) -> Path:
     for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
         shutil.copy(packaged / name, folder / name)
     return folder
+
+
+def parse_sets(parser: Any, items: list[str]) -> dict[str, Any]:
+    """``--set KEY=VALUE`` options (VALUE read as YAML) as params overrides; a malformed one is a usage error."""
+    import yaml
+
+    overrides = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            parser.error(f"--set {item!r}: expected KEY=VALUE")
+        overrides[key] = yaml.safe_load(value)
+    return overrides

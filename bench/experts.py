@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import ROOT, run_child, time_training_steps, write_result
+from bench.common import ROOT, parse_sets, run_child, time_training_steps, write_result
 
 METHODS = {"image": ["lora", "llora", "full"], "text": ["lora", "llora", "prompt", "full"]}
 STEP_CASES = {"image": [("lora", "auto"), ("llora", "frozen_a"), ("llora", "jvp"), ("full", "auto")],
@@ -185,14 +185,7 @@ def main() -> None:
         Path(out).write_text(json.dumps(result))
         return
 
-    import yaml
-
-    overrides = {}
-    for item in args.overrides:
-        key, sep, value = item.partition("=")
-        if not sep:
-            parser.error(f"--set {item!r}: expected KEY=VALUE")
-        overrides[key] = yaml.safe_load(value)
+    overrides = parse_sets(parser, args.overrides)
     tasks = args.tasks or available_tasks(args.profile)
     work = (args.work or Path(tempfile.mkdtemp(prefix="medexperts-bench-experts-"))).resolve()
     if not (work / "data" / "manifest.json").is_file():  # a rerun on the same --work reuses data and foundation

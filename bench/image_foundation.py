@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import ROOT, write_result
+from bench.common import ROOT, parse_sets, write_result
 
 IMAGE_TASKS = ("pneumoniamnist", "breastmnist", "retinamnist", "dermamnist")
 # MedMNIST v2 (Yang et al., Scientific Data 2023), ResNet-18 (28): test ACC, AUC.
@@ -94,6 +94,10 @@ def main() -> None:
     parser.add_argument("--cnn-seeds", type=int, default=1, help="seeds of the small-CNN baseline")
     parser.add_argument("--cnn-epochs", type=int, default=15)
     parser.add_argument("--no-baselines", action="store_true")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                        help="a param changed for every arch's pre-training (YAML value), e.g. "
+                             "foundation.image.trainer.class_weight=none; recorded in the result")
+    parser.add_argument("--result", default="image_foundation", help="results file name (bench/results/NAME.json)")
     args = parser.parse_args()
 
     import torch
@@ -107,7 +111,8 @@ def main() -> None:
     tasks = args.tasks or available(IMAGE_TASKS)
     work = (args.work or Path(tempfile.mkdtemp(prefix="medexperts-bench-imagefound-"))).resolve()
     t0 = time.perf_counter()
-    base = {"data.active": tasks, "foundation.image.trainer.max_epochs": args.epochs}
+    overrides = parse_sets(parser, args.overrides)
+    base = {"data.active": tasks, "foundation.image.trainer.max_epochs": args.epochs, **overrides}
     params = load_params(ROOT / "params", "full", {**base, **ARCHS["resnet18"]})
     if not (work / "data" / "manifest.json").is_file():
         prepare_data(params.data, ROOT, work / "data", seed=params.pipeline.seed)
@@ -131,8 +136,8 @@ def main() -> None:
         for task in tasks:
             baselines[task] = run_task(work / "data", task, None, params.pipeline.seed, args.cnn_seeds,
                                        args.cnn_epochs)["expert_rows"]
-    write_result("image_foundation", {
-        "params": {"epochs": args.epochs, "tasks": tasks, "seed": params.pipeline.seed, "archs": args.archs,
+    write_result(args.result, {
+        "params": {"epochs": args.epochs, "overrides": overrides, "tasks": tasks, "seed": params.pipeline.seed, "archs": args.archs,
                    "cnn_seeds": args.cnn_seeds, "cnn_epochs": args.cnn_epochs, "torch_threads": torch.get_num_threads(),
                    "selection": "checkpoint with the best validation loss; baselines by validation macro-F1"},
         "archs": archs, "baselines": baselines,
