@@ -1051,19 +1051,21 @@ def lr_schedule_section(result: dict) -> str:
     p, runs = result["params"], result["runs"]
     rows = []
     for task in p["tasks"]:
-        row = {"task": task}
-        for schedule, run in runs.items():
-            m = run["tasks"][task]["test"]
-            row[schedule] = f"{m['accuracy']:.3f} / {m['auroc']:.3f} / {m['macro_f1']:.3f}"
-        row["delta"] = f"{result['macro_f1_one_cycle_minus_constant'][task]:+.3f}"
-        rows.append(row)
-    cols = [("task", "task")] + [(s, f"{s}: ACC / AUC / macro-F1") for s in runs]
+        for cw in p["class_weights"]:
+            row = {"task": task, "loss": "class-balanced" if cw == "balanced" else "plain cross-entropy"}
+            for schedule in p["schedules"]:
+                m = runs[f"{cw}/{schedule}"]["tasks"][task]["test"]
+                row[schedule] = f"{m['accuracy']:.3f} / {m['auroc']:.3f} / {m['macro_f1']:.3f}"
+            row["delta"] = f"{result['macro_f1_one_cycle_minus_constant'][cw][task]:+.3f}"
+            rows.append(row)
+    cols = [("task", "task"), ("loss", "pre-training loss")] + [(s, f"{s}: ACC / AUC / macro-F1")
+                                                                for s in p["schedules"]]
     cols += [("delta", "macro-F1, one_cycle − constant")]
     notes = "".join(f" Note: {n}." for n in result.get("notes", []))
     params = next(iter(runs.values()))["parameters"]
     return (f"{machine_line(result)}, from `bench/results/lr_schedule.json`: the foundation stage's pre-training of a "
             f"ResNet of widths {p['widths']} ({params / 1e6:.2f}M parameters, GroupNorm), {p['epochs']} epochs, "
-            f"lr {p['trainer']['lr']}, batch {p['trainer']['batch_size']}, the same seed for both schedules, the "
+            f"lr {p['trainer']['lr']}, batch {p['trainer']['batch_size']}, the same seed for every run, the "
             f"checkpoint with the best validation loss; test, pre-training heads.{notes}\n\n"
             + markdown_table(rows, cols) + "\n")
 
