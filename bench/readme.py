@@ -1018,9 +1018,20 @@ def length_grouping_section(result: dict) -> str:
             f"sd over the seeds), {machine_line(result)}, from `bench/results/length_grouping.json`:\n\n{table}\n")
 
 
+IMAGE_FOUNDATION_VARIANTS = ("image_foundation_plain",)  # `bench image_foundation --set ... --result NAME` files
+
+
 def image_foundation_section(result: dict) -> str:
-    """Compact CNN vs ResNet-18 foundations (their own pre-training heads) beside baselines and MedMNIST v2."""
-    archs, anchors = result["archs"], result["anchors"]["tasks"]
+    """Compact CNN vs ResNet-18 foundations (their own pre-training heads) beside baselines and MedMNIST v2; a
+    variant's archs (another pre-training setting, same splits) as extra columns named by their overrides."""
+    archs, anchors = dict(result["archs"]), result["anchors"]["tasks"]
+    variants = []
+    for name in IMAGE_FOUNDATION_VARIANTS:
+        if v := committed(name):
+            changed = ", ".join(f"{k.rsplit('.', 1)[-1]}={val}" for k, val in v["params"].get("overrides", {}).items())
+            for arch, a in v["archs"].items():
+                archs[f"{arch}, {changed}"] = a
+            variants.append(f"`{name}.json` (commit {v['machine']['git_commit'][:8]}: {changed})")
     rows = []
     for task in result["params"]["tasks"]:
         row = {"task": task}
@@ -1040,9 +1051,10 @@ def image_foundation_section(result: dict) -> str:
     times = ", ".join(f"{arch} {a['train_seconds'] / 60:.0f} min" for arch, a in archs.items())
     p = result["params"]
     notes = "".join(f" Note: {n}." for n in result.get("notes", []))
+    also = f" Extra column(s) from {'; '.join(variants)}, same splits and epochs." if variants else ""
     return (f"{machine_line(result)}, from `bench/results/image_foundation.json`: each foundation pre-trained "
             f"multi-task on the {len(p['tasks'])} tasks' whole training splits for {p['epochs']} epochs (pre-training "
-            f"time: {times}), scored on test with its own pre-training heads.{notes}\n\n"
+            f"time: {times}), scored on test with its own pre-training heads.{also}{notes}\n\n"
             + markdown_table(rows, cols) + "\n")
 
 
@@ -1098,8 +1110,10 @@ def _changed(params: dict) -> str:
     return ", ".join(f"`{k}={v}`" for k, v in (params.get("overrides") or {}).items()) or "none"
 
 
-def experts_full_image_section(result: dict) -> str:
-    """Image experts on the ResNet-18 foundation beside the probe, the strongest simple baseline and the anchor."""
+def experts_full_image_section(result: dict, name: str = "experts_full_image",
+                               foundation: str = "image_foundation") -> str:
+    """Image experts on the ResNet-18 foundation beside the probe, the strongest simple baseline and the anchor
+    (``foundation``: the results file of the `bench image_foundation` run that pre-trained it)."""
     found = json.loads((RESULTS / "image_foundation.json").read_text()) if (RESULTS / "image_foundation.json").is_file() \
         else {"baselines": {}, "anchors": {}}
     rows = []
@@ -1120,10 +1134,48 @@ def experts_full_image_section(result: dict) -> str:
     p = result["params"]
     image = p.get("image_foundation") or {}
     return (f"Profile `{p['profile']}` (changed for 2 CPU cores: {_changed(p)}), {machine_line(result)}, from "
-            f"`bench/results/experts_full_image.json`: the experts stage's own training on the image foundation "
-            f"`{image.get('arch', '?')}` (widths {image.get('widths', '?')}) that `bench image_foundation` pre-trained, "
+            f"`bench/results/{name}.json`: the experts stage's own training on the image foundation "
+            f"`{image.get('arch', '?')}` (widths {image.get('widths', '?')}) that `bench image_foundation` pre-trained "
+            f"(`bench/results/{foundation}.json`), "
             f"every training row; test. Baselines (hyper-parameters and class weighting picked on validation) from "
             f"`bench/results/image_foundation.json`, same splits.\n\n{table}\n")
+
+
+# (experts results, the image_foundation results of the foundation they trained on, what that pre-training was)
+IMAGE_RECIPES = (("experts_full_image_constant", "image_foundation_constant", "constant lr, plain cross-entropy"),
+                 ("experts_full_image", "image_foundation", "one_cycle, class-balanced"),
+                 ("experts_full_image_plain", "image_foundation_plain", "one_cycle, plain cross-entropy"),
+                 ("experts_full_image_plain_onecycle", "image_foundation_plain",
+                  "one_cycle, plain cross-entropy; experts one_cycle too"))
+
+
+def image_recipes_section() -> str:
+    """Test macro-F1 of the image LoRA experts, their probes and the foundation's own heads, per pre-training
+    recipe of the ResNet-18 foundation, beside the strongest simple baseline."""
+    recipes = [(label, committed(e), committed(f)) for e, f, label in IMAGE_RECIPES if committed(e) and committed(f)]
+    if not recipes:
+        return "No results yet.\n"
+    tasks = [r["task"] for r in recipes[0][1]["runs"]]
+    rows = []
+    for task in tasks:
+        b = committed("image_foundation").get("baselines", {}).get(task)  # every training row, as the experts
+        row = {"task": task + (" (JPEG copy)" if task == "dermamnist" else ""), "base": strongest_of(b) if b else "—"}
+        for i, (_, experts, found) in enumerate(recipes):
+            run = next((r for r in experts["runs"] if r["task"] == task), None)
+            head = found["archs"].get("resnet18", {}).get("tasks", {}).get(task, {}).get("test", {}).get("macro_f1")
+            if run:
+                row[str(i)] = (f"{run['test']['macro_f1']:.3f} / {run['probe_test']['macro_f1']:.3f} / "
+                               + (f"{head:.3f}" if head is not None else "—"))
+        rows.append(row)
+    cols = [("task", "task")] + [(str(i), f"{label}: expert / probe / head") for i, (label, _, _) in
+                                 enumerate(recipes)]
+    cols += [("base", "strongest simple baseline, same split")]
+    sources = "; ".join(f"{label}: `{e}.json` ({committed(e)['machine']['git_commit'][:8]}) on `{f}.json` "
+                        f"({committed(f)['machine']['git_commit'][:8]})" for e, f, label in IMAGE_RECIPES
+                        if committed(e) and committed(f))
+    return (f"Test macro-F1 of the LoRA expert, its probe and the foundation's own pre-training head, per ResNet-18 "
+            f"pre-training recipe (10 pre-training epochs, 10 expert epochs, same splits). Sources: {sources}.\n\n"
+            + markdown_table(rows, cols) + "\n")
 
 
 def experts_full_text_section(result: dict) -> str:
@@ -1195,6 +1247,7 @@ def main() -> None:
     readme = ROOT / "README.md"
     text = readme.read_text()
     text = replace(text, "methods", methods_section())
+    text = replace(text, "image_recipes", image_recipes_section())
     path = RESULTS / "pipeline.json"
     if path.is_file():
         text = replace(text, "pipeline", pipeline_section(json.loads(path.read_text())))
@@ -1214,6 +1267,11 @@ def main() -> None:
                           ("lr_schedule", lr_schedule_section),
                           ("class_weight", class_weight_section),
                           ("experts_full_image", experts_full_image_section),
+                          ("experts_full_image_plain",
+                           lambda r: experts_full_image_section(r, "experts_full_image_plain", "image_foundation_plain")),
+                          ("experts_full_image_plain_onecycle",
+                           lambda r: experts_full_image_section(r, "experts_full_image_plain_onecycle",
+                                                                "image_foundation_plain")),
                           ("experts_full_text", experts_full_text_section),
                           ("decompose_full_image", decompose_section),
                           ("baselines_full", baselines_all_data_section),
