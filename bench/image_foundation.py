@@ -137,7 +137,8 @@ def main() -> None:
             baselines[task] = run_task(work / "data", task, None, params.pipeline.seed, args.cnn_seeds,
                                        args.cnn_epochs)["expert_rows"]
     write_result(args.result, {
-        "params": {"epochs": args.epochs, "overrides": overrides, "tasks": tasks, "seed": params.pipeline.seed, "archs": args.archs,
+        "params": {"epochs": args.epochs,
+                   "overrides": overrides, "tasks": tasks, "seed": params.pipeline.seed, "archs": args.archs,
                    "cnn_seeds": args.cnn_seeds, "cnn_epochs": args.cnn_epochs, "torch_threads": torch.get_num_threads(),
                    "selection": "checkpoint with the best validation loss; baselines by validation macro-F1"},
         "archs": archs, "baselines": baselines,
