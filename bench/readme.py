@@ -1049,11 +1049,14 @@ def image_foundation_section(result: dict) -> str:
                                  for arch in archs]
     cols += [("baseline", "strongest simple baseline, same split"), ("anchor", "MedMNIST v2 ResNet-18 (28) ACC / AUC")]
     times = ", ".join(f"{arch} {a['train_seconds'] / 60:.0f} min" for arch, a in archs.items())
+    tr = next(iter(result["archs"].values()))["trainer"]
+    how = (f" ({tr.get('lr_schedule', 'constant')} lr schedule, "
+           f"{'plain cross-entropy' if tr.get('class_weight', 'none') == 'none' else 'class-balanced loss'})")
     p = result["params"]
     notes = "".join(f" Note: {n}." for n in result.get("notes", []))
     also = f" Extra column(s) from {'; '.join(variants)}, same splits and epochs." if variants else ""
     return (f"{machine_line(result)}, from `bench/results/image_foundation.json`: each foundation pre-trained "
-            f"multi-task on the {len(p['tasks'])} tasks' whole training splits for {p['epochs']} epochs (pre-training "
+            f"multi-task on the {len(p['tasks'])} tasks' whole training splits for {p['epochs']} epochs{how} (pre-training "
             f"time: {times}), scored on test with its own pre-training heads.{also}{notes}\n\n"
             + markdown_table(rows, cols) + "\n")
 
