@@ -2,7 +2,7 @@
 [--widths 32 64 128 256] [--tasks dermamnist]` -> bench/results/lr_schedule.json
 
 The foundation stage's own pre-training (`pretrain_image_foundation`: the full profile's trainer settings, AdamW at
-lr 0.002, class-balanced loss, the checkpoint with the best validation loss kept), once per
+lr 0.002, the checkpoint with the best validation loss kept), once per
 `foundation.image.trainer.lr_schedule` (constant, one_cycle) and per loss (`class_weight`: balanced, the
 default, and none: plain cross-entropy), same seed, same data, same epochs, on a narrower
 ResNet than ResNet-18 (`--widths`, two blocks per stage, GroupNorm as in the foundation) so the comparison takes
