@@ -1155,7 +1155,8 @@ IMAGE_RECIPES = (("experts_full_image_constant", "image_foundation_constant", "c
 def image_recipes_section() -> str:
     """Test macro-F1 of the image LoRA experts, their probes and the foundation's own heads, per pre-training
     recipe of the ResNet-18 foundation, beside the strongest simple baseline."""
-    recipes = [(label, committed(e), committed(f)) for e, f, label in IMAGE_RECIPES if committed(e) and committed(f)]
+    loaded = [(e, f, label, committed(e), committed(f)) for e, f, label in IMAGE_RECIPES]
+    recipes = [(label, experts, found) for _, _, label, experts, found in loaded if experts and found]
     if not recipes:
         return "No results yet.\n"
     tasks = [r["task"] for r in recipes[0][1]["runs"]]
@@ -1173,9 +1174,9 @@ def image_recipes_section() -> str:
     cols = [("task", "task")] + [(str(i), f"{label}: expert / probe / head") for i, (label, _, _) in
                                  enumerate(recipes)]
     cols += [("base", "strongest simple baseline, same split")]
-    sources = "; ".join(f"{label}: `{e}.json` ({committed(e)['machine']['git_commit'][:8]}) on `{f}.json` "
-                        f"({committed(f)['machine']['git_commit'][:8]})" for e, f, label in IMAGE_RECIPES
-                        if committed(e) and committed(f))
+    sources = "; ".join(f"{label}: `{e}.json` ({experts['machine']['git_commit'][:8]}) on `{f}.json` "
+                        f"({found['machine']['git_commit'][:8]})" for e, f, label, experts, found in loaded
+                        if experts and found)
     return (f"Test macro-F1 of the LoRA expert, its probe and the foundation's own pre-training head, per ResNet-18 "
             f"pre-training recipe (10 pre-training epochs, 10 expert epochs, same splits). Sources: {sources}.\n\n"
             + markdown_table(rows, cols) + "\n")
