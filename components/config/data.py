@@ -28,6 +28,11 @@ class TaskSpec(Strict):
     label_names: list[str] = Field(min_length=2, description="Class names, in label-index order.")
     description: str = Field("", description="One sentence saying what the task asks.")
     split: SplitSpec = Field(description="How train/val/test are obtained.")
+    augment: list[Literal["hflip", "vflip", "rot90"]] = Field(
+        default_factory=list, description="Image tasks: label-preserving random transforms of the foundation's and "
+        "the experts' training batches (each row its own draw; components/training/augment.py): hflip, vflip, rot90 "
+        "(a random quarter turn; square images). Only what keeps the label: a skin lesion has no up or down, an "
+        "ultrasound has depth. LoRKD distils from teacher logits of the untransformed images, so it does not augment.")
     optional: bool = Field(False, description="Licence-restricted: read from its path, never shipped.")
     text_column: str | None = Field(None, description="table: column holding the text.")
     label_column: str | None = Field(None, description="table: column holding the label.")
@@ -58,6 +63,8 @@ class TaskSpec(Strict):
             raise ValueError("label_values must list one raw value per entry of label_names")
         if self.kind == "binary" and len(self.label_names) != 2:
             raise ValueError("kind 'binary' needs exactly 2 label_names")
+        if self.augment and self.modality != "image":
+            raise ValueError(f"augment {self.augment} applies to image tasks; this task is {self.modality}")
         return self
 
 

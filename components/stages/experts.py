@@ -26,6 +26,7 @@ from components.experts.io import save_expert
 from components.experts.lora import lora_targets
 from components.experts.methods import get_method
 from components.bundle.format import TaskHead, image_input, save_bundle
+from components.training.augment import task_augment
 from components.training.balance import loss_weight
 from components.training.multilabel import best_thresholds, fold_thresholds
 from components.training.probe import fit_probe
@@ -109,7 +110,8 @@ def train_expert(task: str, inp: ExpertsInputs, data_dir: Path, foundation_dir: 
         device = data_device(tp)
         trainer.fit(
             module,
-            loader(TensorDictDataset(x_tr, y_tr).to(device), tp.batch_size, shuffle=True, seed=seed,
+            loader(TensorDictDataset(x_tr, y_tr, augment=task_augment([spec.augment], seed)).to(device),
+                   tp.batch_size, shuffle=True, seed=seed,
                    group_by_length=tp.group_by_length),
             loader(TensorDictDataset(x_va, y_va).to(device), tp.batch_size * 2, shuffle=False),
             ckpt_path=resume_from(checkpoint_dir),

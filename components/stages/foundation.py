@@ -21,6 +21,7 @@ from components.data.datasets import TaskData, load_split
 from components.nn.encoders import image_tensor
 from components.nn.foundation import describe_text_foundation, new_image_model, save_image_foundation
 from components.stages.base import StageSummary, TaskInputs, param
+from components.training.augment import ImageAugment, task_augment
 from components.training.balance import loss_weight
 from components.training.data import TensorDictDataset, labels_tensor, loader
 from components.training.module import MultiTaskModule
@@ -45,14 +46,14 @@ class FoundationSummary(StageSummary):
     image: FoundationInfo | None = None
 
 
-def _mixed(tasks: dict[str, TaskData]) -> TensorDictDataset:
+def _mixed(tasks: dict[str, TaskData], augment: ImageAugment | None = None) -> TensorDictDataset:
     shapes = {n: tuple(t.inputs.shape[1:3]) for n, t in tasks.items()}
     if len(set(shapes.values())) > 1:
         raise DataError(f"image pre-training needs one image size; the active image tasks have {shapes}")
     pixels = torch.cat([image_tensor(t.inputs)["pixels"] for t in tasks.values()])
     labels = torch.cat([torch.as_tensor(t.labels).long() for t in tasks.values()])
     ids = torch.cat([torch.full((len(t),), i, dtype=torch.long) for i, t in enumerate(tasks.values())])
-    return TensorDictDataset({"pixels": pixels}, labels, ids)
+    return TensorDictDataset({"pixels": pixels}, labels, ids, augment)
 
 
 def pretrain_image_foundation(inp: FoundationInputs, data_dir: Path, out_dir: Path, logger: Any = False,
@@ -78,7 +79,8 @@ def pretrain_image_foundation(inp: FoundationInputs, data_dir: Path, out_dir: Pa
         trainer = build_trainer(ip.trainer, Path(root), logger=logger, monitor="val_loss", mode="min",
                                 checkpoint_dir=checkpoint_dir, label="[foundation] image pre-training")
         device = data_device(ip.trainer)
-        trainer.fit(module, loader(_mixed(train).to(device), ip.trainer.batch_size, shuffle=True, seed=seed),
+        augment = task_augment([specs[n].augment for n in train], seed)
+        trainer.fit(module, loader(_mixed(train, augment).to(device), ip.trainer.batch_size, shuffle=True, seed=seed),
                     loader(_mixed(val).to(device), 256, shuffle=False), ckpt_path=resume_from(checkpoint_dir))
     model.cpu()
     seconds = time.perf_counter() - t0

@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler
 
 
 class TensorDictDataset(Dataset):
-    """Rows of a dict of equally long tensors, plus labels and (optionally) a task index."""
+    """Rows of a dict of equally long tensors, plus labels and (optionally) a task index.
 
-    def __init__(self, inputs: dict[str, torch.Tensor], labels: torch.Tensor, task_ids: torch.Tensor | None = None):
+    ``augment`` (training sets only): applied to every batch ``__getitems__`` builds, e.g.
+    ``components.training.augment.ImageAugment``."""
+
+    def __init__(self, inputs: dict[str, torch.Tensor], labels: torch.Tensor, task_ids: torch.Tensor | None = None,
+                 augment: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None):
         n = len(labels)
         for name, t in inputs.items():
             if len(t) != n:
                 raise ValueError(f"input {name!r} has {len(t)} rows; labels have {n}")
-        self.inputs, self.labels, self.task_ids = inputs, labels, task_ids
+        self.inputs, self.labels, self.task_ids, self.augment = inputs, labels, task_ids, augment
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -24,7 +28,8 @@ class TensorDictDataset(Dataset):
     def to(self, device: torch.device) -> "TensorDictDataset":
         """The same rows on ``device`` (moved once; batches are then sliced there)."""
         ids = None if self.task_ids is None else self.task_ids.to(device)
-        return TensorDictDataset({k: v.to(device) for k, v in self.inputs.items()}, self.labels.to(device), ids)
+        return TensorDictDataset({k: v.to(device) for k, v in self.inputs.items()}, self.labels.to(device), ids,
+                                 self.augment)
 
     def __getitems__(self, indices: list[int]) -> dict[str, torch.Tensor]:
         """A whole batch by one index operation per tensor (DataLoader uses this instead of per-row stacking)."""
@@ -33,7 +38,7 @@ class TensorDictDataset(Dataset):
         batch["labels"] = self.labels[idx]
         if self.task_ids is not None:
             batch["task_ids"] = self.task_ids[idx]
-        return batch
+        return self.augment(batch) if self.augment is not None else batch
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         row = {k: v[i] for k, v in self.inputs.items()}
