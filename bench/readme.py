@@ -1018,7 +1018,7 @@ def length_grouping_section(result: dict) -> str:
             f"sd over the seeds), {machine_line(result)}, from `bench/results/length_grouping.json`:\n\n{table}\n")
 
 
-IMAGE_FOUNDATION_VARIANTS = ("image_foundation_plain",)  # `bench image_foundation --set ... --result NAME` files
+IMAGE_FOUNDATION_VARIANTS = ("image_foundation_plain", "image_foundation_plain_augment")  # `bench image_foundation --set ... --result NAME` files
 
 
 def image_foundation_section(result: dict) -> str:
@@ -1028,7 +1028,9 @@ def image_foundation_section(result: dict) -> str:
     variants = []
     for name in IMAGE_FOUNDATION_VARIANTS:
         if v := committed(name):
-            changed = ", ".join(f"{k.rsplit('.', 1)[-1]}={val}" for k, val in v["params"].get("overrides", {}).items())
+            changed = ", ".join(f"{'.'.join(k.split('.')[-2:]) if k.startswith('data.') else k.rsplit('.', 1)[-1]}="
+                                f"{'+'.join(val) if isinstance(val, list) else val}"
+                                for k, val in v["params"].get("overrides", {}).items())
             for arch, a in v["archs"].items():
                 archs[f"{arch}, {changed}"] = a
             variants.append(f"`{name}.json` (commit {v['machine']['git_commit'][:8]}: {changed})")
@@ -1145,17 +1147,35 @@ def experts_full_image_section(result: dict, name: str = "experts_full_image",
 
 
 # (experts results, the image_foundation results of the foundation they trained on, what that pre-training was)
+# (experts results file(s), the foundation's results file, label): the files of one recipe are read together (the
+# small tasks and DermaMNIST may come from separate `bench experts` runs on the same foundation)
 IMAGE_RECIPES = (("experts_full_image_constant", "image_foundation_constant", "constant lr, plain cross-entropy"),
                  ("experts_full_image", "image_foundation", "one_cycle, class-balanced"),
                  ("experts_full_image_plain", "image_foundation_plain", "one_cycle, plain cross-entropy"),
                  ("experts_full_image_plain_onecycle", "image_foundation_plain",
-                  "one_cycle, plain cross-entropy; experts one_cycle too"))
+                  "one_cycle, plain cross-entropy; experts one_cycle too"),
+                 (("experts_full_image_plain_augment", "experts_derma_augment_pretrained"),
+                  "image_foundation_plain_augment", "one_cycle, plain cross-entropy; DermaMNIST augmented"))
+
+
+def _recipe_experts(names: str | tuple[str, ...]) -> dict:
+    """One recipe's expert runs: the named results files' runs together (each task once), the first file's
+    machine; {} while any file is missing."""
+    results = [committed(n) for n in ((names,) if isinstance(names, str) else names)]
+    if not all(results):
+        return {}
+    runs = [r for res in results for r in res["runs"]]
+    tasks = [r["task"] for r in runs]
+    if len(set(tasks)) != len(tasks):
+        raise SystemExit(f"image recipe {names}: a task appears in more than one file ({tasks})")
+    commits = sorted({res["machine"]["git_commit"][:8] for res in results})
+    return {"runs": runs, "machine": {"git_commit": "/".join(commits)}}
 
 
 def image_recipes_section() -> str:
     """Test macro-F1 of the image LoRA experts, their probes and the foundation's own heads, per pre-training
     recipe of the ResNet-18 foundation, beside the strongest simple baseline."""
-    loaded = [(e, f, label, committed(e), committed(f)) for e, f, label in IMAGE_RECIPES]
+    loaded = [(e, f, label, _recipe_experts(e), committed(f)) for e, f, label in IMAGE_RECIPES]
     recipes = [(label, experts, found) for _, _, label, experts, found in loaded if experts and found]
     if not recipes:
         return "No results yet.\n"
@@ -1174,12 +1194,70 @@ def image_recipes_section() -> str:
     cols = [("task", "task")] + [(str(i), f"{label}: expert / probe / head") for i, (label, _, _) in
                                  enumerate(recipes)]
     cols += [("base", "strongest simple baseline, same split")]
-    sources = "; ".join(f"{label}: `{e}.json` ({experts['machine']['git_commit'][:8]}) on `{f}.json` "
-                        f"({found['machine']['git_commit'][:8]})" for e, f, label, experts, found in loaded
-                        if experts and found)
+    sources = "; ".join(f"{label}: {' + '.join(f'`{n}.json`' for n in ((e,) if isinstance(e, str) else e))} "
+                        f"({experts['machine']['git_commit']}) on `{f}.json` ({found['machine']['git_commit'][:8]})"
+                        for e, f, label, experts, found in loaded if experts and found)
     return (f"Test macro-F1 of the LoRA expert, its probe and the foundation's own pre-training head, per ResNet-18 "
             f"pre-training recipe (10 pre-training epochs, 10 expert epochs, same splits). Sources: {sources}.\n\n"
             + markdown_table(rows, cols) + "\n")
+
+
+# DermaMNIST's LoRA expert under each change tried: (results file, the image foundation it trained on). The full run's
+# foundation is `bench pipeline --profile full`'s (constant lr, early-stopped at epoch 14); the others are
+# `bench image_foundation`'s 10-epoch ResNet-18s.
+DERMA_RUNS = (("experts_derma_unweighted", "the full run's (constant lr, plain cross-entropy)"),
+              ("experts_derma_augment_fullrun", "the full run's (constant lr, plain cross-entropy)"),
+              ("experts_full_image_constant", "`image_foundation_constant` (constant lr, plain cross-entropy)"),
+              ("experts_full_image", "`image_foundation` (one_cycle, class-balanced)"),
+              ("experts_full_image_plain", "`image_foundation_plain` (one_cycle, plain cross-entropy)"),
+              ("experts_full_image_plain_onecycle", "`image_foundation_plain` (one_cycle, plain cross-entropy)"),
+              ("experts_derma_rank32", "`image_foundation_plain` (one_cycle, plain cross-entropy)"),
+              ("experts_derma_augment", "`image_foundation_plain` (one_cycle, plain cross-entropy)"),
+              ("experts_derma_augment_pretrained", "`image_foundation_plain_augment` (one_cycle, plain "
+               "cross-entropy, DermaMNIST augmented in pre-training)"))
+_DERMA_CHANGES = {"experts.trainer.image.max_epochs": None, "experts.trainer.image.class_weight": "plain cross-entropy",
+                  "experts.trainer.image.lr_schedule": "one_cycle", "experts.lora.rank": "rank {}",
+                  "experts.lora.alpha": None, "data.tasks.dermamnist.augment": "augmented ({})"}
+
+
+def derma_section() -> str:
+    """DermaMNIST's LoRA expert (test) under each foundation and expert change tried, beside the full run's expert
+    and the small CNN baseline on the same split."""
+    rows = []
+    full = committed("pipeline_full").get("tasks", {}).get("dermamnist")
+    if full:
+        m = full["metrics"]["expert"]
+        rows.append({"file": "`pipeline_full`", "foundation": "the full run's (constant lr, plain cross-entropy)",
+                     "change": "the full profile's expert (30 epochs, early stopping)",
+                     "test": f"{m['accuracy']:.3f} / {m['auroc']:.3f} / {m['macro_f1']:.3f}", "val": "",
+                     "commit": committed("pipeline_full")["machine"]["git_commit"][:8]})
+    for name, foundation in DERMA_RUNS:
+        result = committed(name)
+        run = next((r for r in result.get("runs", []) if r["task"] == "dermamnist"), None)
+        if run is None:
+            continue
+        over = result["params"].get("overrides", {})
+        epochs = over.get("experts.trainer.image.max_epochs")
+        changes = [v.format(", ".join(over[k]) if isinstance(over[k], list) else over[k])
+                   for k, v in _DERMA_CHANGES.items() if v and k in over]
+        unknown = sorted(set(over) - set(_DERMA_CHANGES))
+        if unknown:
+            raise SystemExit(f"bench/results/{name}.json: derma_section cannot name the change(s) {unknown}")
+        t = run["test"]
+        rows.append({"file": f"`{name}`", "foundation": foundation,
+                     "change": (", ".join(changes) or "none (rank 8, class-balanced)")
+                     + (f"; {epochs} epochs" if epochs else ""),
+                     "test": f"{t['accuracy']:.3f} / {t['auroc']:.3f} / {t['macro_f1']:.3f}",
+                     "val": f"{run['val']['macro_f1']:.3f}", "commit": result["machine"]["git_commit"][:8]})
+    if not rows:
+        return "No results yet.\n"
+    cnn = committed("baselines_full").get("tasks", {}).get("dermamnist", {}).get("expert_rows", {}).get("small_cnn")
+    base = (f"Small CNN on the same split (`baselines_full`, {cnn['choice']['seeds']} seeds): test macro-F1 "
+            f"{cnn['test']['macro_f1']:.3f} (median; {cnn['test_macro_f1_min']:.3f}-{cnn['test_macro_f1_max']:.3f}), "
+            f"validation {cnn['val_macro_f1']:.3f}. " if cnn else "")
+    cols = [("file", "bench/results"), ("foundation", "image foundation"), ("change", "LoRA expert: change"),
+            ("test", "test ACC / AUC / macro-F1"), ("val", "val macro-F1"), ("commit", "commit")]
+    return (f"DermaMNIST (the JPEG-75 copy) LoRA experts, one seed each. {base}\n\n" + markdown_table(rows, cols) + "\n")
 
 
 def experts_full_text_section(result: dict) -> str:
@@ -1252,6 +1330,7 @@ def main() -> None:
     text = readme.read_text()
     text = replace(text, "methods", methods_section())
     text = replace(text, "image_recipes", image_recipes_section())
+    text = replace(text, "derma", derma_section())
     path = RESULTS / "pipeline.json"
     if path.is_file():
         text = replace(text, "pipeline", pipeline_section(json.loads(path.read_text())))
