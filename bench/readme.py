@@ -1214,6 +1214,8 @@ DERMA_RUNS = (("experts_derma_unweighted", "the full run's (constant lr, plain c
               ("experts_derma_rank32", "`image_foundation_plain` (one_cycle, plain cross-entropy)"),
               ("experts_derma_augment", "`image_foundation_plain` (one_cycle, plain cross-entropy)"),
               ("experts_derma_augment_pretrained", "`image_foundation_plain_augment` (one_cycle, plain "
+               "cross-entropy, DermaMNIST augmented in pre-training)"),
+              ("experts_derma_augment_pretrained_only", "`image_foundation_plain_augment` (one_cycle, plain "
                "cross-entropy, DermaMNIST augmented in pre-training)"))
 _DERMA_CHANGES = {"experts.trainer.image.max_epochs": None, "experts.trainer.image.class_weight": "plain cross-entropy",
                   "experts.trainer.image.lr_schedule": "one_cycle", "experts.lora.rank": "rank {}",
