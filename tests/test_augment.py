@@ -57,7 +57,7 @@ def test_bad_settings_are_refused() -> None:
     with pytest.raises(ValueError, match="unknown image augmentation \\['shear'\\]"):
         ImageAugment([["hflip", "shear"]])
     with pytest.raises(ValueError, match="rot90 needs square images"):
-        ImageAugment([["rot90"]], seed=1)({"pixels": torch.randn(32, 1, 4, 6)})
+        ImageAugment([["rot90"]], seed=1)({"pixels": torch.randn(1, 1, 4, 6)})  # even where no turn is drawn
     with pytest.raises(ValueError, match="needs the batch's task_ids"):
         ImageAugment([["hflip"], []])({"pixels": _batch(4)})
     with pytest.raises(ValueError, match=r"\(N, C, H, W\)"):

@@ -53,7 +53,7 @@ class ImageAugment:
         hflip = (draw[:, 0] & allowed[:, 0]).to(x.device)
         vflip = (draw[:, 1] & allowed[:, 1]).to(x.device)
         turns = torch.where(allowed[:, 2], quarter, 0)
-        if turns.any() and x.shape[-1] != x.shape[-2]:
+        if allowed[:, 2].any() and x.shape[-1] != x.shape[-2]:  # refused whether or not this batch drew a turn
             raise ValueError(f"rot90 needs square images; {self.key!r} rows are {tuple(x.shape[-2:])}")
         x = torch.where(hflip[:, None, None, None], x.flip(-1), x)
         x = torch.where(vflip[:, None, None, None], x.flip(-2), x)
