@@ -1146,22 +1146,21 @@ def experts_full_image_section(result: dict, name: str = "experts_full_image",
             f"`bench/results/image_foundation.json`, same splits.\n\n{table}\n")
 
 
-# (experts results, the image_foundation results of the foundation they trained on, what that pre-training was)
 # (experts results file(s), the foundation's results file, label): the files of one recipe are read together (the
 # small tasks and DermaMNIST may come from separate `bench experts` runs on the same foundation)
-IMAGE_RECIPES = (("experts_full_image_constant", "image_foundation_constant", "constant lr, plain cross-entropy"),
-                 ("experts_full_image", "image_foundation", "one_cycle, class-balanced"),
-                 ("experts_full_image_plain", "image_foundation_plain", "one_cycle, plain cross-entropy"),
-                 ("experts_full_image_plain_onecycle", "image_foundation_plain",
+IMAGE_RECIPES = ((("experts_full_image_constant",), "image_foundation_constant", "constant lr, plain cross-entropy"),
+                 (("experts_full_image",), "image_foundation", "one_cycle, class-balanced"),
+                 (("experts_full_image_plain",), "image_foundation_plain", "one_cycle, plain cross-entropy"),
+                 (("experts_full_image_plain_onecycle",), "image_foundation_plain",
                   "one_cycle, plain cross-entropy; experts one_cycle too"),
                  (("experts_full_image_plain_augment", "experts_derma_augment_pretrained"),
                   "image_foundation_plain_augment", "one_cycle, plain cross-entropy; DermaMNIST augmented"))
 
 
-def _recipe_experts(names: str | tuple[str, ...]) -> dict:
-    """One recipe's expert runs: the named results files' runs together (each task once), the first file's
-    machine; {} while any file is missing."""
-    results = [committed(n) for n in ((names,) if isinstance(names, str) else names)]
+def _recipe_experts(names: tuple[str, ...]) -> dict:
+    """One recipe's expert runs: the named results files' runs together (each task once), and their commits
+    joined by "/"; {} while any file is missing."""
+    results = [committed(n) for n in names]
     if not all(results):
         return {}
     runs = [r for res in results for r in res["runs"]]
@@ -1194,7 +1193,7 @@ def image_recipes_section() -> str:
     cols = [("task", "task")] + [(str(i), f"{label}: expert / probe / head") for i, (label, _, _) in
                                  enumerate(recipes)]
     cols += [("base", "strongest simple baseline, same split")]
-    sources = "; ".join(f"{label}: {' + '.join(f'`{n}.json`' for n in ((e,) if isinstance(e, str) else e))} "
+    sources = "; ".join(f"{label}: {' + '.join(f'`{n}.json`' for n in e)} "
                         f"({experts['machine']['git_commit']}) on `{f}.json` ({found['machine']['git_commit'][:8]})"
                         for e, f, label, experts, found in loaded if experts and found)
     return (f"Test macro-F1 of the LoRA expert, its probe and the foundation's own pre-training head, per ResNet-18 "
