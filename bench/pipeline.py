@@ -47,7 +47,7 @@ def main() -> None:
 
     try:  # bad params fail here, in one line, before anything is recorded
         args.overrides = parse_sets(args.sets)
-        load_params(ROOT / "params", args.profile, args.overrides)
+        args.resolved = load_params(ROOT / "params", args.profile, args.overrides).model_dump(mode="json")
     except MedExpertsError as err:
         raise SystemExit(f"medexperts bench pipeline: {err}") from None
     tmp = args.work.resolve() if args.work else Path(tempfile.mkdtemp(prefix="medexperts-bench-"))
@@ -129,7 +129,8 @@ def _measure(args: argparse.Namespace, tmp: Path) -> None:
                  "metrics": r["metrics"], "params": r["params"]}  # every metric; every model's parameter count
              for t, r in ev["tasks"].items()}
     payload = {
-        "params": {"profile": args.profile, "overrides": args.overrides, "metric": metric, "result": args.result},
+        "params": {"profile": args.profile, "overrides": args.overrides, "metric": metric, "result": args.result,
+                   "resolved": args.resolved},  # every param the run used (the profile as it was at this commit)
         "invocations": invocations,
         "figures": {"flow_wall_seconds": wall, "stage_compute_seconds": compute, "per_stage_compute_seconds": per_stage,
                     "invocations_wall_seconds": invocations_wall_seconds(invocations),

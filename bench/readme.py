@@ -1204,8 +1204,8 @@ def image_recipes_section() -> str:
 # DermaMNIST's LoRA expert under each change tried: (results file, the image foundation it trained on). The full run's
 # foundation is `bench pipeline --profile full`'s (constant lr, early-stopped at epoch 14); the others are
 # `bench image_foundation`'s 10-epoch ResNet-18s.
-DERMA_RUNS = (("experts_derma_unweighted", "the full run's (constant lr, plain cross-entropy)"),
-              ("experts_derma_augment_fullrun", "the full run's (constant lr, plain cross-entropy)"),
+DERMA_RUNS = (("experts_derma_unweighted", "the full run at 33af2015 (constant lr, plain cross-entropy)"),
+              ("experts_derma_augment_fullrun", "the full run at 33af2015 (constant lr, plain cross-entropy)"),
               ("experts_full_image_constant", "`image_foundation_constant` (constant lr, plain cross-entropy)"),
               ("experts_full_image", "`image_foundation` (one_cycle, class-balanced)"),
               ("experts_full_image_plain", "`image_foundation_plain` (one_cycle, plain cross-entropy)"),
@@ -1221,6 +1221,18 @@ _DERMA_CHANGES = {"experts.trainer.image.max_epochs": None, "experts.trainer.ima
                   "experts.lora.alpha": None, "data.tasks.dermamnist.augment": "augmented ({})"}
 
 
+def _full_run_recipe() -> str:
+    """How the full run's image foundation was pre-trained, from the params it recorded (results written before
+    bench/pipeline recorded them: that run's profile, constant lr and plain cross-entropy)."""
+    resolved = committed("pipeline_full")["params"].get("resolved")
+    if not resolved:
+        return "constant lr, plain cross-entropy"
+    tr = resolved["foundation"]["image"]["trainer"]
+    augment = resolved["data"]["tasks"].get("dermamnist", {}).get("augment")
+    return (f"{tr['lr_schedule']} lr, {'plain cross-entropy' if tr['class_weight'] == 'none' else 'class-balanced'}, "
+            f"{tr['max_epochs']} epochs" + ("; DermaMNIST augmented" if augment else ""))
+
+
 def derma_section() -> str:
     """DermaMNIST's LoRA expert (test) under each foundation and expert change tried, beside the full run's expert
     and the small CNN baseline on the same split."""
@@ -1228,7 +1240,7 @@ def derma_section() -> str:
     full = committed("pipeline_full").get("tasks", {}).get("dermamnist")
     if full:
         m = full["metrics"]["expert"]
-        rows.append({"file": "`pipeline_full`", "foundation": "the full run's (constant lr, plain cross-entropy)",
+        rows.append({"file": "`pipeline_full`", "foundation": f"the full run's ({_full_run_recipe()})",
                      "change": "the full profile's expert (30 epochs, early stopping)",
                      "test": f"{m['accuracy']:.3f} / {m['auroc']:.3f} / {m['macro_f1']:.3f}", "val": "",
                      "commit": committed("pipeline_full")["machine"]["git_commit"][:8]})
