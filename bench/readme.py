@@ -1018,7 +1018,11 @@ def length_grouping_section(result: dict) -> str:
             f"sd over the seeds), {machine_line(result)}, from `bench/results/length_grouping.json`:\n\n{table}\n")
 
 
-IMAGE_FOUNDATION_VARIANTS = ("image_foundation_plain", "image_foundation_plain_augment")  # `bench image_foundation --set ... --result NAME` files
+# `bench image_foundation [--epochs N] --set ... --result NAME` files, each with what its overrides do not say: the
+# profile's own settings at the file's commit when they differ from the main file's (that profile's augment).
+IMAGE_FOUNDATION_VARIANTS = (("image_foundation_plain", ""), ("image_foundation_plain_augment", ""),
+                             ("image_foundation_e30", "the full profile at its commit: one_cycle, plain cross-entropy, "
+                                                      "DermaMNIST augmented"))
 
 
 def image_foundation_section(result: dict) -> str:
@@ -1026,11 +1030,14 @@ def image_foundation_section(result: dict) -> str:
     variant's archs (another pre-training setting, same splits) as extra columns named by their overrides."""
     archs, anchors = dict(result["archs"]), result["anchors"]["tasks"]
     variants = []
-    for name in IMAGE_FOUNDATION_VARIANTS:
+    for name, profile in IMAGE_FOUNDATION_VARIANTS:
         if v := committed(name):
-            changed = ", ".join(f"{'.'.join(k.split('.')[-2:]) if k.startswith('data.') else k.rsplit('.', 1)[-1]}="
-                                f"{'+'.join(val) if isinstance(val, list) else val}"
-                                for k, val in v["params"].get("overrides", {}).items())
+            changed = [f"{'.'.join(k.split('.')[-2:]) if k.startswith('data.') else k.rsplit('.', 1)[-1]}="
+                       f"{'+'.join(val) if isinstance(val, list) else val}"
+                       for k, val in v["params"].get("overrides", {}).items()]
+            if v["params"]["epochs"] != result["params"]["epochs"]:
+                changed.append(f"epochs={v['params']['epochs']}")
+            changed = ", ".join(changed + [profile] if profile else changed)
             for arch, a in v["archs"].items():
                 archs[f"{arch}, {changed}"] = a
             variants.append(f"`{name}.json` (commit {v['machine']['git_commit'][:8]}: {changed})")
@@ -1056,7 +1063,7 @@ def image_foundation_section(result: dict) -> str:
            f"{'plain cross-entropy' if tr.get('class_weight', 'none') == 'none' else 'class-balanced loss'})")
     p = result["params"]
     notes = "".join(f" Note: {n}." for n in result.get("notes", []))
-    also = f" Extra column(s) from {'; '.join(variants)}, same splits and epochs." if variants else ""
+    also = f" Extra column(s) from {'; '.join(variants)}, same splits." if variants else ""
     return (f"{machine_line(result)}, from `bench/results/image_foundation.json`: each foundation pre-trained "
             f"multi-task on the {len(p['tasks'])} tasks' whole training splits for {p['epochs']} epochs{how} (pre-training "
             f"time: {times}), scored on test with its own pre-training heads.{also}{notes}\n\n"
@@ -1154,7 +1161,9 @@ IMAGE_RECIPES = ((("experts_full_image_constant",), "image_foundation_constant",
                  (("experts_full_image_plain_onecycle",), "image_foundation_plain",
                   "one_cycle, plain cross-entropy; experts one_cycle too"),
                  (("experts_full_image_plain_augment", "experts_derma_augment_pretrained"),
-                  "image_foundation_plain_augment", "one_cycle, plain cross-entropy; DermaMNIST augmented"))
+                  "image_foundation_plain_augment", "one_cycle, plain cross-entropy; DermaMNIST augmented"),
+                 (("experts_full_image_e30", "experts_derma_e30"), "image_foundation_e30",
+                  "the same, 30 epochs"))
 
 
 def _recipe_experts(names: tuple[str, ...]) -> dict:
@@ -1197,7 +1206,7 @@ def image_recipes_section() -> str:
                         f"({experts['machine']['git_commit']}) on `{f}.json` ({found['machine']['git_commit'][:8]})"
                         for e, f, label, experts, found in loaded if experts and found)
     return (f"Test macro-F1 of the LoRA expert, its probe and the foundation's own pre-training head, per ResNet-18 "
-            f"pre-training recipe (10 pre-training epochs, 10 expert epochs, same splits). Sources: {sources}.\n\n"
+            f"pre-training recipe (10 pre-training epochs unless the column says otherwise, 10 expert epochs, same splits). Sources: {sources}.\n\n"
             + markdown_table(rows, cols) + "\n")
 
 
@@ -1215,7 +1224,11 @@ DERMA_RUNS = (("experts_derma_unweighted", "the full run at 33af2015 (constant l
               ("experts_derma_augment_pretrained", "`image_foundation_plain_augment` (one_cycle, plain "
                "cross-entropy, DermaMNIST augmented in pre-training)"),
               ("experts_derma_augment_pretrained_only", "`image_foundation_plain_augment` (one_cycle, plain "
-               "cross-entropy, DermaMNIST augmented in pre-training)"))
+               "cross-entropy, DermaMNIST augmented in pre-training)"),
+              # run at a commit whose full profile augments DermaMNIST: that is no override, so it is named here
+              ("experts_derma_e30", "`image_foundation_e30` (the same recipe, 30 epochs)", "augmented by the profile"),
+              ("experts_derma_e30_full", "`image_foundation_e30` (the same recipe, 30 epochs)",
+               "augmented by the profile"))
 _DERMA_CHANGES = {"experts.trainer.image.max_epochs": None, "experts.trainer.image.class_weight": "plain cross-entropy",
                   "experts.trainer.image.lr_schedule": "one_cycle", "experts.lora.rank": "rank {}",
                   "experts.lora.alpha": None, "data.tasks.dermamnist.augment": "augmented ({})"}
@@ -1244,7 +1257,7 @@ def derma_section() -> str:
                      "change": "the full profile's expert (30 epochs, early stopping)",
                      "test": f"{m['accuracy']:.3f} / {m['auroc']:.3f} / {m['macro_f1']:.3f}", "val": "",
                      "commit": committed("pipeline_full")["machine"]["git_commit"][:8]})
-    for name, foundation in DERMA_RUNS:
+    for name, foundation, *profile_change in DERMA_RUNS:
         result = committed(name)
         run = next((r for r in result.get("runs", []) if r["task"] == "dermamnist"), None)
         if run is None:
@@ -1257,6 +1270,9 @@ def derma_section() -> str:
         if unknown:
             raise SystemExit(f"bench/results/{name}.json: derma_section cannot name the change(s) {unknown}")
         t = run["test"]
+        changes += profile_change
+        if run["method"] != "lora":  # the same stage's other expert method, in place of the LoRA adapter
+            changes.insert(0, {"full": "full fine-tuning instead of LoRA", "llora": "L-LoRA instead of LoRA"}[run["method"]])
         rows.append({"file": f"`{name}`", "foundation": foundation,
                      "change": (", ".join(changes) or "none (rank 8, class-balanced)")
                      + (f"; {epochs} epochs" if epochs else ""),
@@ -1270,7 +1286,7 @@ def derma_section() -> str:
             f"validation {cnn['val_macro_f1']:.3f}. " if cnn else "")
     cols = [("file", "bench/results"), ("foundation", "image foundation"), ("change", "LoRA expert: change"),
             ("test", "test ACC / AUC / macro-F1"), ("val", "val macro-F1"), ("commit", "commit")]
-    return (f"DermaMNIST (the JPEG-75 copy) LoRA experts, one seed each. {base}\n\n" + markdown_table(rows, cols) + "\n")
+    return (f"DermaMNIST (the JPEG-75 copy) experts, one seed each. {base}\n\n" + markdown_table(rows, cols) + "\n")
 
 
 def experts_full_text_section(result: dict) -> str:
