@@ -1206,13 +1206,14 @@ def image_recipes_section() -> str:
                         f"({experts['machine']['git_commit']}) on `{f}.json` ({found['machine']['git_commit'][:8]})"
                         for e, f, label, experts, found in loaded if experts and found)
     return (f"Test macro-F1 of the LoRA expert, its probe and the foundation's own pre-training head, per ResNet-18 "
-            f"pre-training recipe (10 pre-training epochs unless the column says otherwise, 10 expert epochs, same splits). Sources: {sources}.\n\n"
+            f"pre-training recipe (10 pre-training epochs unless the column says otherwise, 10 expert epochs, same "
+            f"splits). Sources: {sources}.\n\n"
             + markdown_table(rows, cols) + "\n")
 
 
-# DermaMNIST's LoRA expert under each change tried: (results file, the image foundation it trained on). The full run's
-# foundation is `bench pipeline --profile full`'s (constant lr, early-stopped at epoch 14); the others are
-# `bench image_foundation`'s 10-epoch ResNet-18s.
+# DermaMNIST's expert under each change tried: (results file, the image foundation it trained on[, what the profile
+# at the file's commit changed that its overrides do not record]). The earlier full run's foundation is `bench pipeline
+# --profile full`'s (constant lr, early-stopped at epoch 14); the others are `bench image_foundation`'s ResNet-18s.
 DERMA_RUNS = (("experts_derma_unweighted", "the full run at 33af2015 (constant lr, plain cross-entropy)"),
               ("experts_derma_augment_fullrun", "the full run at 33af2015 (constant lr, plain cross-entropy)"),
               ("experts_full_image_constant", "`image_foundation_constant` (constant lr, plain cross-entropy)"),
@@ -1272,7 +1273,9 @@ def derma_section() -> str:
         t = run["test"]
         changes += profile_change
         if run["method"] != "lora":  # the same stage's other expert method, in place of the LoRA adapter
-            changes.insert(0, {"full": "full fine-tuning instead of LoRA", "llora": "L-LoRA instead of LoRA"}[run["method"]])
+            from components.experts.methods import METHODS
+
+            changes.insert(0, f"{METHODS[run['method']].pretty} instead of LoRA")
         rows.append({"file": f"`{name}`", "foundation": foundation,
                      "change": (", ".join(changes) or "none (rank 8, class-balanced)")
                      + (f"; {epochs} epochs" if epochs else ""),
