@@ -1356,10 +1356,24 @@ def replace(text: str, name: str, body: str) -> str:
 
 
 def main() -> None:
-    # no options; --help says what it does
-    argparse.ArgumentParser(prog="medexperts bench readme", description=__doc__).parse_args()
+    parser = argparse.ArgumentParser(prog="medexperts bench readme", description=__doc__)
+    parser.add_argument("--check", action="store_true",
+                        help="change nothing; exit 1 when README.md differs from what bench/results/ gives")
+    args = parser.parse_args()
     readme = ROOT / "README.md"
     text = readme.read_text()
+    new = render(text)
+    if args.check:
+        if new != text:
+            raise SystemExit("README.md is out of date with bench/results/: run `medexperts bench readme`")
+        print("README.md matches bench/results/")
+        return
+    readme.write_text(new)
+    print(f"updated {readme}")
+
+
+def render(text: str) -> str:
+    """``text`` (README.md's) with every results section regenerated from bench/results/."""
     text = replace(text, "methods", methods_section())
     text = replace(text, "image_recipes", image_recipes_section())
     text = replace(text, "derma", derma_section())
@@ -1399,8 +1413,7 @@ def main() -> None:
         path = RESULTS / f"{name}.json"
         if path.is_file():
             text = replace(text, name, section(json.loads(path.read_text())))
-    readme.write_text(text)
-    print(f"updated {readme}")
+    return text
 
 
 if __name__ == "__main__":

@@ -114,3 +114,15 @@ def test_quick_vs_full_pairs_the_models_both_runs_scored_on_the_same_rows() -> N
     assert rows[0].split("|")[2:4] == [" probe ", " deployed expert "] and "LoRKD" not in rows[0]
     assert rows[2].startswith("| hoc | 0.380 → 0.430 | 0.430 → 0.630 |") and len(rows) == 3
     assert quick_vs_full({"params": {"metric": "accuracy"}, "tasks": quick["tasks"]}, full) == ""
+
+
+def test_readme_tables_match_the_committed_results() -> None:
+    """README.md's generated sections are what bench/results/ gives (a results file left out of a commit, or a table
+    edited by hand, fails here); an edited cell is put back."""
+    from bench.readme import render
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert render(readme) == readme, "README.md is out of date with bench/results/: run `medexperts bench readme`"
+    start = readme.index("<!-- results:derma -->")
+    edited = readme[:start] + readme[start:].replace("| 0.", "| 9.", 1)
+    assert edited != readme and render(edited) == readme
