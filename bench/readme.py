@@ -170,6 +170,11 @@ def committed(name: str) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+def acc_auc_f1(m: dict) -> str:
+    """A model's accuracy / AUROC / macro-F1, the cells of the image tables (MedMNIST's two metrics, then ours)."""
+    return f"{m['accuracy']:.3f} / {m['auroc']:.3f} / {m['macro_f1']:.3f}"
+
+
 FULL_MODELS = (("probe", "probe"), ("expert", "deployed expert"), ("fused", "fused"), ("routed", "AT-MoE routed"),
                ("fedkim", "FedKIM"), ("teacher", "LoRKD teacher"), ("lorkd", "LoRKD expert"),
                ("single_student", "single-task student"))
@@ -1046,11 +1051,11 @@ def image_foundation_section(result: dict) -> str:
         row = {"task": task}
         for arch, a in archs.items():
             m = a["tasks"][task]["test"]
-            row[arch] = f"{m['accuracy']:.3f} / {m['auroc']:.3f} / {m['macro_f1']:.3f}"
+            row[arch] = acc_auc_f1(m)
         b = result["baselines"].get(task)
         if b:
             m = b[b["strongest"]]["test"]
-            row["baseline"] = f"{BASELINE_NAMES[b['strongest']]} {m['accuracy']:.3f} / {m['auroc']:.3f} / {m['macro_f1']:.3f}"
+            row["baseline"] = f"{BASELINE_NAMES[b['strongest']]} {acc_auc_f1(m)}"
         a = anchors.get(task)
         row["anchor"] = f"{a['accuracy']:.3f} / {a['auroc']:.3f}" if a else ""
         rows.append(row)
@@ -1079,7 +1084,7 @@ def lr_schedule_section(result: dict) -> str:
             row = {"task": task, "loss": "class-balanced" if cw == "balanced" else "plain cross-entropy"}
             for schedule in p["schedules"]:
                 m = runs[f"{cw}/{schedule}"]["tasks"][task]["test"]
-                row[schedule] = f"{m['accuracy']:.3f} / {m['auroc']:.3f} / {m['macro_f1']:.3f}"
+                row[schedule] = acc_auc_f1(m)
             row["delta"] = f"{result['macro_f1_one_cycle_minus_constant'][cw][task]:+.3f}"
             rows.append(row)
     cols = [("task", "task"), ("loss", "pre-training loss")] + [(s, f"{s}: ACC / AUC / macro-F1")
@@ -1112,8 +1117,7 @@ def _versus_baseline(run: dict, block: dict) -> dict[str, str]:
     b = block[strongest]["test"] if strongest else None
     if not b:
         return {"base": "", "beats": ""}
-    return {"base": f"{BASELINE_NAMES.get(strongest, strongest)} {b['accuracy']:.3f} / {b['auroc']:.3f} / "
-                    f"{b['macro_f1']:.3f}",
+    return {"base": f"{BASELINE_NAMES.get(strongest, strongest)} {acc_auc_f1(b)}",
             "beats": "yes" if run["test"]["macro_f1"] > b["macro_f1"] else "**no**"}
 
 
@@ -1132,9 +1136,8 @@ def experts_full_image_section(result: dict, name: str = "experts_full_image",
     for r in result["runs"]:
         anchor = found["anchors"].get("tasks", {}).get(r["task"], {})
         rows.append({"task": r["task"] + (" (JPEG copy)" if r["task"] == "dermamnist" else ""), "method": r["method"],
-                     "expert": f"{r['test']['accuracy']:.3f} / {r['test']['auroc']:.3f} / {r['test']['macro_f1']:.3f}",
-                     "probe": f"{r['probe_test']['accuracy']:.3f} / {r['probe_test']['auroc']:.3f} / "
-                              f"{r['probe_test']['macro_f1']:.3f}",
+                     "expert": acc_auc_f1(r["test"]),
+                     "probe": acc_auc_f1(r["probe_test"]),
                      **_versus_baseline(r, found["baselines"].get(r["task"], {})),
                      "anchor": f"{anchor['accuracy']:.3f} / {anchor['auroc']:.3f}" if anchor else "",
                      "s": f"{r['train_seconds'] / 60:.1f}", "trainable": f"{r['trainable_params']:,}"})
@@ -1235,10 +1238,10 @@ _DERMA_CHANGES = {"experts.trainer.image.max_epochs": None, "experts.trainer.ima
                   "experts.lora.alpha": None, "data.tasks.dermamnist.augment": "augmented ({})"}
 
 
-def _full_run_recipe() -> str:
-    """How the full run's image foundation was pre-trained, from the params it recorded (results written before
-    bench/pipeline recorded them: that run's profile, constant lr and plain cross-entropy)."""
-    resolved = committed("pipeline_full")["params"].get("resolved")
+def _full_run_recipe(full: dict) -> str:
+    """How the full run ``full`` (pipeline_full.json) pre-trained its image foundation, from the params it recorded
+    (results written before bench/pipeline recorded them: that run's profile, constant lr and plain cross-entropy)."""
+    resolved = full["params"].get("resolved")
     if not resolved:
         return "constant lr, plain cross-entropy"
     tr = resolved["foundation"]["image"]["trainer"]
@@ -1251,13 +1254,12 @@ def derma_section() -> str:
     """DermaMNIST's LoRA expert (test) under each foundation and expert change tried, beside the full run's expert
     and the small CNN baseline on the same split."""
     rows = []
-    full = committed("pipeline_full").get("tasks", {}).get("dermamnist")
-    if full:
-        m = full["metrics"]["expert"]
-        rows.append({"file": "`pipeline_full`", "foundation": f"the full run's ({_full_run_recipe()})",
+    full = committed("pipeline_full")
+    if derma := full.get("tasks", {}).get("dermamnist"):
+        rows.append({"file": "`pipeline_full`", "foundation": f"the full run's ({_full_run_recipe(full)})",
                      "change": "the full profile's expert (30 epochs, early stopping)",
-                     "test": f"{m['accuracy']:.3f} / {m['auroc']:.3f} / {m['macro_f1']:.3f}", "val": "",
-                     "commit": committed("pipeline_full")["machine"]["git_commit"][:8]})
+                     "test": acc_auc_f1(derma["metrics"]["expert"]), "val": "",
+                     "commit": full["machine"]["git_commit"][:8]})
     for name, foundation, *profile_change in DERMA_RUNS:
         result = committed(name)
         run = next((r for r in result.get("runs", []) if r["task"] == "dermamnist"), None)
@@ -1270,7 +1272,6 @@ def derma_section() -> str:
         unknown = sorted(set(over) - set(_DERMA_CHANGES))
         if unknown:
             raise SystemExit(f"bench/results/{name}.json: derma_section cannot name the change(s) {unknown}")
-        t = run["test"]
         changes += profile_change
         if run["method"] != "lora":  # the same stage's other expert method, in place of the LoRA adapter
             from components.experts.methods import METHODS
@@ -1279,7 +1280,7 @@ def derma_section() -> str:
         rows.append({"file": f"`{name}`", "foundation": foundation,
                      "change": (", ".join(changes) or "none (rank 8, class-balanced)")
                      + (f"; {epochs} epochs" if epochs else ""),
-                     "test": f"{t['accuracy']:.3f} / {t['auroc']:.3f} / {t['macro_f1']:.3f}",
+                     "test": acc_auc_f1(run["test"]),
                      "val": f"{run['val']['macro_f1']:.3f}", "commit": result["machine"]["git_commit"][:8]})
     if not rows:
         return "No results yet.\n"
@@ -1302,7 +1303,7 @@ def experts_full_text_section(result: dict) -> str:
         q = quick_runs.get((r["task"], r["method"]))
         rows.append({"task": r["task"], "method": r["method"], "rows": f"{r['train_samples']:,}",
                      "quick": f"{q['test']['macro_f1']:.3f} ({q['train_samples']:,} rows)" if q else "",
-                     "expert": f"{r['test']['accuracy']:.3f} / {r['test']['auroc']:.3f} / {r['test']['macro_f1']:.3f}",
+                     "expert": acc_auc_f1(r["test"]),
                      "probe": f"{r['probe_test']['macro_f1']:.3f}",
                      **_versus_baseline(r, baselines.get(r["task"], {}).get("expert_rows", {})),
                      "s": f"{r['train_seconds'] / 60:.1f}"})
