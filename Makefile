@@ -48,6 +48,8 @@ bench: setup ## run the benchmarks (bench/results/*.json + MLflow runs), then re
 	$(BIN)/medexperts bench experts --work $(BENCH_WORK)
 	$(BIN)/medexperts bench decompose
 	$(BIN)/medexperts bench fusion --work $(BENCH_WORK)
+	$(BIN)/medexperts bench routing
+	$(BIN)/medexperts bench federated
 	$(BIN)/medexperts bench baselines
 	$(BIN)/medexperts bench multilabel_probe
 	$(BIN)/medexperts bench fixed_cost

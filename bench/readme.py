@@ -10,15 +10,28 @@ from collections.abc import Callable
 from bench.common import RESULTS, ROOT
 from components.metrics.report import markdown_table
 
+# tasks whose pixels are not the published dataset's (DermaMNIST: decoded from JPEG-75 copies, DATA.md section 3):
+# every README row of theirs says so, since their figures are not comparable to the published ones
+NOT_OFFICIAL_PIXELS = {"dermamnist": "JPEG copy"}
+
+
+def task_label(task: str) -> str:
+    """A task's name as a README table row shows it."""
+    note = NOT_OFFICIAL_PIXELS.get(task)
+    return f"{task} ({note})" if note else task
+
 
 def pipeline_section(result: dict) -> str:
     fig, metric, m = result["figures"], result["params"]["metric"], result["machine"]
-    rows = [{"task": t, "probe": v["probe"], "expert": v["expert"], "fused": v["fused"], "normalised": v["normalised"],
+    rows = [{"task": task_label(t), "probe": v["probe"], "expert": v["expert"], "fused": v["fused"],
+             "normalised": v["normalised"],
              "kb": v["expert_stored_bytes"] / 1024, "share": 100 * v["trainable_params"] / v["foundation_params"],
-             "ms": v["latency_ms_per_sample"]["expert_merged"], "base_ms": v["latency_ms_per_sample"]["base"]}
+             "ms": v["latency_ms_per_sample"]["expert_merged"], "base_ms": v["latency_ms_per_sample"]["base"],
+             "baseline": strongest_baseline(t)}
             for t, v in result["tasks"].items()]
     table = markdown_table(rows, [("task", "task"), ("probe", f"probe {metric}"), ("expert", f"LoRA expert {metric}"),
                                   ("fused", f"fused {metric}"), ("normalised", "fused / expert"),
+                                  ("baseline", "strongest simple baseline, same split, macro-F1"),
                                   ("kb", "expert size (KB)"), ("share", "trainable % of foundation"),
                                   ("ms", "deployed expert ms/sample"), ("base_ms", "foundation ms/sample")])
     beats = "yes" if fig["every_expert_beats_probe"] else "**no** (see the rows where expert ≤ probe)"
@@ -62,12 +75,15 @@ def machine_line(result: dict) -> str:
 
 def experts_section(result: dict) -> str:
     metric = result["params"]["primary_metric"]
-    rows = [{"task": r["task"], "method": r["method"], "test": r["test"][metric], "probe": r["probe_test"][metric],
+    rows = [{"task": task_label(r["task"]), "method": r["method"], "test": r["test"][metric],
+             "probe": r["probe_test"][metric],
              "acc": r["test"]["accuracy"], "auc": r["test"]["auroc"], "trainable": r["trainable_params"],
              "kb": r["stored_bytes"] / 1024, "s": r["train_seconds"], "rss": r["peak_rss_mb"],
-             "beats": "yes" if r["test"][metric] > r["probe_test"][metric] else "**no**"} for r in result["runs"]]
+             "beats": "yes" if r["test"][metric] > r["probe_test"][metric] else "**no**",
+             "baseline": strongest_baseline(r["task"])} for r in result["runs"]]
     table = markdown_table(rows, [("task", "task"), ("method", "method"), ("test", f"test {metric}"),
-                                  ("probe", f"probe {metric}"), ("beats", "beats probe"), ("acc", "accuracy"),
+                                  ("probe", f"probe {metric}"), ("beats", "beats probe"),
+                                  ("baseline", "strongest simple baseline, same split, macro-F1"), ("acc", "accuracy"),
                                   ("auc", "AUC"), ("trainable", "trainable params"), ("kb", "stored KB"),
                                   ("s", "train s"), ("rss", "peak RSS MB")])
     steps = result["step_cost"]
@@ -117,7 +133,7 @@ def baselines_section(result: dict) -> str:
         base = e[e["strongest"]]["test"]["macro_f1"]
         lora, best = beside.get("lora_test_macro_f1"), beside.get("best_method_test_macro_f1")
         rows.append({
-            "task": task, "n": e["train_samples"], "majority": e["majority"]["test"]["macro_f1"],
+            "task": task_label(task), "n": e["train_samples"], "majority": e["majority"]["test"]["macro_f1"],
             "strongest": strongest_of(e),
             "all": f"{strongest_of(a)} (n={a['train_samples']})" if a else "(same rows)",
             "probe": beside.get("probe_test_macro_f1"), "lora": lora,
@@ -150,7 +166,7 @@ def baselines_all_data_section(result: dict, name: str = "baselines_full") -> st
             text = f"{test['macro_f1']:.3f} / {test['auroc']:.3f}"
             return f"**{text}**" if baseline == r["strongest"] else text
 
-        rows.append({"task": task, "n": r["train_samples"], "test_n": t["test_samples"],
+        rows.append({"task": task_label(task), "n": r["train_samples"], "test_n": t["test_samples"],
                      "majority": f"{r['majority']['test']['macro_f1']:.3f}", "tfidf_lr": cell("tfidf_lr"),
                      "pixel_lr": cell("pixel_lr"), "small_cnn": cell("small_cnn")})
     table = markdown_table(rows, [("task", "task"), ("n", "train rows"), ("test_n", "test rows"),
@@ -202,7 +218,7 @@ def pipeline_full_section(result: dict, baselines_name: str = "baselines_full") 
         verdict = "" if base is None else "yes" if t["expert"] > base else "**no**"
         if verdict == "**no**":
             misses.append(task)
-        rows.append({"task": task, "n": t["test_samples"], **{k: scores[task].get(k) for k, _ in present},
+        rows.append({"task": task_label(task), "n": t["test_samples"], **{k: scores[task].get(k) for k, _ in present},
                      "baseline": strongest_of(r) if base is not None else "—",
                      "verdict": verdict, "quick": quick.get(task, {}).get("expert")})
     table = markdown_table(rows, [("task", "task"), ("n", "test rows"), *present,
@@ -258,8 +274,9 @@ def quick_vs_full(quick: dict, full: dict) -> str:
     rows = []
     for task in shared:
         q, f = model_scores(quick["tasks"][task]), model_scores(full["tasks"][task])
-        rows.append({"task": task, **{k: f"{q[k]:.3f} → {f[k]:.3f}" if q.get(k) is not None and f.get(k) is not None
-                                      else "—" for k, _ in models}})
+        rows.append({"task": task_label(task),
+                     **{k: f"{q[k]:.3f} → {f[k]:.3f}" if q.get(k) is not None and f.get(k) is not None else "—"
+                        for k, _ in models}})
     table = markdown_table(rows, [("task", "task"), *models])
     return (f"\nWhat the quick profile's caps cost (test {full['params']['metric']}, quick → full, the same test rows; "
             f"quick from `bench/results/pipeline.json`, commit {quick['machine']['git_commit'][:8]}):\n\n{table}\n")
@@ -278,7 +295,7 @@ def lorkd_goals(result: dict) -> str:
         single = models.get("single_student")
         goals = (models["lorkd"] >= models["teacher"], share <= 0.10,
                  None if single is None else models["lorkd"] >= single)
-        rows.append({"task": task, "teacher": models["teacher"], "lorkd": models["lorkd"], "single": single,
+        rows.append({"task": task_label(task), "teacher": models["teacher"], "lorkd": models["lorkd"], "single": single,
                      "params": sizes["lorkd_deployed"], "pct": 100 * share,
                      "goal": " / ".join("—" if ok is None else "yes" if ok else "**no**" for ok in goals)})
     if not rows:
@@ -313,16 +330,17 @@ def fixed_cost_section(result: dict) -> str:
 
 def strongest_baseline(task: str, rows: str = "expert_rows") -> str:
     """The strongest simple baseline of ``task`` (picked on validation) and its test macro-F1, from
-    bench/results/baselines.json (``rows``: the experts' training rows or all rows) or, for an image task it lacks,
-    bench/results/image_foundation.json (every training row); "—" when neither has the task."""
+    bench/results/baselines.json (``rows``: the experts' training rows or all rows) or, for an image task it lacks
+    (no profile caps the image tasks' rows, so all rows are the experts' rows), bench/results/baselines_full.json,
+    then bench/results/image_foundation.json; "—" when none has the task."""
     b = committed("baselines").get("tasks", {}).get(task)
     if b:
-        r = b.get(rows) or b["expert_rows"]
-    else:
-        r = committed("image_foundation").get("baselines", {}).get(task)
-        if not r:
-            return "—"
-    return strongest_of(r)
+        return strongest_of(b.get(rows) or b["expert_rows"])
+    full = committed("baselines_full").get("tasks", {}).get(task)
+    if full and full["modality"] == "image":
+        return strongest_of(full.get("all_rows") or full["expert_rows"])
+    r = committed("image_foundation").get("baselines", {}).get(task)
+    return strongest_of(r) if r else "—"
 
 
 def _teacher_words(modality: str, kind: str, image_foundation: dict) -> str:
@@ -343,7 +361,7 @@ def decompose_section(result: dict) -> str:
         if task.startswith("_"):
             continue
         t = r["test"]
-        rows.append({"task": task, "teacher": t["teacher"][metric], "lorkd": t["lorkd"][metric],
+        rows.append({"task": task_label(task), "teacher": t["teacher"][metric], "lorkd": t["lorkd"][metric],
                      "single": t["single_student"][metric], "params": r["parameters"],
                      "teacher_params": r["teacher_parameters"], "pct": 100 * r["parameter_fraction"],
                      "baseline": strongest_baseline(task, "all_rows" if result["params"]["profile"] == "full"
@@ -495,7 +513,7 @@ def routing_section(result: dict) -> str:
     models = [(m, label) for m, label in models if m in result["test_mean_macro_f1"]]  # older results lack some
     judged = [(m, label) for m, label in (("grouped", "grouped ≥ fused"),
                                           ("grouped_general", "grouped + general ≥ fused")) if m in goals]
-    rows = [{"task": t, **{m: test[t][m]["macro_f1"] for m, _ in models},
+    rows = [{"task": task_label(t), **{m: test[t][m]["macro_f1"] for m, _ in models},
              **{f"ge_{m}": "yes" if goals[m]["ge_fused_per_task"][t] else "**no**" for m, _ in judged}}
             for t in tasks]
     rows.append({"task": "**mean**", **{m: result["test_mean_macro_f1"][m] for m, _ in models}})
@@ -531,7 +549,8 @@ def routing_section(result: dict) -> str:
             up = [own[i] for i in sorted(own, key=int)[len(own) // 2:]]
             d = rec.get("domain_minus_function")
             grp = rec["groups"]["domain" if name == "grouped_domain" else "function"]
-            lrows.append({"router": label, "task": t, "own_low": sum(low) / len(low), "own_up": sum(up) / len(up),
+            lrows.append({"router": label, "task": task_label(t), "own_low": sum(low) / len(low),
+                          "own_up": sum(up) / len(up),
                           "top": f"{grp['top_lower']} ({grp['lower'][grp['top_lower']]:.2f}) → "
                                  f"{grp['top_upper']} ({grp['upper'][grp['top_upper']]:.2f})",
                           "dlow": d["lower"] if d else None, "dup": d["upper"] if d else None,
@@ -676,7 +695,7 @@ def federated_seeds_section(result: dict) -> str:
         rows = []
         for t in r["client_tasks"]:
             m, d = r["models"][t], r["fedkim_minus"][t]
-            rows.append({"task": t, "majority": ms(m["majority_class"]["macro_f1"]),
+            rows.append({"task": task_label(t), "majority": ms(m["majority_class"]["macro_f1"]),
                          **{k: ms(m[k]["macro_f1"]) for k, _ in FEDERATED_MODELS},
                          **{f"d_{o}": f"{d[o]['macro_f1']['mean']:+.3f} ± {d[o]['macro_f1']['sd']:.3f} "
                                       f"({d[o]['macro_f1']['seeds_ahead']}/{len(p['seeds'])})"
@@ -745,7 +764,7 @@ def federated_section(result: dict) -> str:
         for t in r["client_tasks"]:
             row = r["table"][t]
             f1s = [c["macro_f1"] for c in row["local_only_per_client"]]
-            rows.append({"task": t, "majority": cell(r["majority_class_test"][t]),
+            rows.append({"task": task_label(t), "majority": cell(r["majority_class_test"][t]),
                          **{m: cell(row[m]) for m, _ in FEDERATED_MODELS},
                          "range": f"{min(f1s):.3f}–{max(f1s):.3f}",
                          "gap": row["centralized"]["macro_f1"] - row["fedkim"]["macro_f1"]})
@@ -805,7 +824,7 @@ def federated_section(result: dict) -> str:
                                     ("aggregate", "FedAvg s / round"), ("evaluate", "validation s / round"),
                                     ("overhead", "engine overhead s / round"),
                                     ("share", "overhead % of client compute"),
-                                    ("down", "MB to each client / round"), ("up", "MB from each client / round")])
+                                    ("down", "MiB to each client / round"), ("up", "MiB from each client / round")])
     overhead_ok = all(r["goals"]["overhead_below_20_percent"] for r in parts.values())
     shares = ", ".join(f"{name(k)} {100 * r['timing']['overhead_vs_client_compute']:.1f} %" for k, r in parts.items())
     first = next(iter(parts.values()))["params"]
@@ -974,7 +993,7 @@ def full_profile_time_section(result: dict) -> str:
 
 
 def text_padding_section(result: dict) -> str:
-    rows = [{"task": t, "width": f"{v['median_width']:g} of {v['max_length']}",
+    rows = [{"task": task_label(t), "width": f"{v['median_width']:g} of {v['max_length']}",
              "padded": v["padded_s_per_sample"] * 1e3, "trimmed": v["trimmed_s_per_sample"] * 1e3,
              "speedup": v["speedup"], "total": v["speedup_total"], "gap": f"{v['max_abs_feature_gap']:.1e}",
              **({"inf_padded": v["inference"]["s_per_sample"]["padded"] * 1e3,
@@ -1006,7 +1025,7 @@ def length_grouping_section(result: dict) -> str:
     rows = []
     for task, v in result["figures"].items():
         a = v["arms"]
-        rows.append({"task": task, "samples": v["train_samples"],
+        rows.append({"task": task_label(task), "samples": v["train_samples"],
                      "random_s": a["random"]["train_seconds_median"], "grouped_s": a["grouped"]["train_seconds_median"],
                      "speedup": v["speedup"],
                      **{f"{arm}_{m}": f"{a[arm][f'test_{m}_mean']:.3f} ± {a[arm][f'test_{m}_sd']:.3f}"
@@ -1048,7 +1067,7 @@ def image_foundation_section(result: dict) -> str:
             variants.append(f"`{name}.json` (commit {v['machine']['git_commit'][:8]}: {changed})")
     rows = []
     for task in result["params"]["tasks"]:
-        row = {"task": task}
+        row = {"task": task_label(task)}
         for arch, a in archs.items():
             m = a["tasks"][task]["test"]
             row[arch] = acc_auc_f1(m)
@@ -1081,7 +1100,7 @@ def lr_schedule_section(result: dict) -> str:
     rows = []
     for task in p["tasks"]:
         for cw in p["class_weights"]:
-            row = {"task": task, "loss": "class-balanced" if cw == "balanced" else "plain cross-entropy"}
+            row = {"task": task_label(task), "loss": "class-balanced" if cw == "balanced" else "plain cross-entropy"}
             for schedule in p["schedules"]:
                 m = runs[f"{cw}/{schedule}"]["tasks"][task]["test"]
                 row[schedule] = acc_auc_f1(m)
@@ -1135,7 +1154,7 @@ def experts_full_image_section(result: dict, name: str = "experts_full_image",
     rows = []
     for r in result["runs"]:
         anchor = found["anchors"].get("tasks", {}).get(r["task"], {})
-        rows.append({"task": r["task"] + (" (JPEG copy)" if r["task"] == "dermamnist" else ""), "method": r["method"],
+        rows.append({"task": task_label(r["task"]), "method": r["method"],
                      "expert": acc_auc_f1(r["test"]),
                      "probe": acc_auc_f1(r["probe_test"]),
                      **_versus_baseline(r, found["baselines"].get(r["task"], {})),
@@ -1194,7 +1213,7 @@ def image_recipes_section() -> str:
     rows = []
     for task in tasks:
         b = committed("image_foundation").get("baselines", {}).get(task)  # every training row, as the experts
-        row = {"task": task + (" (JPEG copy)" if task == "dermamnist" else ""), "base": strongest_of(b) if b else "—"}
+        row = {"task": task_label(task), "base": strongest_of(b) if b else "—"}
         for i, (_, experts, found) in enumerate(recipes):
             run = next((r for r in experts["runs"] if r["task"] == task), None)
             head = found["archs"].get("resnet18", {}).get("tasks", {}).get(task, {}).get("test", {}).get("macro_f1")
@@ -1301,7 +1320,7 @@ def experts_full_text_section(result: dict) -> str:
     rows = []
     for r in result["runs"]:
         q = quick_runs.get((r["task"], r["method"]))
-        rows.append({"task": r["task"], "method": r["method"], "rows": f"{r['train_samples']:,}",
+        rows.append({"task": task_label(r["task"]), "method": r["method"], "rows": f"{r['train_samples']:,}",
                      "quick": f"{q['test']['macro_f1']:.3f} ({q['train_samples']:,} rows)" if q else "",
                      "expert": acc_auc_f1(r["test"]),
                      "probe": f"{r['probe_test']['macro_f1']:.3f}",
@@ -1325,7 +1344,7 @@ def class_weight_section(result: dict) -> str:
     rows = []
     for task, r in result["tasks"].items():
         shares = r["train_class_shares"]
-        rows.append({"task": task + (" (JPEG copy)" if task == "dermamnist" else ""), "kind": r["kind"],
+        rows.append({"task": task_label(task), "kind": r["kind"],
                      "rare": f"{min(shares):.1%}" if shares else "", "n": r["rows"]["train"],
                      **{f"{m}_{k}": r[m]["test"][k] for m in ("none", "balanced") for k in ("accuracy", "macro_f1")},
                      "change": f"{r['test_macro_f1_change']:+.3f}", "val": r["val_picks"]})

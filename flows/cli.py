@@ -266,6 +266,9 @@ def promote(model: Annotated[str, typer.Option(help="Registered model name.")],
 def predict(model: Annotated[str, typer.Option(help="Model URI, e.g. models:/medexperts-pubmedqa@champion.")],
             input: Annotated[Path, typer.Option("--input", help="Text file (one input per line) or .npy/.npz images.")],
             task: Annotated[str | None, typer.Option(help="Task head of a multi-task model.")] = None,
+            modality: Annotated[str | None, typer.Option(
+                help="The inputs' modality, checked against the task's ('image' / 'text', or a FedKIM model's "
+                "modality description, e.g. 'chest X-ray image'): a mismatch is refused.")] = None,
             routing: Annotated[bool, typer.Option("--routing", help="A routed model: also print each input's "
                                                   "expert weights per layer.")] = False,
             allow_unverified: Annotated[bool, typer.Option(
@@ -285,7 +288,8 @@ def predict(model: Annotated[str, typer.Option(help="Model URI, e.g. models:/med
         raise ParamsError(f"--task {task!r} is not a task of {model}; it serves {served}")
     if served is not None and task is None and len(served) > 1:
         raise ParamsError(f"{model} serves several tasks; choose one with --task (one of {served})")
-    params = {**({"task": task} if task else {}), **({"routing": True} if routing else {})}
+    params = {**({"task": task} if task else {}), **({"modality": modality} if modality else {}),
+              **({"routing": True} if routing else {})}
     frame = loaded.predict(raw, params=params or None)
     print_predictions(out, frame)
 

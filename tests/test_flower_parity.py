@@ -6,6 +6,7 @@ environment with the extra and without the orchestration stack, and runs it ther
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -182,45 +183,65 @@ def _stop(procs: list[subprocess.Popen], marker: str) -> None:
         time.sleep(0.2)
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(300)
-def test_superlink_and_two_supernodes_match_the_in_process_core(tmp_path: Path) -> None:
+def _require_cli() -> None:
     if not shutil.which("flower-superlink", path=str(BIN)) or not sys.platform.startswith("linux"):
         why = "needs Flower's CLI beside this Python and Linux (/proc) to bound every process"
         if REQUIRED:
             pytest.fail(why)
         pytest.skip(why)
-    settings = flower.FlowerSettings(**SETTINGS, output_dir=str(tmp_path / "out"))
-    app = flower.write_app(tmp_path / "app", **settings.as_run_config())
-    link_port, *node_ports = _free_ports(3)
+
+
+def _tails(logs: dict[str, Path]) -> str:
+    return "\n".join(f"--- {n}\n{p.read_text(errors='replace')[-2000:]}" for n, p in logs.items())
+
+
+@contextlib.contextmanager
+def _loopback(tmp_path: Path, node_configs: list[str], pythonpath: tuple[Path, ...] = ()):  # noqa: ANN202
+    """A SuperLink and one SuperNode per ``--node-config`` on 127.0.0.1; yields (the environment ``flwr run``
+    needs, each process's log file, each process by name). Every process it started, and every SuperExec and app
+    process they started, is gone when it exits."""
+    link_port, *node_ports = _free_ports(1 + len(node_configs))
     marker = uuid.uuid4().hex
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(PROJECT), os.environ.get("PYTHONPATH", "")]).rstrip(":"),
+    path = [*map(str, pythonpath), str(PROJECT), os.environ.get("PYTHONPATH", "")]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(path).rstrip(":"),
                PATH=os.pathsep.join([str(BIN), os.environ.get("PATH", "")]), FLWR_HOME=str(tmp_path / "home"),
                FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1", MEDEXPERTS_FLOWER_TEST=marker)
     (tmp_path / "home").mkdir()
     (tmp_path / "home" / "config.toml").write_text(
         f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\naddress = "127.0.0.1:{link_port}"\n'
         "insecure = true\n")
-    procs: list[subprocess.Popen] = []
-    logs = {}
+    procs: dict[str, subprocess.Popen] = {}
+    logs: dict[str, Path] = {}
 
     def start(name: str, cmd: list[str], **extra: str) -> subprocess.Popen:
         logs[name] = tmp_path / f"{name}.log"
         with logs[name].open("wb") as out:
-            p = subprocess.Popen(cmd, env=dict(env, **extra), stdout=out, stderr=subprocess.STDOUT,
-                                 stdin=subprocess.DEVNULL, start_new_session=True, cwd=tmp_path)
-        procs.append(p)
-        return p
+            procs[name] = subprocess.Popen(cmd, env=dict(env, **extra), stdout=out, stderr=subprocess.STDOUT,
+                                           stdin=subprocess.DEVNULL, start_new_session=True, cwd=tmp_path)
+        return procs[name]
 
     try:
         link = start("superlink", [str(BIN / "flower-superlink"), "--insecure", "--host", "127.0.0.1",
                                    "--port", str(link_port), "--disable-runtime-dependency-installation"])
-        for pid, port in enumerate(node_ports):
+        for pid, (port, config) in enumerate(zip(node_ports, node_configs, strict=True)):
             start(f"supernode{pid}", [str(BIN / "flower-supernode"), "--insecure",
                                       "--superlink", f"127.0.0.1:{link_port}", "--port", str(port),
-                                      "--max-wait-time", "120", "--node-config", f"partition-id={pid}"],
+                                      "--max-wait-time", "120", "--node-config", config],
                   FLWR_HOME=str(tmp_path / f"home{pid}"))
         _wait_port(link_port, link, timeout_s=60)
+        yield env, logs, procs
+    finally:
+        _stop(list(procs.values()), marker)
+    assert not _marked_pids(marker), "a Flower process outlived the test"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_superlink_and_two_supernodes_match_the_in_process_core(tmp_path: Path) -> None:
+    _require_cli()
+    settings = flower.FlowerSettings(**SETTINGS, output_dir=str(tmp_path / "out"))
+    app = flower.write_app(tmp_path / "app", **settings.as_run_config())
+    with _loopback(tmp_path, ["partition-id=0", "partition-id=1"]) as (env, logs, _):
         t0 = time.monotonic()
         run = subprocess.run([str(BIN / "flwr"), "run", str(app), "loopback", "--stream"], env=env, cwd=tmp_path,
                              capture_output=True, text=True, timeout=200, stdin=subprocess.DEVNULL)
@@ -228,11 +249,7 @@ def test_superlink_and_two_supernodes_match_the_in_process_core(tmp_path: Path) 
         done = tmp_path / "out" / "reports.json"
         assert run.returncode == 0 and done.exists(), (
             f"flwr run exited {run.returncode} after {seconds:.0f}s without results\n{run.stdout[-3000:]}\n"
-            f"{run.stderr[-3000:]}\n" + "\n".join(f"--- {n}\n{p.read_text(errors='replace')[-2000:]}"
-                                                 for n, p in logs.items()))
-    finally:
-        _stop(procs, marker)
-    assert not _marked_pids(marker), "a Flower process outlived the test"
+            f"{run.stderr[-3000:]}\n" + _tails(logs))
 
     reports = json.loads(done.read_text())
     payload = torch.load(tmp_path / "out" / "payload.pt", weights_only=True)
@@ -251,6 +268,71 @@ def test_superlink_and_two_supernodes_match_the_in_process_core(tmp_path: Path) 
     diff = max(float((payload[k] - v).abs().max()) for k, v in ref.payload.items())
     print(f"\nflower round: flwr run took {seconds:.1f}s (round phase {reports[0]['seconds']['clients']:.1f}s); "
           f"max |flower - in-process| = {diff:.3g}")
+
+
+HANGING_SITE = '''"""A test site: the partition whose --node-config names a hang-file stops mid-round."""
+import os
+import time
+from pathlib import Path
+
+from components.federated.flower import smoke_data
+
+
+def data(node_config):
+    if node_config.get("hang-file"):  # after the round's message arrived, before any answer
+        hang = Path(node_config["hang-file"])
+        hang.with_suffix(".tmp").write_text(str(os.getpid()))
+        hang.with_suffix(".tmp").replace(hang)
+        time.sleep(600)
+    return smoke_data(node_config)
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_site_killed_mid_round_is_missing_and_the_round_completes_over_the_others(tmp_path: Path) -> None:
+    """Three SuperNodes; one site's training process is killed (SIGKILL, its SuperNode with it) after it took the
+    round's message. The round completes over the two others (min-clients=2), with the aggregate the core computes
+    over those two, and the killed site is recorded as missing."""
+    _require_cli()
+    (tmp_path / "sites").mkdir()
+    (tmp_path / "sites" / "hanging_site.py").write_text(HANGING_SITE)
+    hang = tmp_path / "hung.pid"
+    settings = flower.FlowerSettings(**dict(SETTINGS, min_nodes=3, round_timeout=90.0), data="hanging_site:data",
+                                     output_dir=str(tmp_path / "out"))
+    app = flower.write_app(tmp_path / "app", **settings.as_run_config())
+    configs = ["partition-id=0", "partition-id=1", f'partition-id=2 hang-file="{hang}"']
+    with _loopback(tmp_path, configs, pythonpath=(tmp_path / "sites",)) as (env, logs, procs):
+        run = subprocess.Popen([str(BIN / "flwr"), "run", str(app), "loopback", "--stream"], env=env, cwd=tmp_path,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               stdin=subprocess.DEVNULL, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 150
+            while not hang.exists():
+                assert run.poll() is None and time.monotonic() < deadline, (
+                    f"site 2 never started its round (flwr run: {run.returncode})\n" + _tails(logs))
+                time.sleep(0.2)
+            os.kill(int(hang.read_text()), signal.SIGKILL)  # the site's training process dies mid-round,
+            os.killpg(procs["supernode2"].pid, signal.SIGKILL)  # and its SuperNode with it
+            out, _ = run.communicate(timeout=200)
+        finally:
+            if run.poll() is None:
+                os.killpg(run.pid, signal.SIGKILL)
+                run.wait()
+        done = tmp_path / "out" / "reports.json"
+        assert run.returncode == 0 and done.exists(), (
+            f"flwr run exited {run.returncode} without results\n{out[-3000:]}\n" + _tails(logs))
+
+    (report,) = json.loads(done.read_text())
+    assert report["accepted"] == ["client_0", "client_1"] and not report["rejected"], report
+    assert len(report["missing"]) == 1, report["missing"]
+    (why,) = report["missing"].values()  # the killed site, by its node id: it never said who it was
+    assert "Node Unavailable" in why or "round-timeout" in why, why  # the SuperLink's word on it, or the timeout
+    ref = in_process(settings)  # the core's round over the two sites that answered (partitions 0 and 1)
+    payload = torch.load(tmp_path / "out" / "payload.pt", weights_only=True)
+    assert report["num_examples"] == ref.reports[0].num_examples
+    for k, v in ref.payload.items():
+        torch.testing.assert_close(payload[k], v, rtol=1e-6, atol=1e-6)
 
 
 class LoopbackGrid:
@@ -309,7 +391,7 @@ def test_server_rounds_match_the_core_and_record_missing_clients(tmp_path: Path,
     s3 = flower.FlowerSettings(**dict(SETTINGS, min_clients=1))
     report = flower.run_server(LoopbackGrid(s3, nodes=3, failing=2, silent=3), s3).reports[0]
     assert report.accepted == ["client_0"]
-    assert report.missing == {"node_2": "FederatedError: ClientApp error: hospital offline",
+    assert report.missing == {"node_2": "FederatedError: error reply: hospital offline",
                               "node_3": f"FederatedError: no reply within round-timeout={s3.round_timeout:g}s"}
 
 

@@ -12,13 +12,14 @@ from components.data.datasets import read_data_manifest
 pytestmark = pytest.mark.slow
 STAGES = ["sources", "data", "foundation", "experts", "decompose", "federated", "routing", "fusion", "evaluate",
           "promote"]
-TASKS = ["pneumoniamnist", "breastmnist", "pubmedqa", "medical_abstracts"]
+# the default tasks and RetinaMNIST (shipped; in the full profile): a new image task runs end to end from a clone
+TASKS = ["pneumoniamnist", "breastmnist", "retinamnist", "pubmedqa", "medical_abstracts"]
 
 
 def test_retrain_end_to_end(isolated_project: Path, tiny_bert: Path, prefect_server: str) -> None:
     from flows.retrain import retrain
 
-    overrides = {"foundation.text.source": str(tiny_bert), "registry.floor": 0.0}
+    overrides = {"foundation.text.source": str(tiny_bert), "registry.floor": 0.0, "data.active": TASKS}
     results = retrain(profile="tiny", overrides=overrides)
     client = mlflow.MlflowClient()
     exp = client.get_experiment_by_name("medexperts")
@@ -95,7 +96,16 @@ def test_retrain_end_to_end(isolated_project: Path, tiny_bert: Path, prefect_ser
 
     images = np.random.default_rng(0).integers(0, 256, size=(2, 28, 28), dtype=np.uint8)
     assert len(fedkim.predict(images, params={"task": "breastmnist"})) == 2
+    # the request may carry the modality (FedKIM's gate reads task and modality): its kind or its description
+    named = fedkim.predict(images, params={"task": "breastmnist", "modality": "Breast ultrasound image"})
+    assert named["label"].tolist() == fedkim.predict(images, params={"task": "breastmnist"})["label"].tolist()
+    assert len(fedkim.predict(images, params={"task": "breastmnist", "modality": "image"})) == 2
     from components.core.errors import DataError
+
+    with pytest.raises(DataError, match="modality 'chest X-ray image' is not the one task 'breastmnist'"):
+        fedkim.predict(images, params={"task": "breastmnist", "modality": "chest X-ray image"})
+    with pytest.raises(DataError, match="modality 'image' is not the one task 'pubmedqa'"):
+        model.predict(["Is smoking protective?"], params={"modality": "image"})
 
     with pytest.raises(DataError, match="takes 28x28 grayscale"):  # the recorded training size, no silent nonsense
         fedkim.predict(np.zeros((2, 64, 64), np.uint8), params={"task": "breastmnist"})

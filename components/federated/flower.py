@@ -281,7 +281,7 @@ def wait_for_nodes(grid: Grid, needed: int, timeout_s: float) -> list[int]:
 def _answer(reply: Message) -> tuple[str | None, int, ClientResult | None, str]:
     """(client id, partition id, result, why it is unusable) from one reply."""
     if reply.has_error():
-        return None, -1, None, f"ClientApp error: {reply.error.reason}"
+        return None, -1, None, f"error reply: {reply.error.reason}"  # from the ClientApp, or the SuperLink's
     try:
         content = reply.content
         metrics, client = content.metric_records[METRICS], content.config_records[CLIENT]
@@ -320,11 +320,17 @@ def flower_round(grid: Grid, model: nn.Module, nodes: Sequence[int], round_: int
     t0 = time.perf_counter()
     replies = list(grid.send_and_receive(messages, timeout=settings.round_timeout))
     wall = time.perf_counter() - t0
+    # Whom a reply is from: the node its instruction went to. The SuperLink itself answers for a node that stopped
+    # sending heartbeats ("Node Unavailable"), from its own node id, so src_node_id alone would count that site twice
+    # (once under the SuperLink's id, once as silent). The grid sets each instruction's message id as it pushes it.
+    sent = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
+    by_instruction = "" not in sent and len(sent) == len(messages)
     answers: dict[str, tuple[ClientResult | None, str]] = {}
     order: dict[str, tuple[int, int, str]] = {}  # usable answers by partition id first, then the rest
     replied = set()
     for reply in replies:
-        node = reply.metadata.src_node_id
+        node = sent.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id) if by_instruction else \
+            reply.metadata.src_node_id
         replied.add(node)
         client_id, pid, result, why = _answer(reply)
         if client_id is None or client_id in answers:

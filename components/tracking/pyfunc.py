@@ -107,6 +107,11 @@ class InjectedBundle:
     def modality(self, task: str) -> str:
         return self.model.tasks[task].modality
 
+    def modality_names(self, task: str) -> list[str]:
+        """What a request may call ``task``'s modality: its kind and the description the gate reads."""
+        spec = self.model.tasks[task]
+        return [spec.modality, spec.modality_description]
+
     def task_info(self, task: str) -> dict[str, Any]:
         spec = self.model.tasks[task]
         return {"kind": spec.kind, "label_names": self.manifest["label_names"][task],
@@ -136,6 +141,15 @@ def frame_from_logits(logits: torch.Tensor, info: dict[str, Any], task: str) -> 
     return frame
 
 
+def check_modality(requested: str | None, task: str, names: list[str]) -> None:
+    """A request may name its inputs' modality (``params={'modality': ...}``; empty: not checked). FedKIM's gate
+    reads the task and the modality, and a request whose modality is not the one ``task`` was trained on (say, an
+    ultrasound sent to a chest X-ray task) is refused rather than answered. ``names``: what the model calls it."""
+    if requested and requested.strip().lower() not in {n.lower() for n in names}:
+        raise DataError(f"modality {requested!r} is not the one task {task!r} was trained on: it takes "
+                        f"{' / '.join(repr(n) for n in names)} inputs")
+
+
 class BundleModel(mlflow.pyfunc.PythonModel):
     """Loads the bundle artifact (or a FedKIM injected model); ``params={'task': name}`` picks the head of a
     multi-task model."""
@@ -149,6 +163,11 @@ class BundleModel(mlflow.pyfunc.PythonModel):
         kind = read_json(folder / "manifest.json", "model manifest").get("kind")
         self.bundle = InjectedBundle(folder) if kind == "fedkim" else load_bundle(folder)
 
+    def modality_names(self, task: str) -> list[str]:
+        if isinstance(self.bundle, InjectedBundle):
+            return self.bundle.modality_names(task)
+        return [self.bundle.manifest["base"]["modality"]]
+
     # Inputs are texts (DataFrame/list) or image arrays: no single MLflow schema fits both, so type-hint
     # validation is off, and the hint is one MLflow knows not to build a schema from.
     _skip_type_hint_validation = True
@@ -158,6 +177,7 @@ class BundleModel(mlflow.pyfunc.PythonModel):
         task = (params or {}).get("task") or (tasks[0] if len(tasks) == 1 else None)
         if task not in tasks:
             raise ArtifactError(f"choose a task with params={{'task': ...}}; this model serves {tasks}")
+        check_modality((params or {}).get("modality"), task, self.modality_names(task))
         if isinstance(self.bundle, InjectedBundle):
             raw = to_raw(model_input, self.bundle.modality(task))
             if self.bundle.modality(task) == "image":

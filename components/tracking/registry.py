@@ -31,6 +31,7 @@ from components.tracking.pyfunc import inference_requirements
 CHAMPION, CHALLENGER = "champion", "challenger"
 # Only the params are declared (MLflow drops undeclared predict params); inputs are texts or image arrays.
 SIGNATURE = ModelSignature(inputs=None, params=ParamSchema([ParamSpec("task", "string", ""),
+                                                          ParamSpec("modality", "string", ""),
                                                           ParamSpec("routing", "boolean", False)]))
 METRIC_TAG = "val_metric"
 REGISTRATION_TAG = "registration.fingerprint"  # the promote stage fingerprint that created the version
