@@ -13,7 +13,7 @@ help: ## list the targets
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[test]"
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-cache-dir -e ".[test]"
 	@touch $@
 
 setup: $(VENV)/.installed ## create .venv and install the project (CPU torch 2.13.0)

@@ -15,7 +15,10 @@ task, the same rows for every model), per client task:
 3. FedAvg: the aggregated client model after R rounds, with its heads;
 4. FedKIM: the injected foundation;
 5. centralized: one client model trained on all clients' shards pooled (same schedule): the upper bound of what the
-   clients' data can teach a client model.
+   clients' data can teach a client model (centralized - FedAvg: what federating the clients' training costs);
+6. FedKIM, centralized: that pooled client model injected by the stage's own server step (`inject_clients`, the same
+   server rows, reference and settings): FedKIM's upper bound, so FedKIM, centralized - FedKIM is what federation
+   costs the injected foundation (the issue's gap to centralized).
 
 The profile's settings (all recorded in the result), unless changed: --client-cap rows per client and task, --rounds,
 --server-epochs; the server trains the injection on at most --server-cap rows per task, out of the --server-fraction
@@ -55,7 +58,7 @@ TASKS = ["pneumoniamnist", "breastmnist", "pubmedqa", "medical_abstracts"]
 PARTITIONS = {"iid": {"data.federation.partition": "iid"},
               "dirichlet": {"data.federation.partition": "dirichlet", "data.federation.alpha": 0.5}}
 METRICS = ("accuracy", "macro_f1", "auroc", "mcc")
-MODELS = ("no_injection", "local_only", "fedavg", "fedkim", "centralized")
+MODELS = ("no_injection", "local_only", "fedavg", "fedkim", "centralized", "fedkim_centralized")
 OVERHEAD_GOAL = 0.20
 
 
@@ -94,7 +97,8 @@ def capture_stage() -> Iterator[dict[str, Any]]:
     import components.stages.federated as stage
 
     kept: dict[str, Any] = {}
-    originals = {name: getattr(stage, name) for name in ("train_clients", "build_injected", "no_injection")}
+    originals = {name: getattr(stage, name) for name in ("train_clients", "build_injected", "no_injection",
+                                                         "inject_clients")}
 
     def train_clients(global_model, shards, **kwargs):  # noqa: ANN001, ANN202
         kept["initial_model"] = copy.deepcopy(global_model)
@@ -110,8 +114,12 @@ def capture_stage() -> Iterator[dict[str, Any]]:
         kept["no_injection"] = originals["no_injection"](*args, **kwargs)
         return kept["no_injection"]
 
+    def inject_clients(inp, found, client_model, specs, train, val, **kwargs):  # noqa: ANN001, ANN003, ANN202
+        kept["inject"] = {"inp": inp, "found": found, "specs": specs, "train": train, "val": val, **kwargs}
+        return originals["inject_clients"](inp, found, client_model, specs, train, val, **kwargs)
+
     for name, fn in (("train_clients", train_clients), ("build_injected", build_injected),
-                     ("no_injection", no_injection)):
+                     ("no_injection", no_injection), ("inject_clients", inject_clients)):
         setattr(stage, name, fn)
     try:
         yield kept
@@ -145,6 +153,16 @@ def train_alone(kept: dict[str, Any], shard: dict[str, Any]) -> Any:
     kwargs = {k: v for k, v in kept["client_kwargs"].items()
               if k not in ("val", "on_round", "min_clients", "max_norm", "timeout_s", "workers")}
     return train_clients(copy.deepcopy(kept["initial_model"]), [shard], **kwargs).model
+
+
+def inject_pooled(kept: dict[str, Any], client_model: Any) -> Any:
+    """The stage's own server step (``inject_clients``: the same foundation, server rows, reference model and
+    settings) on ``client_model`` instead of the aggregate."""
+    from components.stages.federated import inject_clients
+
+    k = kept["inject"]
+    return inject_clients(k["inp"], k["found"], client_model, k["specs"], k["train"], k["val"],
+                          reference=k["reference"])
 
 
 def majority_class(train: Any, test: Any) -> dict[str, float]:
@@ -242,9 +260,15 @@ def run_partition(work: Path, profile: str, partition: str, tasks: list[str], he
     local_seconds = time.perf_counter() - t0
     scores["local_only"] = {t: {k: statistics.mean(c[t][k] for c in local) for k in METRICS} for t in client_tasks}
     t0 = time.perf_counter()
-    scores["centralized"] = per_task(evaluate_client(train_alone(kept, pooled(shards))), client_tasks)
+    central = train_alone(kept, pooled(shards))
+    scores["centralized"] = per_task(evaluate_client(central), client_tasks)
     central_seconds = time.perf_counter() - t0
-    print(f"[{partition}] local-only {local_seconds:.0f} s, centralized {central_seconds:.0f} s", flush=True)
+    t0 = time.perf_counter()
+    scores["fedkim_centralized"] = {t: _pick(m) for t, m in evaluate_injected(inject_pooled(kept, central),
+                                                                              client_test).items()}
+    central_injection_seconds = time.perf_counter() - t0
+    print(f"[{partition}] local-only {local_seconds:.0f} s, centralized {central_seconds:.0f} s, its injection "
+          f"{central_injection_seconds:.0f} s", flush=True)
 
     metric = summary.metric or "macro_f1"
     table = {t: {m: scores[m][t] for m in MODELS} for t in client_tasks}
@@ -254,6 +278,9 @@ def run_partition(work: Path, profile: str, partition: str, tasks: list[str], he
 
     def beats(a: str, b: str, key: str = metric) -> dict[str, bool]:
         return {t: table[t][a][key] > table[t][b][key] for t in client_tasks}
+
+    def gap(upper: str, model: str, key: str = metric) -> dict[str, float]:
+        return {t: table[t][upper][key] - table[t][model][key] for t in client_tasks}
 
     def held_gain_of(key: str) -> float | None:
         gains = [held[t]["fedkim"][key] - held[t]["no_injection"][key] for t in held_out]
@@ -272,9 +299,11 @@ def run_partition(work: Path, profile: str, partition: str, tasks: list[str], he
         "held_out_mean_gain": statistics.mean(held_gain) if held_gain else None,
         "held_out_injected_beats_not_injected_on_average": bool(held_gain) and statistics.mean(held_gain) > 0,
         "held_out_gain": {t: held[t]["fedkim"][metric] - held[t]["no_injection"][metric] for t in held_out},
-        "gap_to_centralized": {t: table[t]["centralized"][metric] - table[t]["fedkim"][metric] for t in client_tasks},
-        "mean_gap_to_centralized": statistics.mean(table[t]["centralized"][metric] - table[t]["fedkim"][metric]
-                                                   for t in client_tasks),
+        # what federation costs: FedKIM on the pooled client model - FedKIM; and at the client level, pooled - FedAvg
+        "gap_to_centralized": gap("fedkim_centralized", "fedkim"),
+        "mean_gap_to_centralized": statistics.mean(gap("fedkim_centralized", "fedkim").values()),
+        "client_gap_to_centralized": gap("centralized", "fedavg"),
+        "mean_client_gap_to_centralized": statistics.mean(gap("centralized", "fedavg").values()),
         "overhead_vs_client_compute": cost["overhead_vs_client_compute"],
         "overhead_below_20_percent": cost["overhead_below_20_percent"],
         "by_auroc": {  # the same checks on AUROC (threshold-free), next to the primary metric's
@@ -282,8 +311,8 @@ def run_partition(work: Path, profile: str, partition: str, tasks: list[str], he
             "fedkim_beats_local_only": auc_local, "fedkim_beats_local_only_every_task": all(auc_local.values()),
             "held_out_mean_gain": auc_held,
             "held_out_injected_beats_not_injected_on_average": auc_held is not None and auc_held > 0,
-            "mean_gap_to_centralized": statistics.mean(table[t]["centralized"]["auroc"] - table[t]["fedkim"]["auroc"]
-                                                       for t in client_tasks)},
+            "mean_gap_to_centralized": statistics.mean(gap("fedkim_centralized", "fedkim", "auroc").values()),
+            "mean_client_gap_to_centralized": statistics.mean(gap("centralized", "fedavg", "auroc").values())},
     }
     server_split = {t: tuple(map(len, _split_rows(load_split(data_dir, t, "val"), params.federated.server_fraction,
                                                   seed))) for t in tasks}  # the stage's (server train, server val)
@@ -298,7 +327,8 @@ def run_partition(work: Path, profile: str, partition: str, tasks: list[str], he
             "timing": cost, "goals": goals,
             "seconds": {"partition": time.perf_counter() - start, "stage": stage_seconds,
                         "stage_clients": summary.client_seconds, "stage_server": summary.server_seconds,
-                        "test_evaluation": eval_seconds, "local_only": local_seconds, "centralized": central_seconds},
+                        "test_evaluation": eval_seconds, "local_only": local_seconds, "centralized": central_seconds,
+                        "fedkim_centralized": central_injection_seconds},
             "params": {"rounds": params.federated.rounds, "local_epochs": params.federated.client.epochs,
                        "num_clients": params.data.federation.num_clients,
                        "partition": params.data.federation.partition,

@@ -40,7 +40,7 @@ class InjectionParams(Strict):
                                                         "intermediate.dense", "output.dense"], min_length=1,
                                description="Attention and feed-forward Linear layers that get the mixture.")
     extra_tokens: int = Field(1, ge=1, description="Tokens a projected client feature adds to the input.")
-    preserve: float = Field(3.0, ge=0, description="Weight of the knowledge-preservation term on text-task rows: "
+    preserve: float = Field(10.0, ge=0, description="Weight of the knowledge-preservation term on text-task rows: "
                             "KL from the no-injection model's predictions to the injected model's (Learning without "
                             "Forgetting); 0: off.")
     trainer: TrainerParams = Field(default_factory=_injection_trainer,

@@ -153,12 +153,7 @@ def run(inp: FederatedInputs, data_dir: Path, foundation_dir: Path, out_dir: Pat
     # keeps its best epoch on the server's validation rows, the start included.
     plain = no_injection(found, client_specs, seed=seed)
     fit_probe_heads(plain, own_train, own_val, inp.probe, metric, seed)
-    injected = build_injected(found, federated.model, client_specs, num_experts=ip.num_experts, rank=ip.rank,
-                              alpha=ip.alpha, targets=ip.targets, extra_tokens=ip.extra_tokens, seed=seed)
-    fit_probe_heads(injected, own_train, own_val, inp.probe, metric, seed)
-    train_injected(injected, own_train, own_val, trainer=ip.trainer, seed=seed, monitor=metric,
-                   preserve=ip.preserve, reference=plain,
-                   on_epoch=_epoch_line("FedKIM injection", ip.trainer.max_epochs))
+    injected = inject_clients(inp, found, federated.model, client_specs, own_train, own_val, reference=plain)
     val = evaluate_injected(injected, own_val)
     val_plain = evaluate_injected(plain, own_val)
     held: dict[str, dict[str, dict[str, float]]] = {}
@@ -190,6 +185,22 @@ def run(inp: FederatedInputs, data_dir: Path, foundation_dir: Path, out_dir: Pat
         rejected={str(r.round): r.rejected for r in reports if r.rejected},
         val=val, val_no_injection=val_plain, held_out_val=held, client_seconds=client_seconds,
         server_seconds=server_seconds, flower_run=flower_run)
+
+
+def inject_clients(inp: FederatedInputs, found: Any, client_model: Any, specs: dict[str, TaskSpec],
+                   train: dict[str, TaskData], val: dict[str, TaskData], *, reference: Any) -> Any:
+    """FedKIM's server step: ``client_model``'s encoders injected into the frozen foundation through M3OE, heads
+    fitted as a probe on the injected model's own features, then trained on the server's ``train`` rows with the
+    knowledge-preservation term against ``reference`` (the no-injection model), its best epoch on ``val`` kept (the
+    untrained start included). The stage injects the aggregated client model; ``bench federated`` also injects a
+    client model trained on every client's rows pooled (FedKIM's centralized upper bound)."""
+    ip, seed = inp.federated.injection, inp.seed
+    injected = build_injected(found, client_model, specs, num_experts=ip.num_experts, rank=ip.rank, alpha=ip.alpha,
+                              targets=ip.targets, extra_tokens=ip.extra_tokens, seed=seed)
+    fit_probe_heads(injected, train, val, inp.probe, inp.metric, seed)
+    train_injected(injected, train, val, trainer=ip.trainer, seed=seed, monitor=inp.metric, preserve=ip.preserve,
+                   reference=reference, on_epoch=_epoch_line("FedKIM injection", ip.trainer.max_epochs))
+    return injected
 
 
 def _client_shards(data_dir: Path, tasks: list[str], num_clients: int, cap: int | None,
