@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ from components.federated.client import ClientResult, client_update
 from components.federated.payload import load_payload, payload_bytes, select_names, to_payload
 from components.federated.rounds import Client, FederatedError, RoundReport, run_rounds
 from components.federated.shards import read_shards, shard_data
+from components.federated import simulate as simulate_mod
 from components.federated.simulate import evaluator, simulate
 from components.stages.data import prepare_data
 from components.training.data import TensorDictDataset
@@ -232,6 +234,81 @@ def test_slow_client_is_missing_after_the_fact(monkeypatch: pytest.MonkeyPatch) 
     run = run_rounds(model, [fixed(p, 10), Client("slow", 5, slow)], rounds=1, timeout_s=10)
     assert "over timeout_s=10" in run.reports[0].missing["slow"]
     torch.testing.assert_close(run.payload["head.bias"], torch.ones(2))
+
+
+def _join(name: str) -> None:
+    """Wait for the engine's thread ``name`` to end (the tests release a hung client first)."""
+    for thread in threading.enumerate():
+        if thread.name == name:
+            thread.join(60)
+            assert not thread.is_alive(), f"{name} did not end"
+
+
+def test_a_hung_client_is_missing_and_skipped_until_its_update_ends() -> None:
+    model = mlp()
+    a, b, late = payload_like(model, 1.0), payload_like(model, 4.0), payload_like(model, 100.0)
+    release = threading.Event()
+
+    def hangs_in_round_1(_p: dict, round_: int) -> ClientResult:
+        if round_ == 1:
+            release.wait(120)  # hung until the test releases it (a safety bound, never reached when the test passes)
+        return ClientResult(late, 5, 0.1, 0.0)
+
+    calls = {"hung": 0}
+
+    def counted(p: dict, round_: int) -> ClientResult:
+        calls["hung"] += 1
+        return hangs_in_round_1(p, round_)
+
+    after_round_1: dict[str, torch.Tensor] = {}
+
+    def between_rounds(report: RoundReport) -> None:
+        if report.round == 1:
+            after_round_1.update({k: v.clone() for k, v in to_payload(model).items()})
+        if report.round == 2:  # let the round-1 update end before round 3
+            release.set()
+            _join("federated-hung-round-1")
+
+    # 5 s: far above what the two instant clients take, and the only wait (the hung client is not called in round 2)
+    run = run_rounds(model, [fixed(a, 10), fixed(b, 30), Client("hung", 5, counted)], rounds=3, min_clients=2,
+                     timeout_s=5, on_round=between_rounds)
+    r1, r2, r3 = run.reports
+    assert r1.accepted == r2.accepted == ["c10", "c30"]
+    assert "no answer within timeout_s=5" in r1.missing["hung"]
+    assert "still running its round-1 update" in r2.missing["hung"]
+    assert calls["hung"] == 2  # rounds 1 and 3: not called while busy
+    assert r3.accepted == ["c10", "c30", "hung"] and not r3.missing
+    for k, v in fedavg([a, b], [10, 30]).items():  # round 1 averaged the two that answered
+        torch.testing.assert_close(after_round_1[k], v)
+    expected = fedavg([a, b, late], [10, 30, 5])  # round 3 took the released client again
+    for k, v in run.payload.items():
+        torch.testing.assert_close(v, expected[k])
+
+
+def test_the_simulator_gives_each_client_its_own_model_under_a_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A hung simulated client's update is left running: it must not train the model the next client uses."""
+    train = separable(90, 8, seed=1)
+    parts = shard_data(train, [np.arange(0, 20), np.arange(20, 50), np.arange(50, 90)])
+    real, used, release = simulate_mod.client_update, [], threading.Event()
+
+    def update(worker: nn.Module, payload: dict, ds: TensorDictDataset, *args, **kwargs) -> ClientResult:
+        used.append(id(worker))
+        if len(ds) == 30:
+            release.wait(120)  # the second client hangs (released at the end)
+        return real(worker, payload, ds, *args, **kwargs)
+
+    monkeypatch.setattr(simulate_mod, "client_update", update)
+    try:
+        sim = simulate(lambda: MLP(d=8, h=16), parts, encode, rounds=2, lr=0.03, seed=0, min_clients=2, timeout_s=5)
+    finally:
+        release.set()
+        _join("federated-client_1-round-1")
+    assert [sorted(r.missing) for r in sim.reports] == [["client_1"], ["client_1"]]
+    assert "still running its round-1 update" in sim.reports[1].missing["client_1"]
+    assert len(set(used)) == 3  # three workers: the hung one trained its own
+    used.clear()
+    simulate(lambda: MLP(d=8, h=16), parts, encode, rounds=1, lr=0.03, seed=0)
+    assert len(set(used)) == 1  # without a timeout the clients share one worker (no copies)
 
 
 def test_bad_runs_are_refused() -> None:

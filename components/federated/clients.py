@@ -390,19 +390,22 @@ def train_clients(
     the local model, loaded into ``global_model`` each round.
 
     ``workers`` (one per client) are the clients' own local models, checked to match ``global_model``; by
-    default one copy of it is shared by all (in-process simulation). ``min_clients`` defaults to all clients;
+    default one copy of it is shared by all (in-process simulation), or one copy per client with ``timeout_s``
+    (an update that outlives it is left running on its own copy). ``min_clients`` defaults to all clients;
     with ``val`` (task -> split) each round reports the aggregate's per-task metrics."""
     if not shards:
         raise ParamsError("FedKIM needs at least one client shard; got none (check federation.num_clients)")
     ids = [f"client_{i}" for i in range(len(shards))]
-    if workers is None:
-        shared = copy.deepcopy(global_model)
+    chosen: ClientModel | list[ClientModel]
+    if workers is None:  # a client left running past timeout_s keeps training its own copy
+        chosen = (copy.deepcopy(global_model) if timeout_s is None
+                  else [copy.deepcopy(global_model) for _ in shards])
     else:
         if len(workers) != len(shards):
             raise ParamsError(f"{len(workers)} client models for {len(shards)} shards; give one per client")
         check_client_models(global_model, workers, ids)
-        shared = None
-    clients = fedkim_clients(shared if shared is not None else list(workers), shards, tokenizer=tokenizer,
+        chosen = list(workers)
+    clients = fedkim_clients(chosen, shards, tokenizer=tokenizer,
                              max_length=max_length, epochs=epochs, batch_size=batch_size, lr=lr,
                              weight_decay=weight_decay, mu=mu, seed=seed, ids=ids, class_weight=class_weight)
     evaluate = None if val is None else client_evaluator(val, tokenizer=tokenizer, max_length=max_length)

@@ -1,13 +1,17 @@
 """The server's round loop: broadcast the global payload, collect client updates, screen, FedAvg, evaluate.
 
 Clients are plain callables, so the in-process simulator and a Flower adapter plug into the same loop. In the
-simulator clients run one after another, so a client slower than ``timeout_s`` is dropped after the fact
-(its update is discarded as if it never arrived); the Flower path enforces the budget live (round timeout).
+simulator clients run one after another; with ``timeout_s`` each runs in a thread the round waits on for at most
+that long. A client with no answer by then is missing and the round goes on over the others; Python cannot kill a
+thread, so its update is left running (a daemon thread, on its own model copy) and the client takes no new round
+until it ends, and whatever it then returns is discarded. A client that answers in time but whose own clock says it
+took longer is dropped too. The Flower path enforces the budget on the SuperLink (round timeout).
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -165,25 +169,54 @@ def _check_run(clients: Sequence[Client], rounds: int, min_clients: int, max_nor
 
 
 Answer = tuple[ClientResult | None, str, float]  # (result, why it is missing, wall seconds)
+Busy = dict[str, tuple[threading.Thread, int]]  # client id -> (its update left running, the round it was for)
 
 
-def _call(client: Client, payload: Payload, round_: int, timeout_s: float | None) -> Answer:
-    """Any exception of the client is its failure, not the round's."""
+def _call(client: Client, payload: Payload, round_: int, timeout_s: float | None, busy: Busy) -> Answer:
+    """Any exception of the client is its failure, not the round's; a stop request (``StopRequested``, a
+    BaseException) raised in the client is the run's and is raised here. With ``timeout_s`` the update runs in a
+    thread and a client still busy with an earlier round's update (``busy``) is not called."""
+    running = busy.get(client.id)
+    if running is not None:
+        if running[0].is_alive():
+            return None, f"still running its round-{running[1]} update, abandoned after timeout_s={timeout_s:g}", 0.0
+        del busy[client.id]
+    box: dict[str, object] = {}
+
+    def work() -> None:
+        try:
+            box["result"] = client.update(clone_payload(payload), round_)  # a clone: the global copy stays intact
+        except BaseException as exc:  # noqa: BLE001 - handed to the round below
+            box["error"] = exc
+
     t0 = perf_counter()
-    try:
-        result = client.update(clone_payload(payload), round_)  # a clone: no client can alter the global copy
-    except Exception as exc:  # noqa: BLE001 - a failing client is recorded, the round goes on
-        return None, f"{type(exc).__name__}: {exc}", perf_counter() - t0
+    if timeout_s is None:
+        work()
+    else:
+        thread = threading.Thread(target=work, name=f"federated-{client.id}-round-{round_}", daemon=True)
+        thread.start()
+        thread.join(timeout_s)
+        if thread.is_alive():
+            busy[client.id] = (thread, round_)
+            return None, (f"no answer within timeout_s={timeout_s:g}; its update is left running and the client "
+                          f"takes no round until it ends"), perf_counter() - t0
     seconds = perf_counter() - t0
+    error = box.get("error")
+    if isinstance(error, Exception):  # a failing client is recorded, the round goes on
+        return None, f"{type(error).__name__}: {error}", seconds
+    if isinstance(error, BaseException):
+        raise error
     if timeout_s is not None and seconds > timeout_s:
         return None, f"took {seconds:.1f}s, over timeout_s={timeout_s:g}", seconds
-    return result, "", seconds
+    return box["result"], "", seconds  # type: ignore[return-value]
 
 
 def run_round(global_model: nn.Module, clients: Sequence[Client], round_: int, *, min_clients: int,
-              max_norm: float | None, timeout_s: float | None, keys: KeyFilter, evaluate: Evaluate | None
-              ) -> RoundReport:
-    """One round; on failure (too few usable updates) the global model is left as it was."""
+              max_norm: float | None, timeout_s: float | None, keys: KeyFilter, evaluate: Evaluate | None,
+              busy: Busy | None = None) -> RoundReport:
+    """One round; on failure (too few usable updates) the global model is left as it was. ``busy`` carries the
+    clients whose update outlived ``timeout_s`` from one round to the next (``run_rounds`` keeps it)."""
+    busy = {} if busy is None else busy
     t_round = perf_counter()
     glob = to_payload(global_model, keys)
     losses: dict[str, float] = {}
@@ -194,7 +227,7 @@ def run_round(global_model: nn.Module, clients: Sequence[Client], round_: int, *
     missing: dict[str, str] = {}
     rejected: dict[str, str] = {}
     for client in clients:
-        result, why, seconds[client.id] = _call(client, glob, round_, timeout_s)
+        result, why, seconds[client.id] = _call(client, glob, round_, timeout_s, busy)
         if result is None:
             missing[client.id] = why
             log.warning("[federated] round %d: client %s missing: %s", round_, client.id, why)
@@ -240,17 +273,19 @@ def run_rounds(
     """``rounds`` rounds of FedAvg over ``clients``; the aggregate is loaded into ``global_model`` each round.
 
     Every client trains from the same global payload (``keys`` selects what is federated). A client that raises
-    or runs past ``timeout_s`` is missing; an update with NaN/inf or farther than ``max_norm`` (L2) from the
-    global weights is rejected. Fewer than ``min_clients`` usable updates fail the run with ``FederatedError``
-    and no partial aggregate is applied. After each round ``evaluate(global_model)`` fills the report's metrics
+    or runs past ``timeout_s`` is missing (one with no answer by then is left running in its thread and skipped
+    until it ends: give each such client its own model, as the simulators do when ``timeout_s`` is set); an
+    update with NaN/inf or farther than ``max_norm`` (L2) from the global weights is rejected. Fewer than
+    ``min_clients`` usable updates fail the run with ``FederatedError`` and no partial aggregate is applied. After each round ``evaluate(global_model)`` fills the report's metrics
     and ``on_round(report)`` is called (the stage logs it).
     """
     _check_run(clients, rounds, min_clients, max_norm, timeout_s)
     reports = []
+    busy: Busy = {}
     for r in range(1, rounds + 1):
         stop.check(f"the start of federated round {r}")
         report = run_round(global_model, clients, r, min_clients=min_clients, max_norm=max_norm,
-                           timeout_s=timeout_s, keys=keys, evaluate=evaluate)
+                           timeout_s=timeout_s, keys=keys, evaluate=evaluate, busy=busy)
         log.info("[federated] round %d/%d: %d accepted, %d missing, %d rejected, %.1f s", r, rounds,
                  len(report.accepted), len(report.missing), len(report.rejected), report.seconds.get("total", 0.0))
         log.debug("[federated] round %d metrics: %s", r, report.metrics)

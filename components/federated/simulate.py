@@ -2,7 +2,8 @@
 
 Clients run one after another on one shared worker model (a copy of the global model): ``client_update`` loads
 the global payload first and trains only the payload's parameters, so nothing carries over from one client to
-the next.
+the next. With ``timeout_s`` each client gets its own copy: an update that outlives the limit is left running
+(``run_rounds``) and must not train the model the next client uses.
 """
 
 from __future__ import annotations
@@ -50,19 +51,25 @@ def evaluator(val: TaskData, encode: Encode, batch_size: int = 256) -> Evaluate:
     return evaluate
 
 
-def simulated_clients(worker: nn.Module, data: Sequence[TaskData], encode: Encode, *, epochs: int,
-                      batch_size: int, lr: float, weight_decay: float, mu: float, seed: int) -> list[Client]:
-    """One ``Client`` per shard, ids ``client_0``...; each encodes its shard once and updates ``worker``."""
+def simulated_clients(worker: nn.Module | Sequence[nn.Module], data: Sequence[TaskData], encode: Encode, *,
+                      epochs: int, batch_size: int, lr: float, weight_decay: float, mu: float,
+                      seed: int) -> list[Client]:
+    """One ``Client`` per shard, ids ``client_0``...; each encodes its shard once and updates ``worker`` (one
+    model shared by all, or one per shard)."""
+    workers = [worker] * len(data) if isinstance(worker, nn.Module) else list(worker)
+    if len(workers) != len(data):
+        raise DataError(f"{len(workers)} worker models for {len(data)} shards; give one per shard or one shared")
     kinds = {d.kind for d in data}
     if len(kinds) > 1:
         raise DataError(f"simulated clients must share one task kind; got {sorted(kinds)}")
     kind = kinds.pop() if kinds else "multiclass"  # no data: run_rounds refuses zero clients
     clients = []
-    for i, part in enumerate(data):
+    for i, (part, mine) in enumerate(zip(data, workers, strict=True)):
         ds = TensorDictDataset(encode(part.inputs), labels_tensor(part.labels, part.kind))
 
-        def update(payload: Payload, round_: int, ds: TensorDictDataset = ds, i: int = i) -> ClientResult:
-            return client_update(worker, payload, ds, kind, epochs=epochs, batch_size=batch_size, lr=lr,
+        def update(payload: Payload, round_: int, ds: TensorDictDataset = ds, i: int = i,
+                   mine: nn.Module = mine) -> ClientResult:
+            return client_update(mine, payload, ds, kind, epochs=epochs, batch_size=batch_size, lr=lr,
                                  weight_decay=weight_decay, mu=mu, seed=client_seed(seed, round_, i))
 
         clients.append(Client(f"client_{i}", len(part), update))
@@ -96,7 +103,8 @@ def simulate(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = model_factory()
-    worker = copy.deepcopy(model)  # same frozen weights as the global model, whatever the factory's randomness
+    # same frozen weights as the global model, whatever the factory's randomness; one per client with timeout_s
+    worker = copy.deepcopy(model) if timeout_s is None else [copy.deepcopy(model) for _ in data]
     clients = simulated_clients(worker, data, encode, epochs=epochs, batch_size=batch_size, lr=lr,
                                 weight_decay=weight_decay, mu=mu, seed=seed)
     run = run_rounds(model, clients, rounds, min_clients=len(clients) if min_clients is None else min_clients,
