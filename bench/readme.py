@@ -680,13 +680,15 @@ FEDERATED_MODELS = (("no_injection", "no injection (server data only)"), ("local
                     ("fedavg", "FedAvg client model"), ("fedkim", "FedKIM (injected)"),
                     ("centralized", "centralized client model (pooled)"))
 # bench federated also injects the pooled client model (FedKIM's centralized upper bound)
-FEDKIM_CENTRALIZED = ("fedkim_centralized", "FedKIM on the pooled client model (upper bound)")
+FEDKIM_CENTRALIZED = ("fedkim_centralized", "FedKIM on the pooled client model (centralized)")
 
 
 def federated_seeds_section(result: dict) -> str:
     """``bench federated_seeds``: each model's test macro-F1 over seeds (mean ± sd) and FedKIM's paired gaps."""
     p = result["params"]
     seeds = ", ".join(map(str, p["seeds"]))
+    # FedKIM on the pooled client model: in results written since commit da23798
+    models = FEDERATED_MODELS + ((FEDKIM_CENTRALIZED,) if FEDKIM_CENTRALIZED[0] in p["models"] else ())
 
     def ms(x: dict) -> str:
         return f"{x['mean']:.3f} ± {x['sd']:.3f}"
@@ -699,13 +701,13 @@ def federated_seeds_section(result: dict) -> str:
         for t in r["client_tasks"]:
             m, d = r["models"][t], r["fedkim_minus"][t]
             rows.append({"task": task_label(t), "majority": ms(m["majority_class"]["macro_f1"]),
-                         **{k: ms(m[k]["macro_f1"]) for k, _ in FEDERATED_MODELS},
+                         **{k: ms(m[k]["macro_f1"]) for k, _ in models},
                          **{f"d_{o}": f"{d[o]['macro_f1']['mean']:+.3f} ± {d[o]['macro_f1']['sd']:.3f} "
                                       f"({d[o]['macro_f1']['seeds_ahead']}/{len(p['seeds'])})"
                             for o in ("no_injection", "local_only")},
                          "auc": f"{d['no_injection']['auroc']['mean']:+.3f} "
                                 f"({d['no_injection']['auroc']['seeds_ahead']}/{len(p['seeds'])})"})
-        table = markdown_table(rows, [("task", "task"), ("majority", "majority class")] + list(FEDERATED_MODELS)
+        table = markdown_table(rows, [("task", "task"), ("majority", "majority class")] + list(models)
                                + [("d_no_injection", "FedKIM − no injection (seeds ahead)"),
                                   ("d_local_only", "FedKIM − local-only (seeds ahead)"),
                                   ("auc", "FedKIM − no injection, AUROC (seeds ahead)")])

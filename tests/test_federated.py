@@ -270,8 +270,11 @@ def test_a_hung_client_is_missing_and_skipped_until_its_update_ends() -> None:
             _join("federated-hung-round-1")
 
     # 5 s: far above what the two instant clients take, and the only wait (the hung client is not called in round 2)
-    run = run_rounds(model, [fixed(a, 10), fixed(b, 30), Client("hung", 5, counted)], rounds=3, min_clients=2,
-                     timeout_s=5, on_round=between_rounds)
+    try:
+        run = run_rounds(model, [fixed(a, 10), fixed(b, 30), Client("hung", 5, counted)], rounds=3, min_clients=2,
+                         timeout_s=5, on_round=between_rounds)
+    finally:
+        release.set()
     r1, r2, r3 = run.reports
     assert r1.accepted == r2.accepted == ["c10", "c30"]
     assert "no answer within timeout_s=5" in r1.missing["hung"]
@@ -298,17 +301,19 @@ def test_the_simulator_gives_each_client_its_own_model_under_a_timeout(monkeypat
         return real(worker, payload, ds, *args, **kwargs)
 
     monkeypatch.setattr(simulate_mod, "client_update", update)
-    try:
-        sim = simulate(lambda: MLP(d=8, h=16), parts, encode, rounds=2, lr=0.03, seed=0, min_clients=2, timeout_s=5)
+    release.set()  # first without a timeout (which also pays the first training call's start-up): nobody hangs
+    simulate(lambda: MLP(d=8, h=16), parts, encode, rounds=1, lr=0.03, seed=0)
+    assert len(set(used)) == 1  # the clients share one worker (no copies)
+    used.clear()
+    release.clear()
+    try:  # 30 s: far above what the healthy clients' few batches take, waited once (round 2 skips the hung client)
+        sim = simulate(lambda: MLP(d=8, h=16), parts, encode, rounds=2, lr=0.03, seed=0, min_clients=2, timeout_s=30)
     finally:
         release.set()
         _join("federated-client_1-round-1")
     assert [sorted(r.missing) for r in sim.reports] == [["client_1"], ["client_1"]]
     assert "still running its round-1 update" in sim.reports[1].missing["client_1"]
     assert len(set(used)) == 3  # three workers: the hung one trained its own
-    used.clear()
-    simulate(lambda: MLP(d=8, h=16), parts, encode, rounds=1, lr=0.03, seed=0)
-    assert len(set(used)) == 1  # without a timeout the clients share one worker (no copies)
 
 
 def test_bad_runs_are_refused() -> None:

@@ -4,8 +4,10 @@ Clients are plain callables, so the in-process simulator and a Flower adapter pl
 simulator clients run one after another; with ``timeout_s`` each runs in a thread the round waits on for at most
 that long. A client with no answer by then is missing and the round goes on over the others; Python cannot kill a
 thread, so its update is left running (a daemon thread, on its own model copy) and the client takes no new round
-until it ends, and whatever it then returns is discarded. A client that answers in time but whose own clock says it
-took longer is dropped too. The Flower path enforces the budget on the SuperLink (round timeout).
+until it ends, and whatever it then returns is discarded. Such a run is not reproducible from its seed: the update
+left running shares torch's global random generator (dropout) and the cores with what runs after it. A client that
+answers in time but whose own clock says it took longer is dropped too. The Flower path enforces the budget on
+the SuperLink (round timeout).
 """
 
 from __future__ import annotations
@@ -276,8 +278,9 @@ def run_rounds(
     or runs past ``timeout_s`` is missing (one with no answer by then is left running in its thread and skipped
     until it ends: give each such client its own model, as the simulators do when ``timeout_s`` is set); an
     update with NaN/inf or farther than ``max_norm`` (L2) from the global weights is rejected. Fewer than
-    ``min_clients`` usable updates fail the run with ``FederatedError`` and no partial aggregate is applied. After each round ``evaluate(global_model)`` fills the report's metrics
-    and ``on_round(report)`` is called (the stage logs it).
+    ``min_clients`` usable updates fail the run with ``FederatedError`` and no partial aggregate is applied. After
+    each round ``evaluate(global_model)`` fills the report's metrics and ``on_round(report)`` is called (the stage
+    logs it).
     """
     _check_run(clients, rounds, min_clients, max_norm, timeout_s)
     reports = []
@@ -292,4 +295,11 @@ def run_rounds(
         reports.append(report)
         if on_round is not None:
             on_round(report)
+    running = sorted(cid for cid, (thread, _) in busy.items() if thread.is_alive())
+    if running:
+        # they share torch's global random generator (dropout; client_update's fork_rng restores it when they
+        # end) and the CPU with what runs next: the run stays correct, but is no longer reproducible from its seed
+        log.warning("[federated] updates still running after the last round, results discarded: %s; they share "
+                    "the process's random generator and cores with what follows, so this run will not repeat "
+                    "exactly from its seed", ", ".join(running))
     return FederatedRun(to_payload(global_model, keys), reports)
