@@ -246,7 +246,7 @@ def serve(cron: Annotated[str, typer.Option(help="Cron schedule, e.g. '0 3 * * 0
               soft_wrap=True)
     from prefect import serve as prefect_serve
 
-    prefect_serve(dep)
+    prefect_serve(dep, limit=1)  # and this process starts at most one run at a time whatever the server says
 
 
 @app.command()

@@ -170,18 +170,24 @@ def _prefect_tags() -> dict[str, str]:
 def deployment(name: str, cron: str, profile: str, overrides: dict[str, Any] | None = None,
                interval: float | None = None) -> Any:
     """A Prefect deployment of ``retrain`` on ``cron`` (validated here, so a typo is one clear line), or every
-    ``interval`` seconds; ``overrides`` (``--set``) are the runs' parameters too."""
+    ``interval`` seconds; ``overrides`` (``--set``) are the runs' parameters too. One run at a time: a run the
+    schedule fires while the previous one is still running is cancelled (Prefect's deployment concurrency limit,
+    CANCEL_NEW), not started beside it (the runs would share one project and pile up: a 5 s schedule of a
+    minute-long retrain once started 80 processes and ran a machine out of memory)."""
+    from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
     from prefect.client.schemas.schedules import CronSchedule
 
     from components.core.errors import ParamsError
 
     parameters: dict[str, Any] = {"profile": profile, **({"overrides": overrides} if overrides else {})}
+    one_at_a_time = ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW)
     if interval is not None:
         if not interval > 0:
             raise ParamsError(f"--interval {interval:g} must be a positive number of seconds")
-        return retrain.to_deployment(name=name, interval=interval, parameters=parameters)
+        return retrain.to_deployment(name=name, interval=interval, parameters=parameters,
+                                     concurrency_limit=one_at_a_time)
     try:
         CronSchedule(cron=cron)
     except ValueError:
         raise ParamsError(f"--cron {cron!r} is not a valid cron expression (e.g. '0 3 * * 0')") from None
-    return retrain.to_deployment(name=name, cron=cron, parameters=parameters)
+    return retrain.to_deployment(name=name, cron=cron, parameters=parameters, concurrency_limit=one_at_a_time)

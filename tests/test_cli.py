@@ -87,6 +87,8 @@ def test_serve_builds_a_scheduled_deployment(isolated_project: Path) -> None:
     dep = deployment("weekly", "0 3 * * 0", "quick")
     assert dep.name == "weekly" and dep.parameters == {"profile": "quick"}
     assert dep.schedules[0].schedule.cron == "0 3 * * 0"
+    # one run at a time: a run fired while the last still runs is cancelled, not started beside it
+    assert dep.concurrency_limit == 1 and dep.concurrency_options.collision_strategy.value == "CANCEL_NEW"
 
 
 def test_serve_rejects_bad_cron(isolated_project: Path) -> None:
