@@ -92,13 +92,12 @@ def ensure_data(params: Any, out: Path) -> None:
 @contextlib.contextmanager
 def capture_stage() -> Iterator[dict[str, Any]]:
     """Run the federated stage unchanged, keeping what it builds: the arguments and result of its
-    ``train_clients`` call (with a copy of the initial client model), and the models ``build_injected`` and
-    ``no_injection`` return (the stage then trains them in place)."""
+    ``train_clients`` call (with a copy of the initial client model), the model ``no_injection`` returns (the stage
+    then fits it in place), and the arguments and result of ``inject_clients`` (FedKIM)."""
     import components.stages.federated as stage
 
     kept: dict[str, Any] = {}
-    originals = {name: getattr(stage, name) for name in ("train_clients", "build_injected", "no_injection",
-                                                         "inject_clients")}
+    originals = {name: getattr(stage, name) for name in ("train_clients", "no_injection", "inject_clients")}
 
     def train_clients(global_model, shards, **kwargs):  # noqa: ANN001, ANN202
         kept["initial_model"] = copy.deepcopy(global_model)
@@ -106,20 +105,17 @@ def capture_stage() -> Iterator[dict[str, Any]]:
         kept["federated"] = originals["train_clients"](global_model, shards, **kwargs)
         return kept["federated"]
 
-    def build_injected(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
-        kept["fedkim"] = originals["build_injected"](*args, **kwargs)
-        return kept["fedkim"]
-
     def no_injection(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
         kept["no_injection"] = originals["no_injection"](*args, **kwargs)
         return kept["no_injection"]
 
     def inject_clients(inp, found, client_model, specs, train, val, **kwargs):  # noqa: ANN001, ANN003, ANN202
         kept["inject"] = {"inp": inp, "found": found, "specs": specs, "train": train, "val": val, **kwargs}
-        return originals["inject_clients"](inp, found, client_model, specs, train, val, **kwargs)
+        kept["fedkim"] = originals["inject_clients"](inp, found, client_model, specs, train, val, **kwargs)
+        return kept["fedkim"]
 
-    for name, fn in (("train_clients", train_clients), ("build_injected", build_injected),
-                     ("no_injection", no_injection), ("inject_clients", inject_clients)):
+    for name, fn in (("train_clients", train_clients), ("no_injection", no_injection),
+                     ("inject_clients", inject_clients)):
         setattr(stage, name, fn)
     try:
         yield kept
