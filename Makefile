@@ -4,6 +4,10 @@ PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 PROFILE ?=
 ARGS ?=
+# pytest-xdist processes for the suite: each has its own Prefect server and its share of the CPU threads. Two halve
+# the idle time of the end-to-end tests (they wait on subprocesses and servers) on a 2-core machine; WORKERS=0 runs
+# the suite in one process (e.g. to debug with -s or pdb).
+WORKERS ?= 2
 
 .DEFAULT_GOAL := help
 .PHONY: help setup run test test-fast test-flower repro ui bench lint clean
@@ -23,7 +27,7 @@ run: setup ## run the retrain pipeline on the shipped data (quick profile; PROFI
 
 test: setup ## what CI runs: the import-layer contract, the test suite, the Flower parity test in a site environment
 	$(BIN)/lint-imports --no-cache
-	$(PY) -m pytest -q $(ARGS)
+	$(PY) -m pytest -q -n $(WORKERS) --maxschedchunk 1 $(ARGS)
 	bash .ci/flower
 
 test-flower: ## only the Flower parity test (a second venv, .flower-venv: the flwr extra, no orchestration stack)
@@ -31,7 +35,7 @@ test-flower: ## only the Flower parity test (a second venv, .flower-venv: the fl
 
 test-fast: setup ## the suite without the end-to-end (slow) tests: a contributor's inner loop
 	$(BIN)/lint-imports --no-cache
-	$(PY) -m pytest -q -m "not slow" $(ARGS)
+	$(PY) -m pytest -q -n $(WORKERS) --maxschedchunk 1 -m "not slow" $(ARGS)
 
 repro: setup ## reproduce the stages with DVC (dvc.yaml; refused while it lags the stage table's code deps)
 	$(BIN)/medexperts dvc-yaml --check

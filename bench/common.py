@@ -104,6 +104,27 @@ def tiny_bert(folder: Path) -> Path:
     return folder
 
 
+def tiny_project_copy(repo: Path, bert: Path) -> Path:
+    """The project's files (tracked and not ignored) copied into ``repo``, set to the tiny profile with ``bert`` as
+    the text foundation: a project of its own (its own dvc.lock, artifacts and tracking store) for tests and
+    benchmarks that run the DVC driver."""
+    import shutil
+
+    import yaml
+
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                           capture_output=True, text=True, check=True).stdout.splitlines()
+    for rel in files:
+        if (ROOT / rel).is_file():
+            (repo / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / rel, repo / rel)
+    (repo / "params" / "pipeline.yaml").write_text("profile: tiny\nexperiment: medexperts\nseed: 42\n")
+    foundation = yaml.safe_load((repo / "params" / "foundation.yaml").read_text())
+    foundation["text"]["source"] = str(bert)
+    (repo / "params" / "foundation.yaml").write_text(yaml.safe_dump(foundation))
+    return repo
+
+
 def parse_sets(parser: Any, items: list[str]) -> dict[str, Any]:
     """``--set KEY=VALUE`` options (VALUE read as YAML) as params overrides; a malformed one is a usage error."""
     import yaml

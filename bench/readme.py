@@ -1380,6 +1380,31 @@ def class_weight_section(result: dict) -> str:
             f"{sm['tasks']} tasks.\n")
 
 
+def suite_time_section(result: dict) -> str:
+    """The test suite in one process and in pytest-xdist workers."""
+    variants = {v["workers"]: v for v in result["variants"]}
+    rows = ["| run | wall time | CPU time (all processes) | outcome | slowest test |", "|---|---:|---:|---|---|"]
+    for workers, v in variants.items():
+        name = "one process (`WORKERS=0`)" if workers == 0 else f"{workers} workers (`WORKERS={workers}`)"
+        top = v["slowest"][0] if v["slowest"] else None
+        slowest = f"`{top['test'].split('::')[-1]}` {top['seconds']:.0f} s" if top else "—"
+        rows.append(f"| {name} | {v['wall_seconds'] / 60:.1f} min | {v['cpu_seconds'] / 60:.1f} min | "
+                    f"{v['outcome'] or 'exit ' + str(v['exit_status'])} | {slowest} |")
+    ratios = "; ".join(f"{r:.2f}x faster with {w} workers" for w, r in result["one_process_over_workers"].items())
+    return (f"The suite (`pytest` as `make test` runs it, without the Flower parity test), {machine_line(result)} "
+            f"(`bench/results/suite_time.json`){': ' + ratios if ratios else ''}:\n\n" + "\n".join(rows) + "\n")
+
+
+def dvc_yaml_section(result: dict) -> str:
+    """DVC's commands with and without ruamel.yaml's C parser."""
+    m, r, lock = result["median_seconds"], result["without_over_with"], result["files"]["dvc.lock"]
+    parts = [f"`dvc {c}` {m[c]['with_clib']:.1f} s with it, {m[c]['without_clib']:.1f} s without ({r[c]:.2f}x)"
+             for c in m]
+    return (f"DVC on the tiny run's outputs (dvc.lock: {lock['lines']:,} lines), median of "
+            f"{result['params']['rounds']} alternating rounds of whole processes, {machine_line(result)} "
+            f"(`bench/results/dvc_yaml.json`): " + "; ".join(parts) + ".\n")
+
+
 def replace(text: str, name: str, body: str) -> str:
     pattern = re.compile(rf"(<!-- results:{name} -->\n).*?(<!-- /results:{name} -->)", re.S)
     if not pattern.search(text):
@@ -1421,6 +1446,7 @@ def render(text: str) -> str:
                           ("federated_seeds", federated_seeds_section),
                           ("fixed_cost", fixed_cost_section), ("fanout", fanout_section),
                           ("wall_time", wall_time_section), ("install_time", install_time_section),
+                          ("suite_time", suite_time_section), ("dvc_yaml", dvc_yaml_section),
                           ("full_profile_time", full_profile_time_section),
                           ("text_padding", text_padding_section),
                           ("length_grouping", length_grouping_section),

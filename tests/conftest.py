@@ -50,9 +50,17 @@ def pytest_configure(config: pytest.Config) -> None:
     import os
     import tempfile
 
-    if "PREFECT_HOME" not in os.environ:  # a developer's own PREFECT_HOME is theirs: used, never removed
+    # A developer's own PREFECT_HOME is theirs: used, never removed. A worker of `pytest -n` gets its own home, so its
+    # own Prefect server: each worker stops its server when its share of the tests ends, under the others otherwise.
+    if "PREFECT_HOME" not in os.environ or os.environ.get("PYTEST_XDIST_WORKER"):
         home = config.stash[_CREATED_PREFECT_HOME] = tempfile.mkdtemp(prefix="medexperts-prefect-")
         os.environ["PREFECT_HOME"] = home
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 0)
+    if workers:  # the workers share the cores: each gets its share of threads (and so does what it spawns), or the
+        # OpenMP threads of one worker spin on the core where the other works
+        threads = str(max(1, (os.cpu_count() or 1) // workers))
+        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+            os.environ.setdefault(var, threads)
     os.environ.setdefault("DO_NOT_TRACK", "true")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -114,3 +122,13 @@ def _stop_prefect_server() -> object:
 
         for server in list(SubprocessASGIServer._instances.values()):
             server.stop()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under ``pytest -n``: the end-to-end (slow) tests first. ``make test`` has xdist hand the tests out one at a
+    time as workers free up (``--maxschedchunk 1``), so the long ones start first, on every worker, and none of them
+    starts last on one worker while the others idle."""
+    import os
+
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        items.sort(key=lambda item: item.get_closest_marker("slow") is None)

@@ -13,14 +13,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from bench.common import tiny_project_copy
+
 pytestmark = pytest.mark.slow
-PROJECT = Path(__file__).resolve().parents[1]
-
-
-def tracked_files() -> list[str]:
-    out = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=PROJECT,
-                         capture_output=True, text=True, check=True).stdout
-    return [f for f in out.splitlines() if (PROJECT / f).is_file()]
 
 
 def ran(output: str) -> list[str]:
@@ -36,14 +31,7 @@ def stage_fingerprints(repo: Path) -> dict[str, str]:
 
 def test_prefect_and_dvc_agree(tmp_path: Path, tiny_bert: Path, prefect_server: str) -> None:
     """A Prefect run leaves DVC nothing to do; after a param change both drivers re-run exactly the same stages."""
-    repo = tmp_path / "repo"
-    for rel in tracked_files():
-        (repo / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(PROJECT / rel, repo / rel)
-    (repo / "params" / "pipeline.yaml").write_text("profile: tiny\nexperiment: medexperts\nseed: 42\n")
-    foundation = yaml.safe_load((repo / "params" / "foundation.yaml").read_text())
-    foundation["text"]["source"] = str(tiny_bert)
-    (repo / "params" / "foundation.yaml").write_text(yaml.safe_dump(foundation))
+    repo = tiny_project_copy(tmp_path / "repo", tiny_bert)
     base_env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
                 "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
     for key in ("MEDEXPERTS_PROJECT_DIR", "MEDEXPERTS_ARTIFACTS_DIR", "MLFLOW_TRACKING_URI", "MEDEXPERTS_ARTIFACT_ROOT"):

@@ -145,10 +145,10 @@ def test_retrain_end_to_end(isolated_project: Path, tiny_bert: Path, prefect_ser
 
     # a schedule that fires and shows up: `medexperts serve --interval` against the project's server; one scheduled
     # run (every stage skipped: same params) completes, in Prefect and in MLflow
-    _one_scheduled_run(tiny_bert, prefect_server)
+    _one_scheduled_run(tiny_bert, prefect_server, TASKS)
 
 
-def _one_scheduled_run(tiny_bert: Path, api: str) -> None:
+def _one_scheduled_run(tiny_bert: Path, api: str, tasks: list[str]) -> None:
     import asyncio
     import os
     import signal
@@ -161,7 +161,8 @@ def _one_scheduled_run(tiny_bert: Path, api: str) -> None:
 
     medexperts = str(Path(sys.executable).parent / "medexperts")
     cmd = [medexperts, "serve", "--interval", "5", "--name", "every5s", "--profile", "tiny",
-           "--set", f"foundation.text.source={tiny_bert}", "--set", "registry.floor=0.0"]
+           "--set", f"foundation.text.source={tiny_bert}", "--set", "registry.floor=0.0",
+           "--set", f"data.active=[{', '.join(tasks)}]"]  # the retrain's own overrides: every stage is skipped
     serve = subprocess.Popen(cmd, env=dict(os.environ), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                              start_new_session=True)
 
@@ -192,3 +193,6 @@ def _one_scheduled_run(tiny_bert: Path, api: str) -> None:
     scheduled = client.search_runs([exp.experiment_id], filter_string=f"tags.`prefect.flow_run_id` = '{run.id}'")
     assert len(scheduled) == 1 and scheduled[0].info.status == "FINISHED"
     assert scheduled[0].data.tags["prefect.deployment"] == "retrain/every5s"
+    stages = client.search_runs([exp.experiment_id],
+                                filter_string=f"tags.mlflow.parentRunId = '{scheduled[0].info.run_id}'")
+    assert len(stages) == len(STAGES) and {r.data.tags["skipped"] for r in stages} == {"true"}
