@@ -25,10 +25,14 @@ setup: $(VENV)/.installed ## create .venv and install the project (CPU torch 2.1
 run: setup ## run the retrain pipeline on the shipped data (quick profile; PROFILE=full for all data)
 	$(BIN)/medexperts run $(if $(PROFILE),--profile $(PROFILE)) $(ARGS)
 
+# The Flower parity test (its own site environment: an install, then a SuperLink's rounds it mostly waits on) runs
+# beside the suite; its output follows the suite's, and either failing fails the target.
 test: setup ## what CI runs: the import-layer contract, the test suite, the Flower parity test in a site environment
 	$(BIN)/lint-imports --no-cache
-	$(PY) -m pytest -q -n $(WORKERS) --maxschedchunk 1 $(ARGS)
-	bash .ci/flower
+	@echo "bash .ci/flower > .flower-test.log (beside the suite)"; bash .ci/flower > .flower-test.log 2>&1 & site=$$!; \
+	$(PY) -m pytest -q -n $(WORKERS) --maxschedchunk 1 $(ARGS); suite=$$?; \
+	wait $$site; flower=$$?; echo "--- bash .ci/flower (exit $$flower):"; cat .flower-test.log; \
+	exit $$(( suite != 0 || flower != 0 ))
 
 test-flower: ## only the Flower parity test (a second venv, .flower-venv: the flwr extra, no orchestration stack)
 	bash .ci/flower
