@@ -8,6 +8,7 @@ ARGS ?=
 # the idle time of the end-to-end tests (they wait on subprocesses and servers) on a 2-core machine; WORKERS=0 runs
 # the suite in one process (e.g. to debug with -s or pdb).
 WORKERS ?= 2
+PYTEST := $(PY) -m pytest -q -n $(WORKERS) --maxschedchunk 1
 
 .DEFAULT_GOAL := help
 .PHONY: help setup run test test-fast test-flower repro ui bench lint clean
@@ -30,7 +31,7 @@ run: setup ## run the retrain pipeline on the shipped data (quick profile; PROFI
 test: setup ## what CI runs: the import-layer contract, the test suite, the Flower parity test in a site environment
 	$(BIN)/lint-imports --no-cache
 	@echo "bash .ci/flower > .flower-test.log (beside the suite)"; bash .ci/flower > .flower-test.log 2>&1 & site=$$!; \
-	$(PY) -m pytest -q -n $(WORKERS) --maxschedchunk 1 $(ARGS); suite=$$?; \
+	$(PYTEST) $(ARGS); suite=$$?; \
 	wait $$site; flower=$$?; echo "--- bash .ci/flower (exit $$flower):"; cat .flower-test.log; \
 	exit $$(( suite != 0 || flower != 0 ))
 
@@ -39,7 +40,7 @@ test-flower: ## only the Flower parity test (a second venv, .flower-venv: the fl
 
 test-fast: setup ## the suite without the end-to-end (slow) tests: a contributor's inner loop
 	$(BIN)/lint-imports --no-cache
-	$(PY) -m pytest -q -n $(WORKERS) --maxschedchunk 1 -m "not slow" $(ARGS)
+	$(PYTEST) -m "not slow" $(ARGS)
 
 repro: setup ## reproduce the stages with DVC (dvc.yaml; refused while it lags the stage table's code deps)
 	$(BIN)/medexperts dvc-yaml --check
