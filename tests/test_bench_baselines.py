@@ -57,3 +57,14 @@ def test_run_task_scores_the_data_stage_splits(data_dir: Path) -> None:
     assert out["expert_rows"]["majority"]["test"]["macro_f1"] == pytest.approx(
         f1_score(np.asarray(test.labels), majority, average="macro", labels=range(train.num_labels)), abs=1e-6)
     assert out["expert_rows"]["strongest"] == "tfidf_lr"  # the only candidate picked on validation for text
+
+
+def test_multilabel_scores_carry_micro_f1() -> None:
+    """HoC's baselines report what the evaluate stage reports for a multilabel task, micro-F1 included."""
+    labels = np.array([[1, 0, 1], [0, 1, 0], [1, 1, 0], [0, 0, 1]])
+    proba = np.array([[0.9, 0.2, 0.8], [0.1, 0.7, 0.4], [0.6, 0.3, 0.2], [0.2, 0.1, 0.9]])
+    scores = baselines._scores("multilabel", baselines._logits_from_proba("multilabel", proba), labels, 3)
+    assert set(scores) == {*baselines.METRICS, "micro_f1"}
+    # 5 of 6 positives found, no false positive: micro-F1 = 2 * 5 / (2 * 5 + 1)
+    assert scores["micro_f1"] == pytest.approx(10 / 11, abs=1e-6)
+    assert set(baselines._scores("multiclass", np.log(proba), np.array([0, 1, 0, 2]), 3)) == set(baselines.METRICS)
