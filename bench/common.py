@@ -106,8 +106,8 @@ def tiny_bert(folder: Path) -> Path:
 
 def tiny_project_copy(repo: Path, bert: Path) -> Path:
     """The project's files (tracked and not ignored) copied into ``repo``, set to the tiny profile with ``bert`` as
-    the text foundation: a project of its own (its own dvc.lock, artifacts and tracking store) for tests and
-    benchmarks that run the DVC driver."""
+    the text foundation: a project of its own (its own dvc.lock, artifacts and tracking store), committed to a git
+    repository of its own (DVC's home), for tests and benchmarks that run the DVC driver."""
     import shutil
 
     import yaml
@@ -122,6 +122,9 @@ def tiny_project_copy(repo: Path, bert: Path) -> Path:
     foundation = yaml.safe_load((repo / "params" / "foundation.yaml").read_text())
     foundation["text"]["source"] = str(bert)
     (repo / "params" / "foundation.yaml").write_text(yaml.safe_dump(foundation))
+    who = ["-c", "user.name=medexperts", "-c", "user.email=medexperts@localhost"]  # no global git identity needed
+    for cmd in (["init", "-q"], ["add", "-A"], [*who, "commit", "-qm", "tiny project copy"]):
+        subprocess.run(["git", *cmd], cwd=repo, capture_output=True, text=True, check=True)
     return repo
 
 
