@@ -203,7 +203,8 @@ def pipeline_full_section(result: dict, baselines_name: str = "baselines_full") 
     profile's deployed expert (bench/results/pipeline.json), then the time it took, what the quick profile's caps
     cost per model, and LoRKD's goals."""
     metric, p = result["params"]["metric"], result["params"]
-    baselines = committed(baselines_name).get("tasks", {})
+    baselines_result = committed(baselines_name)
+    baselines = baselines_result.get("tasks", {})
     quick_result = committed("pipeline")
     quick = quick_result.get("tasks", {})
     scores = {task: model_scores(t) for task, t in result["tasks"].items()}
@@ -246,10 +247,28 @@ def pipeline_full_section(result: dict, baselines_name: str = "baselines_full") 
     if fig.get("invocations_wall_seconds"):
         lines.append(f"- Wall time summed over the invocations (a stopped one up to its last heartbeat): "
                      f"{took(fig['invocations_wall_seconds'])}.")
+    lines.append(commits_line(result, baselines_result, baselines_name))
     return (f"Profile `{p['profile']}`, test {metric}, {machine_line(result)}, from "
             f"`bench/results/{p.get('result', 'pipeline_full')}.json`; the strongest baseline from "
             f"`bench/results/{baselines_name}.json`.\n\n{table}\n" + "\n".join(lines) + "\n"
             + quick_vs_full(quick_result, result) + lorkd_goals(result))
+
+
+def commits_line(result: dict, baselines: dict, baselines_name: str) -> str:
+    """Whether a resumable run's invocations and its baselines ran one commit: a run resumed across sittings may
+    span commits (each invocation records its own), and a code change between them mixes results."""
+    invocations = result.get("invocations", [])
+    commits = list(dict.fromkeys(i["git_commit"][:8] for i in invocations if i.get("git_commit")))
+    unknown = sum(not i.get("git_commit") for i in invocations)
+    base = (baselines.get("machine") or {}).get("git_commit")
+    every = commits + ([base[:8]] if base else [])
+    n = len(invocations)
+    run = (f"the run's {n} invocation{'' if n == 1 else 's'} at {', '.join(commits) or 'an unrecorded commit'}"
+           + (f" ({unknown} of them at an unrecorded commit)" if unknown else ""))
+    both = f"{run}; `{baselines_name}` at {base[:8] if base else 'an unrecorded commit'}"
+    if len(set(every)) == 1 and not unknown and base:
+        return f"- One commit: {both}."
+    return f"- **Not one commit**: {both}."
 
 
 def model_scores(task: dict) -> dict:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from bench import pipeline
-from bench.readme import lorkd_goals
+from bench.readme import commits_line, lorkd_goals
 
 
 def test_wall_time_sums_finished_and_stopped_invocations() -> None:
@@ -126,3 +126,16 @@ def test_readme_tables_match_the_committed_results() -> None:
     start = readme.index("<!-- results:derma -->")
     edited = readme[:start] + readme[start:].replace("| 0.", "| 9.", 1)
     assert edited != readme and render(edited) == readme
+
+
+def test_commits_line_says_whether_the_run_and_its_baselines_are_of_one_commit() -> None:
+    """A run resumed across sittings records each invocation's commit: the README says when they differ."""
+    one, two = "a" * 40, "b" * 40
+    run = {"invocations": [{"git_commit": one}, {"git_commit": one}]}
+    assert commits_line(run, {"machine": {"git_commit": one}}, "base").startswith("- One commit: the run's 2 "
+                                                                                 "invocations at aaaaaaaa;")
+    assert "**Not one commit**" in commits_line(run, {"machine": {"git_commit": two}}, "base")
+    mixed = {"invocations": [{}, {"git_commit": one}, {"git_commit": two}]}
+    line = commits_line(mixed, {"machine": {"git_commit": two}}, "base")
+    assert "**Not one commit**" in line and "aaaaaaaa, bbbbbbbb (1 of them at an unrecorded commit)" in line
+    assert "**Not one commit**" in commits_line(run, {}, "base")  # no baselines file: nothing shows they match
