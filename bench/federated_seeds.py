@@ -8,17 +8,22 @@ server's split, every model's initialisation and batch order, and the test rows 
 task). Per partition, client task and model: the test macro-F1 and AUROC of every seed, and their mean and sample
 standard deviation. The goals of `bench federated` are checked on the seed means and per seed (in how many seeds
 each holds), with the paired difference FedKIM − no injection per task (mean ± standard deviation over seeds).
+
+With `--work DIR` a run longer than one sitting (three seeds: about 3 h on 2 CPU cores) can be stopped and started
+again: each finished (seed, partition) run is kept in DIR/seed_S/PARTITION/result.json with the commit and settings
+it ran with, and the same command reuses it when both match (a run of other code or settings is run again).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import write_result
+from bench.common import git_commit, write_result
 from bench.federated import MODELS, TASKS, add_common_arguments, run_partition, work_folder
 
 KEYS = ("macro_f1", "auroc")
@@ -76,6 +81,34 @@ def summarise(runs: dict[int, dict[str, Any]]) -> dict[str, Any]:
             "params": first["params"]}
 
 
+def keep(path: Path, key: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
+    """Writes a finished (seed, partition) run with the commit and settings it ran with; returns it as read back
+    (JSON), so a fresh run and a reused one are summarised alike."""
+    from components.core.artifacts import write_json
+
+    as_json = json.loads(json.dumps(result, default=str))
+    write_json(path, {"key": key, "result": as_json})
+    return as_json
+
+
+def finished(path: Path, key: dict[str, Any]) -> dict[str, Any] | None:
+    """The run kept at ``path`` when it ran with ``key`` (the commit and settings); None when there is none, or it
+    ran with other code or settings, or the file cannot be read (each said, and the run is made again)."""
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+        kept_key, result = record["key"], record["result"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        print(f"{path}: unreadable ({type(err).__name__}: {err}); running it again", flush=True)
+        return None
+    if kept_key != key:
+        changed = sorted(k for k in key.keys() | kept_key.keys() if key.get(k) != kept_key.get(k))
+        print(f"{path}: made with another {', '.join(changed)}; running it again", flush=True)
+        return None
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="medexperts bench federated_seeds", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -87,26 +120,40 @@ def main() -> None:
         parser.error(f"--seeds {args.seeds}: give at least two different seeds")
     work = work_folder(parser, args, "medexperts-bench-federated-seeds-")
     start = time.perf_counter()
+    commit = git_commit()
     runs: dict[str, dict[int, dict[str, Any]]] = {p: {} for p in args.partitions}
+    reused = []
     for seed in args.seeds:
         for p in args.partitions:
+            key = {"git_commit": commit, "profile": args.profile, "partition": p, "seed": seed, "tasks": TASKS,
+                   "held_out": args.held_out, "test_cap": args.test_cap}
+            record = work / f"seed_{seed}" / p / "result.json"
+            runs[p][seed] = finished(record, key)
+            if runs[p][seed] is not None:
+                print(f"=== seed {seed}, {p}: finished earlier ({record}), reused", flush=True)
+                reused.append(f"{seed}/{p}")
+                continue
             print(f"=== seed {seed}, {p}", flush=True)
-            runs[p][seed] = run_partition(work / f"seed_{seed}", args.profile, p, TASKS, args.held_out,
-                                          {"pipeline.seed": seed, "federated.server_fraction": 0.8}, args.test_cap)
-    wall = time.perf_counter() - start
+            result = run_partition(work / f"seed_{seed}", args.profile, p, TASKS, args.held_out,
+                                   {"pipeline.seed": seed, "federated.server_fraction": 0.8}, args.test_cap)
+            runs[p][seed] = keep(record, key, result)
+    # the runs' own time (a reused one took its time in an earlier invocation), and this invocation's
+    wall = sum(r["seconds"]["partition"] for per_seed in runs.values() for r in per_seed.values())
+    invocation = time.perf_counter() - start
     results = {p: summarise(r) for p, r in runs.items()}
     path = write_result("federated_seeds", {
         "params": {"profile": args.profile, "seeds": args.seeds, "tasks": TASKS, "held_out": args.held_out,
                    "partitions": args.partitions, "test_cap": args.test_cap, "models": list(MODELS),
                    "metrics": list(KEYS)},
-        "partitions": results, "wall_seconds": wall,
+        "partitions": results, "wall_seconds": wall, "invocation_wall_seconds": invocation,
+        "reused_runs": reused,
     })
     for p, r in results.items():
         for t in r["client_tasks"]:
             m = r["models"][t]
             print(f"[{p}] {t:18s} " + "  ".join(f"{x} {m[x]['macro_f1']['mean']:.3f}±{m[x]['macro_f1']['sd']:.3f}"
                                               for x in MODELS), flush=True)
-    print(f"wall {wall:.0f} s; wrote {path}")
+    print(f"runs {wall:.0f} s ({len(reused)} reused), this invocation {invocation:.0f} s; wrote {path}")
 
 
 if __name__ == "__main__":
