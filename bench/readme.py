@@ -909,9 +909,10 @@ def fedkim_variants_section(result: dict, name: str = "fedkim_variants") -> str:
     commits = sorted({r["machine"]["git_commit"][:8] for r in runs[1:]} - {result["machine"]["git_commit"][:8]})
     if commits:  # the other partition measured at another commit: say so
         files += f" (the Dirichlet run at commit {', '.join(commits)})"
-    command = "medexperts bench fedkim_variants --partition P" + (
-        f" --result {name}[_dirichlet]" if name != "fedkim_variants" else "")
-    return (f"Profile `{p['profile']}`, {machine_line(result)}, from {files} (`{command}`, variants as named). One "
+    # the bench writes --result (default fedkim_variants) whatever the partition: the Dirichlet run names its own
+    command = f"`medexperts bench fedkim_variants{'' if name == 'fedkim_variants' else f' --result {name}'}`" + (
+        f" and `... --partition dirichlet --result {name}_dirichlet`" if len(runs) > 1 else "")
+    return (f"Profile `{p['profile']}`, {machine_line(result)}, from {files} ({command}, variants as named). One "
             f"federation per partition, the server step "
             f"re-run in each variant on the same aggregated clients and server rows ({p['server_train_rows'][text]} "
             f"training, {p['server_val_rows'][text]} validation rows of {text}); test macro-F1 on the whole test "
