@@ -319,8 +319,10 @@ def log_flower(folder: Annotated[Path, typer.Argument(help="The Flower server's 
                                                        "payload.pt).")],
                name: Annotated[str | None, typer.Option(help="MLflow run name (default: flower:<folder name>).")]
                = None) -> None:
-    """Log a finished Flower run into the project's MLflow store: one step per round (validation of the aggregated
-    model, client losses, accepted / missing / rejected sites, bytes, seconds), the reports and the final weights."""
+    """Log a finished Flower run into the project's MLflow store: one step per round (client losses, accepted /
+    missing / rejected sites, bytes, seconds; the ServerApp scores nothing, so a round's validation of the aggregate
+    comes from `medexperts run --set federated.clients_from=FOLDER`, which scores each kept round on the server's
+    rows), the reports and the final weights."""
     from components.federated.rounds import FLOWER_PAYLOAD, FLOWER_REPORTS, read_reports
     from components.tracking import runs
     from flows.environment import mlruns_uri
@@ -341,6 +343,26 @@ def log_flower(folder: Annotated[Path, typer.Argument(help="The Flower server's 
     missing = sum(len(r.missing) for r in reports)
     out.print(f"logged {len(reports)} Flower round(s) from {folder} as MLflow run {run_id} (sites {sites}; "
               f"{missing} missing answer(s))")
+
+
+@app.command("flower-config")
+@user_errors
+def flower_config(profile: Profile = None, set_: Sets = None,
+                  text_foundation: Annotated[str | None, typer.Option(
+                      help="The text foundation as every site has it: a folder there, or 'packaged' (default: "
+                           "foundation.text.source).")] = None) -> None:
+    """Print the Flower App's model-config (JSON) with which every hospital's `fedkim_model` builds this project's
+    FedKIM client model (its client tasks, federated.client's settings, the text foundation): the config that makes
+    `--set federated.clients_from=OUTPUT_DIR` accept the hospitals' aggregate. Pass it to `write_app(...,
+    model_config=...)` in the coordinator's Flower environment."""
+    from components.stages.federated import FederatedInputs, sites_model_config
+
+    root = _setup()
+    params = _params(root, profile, False, parse_sets(set_))
+    config = sites_model_config(FederatedInputs.from_params(params),
+                                text_foundation=text_foundation or params.foundation.text.source,
+                                max_positions=params.foundation.text.max_length)
+    sys.stdout.write(json.dumps(config) + "\n")  # plain JSON on stdout, for a file
 
 
 services_app = typer.Typer(no_args_is_help=True, help="The project's Prefect server (127.0.0.1, SQLite under "

@@ -128,3 +128,18 @@ def test_flags_render_as_flags(command: str) -> None:
 def test_bad_set_value_is_blamed_on_set(isolated_project: Path) -> None:
     code, output = invoke("run", "--dry-run", "--set", "experts.lora.rank=0")
     assert code == 2 and "--set: key 'lora.rank'" in output and "experts.yaml" not in output
+
+
+def test_flower_config_prints_the_sites_model_config(isolated_project: Path) -> None:
+    """What a coordinator pipes into write_app(model_config=...): JSON of the client tasks and federated.client's
+    settings, the text foundation as the sites have it; a bad override is one line, as for `run`."""
+    import json
+
+    code, output = invoke("flower-config", "--profile", "tiny", "--set", "data.active=[pneumoniamnist,pubmedqa]",
+                          "--set", "federated.client.image_channels=[4,8]", "--text-foundation", "/sites/minilm")
+    assert code == 0, output
+    config = json.loads(output)
+    assert set(config["tasks"]) == {"pneumoniamnist", "pubmedqa"} and config["image_channels"] == [4, 8]
+    assert config["tasks"]["pubmedqa"][0] == "text" and config["text_foundation"] == "/sites/minilm"
+    code, output = invoke("flower-config", "--set", "federated.client.embedding_rank=0")
+    assert code == 2 and "embedding_rank" in output and "Traceback" not in output

