@@ -32,12 +32,10 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import ROOT, parse_sets, write_result
+from bench.common import MEDMNIST_ANCHORS, ROOT, parse_sets, write_result
 
 IMAGE_TASKS = ("pneumoniamnist", "breastmnist", "retinamnist", "dermamnist")
-# MedMNIST v2 (Yang et al., Scientific Data 2023), ResNet-18 (28): test ACC, AUC.
-ANCHORS = {"pneumoniamnist": {"accuracy": 0.854, "auroc": 0.944}, "breastmnist": {"accuracy": 0.863, "auroc": 0.901},
-           "retinamnist": {"accuracy": 0.524, "auroc": 0.717}, "dermamnist": {"accuracy": 0.735, "auroc": 0.917}}
+ANCHORS = MEDMNIST_ANCHORS
 ARCHS = {"cnn": {"foundation.image.arch": "cnn", "experts.lora.image_targets": ["conv"]},
          "resnet18": {"foundation.image.arch": "resnet", "foundation.image.widths": [64, 128, 256, 512],
                       "foundation.image.blocks": 2}}
