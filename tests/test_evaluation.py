@@ -234,3 +234,19 @@ def test_tables() -> None:
     assert table.title == "Results" and table.row_count == 2
     assert [c.header for c in table.columns] == ["Task", "Accuracy", "AUROC", "N"]
     assert list(table.columns[2].cells) == ["—", "0.500"]
+
+
+def test_a_tasks_caveat_is_shown_beside_its_name_in_the_report() -> None:
+    """DermaMNIST's JPEG copy is not the published dataset: the report says so wherever its row appears."""
+    from components.config import load_params
+    from components.stages.evaluate import report_rows
+
+    tasks = load_params(Path(__file__).resolve().parents[1] / "params", None).data.tasks
+    assert "not comparable" in tasks["dermamnist"].caveat and tasks["pneumoniamnist"].caveat == ""
+    scores = {"probe": {"macro_f1": 0.4}, "expert": {"macro_f1": 0.5}}
+    row = {"metrics": scores, "normalised": None, "params": {"stored_bytes": 2048},
+           "latency_ms_per_sample": {"expert_merged": 1.0, "base": 1.0}}
+    summary = {"metric": "macro_f1", "tasks": {"dermamnist": {**row, "caveat": tasks["dermamnist"].caveat},
+                                               "pneumoniamnist": {**row, "caveat": ""}, "old_summary": row}}
+    names = [r["task"] for r in report_rows(summary)]
+    assert names == [f"dermamnist ({tasks['dermamnist'].caveat})", "pneumoniamnist", "old_summary"]

@@ -34,6 +34,8 @@ class TaskSpec(Strict):
         "(a random quarter turn; square images). Only what keeps the label: a skin lesion has no up or down, an "
         "ultrasound has depth. LoRKD distils from teacher logits of the untransformed images, so it does not augment.")
     optional: bool = Field(False, description="Licence-restricted: read from its path, never shipped.")
+    caveat: str = Field("", description="Shown beside the task's name wherever its results are reported (e.g. a copy "
+                        "whose figures are not comparable to the published dataset's).")
     text_column: str | None = Field(None, description="table: column holding the text.")
     label_column: str | None = Field(None, description="table: column holding the label.")
     label_values: list[str] | None = Field(

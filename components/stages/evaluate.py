@@ -43,6 +43,7 @@ class EvaluateInputs(TaskInputs):
 class TaskEvaluation(StageSummary):
     modality: str
     kind: str
+    caveat: str = ""  # data.tasks.<task>.caveat: shown beside the task's name in the report
     test_samples: int
     metrics: dict[str, dict[str, float]]  # model (probe, expert, fused, teacher, lorkd, single_student) -> metrics
     normalised: float | None  # fused / expert on the primary metric
@@ -160,7 +161,7 @@ def evaluate_models(inp: EvaluateInputs, data_dir: Path, foundation_dir: Path, e
             sizes.update(lorkd_deployed=lorkd.info.parameters, teacher=lorkd.info.teacher_parameters)
             latencies["lorkd"] = latency(lorkd.model.for_task(task), x)
         results[task] = TaskEvaluation(
-            modality=spec.modality, kind=test.kind, test_samples=len(test), metrics=scores,
+            modality=spec.modality, kind=test.kind, caveat=spec.caveat, test_samples=len(test), metrics=scores,
             normalised=normalised_score(scores["fused"][metric], scores["expert"][metric]) if "fused" in scores else None,
             # Merge-into-backbone must not move outputs (peft#1043): record the largest deviation.
             merge_max_abs_diff=merge_diff, params=sizes, latency_ms_per_sample=latencies,
@@ -178,7 +179,8 @@ def report_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
     metric, rows = summary["metric"], []
     for task, r in summary["tasks"].items():
         m = r["metrics"]
-        rows.append({"task": task, "probe": m["probe"][metric], "expert": m["expert"][metric],
+        rows.append({"task": f"{task} ({r['caveat']})" if r.get("caveat") else task,
+                     "probe": m["probe"][metric], "expert": m["expert"][metric],
                      "fused": m.get("fused", {}).get(metric), "routed": m.get("routed", {}).get(metric),
                      "fedkim": m.get("fedkim", {}).get(metric),
                      "normalised": r["normalised"],
