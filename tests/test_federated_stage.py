@@ -46,6 +46,20 @@ def test_clients_rounds_injection_and_a_held_out_task(tiny_bert: Path, tmp_path:
         assert 0 <= summary.val[t]["macro_f1"] <= 1 and 0 <= summary.val_no_injection[t]["macro_f1"] <= 1
     assert set(summary.held_out_val["medical_abstracts"]) == {"fedkim", "no_injection"}
     assert (tmp_path / "out" / "rounds.png").is_file()
+    # lineage: each client's rows (its shard of every client task, capped) hashed, one hash per client
+    import dataclasses
+
+    from components.federated.shards import shard_digest
+    from components.stages.federated import _client_shards
+
+    shards = _client_shards(tmp_path / "data", summary.client_tasks, 3, p.federated.client.max_train_samples,
+                            p.pipeline.seed)
+    assert summary.client_shards == {f"client_{i}": shard_digest(s) for i, s in enumerate(shards)}
+    assert len(set(summary.client_shards.values())) == 3
+    one = shards[0]["pubmedqa"]
+    changed = dataclasses.replace(one, labels=one.labels.copy())
+    changed.labels[0] = (changed.labels[0] + 1) % one.num_labels
+    assert shard_digest({**shards[0], "pubmedqa": changed}) != summary.client_shards["client_0"]
     manifest = json.loads((tmp_path / "out" / "injected" / "manifest.json").read_text())
     assert manifest["kind"] == "fedkim" and manifest["rounds"] == 2 and len(manifest["clients"]) == 3
     model = load_for_evaluation(tmp_path / "out", tmp_path / "foundation")  # what evaluate scores on test

@@ -89,6 +89,8 @@ def test_retrain_end_to_end(isolated_project: Path, tiny_bert: Path, prefect_ser
     mv = client.get_model_version_by_alias("medexperts-fedkim", "champion")  # FedKIM lineage: rounds, clients, shards
     assert mv.tags["federated.rounds"] == "1" and mv.tags["federated.clients"].startswith("client_0")
     assert mv.tags["federated.shards.pubmedqa"] == manifest["files"]["pubmedqa/shards.json"]
+    took_part = mv.tags["federated.clients"].split(",")  # and the rows each of them trained on
+    assert all(len(mv.tags[f"federated.shard.{c}"]) == 64 for c in took_part)
     fedkim = mlflow.pyfunc.load_model("models:/medexperts-fedkim@champion")
     frame = fedkim.predict(["Is smoking protective?"], params={"task": "pubmedqa"})
     assert frame["label"].iloc[0] in {"yes", "no", "maybe"}

@@ -184,10 +184,13 @@ def _call(client: Client, payload: Payload, round_: int, timeout_s: float | None
             return None, f"still running its round-{running[1]} update, abandoned after timeout_s={timeout_s:g}", 0.0
         del busy[client.id]
     box: dict[str, object] = {}
+    # The broadcast: a clone per client (the global copy stays intact), made before the clock starts so that it
+    # counts as the engine's overhead, not as the client's compute (on Flower it is the send).
+    sent = clone_payload(payload)
 
     def work() -> None:
         try:
-            box["result"] = client.update(clone_payload(payload), round_)  # a clone: the global copy stays intact
+            box["result"] = client.update(sent, round_)
         except BaseException as exc:  # noqa: BLE001 - handed to the round below
             box["error"] = exc
 

@@ -83,3 +83,22 @@ def shard_data(train: TaskData, shards: Sequence[np.ndarray]) -> list[TaskData]:
         out.append(TaskData(train.name, train.modality, train.kind, list(train.label_names), inputs,
                             train.labels[idx]))
     return out
+
+
+def shard_digest(shard: dict[str, TaskData]) -> str:
+    """sha256 of what one client trains on: per task (in name order) its name, labels and inputs (image bytes or
+    texts), so the lineage names each hospital's exact rows, cap included."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for task in sorted(shard):
+        data = shard[task]
+        h.update(f"{task}\0{data.labels.dtype}{data.labels.shape}\0".encode())
+        h.update(np.ascontiguousarray(data.labels).tobytes())
+        if isinstance(data.inputs, np.ndarray):
+            h.update(f"{data.inputs.dtype}{data.inputs.shape}\0".encode())
+            h.update(np.ascontiguousarray(data.inputs).tobytes())
+        else:  # texts
+            for text in data.inputs:
+                h.update(str(text).encode() + b"\0")
+    return h.hexdigest()

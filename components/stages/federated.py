@@ -35,7 +35,7 @@ from components.federated.fedkim import (DEFAULT_MODALITY_DESCRIPTIONS, KIND, bu
 from components.federated.payload import load_payload
 from components.federated.rounds import (RoundReport, flower_round_file, flower_run_hashes, read_flower_run,
                                          read_payload_file)
-from components.federated.shards import read_shards, shard_data
+from components.federated.shards import read_shards, shard_data, shard_digest
 from components.metrics.plots import plot_rounds
 from components.nn.encoders import PACKAGED, resolve_text_source
 from components.nn.foundation import load_foundation, text_foundation
@@ -56,6 +56,7 @@ class FederatedInputs(TaskInputs):
 class FederatedSummary(StageSummary):
     skipped: str | None = None
     clients: list[str] = []
+    client_shards: dict[str, str] = {}  # simulated client -> sha256 of the rows it trained on (shard_digest)
     client_tasks: list[str] = []
     held_out: list[str] = []
     metric: str | None = None
@@ -140,6 +141,7 @@ def run(inp: FederatedInputs, data_dir: Path, foundation_dir: Path, out_dir: Pat
     start = time.perf_counter()
     global_model = client_model(inp, found.encoder, found.max_length)
     flower_run: dict[str, str] = {}
+    shard_hashes: dict[str, str] = {}  # simulated clients: sha256 of the rows each trained on (a site's stay there)
     if fp.clients_from:  # the hospitals trained on Flower: inject the aggregate their ServerApp wrote
         folder = Path(fp.clients_from)
         evaluate = client_evaluator({t: server_val[t] for t in client_tasks}, tokenizer=found.tokenizer,
@@ -159,6 +161,7 @@ def run(inp: FederatedInputs, data_dir: Path, foundation_dir: Path, out_dir: Pat
                                   class_weight=cp.class_weight)
         clients = [f"client_{i}" for i in range(len(shards))]
         client_seconds = time.perf_counter() - start
+        shard_hashes = {c: shard_digest(shard) for c, shard in zip(clients, shards, strict=True)}
 
     start = time.perf_counter()
     ip = fp.injection
@@ -197,7 +200,7 @@ def run(inp: FederatedInputs, data_dir: Path, foundation_dir: Path, out_dir: Pat
     if curve:  # the per-round curve: each task's validation metric of the aggregated client model
         plot_rounds(curve, f"aggregated client model, validation {metric}", federated_curve(out_dir))
     return FederatedSummary(
-        clients=clients, client_tasks=client_tasks, held_out=list(fp.held_out),
+        clients=clients, client_shards=shard_hashes, client_tasks=client_tasks, held_out=list(fp.held_out),
         metric=metric, rounds=[r.as_metrics() for r in reports], rounds_accepted=[list(r.accepted) for r in reports],
         missing={str(r.round): r.missing for r in reports if r.missing},
         rejected={str(r.round): r.rejected for r in reports if r.rejected},
