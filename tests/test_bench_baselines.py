@@ -37,6 +37,7 @@ def _cnn(train, val, test):  # noqa: ANN001, ANN202
                                            ("breastmnist", baselines.pixel_lr), ("breastmnist", _cnn)])
 def test_every_choice_is_made_on_validation_only(data_dir: Path, task: str, fit) -> None:  # noqa: ANN001
     train, val, test = (load_split(data_dir, task, s) for s in ("train", "val", "test"))
+    train = train.subset(400, 0)  # what is checked holds on any size: 400 rows keep the text fits short
     real, peeked = fit(train, val, test), fit(train, val, _peeked(test))
     assert real["choice"] == peeked["choice"] and real["val_macro_f1"] == peeked["val_macro_f1"]
     assert real["test"] != peeked["test"]  # test labels are read, to score only
