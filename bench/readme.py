@@ -1181,14 +1181,15 @@ def lr_schedule_section(result: dict) -> str:
 
 
 def install_time_section(result: dict) -> str:
-    """`make setup` on a fresh clone."""
-    cache = result["params"]["pip_cache_mib_before"] or 0.0
-    where = (f"packages from pip's cache ({cache:.0f} MiB before the run)" if cache >= 10
-             else "every package downloaded from the registry: pip's cache was empty")
-    return (f"`make setup` on a fresh clone: {result['median_setup_seconds'] / 60:.1f} min (median of "
-            f"{len(result['runs'])}, {where}); the first `medexperts` call after it "
-            f"{result['median_first_cli_seconds']:.1f} s; the venv {result['runs'][0]['venv_mib']:.0f} MiB; "
-            f"{machine_line(result)} (`bench/results/install_time.json`).\n")
+    """`make setup` on a fresh clone, with uv (the default) and with pip."""
+    setup, first = result["median_setup_seconds"], result["median_first_cli_seconds"]
+    n = sum(r["installer"] == "uv" for r in result["runs"])
+    venv = next(r["venv_mib"] for r in result["runs"] if r["installer"] == "uv")
+    return (f"`make setup` on a fresh clone, every package from the registry: {setup['uv'] / 60:.1f} min with uv (the "
+            f"default), {setup['pip'] / 60:.1f} min with pip (`MEDEXPERTS_INSTALLER=pip`), pip/uv = "
+            f"{result['pip_over_uv_setup']:.1f}x (medians of {n}, alternating); the first `medexperts` call after it "
+            f"{first['uv']:.1f} s; the venv {venv:.0f} MiB; {machine_line(result)} "
+            f"(`bench/results/install_time.json`).\n")
 
 
 def _versus_baseline(run: dict, block: dict) -> dict[str, str]:
