@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import re
 from pathlib import Path
@@ -167,8 +168,9 @@ def test_a_sites_model_config_defaults_to_the_stage_settings_and_text_needs_the_
     from components.federated import clients
 
     d = ClientParams()  # a site cannot read params/: its factory's defaults must be federated.client's
-    assert (list(clients.SITE_IMAGE_CHANNELS), list(clients.SITE_TEXT_LAYERS), clients.SITE_EMBEDDING_RANK) == (
-        d.image_channels, d.text_layers, d.embedding_rank)
+    defaults = inspect.signature(clients.site_client_model).parameters
+    assert (list(defaults["image_channels"].default), list(defaults["text_layers"].default),
+            defaults["embedding_rank"].default) == (d.image_channels, d.text_layers, d.embedding_rank)
     text, image = ["text", "Topic.", "clinical abstract text", 5, "multiclass"], ["image", "X.", "chest X-ray", 2, "binary"]
     with pytest.raises(ParamsError, match="text_foundation"):
         clients.site_model_config({"abstracts": text}, d, text_foundation=None, max_positions=64)

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from components.config.federated import ClientParams
 from components.core.errors import ArtifactError, DataError, ParamsError
 from components.decompose.backbones import text_backbone_from_teacher
 from components.federated.aggregate import check_updates, fedavg, proximal_term
@@ -162,15 +163,13 @@ def build_client_model(
     return ClientModel(encoders, heads)
 
 
-# federated.client's model settings (components.config.federated.ClientParams), the defaults of a site's factory:
-# the config is not imported here, as a Flower site has pydantic but not the params loader (PyYAML)
-SITE_IMAGE_CHANNELS, SITE_TEXT_LAYERS, SITE_EMBEDDING_RANK = (16, 32), (0,), 32
+_CLIENT = ClientParams()  # federated.client's defaults: a site's factory defaults to the stage's model settings
 
 
-def site_client_model(tasks: Mapping[str, Sequence[Any]], image_channels: Sequence[int] = SITE_IMAGE_CHANNELS,
-                      in_channels: int = 3, text_foundation: str | None = None,
-                      text_layers: Sequence[int] = SITE_TEXT_LAYERS, embedding_rank: int = SITE_EMBEDDING_RANK,
-                      max_positions: int = 128) -> ClientModel:
+def site_client_model(tasks: Mapping[str, Sequence[Any]],
+                      image_channels: Sequence[int] = tuple(_CLIENT.image_channels), in_channels: int = 3,
+                      text_foundation: str | None = None, text_layers: Sequence[int] = tuple(_CLIENT.text_layers),
+                      embedding_rank: int = _CLIENT.embedding_rank, max_positions: int = 128) -> ClientModel:
     """A hospital's FedKIM client model from a Flower App's ``model-config`` (JSON): ``tasks`` maps each task to its
     TaskSpec ``[modality, description, modality_description, num_labels, kind]``; a text task needs
     ``text_foundation``, the foundation's encoder folder as every site has it (or "packaged": the

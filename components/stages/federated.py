@@ -95,12 +95,16 @@ def _specs(inp: FederatedInputs, tasks: list[str]) -> dict[str, TaskSpec]:
     return out
 
 
+def _client_tasks(inp: FederatedInputs) -> list[str]:
+    """The run's active tasks that the clients train (every one but the held-out tasks), in params order."""
+    return [t for t in inp.active_tasks() if t not in inp.federated.held_out]
+
+
 def client_model(inp: FederatedInputs, encoder: Any, max_positions: int) -> Any:
     """The clients' local model of this run (its client tasks, ``federated.client``'s settings, the text encoder
     ``encoder`` of ``max_positions`` tokens copied in), built under the run's seed."""
-    tasks = [t for t in inp.active_tasks() if t not in inp.federated.held_out]
     cp = inp.federated.client
-    return build_client_model(_specs(inp, tasks), teacher=encoder, image_channels=cp.image_channels,
+    return build_client_model(_specs(inp, _client_tasks(inp)), teacher=encoder, image_channels=cp.image_channels,
                               text_layers=cp.text_layers, embedding_rank=cp.embedding_rank,
                               max_positions=max_positions, seed=inp.seed)
 
@@ -110,8 +114,7 @@ def sites_model_config(inp: FederatedInputs, *, text_foundation: str | None, max
     model (same keys and shapes; the server's initial weights reach every site in round 1), so that
     ``federated.clients_from`` accepts the run's aggregate. ``text_foundation``: the foundation's text encoder as
     the sites have it (a folder, or "packaged"); ``max_positions``: its ``foundation.text.max_length``."""
-    tasks = [t for t in inp.active_tasks() if t not in inp.federated.held_out]
-    return site_model_config(_specs(inp, tasks), inp.federated.client, text_foundation=text_foundation,
+    return site_model_config(_specs(inp, _client_tasks(inp)), inp.federated.client, text_foundation=text_foundation,
                              max_positions=max_positions)
 
 
@@ -129,7 +132,7 @@ def run(inp: FederatedInputs, data_dir: Path, foundation_dir: Path, out_dir: Pat
     if not foundation_sub(foundation_dir, "text").is_dir():
         return FederatedSummary(skipped="FedKIM injects into the text foundation; no text task is active")
     tasks = list(inp.active_tasks())
-    client_tasks = [t for t in tasks if t not in fp.held_out]
+    client_tasks = _client_tasks(inp)
     found = load_foundation(foundation_dir, "text")
     specs = _specs(inp, tasks)
 
