@@ -378,18 +378,23 @@ def fixed_cost_section(result: dict) -> str:
             f"{p['rounds']} rounds, {machine_line(result)} (`bench/results/fixed_cost.json`): {before}.\n")
 
 
+def image_baselines(task: str) -> dict:
+    """An image task's simple baselines (every training row: no profile caps the image tasks' rows) from
+    bench/results/baselines_full.json, the file every image table takes its strongest baseline from; {} when it
+    lacks the task. (`bench image_foundation` also scores baselines on the same splits, in its own file, as a
+    check; the README shows one set, of one commit.)"""
+    full = committed("baselines_full").get("tasks", {}).get(task)
+    return full["expert_rows"] if full and full["modality"] == "image" else {}
+
+
 def strongest_baseline(task: str, rows: str = "expert_rows") -> str:
     """The strongest simple baseline of ``task`` (picked on validation) and its test macro-F1, from
-    bench/results/baselines.json (``rows``: the experts' training rows or all rows) or, for an image task it lacks
-    (no profile caps the image tasks' rows, so all rows are the experts' rows), bench/results/baselines_full.json,
-    then bench/results/image_foundation.json; "—" when none has the task."""
+    bench/results/baselines.json (``rows``: the experts' training rows or all rows) or, for an image task it lacks,
+    `image_baselines`; "—" when neither has the task."""
     b = committed("baselines").get("tasks", {}).get(task)
     if b:
         return strongest_of(b.get(rows) or b["expert_rows"])
-    full = committed("baselines_full").get("tasks", {}).get(task)
-    if full and full["modality"] == "image":
-        return strongest_of(full.get("all_rows") or full["expert_rows"])
-    r = committed("image_foundation").get("baselines", {}).get(task)
+    r = image_baselines(task)
     return strongest_of(r) if r else "—"
 
 
@@ -1133,7 +1138,7 @@ def image_foundation_section(result: dict) -> str:
         for arch, a in archs.items():
             m = a["tasks"][task]["test"]
             row[arch] = acc_auc_f1(m)
-        b = result["baselines"].get(task)
+        b = image_baselines(task)
         if b:
             m = b[b["strongest"]]["test"]
             row["baseline"] = f"{BASELINE_NAMES[b['strongest']]} {acc_auc_f1(m)}"
@@ -1152,7 +1157,8 @@ def image_foundation_section(result: dict) -> str:
     also = f" Extra column(s) from {'; '.join(variants)}, same splits." if variants else ""
     return (f"{machine_line(result)}, from `bench/results/image_foundation.json`: each foundation pre-trained "
             f"multi-task on the {len(p['tasks'])} tasks' whole training splits for {p['epochs']} epochs{how} (pre-training "
-            f"time: {times}), scored on test with its own pre-training heads.{also}{notes}\n\n"
+            f"time: {times}), scored on test with its own pre-training heads; the strongest simple baseline from "
+            f"`bench/results/baselines_full.json`, same splits.{also}{notes}\n\n"
             + markdown_table(rows, cols) + "\n")
 
 
@@ -1220,7 +1226,7 @@ def experts_full_image_section(result: dict, name: str = "experts_full_image",
         rows.append({"task": task_label(r["task"]), "method": r["method"],
                      "expert": acc_auc_f1(r["test"]),
                      "probe": acc_auc_f1(r["probe_test"]),
-                     **_versus_baseline(r, found["baselines"].get(r["task"], {})),
+                     **_versus_baseline(r, image_baselines(r["task"])),
                      "anchor": f"{anchor['accuracy']:.3f} / {anchor['auroc']:.3f}" if anchor else "",
                      "s": f"{r['train_seconds'] / 60:.1f}", "trainable": f"{r['trainable_params']:,}"})
     table = markdown_table(rows, [("task", "task"), ("method", "method"),
@@ -1235,7 +1241,7 @@ def experts_full_image_section(result: dict, name: str = "experts_full_image",
             f"`{image.get('arch', '?')}` (widths {image.get('widths', '?')}) that `bench image_foundation` pre-trained "
             f"(`bench/results/{foundation}.json`), "
             f"every training row; test. Baselines (hyper-parameters and class weighting picked on validation) from "
-            f"`bench/results/image_foundation.json`, same splits.\n\n{table}\n")
+            f"`bench/results/baselines_full.json`, same splits.\n\n{table}\n")
 
 
 # (experts results file(s), the foundation's results file, label): the files of one recipe are read together (the
@@ -1275,7 +1281,7 @@ def image_recipes_section() -> str:
     tasks = [r["task"] for r in recipes[0][1]["runs"]]
     rows = []
     for task in tasks:
-        b = committed("image_foundation").get("baselines", {}).get(task)  # every training row, as the experts
+        b = image_baselines(task)
         row = {"task": task_label(task), "base": strongest_of(b) if b else "—"}
         for i, (_, experts, found) in enumerate(recipes):
             run = next((r for r in experts["runs"] if r["task"] == task), None)

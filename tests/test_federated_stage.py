@@ -116,9 +116,11 @@ def test_the_stage_injects_a_flower_runs_aggregate(tiny_bert: Path, tmp_path: Pa
     with torch.no_grad():  # what the hospitals' rounds changed
         for param in sites.parameters():
             param.add_(0.01)
+    digests = {"hospital_a": "a" * 64, "hospital_b": "b" * 64}  # each site's local_shard_digest, as it reported it
     report = RoundReport(round=1, client_losses={"hospital_a": 0.7, "hospital_b": 0.6},
                          num_examples={"hospital_a": 40, "hospital_b": 60}, accepted=["hospital_a", "hospital_b"],
-                         missing={}, rejected={}, metrics={}, seconds={}, client_seconds={}, bytes_down=1)
+                         missing={}, rejected={}, metrics={}, seconds={}, client_seconds={}, bytes_down=1,
+                         client_shards=digests)
 
     with pytest.raises(ArtifactError, match="no such Flower output-dir"):
         run(inp, tmp_path / "data", tmp_path / "foundation", tmp_path / "out")
@@ -137,6 +139,7 @@ def test_the_stage_injects_a_flower_runs_aggregate(tiny_bert: Path, tmp_path: Pa
     summary = run(inp, tmp_path / "data", tmp_path / "foundation", tmp_path / "out",
                   on_round=round_logger(lambda metrics, step: steps.append(step)))
     assert summary.clients == ["hospital_a", "hospital_b"] and steps == [1, 2]
+    assert summary.client_shards == digests  # lineage: the registered model is tagged with them (promote)
     assert summary.flower_run["payload.pt_sha256"] == hashlib.sha256((flower / "payload.pt").read_bytes()).hexdigest()
     assert summary.flower_run["rounds_sha256"] != "missing"
     # round 2's aggregate is scored on the server's validation rows, as a simulated round is; round 1 has no scores
@@ -161,6 +164,37 @@ def test_the_stage_injects_a_flower_runs_aggregate(tiny_bert: Path, tmp_path: Pa
     torch.save(other, flower / "payload.pt")
     with pytest.raises(ArtifactError, match="federated.clients_from=.*has shape"):
         run(inp, tmp_path / "data", tmp_path / "foundation", tmp_path / "out2")
+
+
+def test_a_sites_shard_hash_names_its_rows_and_a_change_mid_run_is_kept() -> None:
+    """A Flower site hashes the rows it trains on (its encoded tensors, every task); the stage keeps what each site
+    reported over the rounds, every hash of a site whose rows changed between rounds."""
+    import dataclasses
+
+    import torch
+
+    from components.federated.clients import LocalTask, local_shard_digest
+    from components.federated.rounds import RoundReport, reported_shards
+    from components.training.data import TensorDictDataset
+
+    x, y = torch.arange(24, dtype=torch.float32).view(6, 1, 2, 2), torch.tensor([0, 1, 0, 1, 1, 0])
+    site = {"chest": LocalTask("image", "binary", TensorDictDataset({"pixels": x}, y))}
+    digest = local_shard_digest(site)
+    assert re.fullmatch("[0-9a-f]{64}", digest) and digest == local_shard_digest(
+        {"chest": LocalTask("image", "binary", TensorDictDataset({"pixels": x.clone()}, y.clone()))})
+    flipped = y.clone()
+    flipped[0] = 1
+    for other in ({"chest": LocalTask("image", "binary", TensorDictDataset({"pixels": x}, flipped))},  # one label
+                  {"chest": LocalTask("image", "binary", TensorDictDataset({"pixels": x.double()}, y))},  # dtype
+                  {"lung": site["chest"]},  # another task's rows
+                  TensorDictDataset({"pixels": x}, y)):  # a one-task site: its dataset alone
+        assert local_shard_digest(other) != digest
+
+    one = RoundReport(round=1, client_losses={}, num_examples={}, accepted=["a", "b"], missing={}, rejected={},
+                      metrics={}, seconds={}, client_seconds={}, bytes_down=1, client_shards={"a": "1", "b": "2"})
+    two = dataclasses.replace(one, round=2, client_shards={"a": "1", "b": "3"})
+    assert reported_shards([one, two]) == {"a": "1", "b": "2,3"}
+    assert reported_shards([dataclasses.replace(one, client_shards={})]) == {}  # sites that send none
 
 
 def test_a_sites_model_config_defaults_to_the_stage_settings_and_text_needs_the_foundation() -> None:

@@ -31,6 +31,7 @@ import torch  # noqa: E402
 from components.core.errors import ArtifactError, ParamsError  # noqa: E402
 from components.federated import flower  # noqa: E402
 from components.federated.client import client_seed, client_update  # noqa: E402
+from components.federated.clients import local_shard_digest  # noqa: E402
 from components.federated.payload import to_payload  # noqa: E402
 from components.federated.rounds import Client, FederatedError, run_rounds  # noqa: E402
 
@@ -105,6 +106,8 @@ def test_train_handler_is_client_update(tmp_path: Path) -> None:
     assert reply.metric_records["metrics"]["num-examples"] == 64
     assert reply.metric_records["metrics"]["loss"] == pytest.approx(ref.loss)
     assert reply.config_records["client"]["client-id"] == "client_1"
+    # the site names its rows by their hash (the registered model's lineage), not by sending them
+    assert reply.config_records["client"]["shard-sha256"] == local_shard_digest(flower.smoke_data({"partition-id": 1}))
 
 
 def test_write_app_is_a_valid_flower_app(tmp_path: Path) -> None:
@@ -450,9 +453,12 @@ def test_fedkim_clients_on_flower_match_the_in_process_federation(tmp_path: Path
     assert set(run.payload) == set(ref.payload) and any(k.startswith("heads.retina") for k in run.payload)
     for k, v in ref.payload.items():
         torch.testing.assert_close(run.payload[k], v, rtol=1e-6, atol=1e-6)
+    hashes = {f"client_{pid}": local_shard_digest(flower.fedkim_npz_data({"data-path": str(folder)}))
+              for pid, folder in enumerate(sites)}
     for got, want in zip(run.reports, ref.reports, strict=True):
         assert got.num_examples == want.num_examples == {"client_0": 80, "client_1": 24}
         assert got.client_losses == pytest.approx(want.client_losses, rel=1e-6)
+        assert got.client_shards == hashes  # each site's rows, hashed at the site, every round
     start = to_payload(flower.build_model(s.model, s.seed, s.model_config))
     assert not torch.equal(run.payload["heads.retina.weight"], start["heads.retina.weight"])  # site 0 trained it
 

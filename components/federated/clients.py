@@ -211,6 +211,25 @@ class LocalTask(NamedTuple):
     data: TensorDictDataset
 
 
+def local_shard_digest(data: TensorDictDataset | Mapping[str, LocalTask]) -> str:
+    """sha256 of the rows a client trains on, as it holds them (encoded tensors: a Flower site's pixels and token
+    ids): per task in name order its name, modality and kind, then each input's name, dtype, shape and bytes, then
+    the labels'. A site reports it with every update, so the registered model names each hospital's data without
+    the data leaving the hospital."""
+    import hashlib
+
+    tasks = {"": LocalTask("", "", data)} if isinstance(data, TensorDictDataset) else data
+    h = hashlib.sha256()
+    for name in sorted(tasks):
+        task = tasks[name]
+        h.update(f"{name}\0{task.modality}\0{task.kind}\0".encode())
+        for key, tensor in sorted({**task.data.inputs, "\0labels": task.data.labels}.items()):
+            array = tensor.detach().cpu().contiguous().numpy()
+            h.update(f"{key}\0{array.dtype}{array.shape}\0".encode())
+            h.update(array.tobytes())
+    return h.hexdigest()
+
+
 def _in_channels(encoder: nn.Module) -> int:
     config = getattr(encoder, "config", None)
     return int(config.get("in_channels", 3)) if isinstance(config, dict) else 3

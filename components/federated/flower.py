@@ -47,7 +47,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any, NamedTuple, get_args
 
 import numpy as np
 import torch
@@ -58,7 +58,8 @@ from torch import nn
 
 from components.core.errors import ArtifactError, DataError, ParamsError
 from components.federated.client import ClientResult, check_local, client_seed, client_update
-from components.federated.clients import ClientModel, LocalTask, client_updater, site_client_model
+from components.federated.clients import (ClientModel, LocalTask, client_updater, local_shard_digest,
+                                         site_client_model)
 from components.federated.payload import KeyFilter, Payload, to_payload
 from components.federated.rounds import (FLOWER_PAYLOAD, FLOWER_REPORTS, Client, FederatedError, FederatedRun,
                                          RoundReport, flower_round_file, run_round)
@@ -200,6 +201,7 @@ def from_record(record: ArrayRecord) -> Payload:
 # --------------------------------------------------------------------------- the client side
 _MODELS: dict[tuple[str, int], nn.Module] = {}
 _DATA: dict[tuple[str, str], TensorDictDataset] = {}
+_DIGESTS: dict[tuple[str, str], str] = {}  # the same keys: local_shard_digest of each partition, reported each round
 
 
 def _node_key(node_config: Mapping[str, Any]) -> str:
@@ -234,6 +236,7 @@ def local_update(content: RecordDict, node_config: Mapping[str, Any], run_config
             raise ParamsError(f"data factory {settings.data!r} returned {type(data).__name__}, not a "
                               "TensorDictDataset (one task) or a mapping task -> LocalTask (FedKIM)")
         _DATA[data_key] = data
+        _DIGESTS[data_key] = local_shard_digest(data)
     data, worker = _DATA[data_key], _MODELS[model_key]
     common = dict(epochs=int(cfg["local-epochs"]), batch_size=int(cfg["batch-size"]), lr=float(cfg["lr"]),
                   weight_decay=float(cfg["weight-decay"]), mu=float(cfg["mu"]))
@@ -253,7 +256,7 @@ def local_update(content: RecordDict, node_config: Mapping[str, Any], run_config
     return RecordDict({
         PAYLOAD: to_record(result.payload),
         METRICS: MetricRecord({"num-examples": result.num_examples, "loss": result.loss, "seconds": result.seconds}),
-        CLIENT: ConfigRecord({"client-id": client_id, "partition-id": pid}),
+        CLIENT: ConfigRecord({"client-id": client_id, "partition-id": pid, "shard-sha256": _DIGESTS[data_key]}),
     })
 
 
@@ -279,18 +282,27 @@ def wait_for_nodes(grid: Grid, needed: int, timeout_s: float) -> list[int]:
         time.sleep(1.0)
 
 
-def _answer(reply: Message) -> tuple[str | None, int, ClientResult | None, str]:
-    """(client id, partition id, result, why it is unusable) from one reply."""
+class _Answer(NamedTuple):
+    client_id: str | None
+    partition: int
+    result: ClientResult | None
+    why: str  # why it is unusable ("" when it is)
+    shard: str = ""  # the site's local_shard_digest ("" from a site that sends none)
+
+
+def _answer(reply: Message) -> _Answer:
+    """One reply, read."""
     if reply.has_error():
-        return None, -1, None, f"error reply: {reply.error.reason}"  # from the ClientApp, or the SuperLink's
+        return _Answer(None, -1, None, f"error reply: {reply.error.reason}")  # the ClientApp's, or the SuperLink's
     try:
         content = reply.content
         metrics, client = content.metric_records[METRICS], content.config_records[CLIENT]
         result = ClientResult(from_record(content.array_records[PAYLOAD]), int(metrics["num-examples"]),
                               float(metrics["loss"]), float(metrics["seconds"]))
-        return str(client["client-id"]), int(client["partition-id"]), result, ""
+        return _Answer(str(client["client-id"]), int(client["partition-id"]), result, "",
+                       str(client.get("shard-sha256", "")))
     except (KeyError, TypeError, ValueError, ArtifactError) as exc:
-        return None, -1, None, f"malformed reply: {type(exc).__name__}: {exc}"
+        return _Answer(None, -1, None, f"malformed reply: {type(exc).__name__}: {exc}")
 
 
 def _prefetched(client_id: str, result: ClientResult | None, why: str) -> Client:
@@ -328,15 +340,17 @@ def flower_round(grid: Grid, model: nn.Module, nodes: Sequence[int], round_: int
     by_instruction = "" not in sent and len(sent) == len(messages)
     answers: dict[str, tuple[ClientResult | None, str]] = {}
     order: dict[str, tuple[int, int, str]] = {}  # usable answers by partition id first, then the rest
-    replied = set()
+    replied, shards = set(), {}
     for reply in replies:
         node = sent.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id) if by_instruction else \
             reply.metadata.src_node_id
         replied.add(node)
-        client_id, pid, result, why = _answer(reply)
+        client_id, pid, result, why, shard = _answer(reply)
         if client_id is None or client_id in answers:
             why = why or f"client id {client_id!r} is used by another SuperNode too (check --node-config)"
             client_id, result = f"node_{node}", None
+        elif shard:
+            shards[client_id] = shard
         answers[client_id] = (result, why)
         order[client_id] = (0, pid, client_id) if result is not None else (1, node, client_id)
     for node in nodes:
@@ -349,6 +363,7 @@ def flower_round(grid: Grid, model: nn.Module, nodes: Sequence[int], round_: int
                        keys=settings.key_filter, evaluate=None)
     # the core timed look-ups of answers already here: report the clients' own training time and the broadcast
     report.client_seconds = {cid: res.seconds for cid, (res, _) in answers.items() if res is not None}
+    report.client_shards = shards
     report.seconds["clients"] = wall
     report.seconds["total"] += wall
     return report

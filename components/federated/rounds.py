@@ -66,6 +66,9 @@ class RoundReport:
     client_seconds: dict[str, float]
     bytes_down: int  # global payload sent to each client
     bytes_up: dict[str, int] = field(default_factory=dict)  # payload received from each answering client
+    # answering client -> sha256 of the rows it trained on, as the client reports it (Flower sites:
+    # clients.local_shard_digest); the simulator's clients are hashed by the stage (shards.shard_digest)
+    client_shards: dict[str, str] = field(default_factory=dict)
 
     def as_metrics(self) -> dict[str, float]:
         """Flat name -> value for step-wise logging."""
@@ -102,6 +105,17 @@ def read_reports(path: Path) -> list[RoundReport]:
 class FederatedRun(NamedTuple):
     payload: Payload  # the final global payload
     reports: list[RoundReport]
+
+
+def reported_shards(reports: Sequence[RoundReport]) -> dict[str, str]:
+    """Each client's shard hash as it reported it over the rounds; a client whose hash changed between rounds (its
+    rows changed mid-run) keeps every hash it sent, in round order, joined by ","."""
+    seen: dict[str, list[str]] = {}
+    for report in reports:
+        for client, digest in report.client_shards.items():
+            if digest not in seen.setdefault(client, []):
+                seen[client].append(digest)
+    return {client: ",".join(digests) for client, digests in sorted(seen.items())}
 
 
 FLOWER_PAYLOAD, FLOWER_REPORTS = "payload.pt", "reports.json"  # what a Flower ServerApp writes to its output-dir

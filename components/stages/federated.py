@@ -34,7 +34,7 @@ from components.federated.fedkim import (DEFAULT_MODALITY_DESCRIPTIONS, KIND, bu
                                          train_injected)
 from components.federated.payload import load_payload
 from components.federated.rounds import (RoundReport, flower_round_file, flower_run_hashes, read_flower_run,
-                                         read_payload_file)
+                                         read_payload_file, reported_shards)
 from components.federated.shards import read_shards, shard_data, shard_digest
 from components.metrics.plots import plot_rounds
 from components.nn.encoders import PACKAGED, resolve_text_source
@@ -56,7 +56,9 @@ class FederatedInputs(TaskInputs):
 class FederatedSummary(StageSummary):
     skipped: str | None = None
     clients: list[str] = []
-    client_shards: dict[str, str] = {}  # simulated client -> sha256 of the rows it trained on (shard_digest)
+    # client -> sha256 of the rows it trained on: the stage's shard_digest of a simulated client, or a Flower site's
+    # own local_shard_digest (reported with its updates; none from a site that sends none)
+    client_shards: dict[str, str] = {}
     client_tasks: list[str] = []
     held_out: list[str] = []
     metric: str | None = None
@@ -144,7 +146,7 @@ def run(inp: FederatedInputs, data_dir: Path, foundation_dir: Path, out_dir: Pat
     start = time.perf_counter()
     global_model = client_model(inp, found.encoder, found.max_length)
     flower_run: dict[str, str] = {}
-    shard_hashes: dict[str, str] = {}  # simulated clients: sha256 of the rows each trained on (a site's stay there)
+    shard_hashes: dict[str, str] = {}  # client -> sha256 of the rows it trained on
     if fp.clients_from:  # the hospitals trained on Flower: inject the aggregate their ServerApp wrote
         folder = Path(fp.clients_from)
         evaluate = client_evaluator({t: server_val[t] for t in client_tasks}, tokenizer=found.tokenizer,
@@ -152,6 +154,7 @@ def run(inp: FederatedInputs, data_dir: Path, foundation_dir: Path, out_dir: Pat
         federated = _flower_clients(global_model, folder, evaluate, on_round)
         clients = sorted({c for r in federated.reports for c in r.accepted})
         flower_run = {"folder": str(folder), **flower_run_hashes(folder)}
+        shard_hashes = reported_shards(federated.reports)  # each site hashed its own rows (local_shard_digest)
         # the sites' own compute, as their reports give it (loading the files here is not client work)
         client_seconds = sum(r.seconds.get("clients", 0.0) for r in federated.reports)
     else:

@@ -85,16 +85,16 @@ def candidates(inp: PromoteInputs, experts: Path, decompose: Path, fusion: Path,
                              {"method": f"atmoe_{routed.router}", **_size(bundle)}))
     fed = read_model(federated / SUMMARY_FILE, FederatedSummary, "federated summary")
     if fed.skipped is None:
-        # lineage: the rounds, the clients that took part, the hash of every shard file and of the rows each client
-        # that took part trained on (a Flower run: the hashes of its aggregate and reports; the sites' shards never
-        # left them)
+        # lineage: the rounds, the clients that took part and the hash of the rows each of them trained on (a
+        # Flower site hashes its own: its rows never left it), with the hashes of every shard file (simulated) or of
+        # the Flower run's aggregate and reports
         took_part = sorted({c for r in fed.rounds_accepted for c in r})
         if fed.flower_run:
             trained_on = {f"federated.flower.{k}": v for k, v in fed.flower_run.items()}
         else:
             shards = read_manifest(data, kind="data", verify=False)["files"]
             trained_on = {f"federated.shards.{t}": shards[f"{t}/shards.json"] for t in fed.client_tasks}
-            trained_on |= {f"federated.shard.{c}": fed.client_shards[c] for c in took_part if c in fed.client_shards}
+        trained_on |= {f"federated.shard.{c}": fed.client_shards[c] for c in took_part if c in fed.client_shards}
         mean = sum(v[inp.metric] for v in fed.val.values()) / len(fed.val)
         out.append(Candidate(f"{prefix}-fedkim", injected_model(federated), mean, {
             "method": "fedkim", "federated.rounds": str(len(fed.rounds)), "federated.clients": ",".join(took_part),
