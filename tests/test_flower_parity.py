@@ -198,11 +198,28 @@ def _tails(logs: dict[str, Path]) -> str:
     return "\n".join(f"--- {n}\n{p.read_text(errors='replace')[-2000:]}" for n, p in logs.items())
 
 
+def _readme_tls(folder: Path) -> Path:
+    """The README's coordinator commands (openssl): a CA, and the SuperLink's certificate for 127.0.0.1 signed by it."""
+    folder.mkdir()
+    steps = ['openssl req -x509 -newkey rsa:4096 -nodes -days 365 -keyout ca.key -out ca.crt -subj "/CN=medexperts-fl-ca"',
+             'openssl req -newkey rsa:4096 -nodes -keyout server.key -out server.csr -subj "/CN=fl.coordinator.example"',
+             'printf "subjectAltName=DNS:fl.coordinator.example,IP:127.0.0.1\\n" > san.ext',
+             "openssl x509 -req -in server.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 365 -extfile san.ext "
+             "-out server.pem"]
+    for step in steps:
+        subprocess.run(step, shell=True, cwd=folder, check=True, capture_output=True)
+    return folder
+
+
 @contextlib.contextmanager
-def _loopback(tmp_path: Path, node_configs: list[str], pythonpath: tuple[Path, ...] = ()):  # noqa: ANN202
+def _loopback(tmp_path: Path, node_configs: list[str], pythonpath: tuple[Path, ...] = (),  # noqa: ANN202
+              registered: int | None = None):
     """A SuperLink and one SuperNode per ``--node-config`` on 127.0.0.1; yields (the environment ``flwr run``
     needs, each process's log file, each process by name). Every process it started, and every SuperExec and app
-    process they started, is gone when it exits."""
+    process they started, is gone when it exits. ``registered``: the README's deployment instead of
+    ``--insecure``: TLS with a certificate from its openssl commands and SuperNode authentication, each SuperNode
+    with its own key pair (ssh-keygen), the first ``registered`` of them registered at the coordinator (``flwr
+    supernode register``), the rest not."""
     link_port, *node_ports = _free_ports(1 + len(node_configs))
     marker = uuid.uuid4().hex
     path = [*map(str, pythonpath), str(PROJECT), os.environ.get("PYTHONPATH", "")]
@@ -210,9 +227,12 @@ def _loopback(tmp_path: Path, node_configs: list[str], pythonpath: tuple[Path, .
                PATH=os.pathsep.join([str(BIN), os.environ.get("PATH", "")]), FLWR_HOME=str(tmp_path / "home"),
                FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1", MEDEXPERTS_FLOWER_TEST=marker)
     (tmp_path / "home").mkdir()
+    secure = registered is not None
+    tls = _readme_tls(tmp_path / "tls") if secure else None
+    connection = f'root-certificates = "{tls / "ca.crt"}"' if tls else "insecure = true"
     (tmp_path / "home" / "config.toml").write_text(
         f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\naddress = "127.0.0.1:{link_port}"\n'
-        "insecure = true\n")
+        f"{connection}\n")
     procs: dict[str, subprocess.Popen] = {}
     logs: dict[str, Path] = {}
 
@@ -224,10 +244,28 @@ def _loopback(tmp_path: Path, node_configs: list[str], pythonpath: tuple[Path, .
         return procs[name]
 
     try:
-        link = start("superlink", [str(BIN / "flower-superlink"), "--insecure", "--host", "127.0.0.1",
+        link_security = (["--ssl-ca-certfile", str(tls / "ca.crt"), "--ssl-certfile", str(tls / "server.pem"),
+                          "--ssl-keyfile", str(tls / "server.key"), "--enable-supernode-auth"] if tls
+                         else ["--insecure"])
+        link = start("superlink", [str(BIN / "flower-superlink"), *link_security, "--host", "127.0.0.1",
                                    "--port", str(link_port), "--disable-runtime-dependency-installation"])
+        node_security: list[list[str]] = [["--insecure"]] * len(node_configs)
+        if tls:
+            _wait_port(link_port, link, timeout_s=60)  # the keys are registered before any SuperNode connects
+            node_security = []
+            for pid in range(len(node_configs)):
+                key = tls / f"hospital_{pid}"
+                subprocess.run(["ssh-keygen", "-q", "-t", "ecdsa", "-b", "384", "-N", "", "-f", str(key)], check=True,
+                               capture_output=True)
+                if pid < registered:
+                    done = subprocess.run([str(BIN / "flwr"), "supernode", "register", f"{key}.pub", "loopback",
+                                           "--name", f"hospital-{pid}"], env=env, cwd=tmp_path, capture_output=True,
+                                          text=True, timeout=60, stdin=subprocess.DEVNULL)
+                    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+                node_security.append(["--root-certificates", str(tls / "ca.crt"), "--auth-supernode-private-key",
+                                      str(key)])
         for pid, (port, config) in enumerate(zip(node_ports, node_configs, strict=True)):
-            start(f"supernode{pid}", [str(BIN / "flower-supernode"), "--insecure",
+            start(f"supernode{pid}", [str(BIN / "flower-supernode"), *node_security[pid],
                                       "--superlink", f"127.0.0.1:{link_port}", "--port", str(port),
                                       "--max-wait-time", "120", "--node-config", config],
                   FLWR_HOME=str(tmp_path / f"home{pid}"))
@@ -271,6 +309,40 @@ def test_superlink_and_two_supernodes_match_the_in_process_core(tmp_path: Path) 
     diff = max(float((payload[k] - v).abs().max()) for k, v in ref.payload.items())
     print(f"\nflower round: flwr run took {seconds:.1f}s (round phase {reports[0]['seconds']['clients']:.1f}s); "
           f"max |flower - in-process| = {diff:.3g}")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_the_readmes_deployment_tls_and_supernode_auth(tmp_path: Path) -> None:
+    """The README's coordinator and site commands on 127.0.0.1: TLS with a certificate signed by the project's own
+    CA, SuperNode authentication on; the two registered hospitals train the round (the in-process weights, as
+    without TLS) and a third SuperNode whose key the coordinator never registered takes no part."""
+    _require_cli()
+    missing = [tool for tool in ("openssl", "ssh-keygen") if not shutil.which(tool)]
+    if missing:
+        pytest.skip(f"the README's deployment commands need {missing} on PATH")
+    settings = flower.FlowerSettings(**SETTINGS, output_dir=str(tmp_path / "out"))
+    app = flower.write_app(tmp_path / "app", **settings.as_run_config())
+    nodes = ["partition-id=0", "partition-id=1", 'partition-id=2 client-id="intruder"']
+    with _loopback(tmp_path, nodes, registered=2) as (env, logs, _):
+        run = subprocess.run([str(BIN / "flwr"), "run", str(app), "loopback", "--stream"], env=env, cwd=tmp_path,
+                             capture_output=True, text=True, timeout=200, stdin=subprocess.DEVNULL)
+        done = tmp_path / "out" / "reports.json"
+        assert run.returncode == 0 and done.exists(), (
+            f"flwr run exited {run.returncode}\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}\n" + _tails(logs))
+        listed = subprocess.run([str(BIN / "flwr"), "supernode", "list", "loopback", "--format", "json"], env=env,
+                                cwd=tmp_path, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    reports = json.loads(done.read_text())
+    assert reports[0]["accepted"] == ["client_0", "client_1"]
+    assert "intruder" not in json.dumps(reports) and not reports[0]["missing"]
+    assert listed.returncode == 0, listed.stdout[-2000:] + listed.stderr[-2000:]
+    assert [n["status"] for n in json.loads(listed.stdout)["nodes"]] == ["online", "online"]  # the registered two
+    refused = "Failed to activate SuperNode"  # flwr 1.41's words (exit code 305) for a key it does not know
+    assert refused in logs["supernode2"].read_text(errors="replace"), _tails(logs)
+    assert not any(refused in logs[f"supernode{pid}"].read_text(errors="replace") for pid in (0, 1))
+    payload = torch.load(tmp_path / "out" / "payload.pt", weights_only=True)
+    for k, v in in_process(settings).payload.items():
+        torch.testing.assert_close(payload[k], v, rtol=1e-6, atol=1e-6)
 
 
 HANGING_SITE = '''"""A test site: the partition whose --node-config names a hang-file stops mid-round."""
