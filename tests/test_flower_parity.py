@@ -535,6 +535,72 @@ def test_fedkim_clients_on_flower_match_the_in_process_federation(tmp_path: Path
     assert not torch.equal(run.payload["heads.retina.weight"], start["heads.retina.weight"])  # site 0 trained it
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_fedkim_image_and_text_sites_on_a_real_superlink(tmp_path: Path) -> None:
+    """FedKIM's multi-task, multi-modal sites on a real SuperLink and two SuperNodes: each builds the client model
+    from the App's model-config (the text student copied from the foundation folder the sites hold, as README's
+    text sites do), trains its tasks from its `write_site_shard` folder; one round equals the in-process engine."""
+    _require_cli()
+    pytest.importorskip("transformers", reason="a site that holds a text task installs transformers (README)")
+    from bench.common import tiny_bert
+    from components.federated.clients import LocalTask, client_updater
+    from components.nn.encoders import load_text_encoder, tokenize
+    from components.training.data import TensorDictDataset
+
+    bert = tiny_bert(tmp_path / "bert")
+    tasks = {"chest": FEDKIM_TASKS["chest"],
+             "abstracts": ["text", "Topic of an abstract.", "clinical abstract text", 3, "multiclass"]}
+    config = {"tasks": tasks, "image_channels": [4, 8], "text_foundation": str(bert), "max_positions": 16,
+              "embedding_rank": 8}
+    _, tokenizer = load_text_encoder(bert)
+    g = torch.Generator().manual_seed(5)
+    words = ["fever", "tumour", "cough", "insulin", "fracture", "rash", "lesion", "stroke", "renal", "cardiac"]
+    sites = []
+    for pid, (held, n) in enumerate(((("chest", "abstracts"), 24), (("abstracts",), 16))):
+        local = {}
+        for t in held:
+            y = torch.randint(0, tasks[t][3], (n,), generator=g)
+            if t == "chest":
+                x = torch.randn(n, 3, 12, 12, generator=g)
+                x[:, 0] += y.view(-1, 1, 1).float()
+                local[t] = LocalTask("image", "binary", TensorDictDataset({"pixels": x}, y))
+            else:
+                texts = [" ".join(words[(int(label) * 3 + i) % len(words)] for i in range(4)) for label in y]
+                local[t] = LocalTask("text", "multiclass", TensorDictDataset(tokenize(tokenizer, texts, 16), y))
+        sites.append(flower.write_site_shard(tmp_path / f"site{pid}", local))
+    settings = flower.FlowerSettings(**dict(SETTINGS, lr=0.01), model="components.federated.flower:fedkim_model",
+                                     model_config=json.dumps(config), data="components.federated.flower:fedkim_npz_data",
+                                     output_dir=str(tmp_path / "out"))
+    app = flower.write_app(tmp_path / "app", **settings.as_run_config())
+    nodes = [f'partition-id={pid} data-path="{folder}"' for pid, folder in enumerate(sites)]
+    with _loopback(tmp_path, nodes) as (env, logs, _):
+        run = subprocess.run([str(BIN / "flwr"), "run", str(app), "loopback", "--stream"], env=env, cwd=tmp_path,
+                             capture_output=True, text=True, timeout=200, stdin=subprocess.DEVNULL)
+        done = tmp_path / "out" / "reports.json"
+        assert run.returncode == 0 and done.exists(), (
+            f"flwr run exited {run.returncode}\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}\n" + _tails(logs))
+    reports = json.loads(done.read_text())
+    assert reports[0]["accepted"] == ["client_0", "client_1"] and not reports[0]["missing"]
+    assert reports[0]["num_examples"] == {"client_0": 48, "client_1": 16}
+
+    model = flower.build_model(settings.model, settings.seed, settings.model_config)
+    worker = copy.deepcopy(model)
+    clients = []
+    for pid, folder in enumerate(sites):
+        local = flower.fedkim_npz_data({"data-path": str(folder)})
+        clients.append(Client(f"client_{pid}", sum(len(t.data) for t in local.values()),
+                              client_updater(worker, local, index=pid, epochs=settings.local_epochs,
+                                             batch_size=settings.batch_size, lr=settings.lr, seed=settings.seed)))
+    ref = run_rounds(model, clients, 1, min_clients=2)
+    payload = torch.load(tmp_path / "out" / "payload.pt", weights_only=True)
+    assert any(k.startswith("encoders.text.") for k in payload) and any(k.startswith("heads.abstracts") for k in payload)
+    for cid, loss in ref.reports[0].client_losses.items():
+        assert reports[0]["client_losses"][cid] == pytest.approx(loss, rel=1e-6)
+    for k, v in ref.payload.items():
+        torch.testing.assert_close(payload[k], v, rtol=1e-6, atol=1e-6)
+
+
 def test_fedkim_site_errors_are_clear(tmp_path: Path) -> None:
     from components.core.errors import DataError
 
