@@ -1,9 +1,12 @@
 """The multilabel probe on HoC before and after the fix, against scikit-learn's balanced logistic regression on the
-same frozen embeddings. `medexperts bench multilabel_probe [--train-rows 800]` -> bench/results/multilabel_probe.json
+same frozen embeddings. `medexperts bench multilabel_probe [--profile quick|full] [--train-rows N] [--result NAME]`
+-> bench/results/NAME.json (default `multilabel_probe`; the full profile's run: `--profile full --result
+multilabel_probe_full`)
 
 HoC (BLURB hallmarks of cancer, 10 labels, sentence level; optional task read from the shared folder) through the
-data stage's own code (quick profile, seed 42); the frozen text foundation (all-MiniLM-L6-v2, the profile's max
-length) embeds the training rows the experts use (`--train-rows`, the same seeded subset), validation and test once.
+data stage's own code (the profile's, seed 42); the frozen text foundation (all-MiniLM-L6-v2, the profile's max
+length) embeds the training rows the experts use (the profile's cap, or `--train-rows`: the same seeded subset; the
+quick profile's 800, every row on the full profile), validation and test once.
 On those embeddings, test metrics of:
 
 - the probe as it was: BCE without class weights, decision at p = 0.5, 300 full-batch Adam steps at lr 0.01 (the
@@ -61,8 +64,10 @@ def label_thresholds(head, feats: dict, labels: dict) -> list[dict[str, Any]]:  
 def main() -> None:
     parser = argparse.ArgumentParser(prog="medexperts bench multilabel_probe", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--train-rows", type=int, default=800)
+    parser.add_argument("--profile", choices=("quick", "full"), default="quick")
+    parser.add_argument("--train-rows", type=int, help="training rows (default: the profile's experts cap)")
     parser.add_argument("--work", type=Path)
+    parser.add_argument("--result", default="multilabel_probe")
     args = parser.parse_args()
 
     import torch
@@ -79,16 +84,17 @@ def main() -> None:
     from components.training.probe import fit_probe
 
     t0 = time.perf_counter()
-    params = load_params(ROOT / "params", "quick", {"data.active": ["hoc"]})
+    params = load_params(ROOT / "params", args.profile, {"data.active": ["hoc"]})
+    train_rows = args.train_rows if args.train_rows is not None else params.experts.trainer.text.max_train_samples
     work = (args.work or Path(tempfile.mkdtemp(prefix="medexperts-bench-mlprobe-"))).resolve()
     if not (work / "data" / "manifest.json").is_file():
         prepare_data(params.data, ROOT, work / "data", seed=params.pipeline.seed)
     describe_text_foundation(params.foundation, ROOT, foundation_dir(work / "foundation", "text"))
     found = load_foundation(work / "foundation", "text")
-    splits = {"train": load_split(work / "data", "hoc", "train").subset(args.train_rows, params.pipeline.seed),
+    splits = {"train": load_split(work / "data", "hoc", "train").subset(train_rows, params.pipeline.seed),
               "val": load_split(work / "data", "hoc", "val"), "test": load_split(work / "data", "hoc", "test")}
     feats, labels = {}, {}
-    cache = work / f"embeddings-{len(splits['train'])}.pt"  # reruns on the same work folder skip the encoder
+    cache = work / f"embeddings-{len(splits['train'])}-{found.max_length}.pt"  # reruns on the same work folder skip the encoder
     if cache.is_file():
         feats, labels = torch.load(cache)
     else:
@@ -144,7 +150,7 @@ def main() -> None:
             best_sk = (val, scores(logits(x_te)), c)
     per_label = label_thresholds(heads["probe_without_thresholds"], feats, labels)
     result = {
-        "params": {"task": "hoc", "profile": "quick", "train_rows": len(splits["train"]),
+        "params": {"task": "hoc", "profile": args.profile, "train_rows": len(splits["train"]),
                    "val_rows": len(splits["val"]), "test_rows": len(splits["test"]), "foundation": "all-MiniLM-L6-v2",
                    "max_length": found.max_length, "l2_grid": list(pp.l2_grid), "sklearn_C": [0.01, 0.1, 1.0, 10.0]},
         "probe_before": {"test": best_old[1], "l2": best_old[2]},
@@ -154,7 +160,7 @@ def main() -> None:
         "per_label": per_label,
         "embed_seconds": embed_seconds, "wall_seconds": time.perf_counter() - t0,
     }
-    write_result("multilabel_probe", result)
+    write_result(args.result, result)
     now, plain = (results_now[k]["test"]["macro_f1"] for k in ("probe_now", "probe_without_thresholds"))
     print(f"HoC test macro-F1: probe before {best_old[1]['macro_f1']:.3f}, probe now {now:.3f} (without the "
           f"thresholds {plain:.3f}), "
