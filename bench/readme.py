@@ -389,11 +389,14 @@ def image_baselines(task: str) -> dict:
 
 def strongest_baseline(task: str, rows: str = "expert_rows") -> str:
     """The strongest simple baseline of ``task`` (picked on validation) and its test macro-F1, from
-    bench/results/baselines.json (``rows``: the experts' training rows or all rows) or, for an image task it lacks,
-    `image_baselines`; "—" when neither has the task."""
-    b = committed("baselines").get("tasks", {}).get(task)
-    if b:
-        return strongest_of(b.get(rows) or b["expert_rows"])
+    ``rows``: "expert_rows" (the quick profile's experts' training rows: bench/results/baselines.json, or, for an
+    image task it lacks, `image_baselines`) or "all_rows" (the full profile: bench/results/baselines_full.json, the
+    one-commit file, first); "—" when none has the task."""
+    quick = committed("baselines").get("tasks", {}).get(task)
+    full = committed("baselines_full").get("tasks", {}).get(task)
+    for b in ((full, quick) if rows == "all_rows" else (quick,)):
+        if b:
+            return strongest_of(b.get(rows) or b["expert_rows"])
     r = image_baselines(task)
     return strongest_of(r) if r else "—"
 
