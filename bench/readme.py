@@ -452,7 +452,9 @@ def decompose_section(result: dict) -> str:
     about = "".join(f" {m.capitalize()} teacher: {_teacher_words(m, kind, foundation)}"
                     for m, kind in sorted(kinds.items()))
     head = (f"Profile `{result['params']['profile']}`, {machine_line(result)}, from `bench/results/{name}.json`; test "
-            f"split.{about}\n\n{table}\n")
+            f"split.{about}\n\n{table}\n") if rows else (
+        f"Profile `{result['params']['profile']}` (its students), {machine_line(result)}, from "
+        f"`bench/results/{name}.json`; step cost only (`--skip-quality`).\n\n")
     if not srows:
         return head
     return (head + f"Training step with {result['params']['step_tasks']} tasks (batch: "
@@ -1522,6 +1524,7 @@ def render(text: str) -> str:
                                                                 "image_foundation_plain")),
                           ("experts_full_text", experts_full_text_section),
                           ("decompose_full_image", decompose_section),
+                          ("decompose_step_full", decompose_section),
                           ("baselines_full", baselines_all_data_section),
                           ("pipeline_full", pipeline_full_section),
                           ("fedkim_variants", fedkim_variants_section),
