@@ -574,10 +574,13 @@ def routing_section(result: dict) -> str:
     judged = [(m, label) for m, label in (("grouped", "grouped ≥ fused"),
                                           ("grouped_general", "grouped + general ≥ fused")) if m in goals]
     rows = [{"task": task_label(t), **{m: test[t][m]["macro_f1"] for m, _ in models},
-             **{f"ge_{m}": "yes" if goals[m]["ge_fused_per_task"][t] else "**no**" for m, _ in judged}}
+             **{f"ge_{m}": "yes" if goals[m]["ge_fused_per_task"][t] else "**no**" for m, _ in judged},
+             "baseline": strongest_baseline(t)}
             for t in tasks]
     rows.append({"task": "**mean**", **{m: result["test_mean_macro_f1"][m] for m, _ in models}})
-    table = markdown_table(rows, [("task", "task")] + models + [(f"ge_{m}", label) for m, label in judged])
+    table = markdown_table(rows, [("task", "task")] + models + [(f"ge_{m}", label) for m, label in judged]
+                           + [("baseline", "strongest simple baseline (the quick profile's training rows, all test "
+                                           "rows), macro-F1")])
     mean = result["test_mean_macro_f1"]
 
     def verdict(ok: bool) -> str:
@@ -831,13 +834,15 @@ def federated_section(result: dict) -> str:
             f1s = [c["macro_f1"] for c in row["local_only_per_client"]]
             rows.append({"task": task_label(t), "majority": cell(r["majority_class_test"][t]),
                          **{m: cell(row[m]) for m, _ in models},
-                         "range": f"{min(f1s):.3f}–{max(f1s):.3f}",
+                         "range": f"{min(f1s):.3f}–{max(f1s):.3f}", "baseline": strongest_baseline(t),
                          "client_gap": row["centralized"]["macro_f1"] - row["fedavg"]["macro_f1"],
                          "gap": row["fedkim_centralized"]["macro_f1"] - row["fedkim"]["macro_f1"]})
         table = markdown_table(rows, [("task", "task"), ("majority", "majority class")] + list(models)
                                + [("range", "local-only macro-F1, client range"),
                                   ("client_gap", "pooled − FedAvg client model (macro-F1)"),
-                                  ("gap", "FedKIM: pooled − federated (macro-F1)")])
+                                  ("gap", "FedKIM: pooled − federated (macro-F1)"),
+                                  ("baseline", "strongest simple baseline, pooled (the quick profile's training "
+                                               "rows, all test rows), macro-F1")])
         g = r["goals"]
 
         def misses(key: str, other: str) -> str:
