@@ -495,13 +495,26 @@ def fedkim_sites(tmp_path: Path, model) -> list[Path]:  # noqa: ANN001
     return folders
 
 
+def fedkim_in_process(settings: flower.FlowerSettings, sites: list[Path]):  # noqa: ANN201
+    """The reference for FedKIM's sites: the in-process engine's rounds over the same site folders and model."""
+    from components.federated.clients import client_updater
+
+    model = flower.build_model(settings.model, settings.seed, settings.model_config)
+    worker = copy.deepcopy(model)
+    clients = []
+    for pid, folder in enumerate(sites):
+        tasks = flower.fedkim_npz_data({"data-path": str(folder)})
+        clients.append(Client(f"client_{pid}", sum(len(t.data) for t in tasks.values()),
+                              client_updater(worker, tasks, index=pid, epochs=settings.local_epochs,
+                                             batch_size=settings.batch_size, lr=settings.lr, seed=settings.seed)))
+    return run_rounds(model, clients, settings.num_rounds, min_clients=2)
+
+
 def test_fedkim_clients_on_flower_match_the_in_process_federation(tmp_path: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """The ServerApp's rounds over FedKIM's multi-task local model (a hospital trains its tasks one after another)
     equal the in-process engine over the same shards: the Flower path runs FedKIM's clients, not a one-task stand-in."""
     from flwr.supercore.task_identity import TaskIdentity
-
-    from components.federated.clients import client_updater
 
     for attr, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 0)):
         monkeypatch.setattr(TaskIdentity, attr, value)
@@ -513,15 +526,7 @@ def test_fedkim_clients_on_flower_match_the_in_process_federation(tmp_path: Path
                                                                "data-path": str(sites[node - 1])})
     run = flower.run_server(grid, s)
 
-    model = flower.build_model(s.model, s.seed, s.model_config)
-    worker = copy.deepcopy(model)
-    clients = []
-    for pid, folder in enumerate(sites):
-        tasks = flower.fedkim_npz_data({"data-path": str(folder)})
-        clients.append(Client(f"client_{pid}", sum(len(t.data) for t in tasks.values()),
-                              client_updater(worker, tasks, index=pid, epochs=s.local_epochs, batch_size=s.batch_size,
-                                             lr=s.lr, seed=s.seed)))
-    ref = run_rounds(model, clients, 2, min_clients=2)
+    ref = fedkim_in_process(s, sites)
     assert set(run.payload) == set(ref.payload) and any(k.startswith("heads.retina") for k in run.payload)
     for k, v in ref.payload.items():
         torch.testing.assert_close(run.payload[k], v, rtol=1e-6, atol=1e-6)
@@ -544,7 +549,7 @@ def test_fedkim_image_and_text_sites_on_a_real_superlink(tmp_path: Path) -> None
     _require_cli()
     pytest.importorskip("transformers", reason="a site that holds a text task installs transformers (README)")
     from bench.common import tiny_bert
-    from components.federated.clients import LocalTask, client_updater
+    from components.federated.clients import LocalTask
     from components.nn.encoders import load_text_encoder, tokenize
     from components.training.data import TensorDictDataset
 
@@ -584,15 +589,7 @@ def test_fedkim_image_and_text_sites_on_a_real_superlink(tmp_path: Path) -> None
     assert reports[0]["accepted"] == ["client_0", "client_1"] and not reports[0]["missing"]
     assert reports[0]["num_examples"] == {"client_0": 48, "client_1": 16}
 
-    model = flower.build_model(settings.model, settings.seed, settings.model_config)
-    worker = copy.deepcopy(model)
-    clients = []
-    for pid, folder in enumerate(sites):
-        local = flower.fedkim_npz_data({"data-path": str(folder)})
-        clients.append(Client(f"client_{pid}", sum(len(t.data) for t in local.values()),
-                              client_updater(worker, local, index=pid, epochs=settings.local_epochs,
-                                             batch_size=settings.batch_size, lr=settings.lr, seed=settings.seed)))
-    ref = run_rounds(model, clients, 1, min_clients=2)
+    ref = fedkim_in_process(settings, sites)
     payload = torch.load(tmp_path / "out" / "payload.pt", weights_only=True)
     assert any(k.startswith("encoders.text.") for k in payload) and any(k.startswith("heads.abstracts") for k in payload)
     for cid, loss in ref.reports[0].client_losses.items():
