@@ -11,7 +11,8 @@ tasks (shipped, plus Symptom2Disease and HoC when ../shared/data has them), then
 expert, trained here by the experts stage's own `train_expert` unless `--work` already has it), the fused LoRKD
 expert and the same-size single-task student; parameters of the deployed model vs the teacher.
 
-Step cost (4 tasks, random data, the default students): median time of one training step (forward, LoRKD
+Step cost (4 tasks, random data, the profile's students: `decompose.student`; the full profile's with `--profile
+full --skip-quality --result decompose_step_full`): median time of one training step (forward, LoRKD
 loss, backward, AdamW) for (1) the one-pass mixed batch, (a) the plain student without experts (the fused
 architecture) on the same batch, (b) a loop that runs each task's sub-batch through its own expert
 separately. Memory: what one training step adds (peak RSS on CPU, peak allocated on GPU) for the LoRKD
@@ -101,18 +102,19 @@ def expert_teachers(work: Path, profile: str, tasks: list[str]) -> Path | None:
 
 
 # --------------------------------------------------------------------------- step cost (child process)
-def _setup_student(work: Path, modality: str, plain: bool = False):  # noqa: ANN202
+def _setup_student(work: Path, modality: str, profile: str):  # noqa: ANN202
+    """The profile's LoRKD student (``decompose.student``) of ``modality`` over ``work``'s foundation, with
+    ``TASKS_FOR_STEP`` task experts, and one random mixed batch."""
     import numpy as np
     import torch
 
-    from components.config import DecomposeParams
     from components.decompose.student import build_student
     from components.nn.classifier import make_head
     from components.nn.foundation import load_foundation
 
     found = load_foundation(work / "foundation", modality)
     heads = {f"task{t}": make_head(found.encoder.out_dim, 3) for t in range(TASKS_FOR_STEP)}
-    student = build_student(DecomposeParams(), modality, found.encoder, heads, seed=0)
+    student = build_student(_params(profile, {}).decompose, modality, found.encoder, heads, seed=0)
     rng = np.random.default_rng(0)
     n = BATCH[modality]
     if modality == "text":
@@ -135,7 +137,7 @@ def one_step(spec: dict[str, Any]) -> dict[str, Any]:
     from components.training.module import task_loss
 
     work, modality, case = Path(spec["work"]), spec["modality"], spec["case"]
-    found, student, x, ids, y, teacher = _setup_student(work, modality)
+    found, student, x, ids, y, teacher = _setup_student(work, modality, spec["profile"])
     kinds, widths = ["multiclass"] * TASKS_FOR_STEP, [3] * TASKS_FOR_STEP
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -165,11 +167,11 @@ def one_step(spec: dict[str, Any]) -> dict[str, Any]:
     return {"modality": modality, "case": case, **cost, "batch": len(y), "device": device.type}
 
 
-def switch_ms(work: Path, modality: str) -> float:
+def switch_ms(work: Path, modality: str, profile: str) -> float:
     """Median time to serve one sample of task t right after another task: no reload, only the expert choice."""
     import torch
 
-    _, student, x, _, _, _ = _setup_student(work, modality)
+    _, student, x, _, _, _ = _setup_student(work, modality, profile)
     one = {k: v[:1] for k, v in x.items()}
     times = []
     with torch.no_grad():
@@ -230,7 +232,8 @@ def main() -> None:
     for _ in range(args.rounds):  # cases alternate inside a round; medians over rounds
         for modality in ("image", "text"):
             for case in cases:
-                r = run_child("bench.decompose", "step", {"work": str(work), "modality": modality, "case": case,
+                r = run_child("bench.decompose", "step", {"work": str(work), "profile": args.profile,
+                                                          "modality": modality, "case": case,
                                                           "warmup": 3, "steps": args.steps})
                 rounds.setdefault((modality, case), []).append(r)
     steps = {}
@@ -245,7 +248,7 @@ def main() -> None:
                    "loop_vs_one_pass": s["loop"]["step_ms"] / s["one_pass"]["step_ms"],
                    "memory_vs_teacher_full": s["one_pass"]["train_memory_mb"] / s["teacher_full"]["train_memory_mb"]
                    if s["teacher_full"]["train_memory_mb"] > 0 else None,
-                   "switch_ms": switch_ms(work, m)}
+                   "switch_ms": switch_ms(work, m, args.profile)}
                for m, s in steps.items()}
     quality_tasks = {t: r for t, r in result["tasks"].items() if not t.startswith("_")}
     goals = {t: {"matches_teacher": r["test"]["lorkd"]["macro_f1"] >= r["test"]["teacher"]["macro_f1"],
