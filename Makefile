@@ -17,7 +17,7 @@ help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-8s %s\n", $$1, $$2}'
 
 # .ci/install: uv with pip's configuration (a fraction of pip's time); MEDEXPERTS_INSTALLER=pip installs with pip
-$(VENV)/.installed: pyproject.toml .ci/install
+$(VENV)/.installed: pyproject.toml .ci/install .ci/pip_config.py
 	bash .ci/install $(VENV) -e ".[test]"
 	@touch $@
 
