@@ -1,35 +1,42 @@
-"""`make setup`'s installer (.ci/install): uv gets exactly where pip is configured to install from."""
+"""`make setup`'s installer (.ci/install): uv gets what pip is configured to install from (.ci/pip_config.py)."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
+import importlib.util
 from pathlib import Path
 
 PROJECT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("pip_config", PROJECT / ".ci" / "pip_config.py")
+pip_config = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(pip_config)
 
 
-def uv_args(tmp_path: Path, **env: str) -> list[str]:
-    conf = tmp_path / "pip.conf"
-    conf.write_text("[global]\nindex-url = https://mirror.example/simple\n"
-                    "extra-index-url = https://a.example/simple https://b.example/simple\n"
-                    "find-links = /srv/global-wheels\ncert = /etc/hospital-ca.pem\n"
-                    "[install]\nconstraint = /etc/pins.txt\nfind-links = /srv/install-wheels\n")
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
-    done = subprocess.run([sys.executable, str(PROJECT / ".ci" / "pip_config.py")], capture_output=True, text=True,
-                          env={**clean, "PIP_CONFIG_FILE": str(conf), **env}, check=True)
-    return done.stdout.splitlines()
-
-
-def test_pips_configuration_is_handed_to_uv_with_pips_precedence(tmp_path: Path) -> None:
-    assert uv_args(tmp_path) == [
-        "--index-url", "https://mirror.example/simple",
-        "--extra-index-url", "https://a.example/simple", "--extra-index-url", "https://b.example/simple",
-        "--find-links", "/srv/install-wheels",  # [install] over [global]
-        "--constraint", "/etc/pins.txt",
-        "SSL_CERT_FILE=/etc/hospital-ca.pem"]
-    # the environment over the files; no-index and trusted hosts too
-    args = uv_args(tmp_path, PIP_FIND_LINKS="/srv/env-wheels", PIP_TRUSTED_HOST="mirror.example", PIP_NO_INDEX="1")
-    assert args[args.index("--find-links") + 1] == "/srv/env-wheels" and args.count("--find-links") == 1
-    assert args[args.index("--allow-insecure-host") + 1] == "mirror.example" and "--no-index" in args
+def test_pips_settings_reach_uv_with_pips_precedence_and_no_secret_on_the_command_line(tmp_path: Path) -> None:
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    listing = "\n".join([  # `pip config list` of a hospital's machine: files, then the environment
+        "global.index-url='https://user:token@mirror.example/simple'",
+        "global.extra-index-url='https://a.example/simple https://b.example/simple'",
+        "global.find-links='/srv/global-wheels'",
+        f"install.find-links='{wheels} /srv/missing-wheels'",
+        "global.constraint='/etc/pins.txt'",
+        "global.cert='/etc/hospital-ca.pem'",
+        "global.no-index='false'",
+        ":env:.default-timeout='180'",
+        ":env:.trusted-host='mirror.example'",
+        ":env:.only-binary=':all:'",
+        ":env:.disable-pip-version-check='1'",
+        ":env:.src='/srv/src'",
+    ])
+    env, args, notes = pip_config.uv_settings(pip_config.merged(listing))
+    assert env == {"UV_INDEX_URL": "https://user:token@mirror.example/simple",
+                   "UV_EXTRA_INDEX_URL": "https://a.example/simple https://b.example/simple",
+                   "UV_FIND_LINKS": str(wheels),  # [install] over [global]; a missing folder skipped, as pip does
+                   "UV_CONSTRAINT": "/etc/pins.txt", "UV_INSECURE_HOST": "mirror.example", "UV_HTTP_TIMEOUT": "180",
+                   "SSL_CERT_FILE": "/etc/hospital-ca.pem"}
+    assert args == ["--only-binary", ":all:"] and not any("token" in a for a in args)
+    assert any("/srv/missing-wheels" in n for n in notes) and any("src=" in n for n in notes)  # said, not dropped
+    assert not any("disable-pip-version-check" in n for n in notes)
+    # the environment over the files, pip's spellings of "true"
+    _, args, _ = pip_config.uv_settings(pip_config.merged(listing + "\n:env:.no-index='yes'\n:env:.pre='t'"))
+    assert "--no-index" in args and args[args.index("--prerelease") + 1] == "allow"

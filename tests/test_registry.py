@@ -54,8 +54,10 @@ def bundle(tmp_path: Path) -> Path:
 def test_gate_moves_aliases_and_records(tmp_path: Path, mlflow_store: str) -> None:
     folder = bundle(tmp_path)
     with mlflow.start_run():
-        v1 = register_bundle("m", folder, 0.70, {"git.commit": "x"})
+        # a lineage tag named after a site (a Flower client-id is the hospital's own string) is made an MLflow name
+        v1 = register_bundle("m", folder, 0.70, {"git.commit": "x", "federated.shard.St. Mary's (Leeds)#1": "ab"})
         d1 = gate("m", v1, 0.70, margin=0.01, floor=0.5)
+        assert mlflow.MlflowClient().get_model_version("m", v1).tags["federated.shard.St. Mary_s _Leeds__1"] == "ab"
         v2 = register_bundle("m", folder, 0.705, {})
         d2 = gate("m", v2, 0.705, margin=0.01, floor=0.5)
         v3 = register_bundle("m", folder, 0.80, {})

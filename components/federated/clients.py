@@ -222,11 +222,14 @@ def local_shard_digest(data: TensorDictDataset | Mapping[str, LocalTask]) -> str
     h = hashlib.sha256()
     for name in sorted(tasks):
         task = tasks[name]
+        if not isinstance(task, LocalTask) or not isinstance(task.data, TensorDictDataset):
+            raise DataError(f"site task {name!r}: expected a LocalTask of a TensorDictDataset, got "
+                            f"{type(task).__name__}")
         h.update(f"{name}\0{task.modality}\0{task.kind}\0".encode())
         for key, tensor in sorted({**task.data.inputs, "\0labels": task.data.labels}.items()):
-            array = tensor.detach().cpu().contiguous().numpy()
-            h.update(f"{key}\0{array.dtype}{array.shape}\0".encode())
-            h.update(array.tobytes())
+            flat = tensor.detach().cpu().contiguous().flatten()  # any dtype (bfloat16 too): its raw bytes
+            h.update(f"{key}\0{flat.dtype}{tuple(tensor.shape)}\0".encode())
+            h.update(flat.view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 

@@ -235,8 +235,8 @@ def local_update(content: RecordDict, node_config: Mapping[str, Any], run_config
         if not isinstance(data, (TensorDictDataset, Mapping)):
             raise ParamsError(f"data factory {settings.data!r} returned {type(data).__name__}, not a "
                               "TensorDictDataset (one task) or a mapping task -> LocalTask (FedKIM)")
-        _DATA[data_key] = data
-        _DIGESTS[data_key] = local_shard_digest(data)
+        digest = local_shard_digest(data)  # before caching: a shard that cannot be hashed is refused every round
+        _DATA[data_key], _DIGESTS[data_key] = data, digest
     data, worker = _DATA[data_key], _MODELS[model_key]
     common = dict(epochs=int(cfg["local-epochs"]), batch_size=int(cfg["batch-size"]), lr=float(cfg["lr"]),
                   weight_decay=float(cfg["weight-decay"]), mu=float(cfg["mu"]))
@@ -363,7 +363,7 @@ def flower_round(grid: Grid, model: nn.Module, nodes: Sequence[int], round_: int
                        keys=settings.key_filter, evaluate=None)
     # the core timed look-ups of answers already here: report the clients' own training time and the broadcast
     report.client_seconds = {cid: res.seconds for cid, (res, _) in answers.items() if res is not None}
-    report.client_shards = shards
+    report.client_shards = {c: shards[c] for c in report.accepted if c in shards}  # the rows that trained the model
     report.seconds["clients"] = wall
     report.seconds["total"] += wall
     return report

@@ -27,6 +27,7 @@ from components.core.artifacts import read_manifest
 from components.core.errors import RegistryError
 from components.stages.promote import Decision
 from components.tracking.pyfunc import inference_requirements
+from components.tracking.runs import metric_key
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 # Only the params are declared (MLflow drops undeclared predict params); inputs are texts or image arrays.
@@ -119,7 +120,8 @@ def register_bundle(name: str, bundle_dir: Path, metric: float, tags: dict[str, 
             artifacts={"bundle": str(bundle_dir)}, code_paths=[str(_copy_library(Path(tmp)))],
             pip_requirements=requirements, signature=SIGNATURE,
         )
-    created = {**{k: str(v) for k, v in tags.items()}, METRIC_TAG: f"{metric:.6f}",
+    # tag names MLflow accepts: a lineage tag may carry a site's own name (federated.shard.<Flower client-id>)
+    created = {**{metric_key(k): str(v) for k, v in tags.items()}, METRIC_TAG: f"{metric:.6f}",
                **({REGISTRATION_TAG: registration} if registration else {})}
     mv = mlflow.register_model(info.model_uri, name, tags=created)
     version = str(mv.version)
