@@ -94,7 +94,8 @@ def main() -> None:
     splits = {"train": load_split(work / "data", "hoc", "train").subset(train_rows, params.pipeline.seed),
               "val": load_split(work / "data", "hoc", "val"), "test": load_split(work / "data", "hoc", "test")}
     feats, labels = {}, {}
-    cache = work / f"embeddings-{len(splits['train'])}-{found.max_length}.pt"  # reruns on the same work folder skip the encoder
+    # reruns on the same work folder skip the encoder
+    cache = work / f"embeddings-{len(splits['train'])}-{found.max_length}.pt"
     if cache.is_file():
         feats, labels = torch.load(cache)
     else:
