@@ -128,7 +128,7 @@ def baselines_section(result: dict) -> str:
                or result.get("experts_vs_baseline", {}))
     rows = []
     for task, t in result["tasks"].items():
-        e = t["expert_rows"]
+        e = image_baselines(task) or t["expert_rows"]  # an image task: the one set every table shows
         a = t.get("all_rows")
         beside = experts.get(task, {})
         base = e[e["strongest"]]["test"]["macro_f1"]
@@ -147,9 +147,10 @@ def baselines_section(result: dict) -> str:
                                   ("verdict", "LoRA beats baseline")])
     p = result["params"]
     return (f"Profile `{p['profile']}`, {machine_line(result)}, from `bench/results/baselines.json` (experts from "
-            f"`bench/results/experts.json` as committed now, same splits). Test macro-F1; every baseline's hyper-parameters picked on "
-            f"validation; the strongest is the best on validation; the small CNN is the median of {p['cnn_seeds']} "
-            f"seeds.\n\n{table}\n")
+            f"`bench/results/experts.json` as committed now, same splits). Test macro-F1; every baseline's "
+            f"hyper-parameters picked on validation; the strongest is the best on validation; the small CNN is the "
+            f"median of {p['cnn_seeds']} seeds. The image tasks' rows are `baselines_full.json`'s (the same rows and "
+            f"splits in every profile: one set of image baselines in every table).\n\n{table}\n")
 
 
 def baselines_all_data_section(result: dict, name: str = "baselines_full") -> str:
@@ -380,25 +381,27 @@ def fixed_cost_section(result: dict) -> str:
 
 def image_baselines(task: str) -> dict:
     """An image task's simple baselines (every training row: no profile caps the image tasks' rows) from
-    bench/results/baselines_full.json, the file every image table takes its strongest baseline from; {} when it
-    lacks the task. (`bench image_foundation` also scores baselines on the same splits, in its own file, as a
-    check; the README shows one set, of one commit.)"""
+    bench/results/baselines_full.json, the file every table takes an image task's strongest baseline from; {} when
+    it lacks the task. (`bench baselines` at the quick profile and `bench image_foundation` score them again on the
+    same splits, in their own files; every comparison column in the README shows this one set, of one commit.)"""
     full = committed("baselines_full").get("tasks", {}).get(task)
     return full["expert_rows"] if full and full["modality"] == "image" else {}
 
 
 def strongest_baseline(task: str, rows: str = "expert_rows") -> str:
     """The strongest simple baseline of ``task`` (picked on validation) and its test macro-F1, from
-    ``rows``: "expert_rows" (the quick profile's experts' training rows: bench/results/baselines.json, or, for an
-    image task it lacks, `image_baselines`) or "all_rows" (the full profile: bench/results/baselines_full.json, the
-    one-commit file, first); "—" when none has the task."""
+    ``rows``: "expert_rows" (a text task's quick-profile training rows: bench/results/baselines.json) or "all_rows"
+    (the full profile: bench/results/baselines_full.json, the one-commit file, first). An image task has the same
+    rows in every profile, so its baselines are always `image_baselines`' (one set in every table). "—" when no file
+    has the task."""
+    if image := image_baselines(task):
+        return strongest_of(image)
     quick = committed("baselines").get("tasks", {}).get(task)
     full = committed("baselines_full").get("tasks", {}).get(task)
     for b in ((full, quick) if rows == "all_rows" else (quick,)):
         if b:
             return strongest_of(b.get(rows) or b["expert_rows"])
-    r = image_baselines(task)
-    return strongest_of(r) if r else "—"
+    return "—"
 
 
 def _teacher_words(modality: str, kind: str, image_foundation: dict) -> str:
