@@ -1204,7 +1204,8 @@ def install_time_section(result: dict) -> str:
     setup, first = result["median_setup_seconds"], result["median_first_cli_seconds"]
     n = sum(r["installer"] == "uv" for r in result["runs"])
     venv = next(r["venv_mib"] for r in result["runs"] if r["installer"] == "uv")
-    return (f"`make setup` on a fresh clone, every package from the registry: {setup['uv'] / 60:.1f} min with uv (the "
+    return (f"`make setup` on a fresh clone, from pip's configured package sources and no package cache: "
+            f"{setup['uv'] / 60:.1f} min with uv (the "
             f"default), {setup['pip'] / 60:.1f} min with pip (`MEDEXPERTS_INSTALLER=pip`), pip/uv = "
             f"{result['pip_over_uv_setup']:.1f}x (medians of {n}, alternating); the first `medexperts` call after it "
             f"{first['uv']:.1f} s; the venv {venv:.0f} MiB; {machine_line(result)} "
