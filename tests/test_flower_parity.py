@@ -10,6 +10,8 @@ import contextlib
 import copy
 import json
 import os
+import re
+import shlex
 import shutil
 import signal
 import socket
@@ -85,6 +87,10 @@ def test_settings_and_node_config_are_checked() -> None:
     assert flower.partition_of({"partition-id": 3}) == (3, "client_3")
     s = flower.FlowerSettings.from_config({"lr": 1, "keys": "head.*, body.weight", "other-key": "kept for factories"})
     assert s.lr == 1.0 and s.key_filter == ["head.*", "body.weight"]
+    assert s.declared_examples is None  # no declaration: the counts sites report are trusted
+    for bad in ('{"client_0": 48', '["client_0"]', '{}', '{"client_0": 0}', '{"client_0": 4.5}'):
+        with pytest.raises(ParamsError, match="site-examples"):
+            flower.FlowerSettings.from_config({"site-examples": bad})
 
 
 def test_train_handler_is_client_update(tmp_path: Path) -> None:
@@ -474,6 +480,33 @@ def test_server_rounds_match_the_core_and_record_missing_clients(tmp_path: Path,
     assert report.accepted == ["client_0"] and list(report.client_shards) == ["client_0"]
     assert report.missing == {"node_2": "FederatedError: error reply: hospital offline",
                               "node_3": f"FederatedError: no reply within round-timeout={s3.round_timeout:g}s"}
+
+
+def test_declared_site_sizes_bound_the_counts_sites_report(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With ``site-examples`` the server checks each reported count against the site's declared size, as the
+    simulator checks it against the shard: an over-report is rejected, not averaged in with its weight, and a site
+    the coordinator was not told of is not averaged in either. The smoke sites hold 48 and 64 rows."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for attr, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 0)):
+        monkeypatch.setattr(TaskIdentity, attr, value)
+    honest = flower.FlowerSettings(**dict(SETTINGS, site_examples='{"client_0": 48, "client_1": 64}'))
+    assert flower.run_server(LoopbackGrid(honest, nodes=2), honest).reports[0].num_examples == {
+        "client_0": 48, "client_1": 64}
+    low = flower.FlowerSettings(**dict(SETTINGS, min_clients=1, site_examples='{"client_0": 48, "client_1": 40}'))
+    report = flower.run_server(LoopbackGrid(low, nodes=2), low).reports[0]
+    assert report.accepted == ["client_0"]
+    assert report.rejected == {"client_1": "reported 64 examples; its shard has 40"}
+    unlisted = flower.FlowerSettings(**dict(SETTINGS, min_clients=1, site_examples='{"client_0": 48}'))
+    report = flower.run_server(LoopbackGrid(unlisted, nodes=2), unlisted).reports[0]
+    assert report.accepted == ["client_0"] and list(report.missing) == ["client_1"]
+    assert "not in site-examples" in report.missing["client_1"]
+    # the README's command line, as the shell and then flwr's own --run-config parser read it
+    from flwr.common.config import parse_config_args
+
+    line = re.search(r"`(--run-config \"site-examples=[^`]*)`", (PROJECT / "README.md").read_text()).group(1)
+    config = parse_config_args(shlex.split(line)[1:])
+    assert flower.FlowerSettings.from_config(config).declared_examples == {"client_0": 4000, "client_1": 2500}
 
 
 # --------------------------------------------------------------------------- FedKIM's multi-task clients on Flower

@@ -16,9 +16,11 @@ What the run is set by (``[tool.flwr.app.config]`` of the Flower App, overridabl
 ``num-rounds``, ``local-epochs``, ``batch-size``, ``lr``, ``weight-decay``, ``mu``, ``seed``, ``class-weight``
 (FedKIM sites: ``balanced`` or ``none``, as ``federated.client.class_weight``), ``keys`` (comma-separated
 fnmatch globs; empty: the parameters that require grad), ``task`` (binary / multiclass / multilabel), ``min-clients``,
-``min-nodes`` (SuperNodes to wait for), ``max-norm`` (0: no bound), ``round-timeout`` and ``connect-timeout``
-(seconds), ``model`` and ``data`` ("module:callable" factories), ``model-config`` (a JSON object: the model
-factory's keyword arguments) and ``output-dir`` (where the server writes ``payload.pt`` and ``reports.json``; empty:
+``min-nodes`` (SuperNodes to wait for), ``max-norm`` (0: no bound), ``site-examples`` (a JSON object: each site's
+client id -> the most examples it may report, as the hospitals declared them to the coordinator; empty: the counts
+sites report are trusted), ``round-timeout`` and ``connect-timeout`` (seconds), ``model`` and ``data``
+("module:callable" factories), ``model-config`` (a JSON object: the model factory's keyword arguments) and
+``output-dir`` (where the server writes ``payload.pt`` and ``reports.json``; empty:
 nothing is written). ``write_app`` writes such an App folder.
 
 FedKIM's clients: ``model = "components.federated.flower:fedkim_model"`` with ``model-config = {"tasks": {task:
@@ -91,6 +93,7 @@ class FlowerSettings:
     min_clients: int = 1
     min_nodes: int = 0  # 0: min_clients
     max_norm: float = 0.0
+    site_examples: str = ""  # JSON object {client id: the most examples it may report}; "": counts are trusted
     round_timeout: float = 600.0
     connect_timeout: float = 300.0
     model: str = "components.federated.flower:smoke_model"
@@ -132,6 +135,22 @@ class FlowerSettings:
                            ("connect-timeout", self.connect_timeout)):
             if not (value >= 0 if key == "max-norm" else value > 0):
                 raise ParamsError(f"Flower run config {key}={value} is out of range")
+        _ = self.declared_examples
+
+    @property
+    def declared_examples(self) -> dict[str, int] | None:
+        """``site-examples`` read: client id -> the most examples that site may report (None: no declaration)."""
+        if not self.site_examples.strip():
+            return None
+        try:
+            declared = json.loads(self.site_examples)
+        except json.JSONDecodeError as exc:
+            raise ParamsError(f"Flower run config site-examples is not JSON: {exc}") from exc
+        if not isinstance(declared, dict) or not declared or not all(
+                isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in declared.values()):
+            raise ParamsError("Flower run config site-examples must be a non-empty JSON object of client id -> "
+                              f"example count >= 1, got {self.site_examples!r}")
+        return {str(k): v for k, v in declared.items()}
 
     @property
     def key_filter(self) -> KeyFilter:
@@ -305,15 +324,20 @@ def _answer(reply: Message) -> _Answer:
         return _Answer(None, -1, None, f"malformed reply: {type(exc).__name__}: {exc}")
 
 
-def _prefetched(client_id: str, result: ClientResult | None, why: str) -> Client:
-    """A core ``Client`` whose update is the answer already received (or the reason none was)."""
+def _prefetched(client_id: str, result: ClientResult | None, why: str, declared: dict[str, int] | None) -> Client:
+    """A core ``Client`` whose update is the answer already received (or the reason none was). Its shard size, what
+    the core checks the reported count against, is the site's declared count (``site-examples``); without a
+    declaration, the count it reports."""
+    if result is not None and declared is not None and client_id not in declared:
+        result, why = None, f"client id {client_id!r} is not in site-examples (the sites declared to the coordinator)"
 
     def update(_payload: Payload, _round: int) -> ClientResult:
         if result is None:
             raise FederatedError(why)
         return result
 
-    return Client(client_id, result.num_examples if result is not None else 1, update)
+    limit = 1 if result is None else declared[client_id] if declared is not None else result.num_examples
+    return Client(client_id, limit, update)
 
 
 def flower_round(grid: Grid, model: nn.Module, nodes: Sequence[int], round_: int,
@@ -357,7 +381,8 @@ def flower_round(grid: Grid, model: nn.Module, nodes: Sequence[int], round_: int
         if node not in replied:
             answers[f"node_{node}"] = (None, f"no reply within round-timeout={settings.round_timeout:g}s")
             order[f"node_{node}"] = (1, node, f"node_{node}")
-    clients = [_prefetched(cid, *answers[cid]) for cid in sorted(answers, key=order.__getitem__)]
+    declared = settings.declared_examples
+    clients = [_prefetched(cid, *answers[cid], declared) for cid in sorted(answers, key=order.__getitem__)]
     max_norm = settings.max_norm or None
     report = run_round(model, clients, round_, min_clients=settings.min_clients, max_norm=max_norm, timeout_s=None,
                        keys=settings.key_filter, evaluate=None)
