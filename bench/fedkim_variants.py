@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import ROOT, write_result
-from bench.federated import PARTITIONS, TASKS, _params, _pick, capture_stage, ensure_data, per_task
+from bench.federated import HELD_OUT, PARTITIONS, TASKS, _params, _pick, capture_stage, ensure_data, per_task
 
 
 # the tasks and held-out list are the bench's; the foundation and data of a reused --work are not rebuilt
@@ -61,7 +61,7 @@ def main() -> None:
     from components.nn.foundation import describe_text_foundation, load_foundation
     from components.stages.federated import FederatedInputs, _specs, _split_rows, run
 
-    tasks = [t for t in TASKS if t != "breastmnist"]
+    tasks = [t for t in TASKS if t not in HELD_OUT]
     changes = {}
     for change in args.changes:
         key, sep, value = change.partition("=")
