@@ -506,7 +506,7 @@ def test_declared_site_sizes_bound_the_counts_sites_report(monkeypatch: pytest.M
 
     line = re.search(r"`(--run-config \"site-examples=[^`]*)`", (PROJECT / "README.md").read_text()).group(1)
     config = parse_config_args(shlex.split(line)[1:])
-    assert flower.FlowerSettings.from_config(config).declared_examples == {"client_0": 4000, "client_1": 2500}
+    assert flower.FlowerSettings.from_config(config).declared_examples == {"hospital_a": 4000, "hospital_b": 2500}
 
 
 # --------------------------------------------------------------------------- FedKIM's multi-task clients on Flower
