@@ -142,12 +142,9 @@ class FlowerSettings:
         """``site-examples`` read: client id -> the most examples that site may report (None: no declaration)."""
         if not self.site_examples.strip():
             return None
-        try:
-            declared = json.loads(self.site_examples)
-        except json.JSONDecodeError as exc:
-            raise ParamsError(f"Flower run config site-examples is not JSON: {exc}") from exc
-        if not isinstance(declared, dict) or not declared or not all(
-                isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in declared.values()):
+        declared = config_object("site-examples", self.site_examples)
+        if not declared or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1
+                                   for n in declared.values()):
             raise ParamsError("Flower run config site-examples must be a non-empty JSON object of client id -> "
                               f"example count >= 1, got {self.site_examples!r}")
         return {str(k): v for k, v in declared.items()}
@@ -163,6 +160,17 @@ class FlowerSettings:
 
     def as_run_config(self) -> dict[str, Any]:
         return {f.name.replace("_", "-"): getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+def config_object(key: str, text: str) -> dict[str, Any]:
+    """A run-config value that holds a JSON object (``model-config``, ``site-examples``), read."""
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise ParamsError(f"Flower run config {key} is not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise ParamsError(f"Flower run config {key} must be a JSON object, got {type(value).__name__}")
+    return value
 
 
 def load_ref(ref: str) -> Callable[..., Any]:
@@ -185,12 +193,7 @@ def build_model(ref: str, seed: int, config: str = "") -> nn.Module:
     """The model every party builds alike: ``factory(**json.loads(config))`` under ``seed`` (as ``simulate``
     does), the global RNG left as it was. Frozen weights must agree across parties; real factories load them
     from disk."""
-    try:
-        kwargs = json.loads(config) if config else {}
-    except ValueError as exc:
-        raise ParamsError(f"Flower run config model-config is not JSON: {exc}") from None
-    if not isinstance(kwargs, dict):
-        raise ParamsError(f"Flower run config model-config must be a JSON object, got {type(kwargs).__name__}")
+    kwargs = config_object("model-config", config) if config else {}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = load_ref(ref)(**kwargs)
@@ -336,8 +339,9 @@ def _prefetched(client_id: str, result: ClientResult | None, why: str, declared:
             raise FederatedError(why)
         return result
 
-    limit = 1 if result is None else declared[client_id] if declared is not None else result.num_examples
-    return Client(client_id, limit, update)
+    if result is None:
+        return Client(client_id, 1, update)
+    return Client(client_id, declared[client_id] if declared is not None else result.num_examples, update)
 
 
 def flower_round(grid: Grid, model: nn.Module, nodes: Sequence[int], round_: int,
