@@ -1,10 +1,18 @@
 """Low-rank task experts inside a layer (LoRKD): g_t(h) = (W0 + s·B_t A_t) h, one expert per task.
 
 Knowledge separation happens in one forward pass over a mixed-task batch: every task's A-projection is
-computed at once (one matmul, or one conv, to r·T channels), each sample keeps the r channels of its own
-task (a gather) and gets its own task's B by a batched product (B gathered per sample). The gather's
-backward writes exact zeros into the other tasks' channels, so an expert's gradient comes only from its
-own task's samples, while the shared W0 sees every sample.
+computed at once (one matmul, or one conv, to T·r channels), each sample's channels of the other tasks are
+zeroed (a 0/1 mask per sample), and one dense product with every task's B stacked (out, T·r) maps back. The
+mask is exact in both directions: a sample's output gets only its own task's B_t A_t, the masked channels'
+gradients are exact zeros, so an expert's gradient comes only from its own task's samples, while the shared
+W0 sees every sample.
+
+Why a mask and not a per-sample gather of B (the first version): the gather materialised B per sample and
+a batched product of N thin matrices, whose extra passes over the (N, S, out) activations made a text
+student's one-pass step 1.34x a plain step (bench/results/decompose_step_full.json at 874de879). A linear
+layer also folds one of the two low-rank products into its base GEMM (see ``ExpertLinear.forward``), so the
+expert path adds no full pass over the layer's wider side. PEFT's mixed-adapter batches (``adapter_names``)
+loop over the sub-batches and refuse a model in training mode, so this is written here.
 
 The current task is set from outside (``task_context``), because a layer deep inside a Hugging Face
 ``BertLayer`` cannot be handed extra forward arguments. A scalar task (task switching at deployment)
@@ -40,12 +48,9 @@ def conv_delta(b: torch.Tensor, a: torch.Tensor, scale: float) -> torch.Tensor:
     return scale * torch.einsum("oj,jikl->oikl", b, a)
 
 
-def select_task_channels(a: torch.Tensor, task_ids: torch.Tensor, num_tasks: int, rank: int) -> torch.Tensor:
-    """(N, S, T·r) projections of every task -> (N, S, r): each sample keeps its own task's r channels."""
-    n, s = a.shape[0], a.shape[1]
-    a = a.reshape(n, s, num_tasks, rank)
-    index = task_ids.view(n, 1, 1, 1).expand(n, s, 1, rank)
-    return a.gather(2, index).squeeze(2)
+def task_channel_mask(task_ids: torch.Tensor, num_tasks: int, rank: int, dtype: torch.dtype) -> torch.Tensor:
+    """(N, T·r) 0/1: sample n keeps the r channels (task-major, as ``expert_a`` stacks them) of its own task."""
+    return F.one_hot(task_ids, num_tasks).to(dtype).repeat_interleave(rank, dim=1)
 
 
 class ExpertLayer(nn.Module):
@@ -68,6 +73,13 @@ class ExpertLayer(nn.Module):
         self.expert_a = nn.Parameter(a.to(base.weight.dtype))
         self.expert_b = nn.Parameter(torch.zeros(num_tasks, out_features, rank, dtype=base.weight.dtype))
         self.task: TaskSel | None = None
+
+    def stacked_b(self) -> torch.Tensor:
+        """Every task's B side by side, (out, T·r), in ``expert_a``'s task-major channel order."""
+        return self.expert_b.permute(1, 0, 2).reshape(self.expert_b.shape[1], self.num_tasks * self.rank)
+
+    def mask(self, task_ids: torch.Tensor) -> torch.Tensor:
+        return task_channel_mask(task_ids, self.num_tasks, self.rank, self.expert_a.dtype)
 
     def factors(self, task: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(B_t, A_t) of one task: (out, r) and (r, in[, kh, kw])."""
@@ -107,16 +119,26 @@ class ExpertLinear(ExpertLayer):
         return linear_delta(*self.factors(task), self.scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base(x)
         task = self._current()
         if isinstance(task, int):
             b, a = self.factors(task)
-            return out + self.scale * F.linear(F.linear(x, a), b)
-        n = x.shape[0]
-        projected = F.linear(x, self.expert_a).reshape(n, -1, self.num_tasks * self.rank)  # every task at once
-        own = select_task_channels(projected, task, self.num_tasks, self.rank)  # (N, S, r)
-        delta = torch.bmm(own, self.expert_b[task].transpose(1, 2))  # (N, S, out), B gathered per sample
-        return out + self.scale * delta.reshape(out.shape)
+            return self.base(x) + self.scale * F.linear(F.linear(x, a), b)
+        base, width = self.base, self.num_tasks * self.rank
+        mask = self.mask(task).view(x.shape[0], *([1] * (x.dim() - 2)), width)
+        if base.out_features > base.in_features:
+            # Widening layer: B joins the base GEMM along its input, [x | own] @ [W0 | s·B]^T, so the wide
+            # output is written (and its gradient read) once.
+            own = F.linear(x, self.expert_a) * mask
+            weight = torch.cat([base.weight, self.scale * self.stacked_b()], dim=1)
+            return F.linear(torch.cat([x, own], dim=-1), weight, base.bias)
+        # Otherwise A joins it along its output, x @ [W0; A]^T, so the (wider) input is read once; B is added
+        # into the output by addmm.
+        bias = None if base.bias is None else torch.cat([base.bias, base.bias.new_zeros(width)])
+        out, own = F.linear(x, torch.cat([base.weight, self.expert_a]), bias).split(
+            [base.out_features, width], dim=-1)
+        flat = torch.addmm(out.reshape(-1, base.out_features), (own * mask).reshape(-1, width),
+                           self.stacked_b().t(), alpha=self.scale)
+        return flat.reshape(out.shape)
 
 
 class ExpertConv2d(ExpertLayer):
@@ -150,11 +172,8 @@ class ExpertConv2d(ExpertLayer):
         if isinstance(task, int):
             b, a = self.factors(task)
             return out + self.scale * F.conv2d(self._conv(x, a), b[:, :, None, None])
-        n, _, h, w = out.shape
-        projected = self._conv(x, self.expert_a).reshape(n, self.num_tasks * self.rank, h * w)
-        own = select_task_channels(projected.transpose(1, 2), task, self.num_tasks, self.rank)  # (N, HW, r)
-        delta = torch.bmm(self.expert_b[task], own.transpose(1, 2))  # (N, out, HW)
-        return out + self.scale * delta.reshape(out.shape)
+        own = self._conv(x, self.expert_a) * self.mask(task)[:, :, None, None]  # every task's A, own kept
+        return out + self.scale * F.conv2d(own, self.stacked_b()[:, :, None, None])
 
 
 def attach_experts(module: nn.Module, num_tasks: int, rank: int, alpha: float | None,
