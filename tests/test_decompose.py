@@ -359,8 +359,9 @@ def test_the_multilabel_task_loss_is_class_weighted_per_label() -> None:
 def test_multilabel_thresholds_are_picked_on_validation_and_folded_into_the_student_head() -> None:
     """The student's multilabel head gets per-label thresholds from its fused model's validation logits (the same
     ``best_thresholds`` as the probe and the experts), so the fused expert decides p >= t; the single-label head
-    is untouched."""
-    from components.stages.decompose import fold_val_thresholds
+    is untouched (``experts.probe.prior_shift`` off)."""
+    from components.config import ProbeParams
+    from components.stages.decompose import fold_val_decisions
     from components.training.inference import batched
     from components.training.multilabel import best_thresholds
 
@@ -377,12 +378,38 @@ def test_multilabel_thresholds_are_picked_on_validation_and_folded_into_the_stud
     expected = best_thresholds(before, y_va["a"])
     assert (expected != 0.5).any()  # the test means something: at least one label moves
     bias_a, head_b = student.heads["a"].bias.clone(), {k: v.clone() for k, v in student.heads["b"].state_dict().items()}
-    fold_val_thresholds(student, ["b", "a"], KINDS, x_va, y_va)
+    fold_val_decisions(student, ["b", "a"], KINDS, x_va, y_va, y_va, ProbeParams(prior_shift=False))
     torch.testing.assert_close(student.heads["a"].bias, bias_a - torch.logit(expected))
     with torch.no_grad():
         after = batched(fuse(student, "a"), x_va["a"])
     assert torch.equal(after > 0, p >= expected)
     assert all(torch.equal(v, head_b[k]) for k, v in student.heads["b"].state_dict().items())
+
+
+def test_a_single_label_head_gets_the_prior_shift_picked_on_its_fused_model() -> None:
+    """With ``experts.probe.prior_shift`` the student's single-label head carries the prior shift picked on its fused
+    model's validation logits (the same ``best_prior_shift`` as the probe and the experts)."""
+    from components.config import ProbeParams
+    from components.stages.decompose import fold_val_decisions
+    from components.training.inference import batched
+    from components.training.prior_shift import best_prior_shift, class_priors
+
+    encoder, heads = teacher_for("image")
+    student = build_student(small_params(), "image", encoder, heads, seed=0)
+    x_va = {n: inputs_for("image", 400, seed=11 + i) for i, n in enumerate(LABELS)}
+    with torch.no_grad():  # spread the logits (tiny at init), each class centred on 0
+        student.heads["b"].weight.mul_(100)
+        student.heads["b"].bias.sub_(batched(fuse(student, "b"), x_va["b"]).mean(dim=0))
+        before = batched(fuse(student, "b"), x_va["b"])
+    y_tr = {"b": torch.tensor([0] * 90 + [1] * 6 + [2] * 4), "a": torch.zeros(100, 2)}
+    priors = class_priors(y_tr["b"], 3)
+    y_va = {"b": (before + priors.log()).argmax(dim=1),  # the truth is the frequent-class-leaning decision
+            "a": torch.zeros(400, 2)}
+    tau = best_prior_shift(before, y_va["b"], priors)
+    assert tau > 0  # the test means something: the head moves
+    bias_b = student.heads["b"].bias.clone()
+    fold_val_decisions(student, ["b", "a"], KINDS, x_va, y_va, y_tr, ProbeParams(prior_shift=True))
+    torch.testing.assert_close(student.heads["b"].bias, bias_b + tau * priors.log())
 
 
 def test_rgb_images_train_the_image_student() -> None:

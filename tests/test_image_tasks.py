@@ -17,7 +17,7 @@ from components.stages.foundation import FoundationInputs, pretrain_image_founda
 PROJECT = Path(__file__).resolve().parents[1]
 
 
-def test_retina_and_derma_with_the_grayscale_tasks(tmp_path: Path) -> None:
+def test_retina_and_derma_with_the_grayscale_tasks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import components.plugins  # noqa: F401
     from components.bundle.format import load_bundle
     from components.core.layout import expert_bundle, foundation_dir
@@ -28,16 +28,22 @@ def test_retina_and_derma_with_the_grayscale_tasks(tmp_path: Path) -> None:
     derma = Path(expand_env(base.data.tasks["dermamnist"].path))
     derma = derma if derma.is_absolute() else PROJECT / derma
     active = ["breastmnist", "retinamnist"] + (["dermamnist"] if derma.is_file() else [])
-    p = load_params(PROJECT / "params", "tiny", {"data.active": active})
+    p = load_params(PROJECT / "params", "tiny", {"data.active": active, "experts.probe.prior_shift": True})
     manifest = prepare_data(p.data, PROJECT, tmp_path / "data", p.pipeline.seed)
     retina = manifest["tasks"]["retinamnist"]["splits"]
     assert (retina["train"]["n"], retina["val"]["n"], retina["test"]["n"]) == (1080, 120, 400)
     assert retina["test"]["class_counts"] == {"grade_0": 174, "grade_1": 46, "grade_2": 92, "grade_3": 68, "grade_4": 20}
     pretrain_image_foundation(FoundationInputs.from_params(p), tmp_path / "data",
                               foundation_dir(tmp_path / "foundation", "image"))
+    import components.stages.experts as experts_stage
+
+    shifts = []  # experts.probe.prior_shift: the stage tunes its expert's decision on validation and records it
+    tune = experts_stage.tune_prior_shift
+    monkeypatch.setattr(experts_stage, "tune_prior_shift", lambda *a: shifts.append(tune(*a)) or shifts[-1])
     m = train_expert("retinamnist", ExpertsInputs.from_params(p), tmp_path / "data", tmp_path / "foundation",
                      tmp_path / "experts" / "retinamnist")
     assert m["train_samples"] == 96 and 0.0 <= m["metrics"]["val"]["macro_f1"] <= 1.0
+    assert len(shifts) == 1 and m["prior_shift"] == shifts[0]
     bundle = load_bundle(expert_bundle(tmp_path / "experts" / "retinamnist"))
     assert bundle.manifest["tasks"]["retinamnist"]["input"] == {"height": 28, "width": 28, "channels": 3}
     test = load_split(tmp_path / "data", "retinamnist", "test")

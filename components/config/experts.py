@@ -30,6 +30,10 @@ class ProbeParams(Strict):
                           "0.5 across a half split of it) and folded into the head: the probe, the expert, the fused "
                           "model (picked again on the merged model) and the LoRKD students and their fused experts. "
                           "bench/results/multilabel_probe.json measures them on HoC.")
+    prior_shift: bool = Field(
+        False, description="Binary / multiclass: post-hoc logit adjustment, bias += tau * log(class frequency), tau "
+                           "picked on validation for macro-F1 (kept only where it beats the head's own decision across "
+                           "a half split of it): the probe and the expert (components/training/prior_shift.py).")
     class_weight: ClassWeight = Field(
         "balanced", description="balanced: class-weighted loss (scikit-learn's class_weight='balanced'; multilabel: "
                                 "per-label positive weights); none: unweighted.")

@@ -35,6 +35,7 @@ class ExpertManifest(BaseModel):
     seed: int | None = None  # fixes the shared adapter start φ0 (fusion rebuilds A0 from it)
     train_samples: int | None = None
     val_samples: int | None = None
+    prior_shift: float = 0.0  # tau of the decision's prior shift folded into the head (0: none)
     metrics: dict[str, dict[str, float]] = {}  # "val" (the expert), "probe_val"
     trainable_params: int | None = None
     train_seconds: float | None = None

@@ -43,6 +43,7 @@ from components.nn.foundation import Foundation, load_foundation, load_image_hea
 from components.stages.base import StageSummary, TaskInputs, param
 from components.training.balance import loss_weight
 from components.training.multilabel import best_thresholds, fold_thresholds
+from components.training.prior_shift import tune_prior_shift
 from components.training.data import labels_tensor, loader
 from components.training.inference import batched
 from components.training.probe import fit_probe
@@ -170,16 +171,23 @@ def _val_metrics(model: nn.Module, x: dict[str, torch.Tensor], y: torch.Tensor, 
     return compute_metrics(td.kind, batched(model, x), y, td.num_labels)
 
 
-def fold_val_thresholds(student: LoRKDStudent, tasks: list[str], kinds: dict[str, str],
-                        x_va: dict[str, dict[str, torch.Tensor]], y_va: dict[str, torch.Tensor]) -> None:
-    """Multilabel tasks: per-label decision thresholds picked on validation (as the probe and the experts pick
-    theirs, ``best_thresholds``) for the task's fused model, folded into the student's head of that task, so the
-    student, its fused expert and every bundle made from them decide the same way."""
+def fold_val_decisions(student: LoRKDStudent, tasks: list[str], kinds: dict[str, str],
+                       x_va: dict[str, dict[str, torch.Tensor]], y_va: dict[str, torch.Tensor],
+                       y_tr: dict[str, torch.Tensor], pp: ProbeParams) -> None:
+    """The decision rule picked on validation for each task's fused model, as the probe and the experts pick
+    theirs, folded into the student's head of that task, so the student, its fused expert and every bundle made
+    from them decide the same way: per-label thresholds for a multilabel task (``pp.multilabel_thresholds``,
+    ``best_thresholds``), the prior shift for a single-label one (``pp.prior_shift``, ``tune_prior_shift``)."""
     for task in tasks:
-        if kinds[task] == "multilabel":
-            with torch.no_grad():
-                logits = batched(fuse(student, task), x_va[task])
-            fold_thresholds(student.heads[task], best_thresholds(logits, y_va[task]))
+        multilabel = kinds[task] == "multilabel"
+        if not (pp.multilabel_thresholds if multilabel else pp.prior_shift):
+            continue
+        with torch.no_grad():
+            logits = batched(fuse(student, task), x_va[task])
+            if multilabel:
+                fold_thresholds(student.heads[task], best_thresholds(logits, y_va[task]))
+            else:
+                tune_prior_shift(student.heads[task], logits, y_va[task], y_tr[task])
 
 
 def decompose_modality(modality: Modality, inp: DecomposeInputs, data_dir: Path, foundation_dir: Path,
@@ -231,8 +239,7 @@ def decompose_modality(modality: Modality, inp: DecomposeInputs, data_dir: Path,
     with PeakMemory(data_device(tp).type) as memory:
         train_seconds = _train(student, kinds, tasks, tr, va, inp, modality, logger,
                                checkpoint_dir / "student" if checkpoint_dir else None)
-    if inp.probe.multilabel_thresholds:
-        fold_val_thresholds(student, tasks, kinds, x_va, y_va)
+    fold_val_decisions(student, tasks, kinds, x_va, y_va, y, inp.probe)
     sha = student_hash(student)
     save_student(lorkd_student(out_root, modality), student, {"tasks_kinds": kinds, "teacher_sha256": found.sha256})
 
@@ -245,8 +252,7 @@ def decompose_modality(modality: Modality, inp: DecomposeInputs, data_dir: Path,
         single = build_student(dp, modality, found.encoder, {task: heads[task]}, seed)
         single_seconds = _train(single, kinds, [task], tr, va, inp, modality, False,
                                 checkpoint_dir / f"single-{task}" if checkpoint_dir else None)
-        if inp.probe.multilabel_thresholds:
-            fold_val_thresholds(single, [task], kinds, x_va, y_va)
+        fold_val_decisions(single, [task], kinds, x_va, y_va, y, inp.probe)
         single_fused = fuse(single, task)
         single_val = _val_metrics(single_fused, x_va[task], y_va[task], td)
         deployed = count_parameters(fused)

@@ -29,6 +29,7 @@ from components.bundle.format import TaskHead, image_input, save_bundle
 from components.training.augment import task_augment
 from components.training.balance import loss_weight
 from components.training.multilabel import best_thresholds, fold_thresholds
+from components.training.prior_shift import tune_prior_shift
 from components.training.probe import fit_probe
 from components.nn.classifier import Classifier, make_head
 from components.nn.foundation import Foundation, load_foundation
@@ -119,9 +120,13 @@ def train_expert(task: str, inp: ExpertsInputs, data_dir: Path, foundation_dir: 
     model.cpu()
     train_seconds = time.perf_counter() - t0
     model.eval()
+    prior_shift = 0.0
     if train.kind == "multilabel" and ep.probe.multilabel_thresholds:  # per-label thresholds on val, in the bias
         with torch.no_grad():
             fold_thresholds(head, best_thresholds(batched(model, x_va), y_va))
+    elif train.kind != "multilabel" and ep.probe.prior_shift:  # the decision's prior shift on val, in the bias
+        with torch.no_grad():
+            prior_shift = tune_prior_shift(head, batched(model, x_va), y_va, y_tr)
     expert_val = compute_metrics(train.kind, batched(model, x_va), y_va, train.num_labels)
     log.info("[experts] %s: %s val %s=%.3f (probe %.3f) in %.1fs", task, method.pretty, metric,
              expert_val[metric], probe_val[metric], train_seconds)
@@ -137,7 +142,7 @@ def train_expert(task: str, inp: ExpertsInputs, data_dir: Path, foundation_dir: 
         "task": task, "method": method_name, "modality": train.modality, "task_kind": train.kind,
         "label_names": train.label_names, "base_sha256": foundation.sha256,
         "lora": lp.model_dump(), "targets": lora_targets(lp, train.modality),
-        "seed": seed, "train_samples": len(train), "val_samples": len(val),
+        "seed": seed, "train_samples": len(train), "val_samples": len(val), "prior_shift": prior_shift,
         "metrics": {"val": expert_val, "probe_val": probe_val},
         "trainable_params": count_parameters(model, trainable_only=True),
         "train_seconds": train_seconds, "probe_seconds": probe_seconds,

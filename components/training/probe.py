@@ -18,6 +18,7 @@ from components.nn.classifier import make_head
 from components.training.module import task_loss
 from components.training.balance import ClassWeight, loss_weight
 from components.training.multilabel import best_thresholds, fold_thresholds
+from components.training.prior_shift import tune_prior_shift
 
 
 def fit_head(features: torch.Tensor, labels: torch.Tensor, kind: str, num_labels: int, epochs: int, lr: float,
@@ -42,13 +43,16 @@ def fit_probe(train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor,
               num_labels: int, pp: ProbeParams, metric: str, seed: int) -> tuple[nn.Linear, dict[str, float]]:
     """Best head over ``pp.l2_grid`` by validation ``metric``; returns it and its validation metrics. Multilabel
     heads are class-weighted per ``pp.class_weight``; with ``pp.multilabel_thresholds`` they also carry per-label thresholds
-    picked on validation (in their bias)."""
+    picked on validation (in their bias), and single-label heads with ``pp.prior_shift`` a prior shift (``tau``)."""
     best: tuple[float, nn.Linear, dict[str, float]] | None = None
     for l2 in pp.l2_grid:
         head = fit_head(*train, kind, num_labels, pp.epochs, pp.lr, l2, seed, pp.class_weight)
         if kind == "multilabel" and pp.multilabel_thresholds:  # per-label thresholds on validation, in the bias
             with torch.no_grad():
                 fold_thresholds(head, best_thresholds(head(val[0]), val[1]))
+        elif kind != "multilabel" and pp.prior_shift:  # the decision's prior shift on validation, in the bias
+            with torch.no_grad():
+                tune_prior_shift(head, head(val[0]), val[1], train[1])
         with torch.no_grad():
             scores = compute_metrics(kind, head(val[0]), val[1], num_labels)
         value = -math.inf if math.isnan(scores[metric]) else scores[metric]
