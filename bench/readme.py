@@ -1397,6 +1397,32 @@ def derma_section() -> str:
     return (f"DermaMNIST (the JPEG-75 copy) experts, one seed each. {base}\n\n" + markdown_table(rows, cols) + "\n")
 
 
+def prior_shift_section(result: dict) -> str:
+    """The decision's prior shift on the same trained experts and probes (bench/prior_shift.py): tau picked on
+    validation, test before and after, beside the strongest simple baseline on the same split."""
+    rows = []
+    for run in result["runs"]:
+        task = run["task"]
+        row = {"task": task_label(task), "rows": f"{run['rows']['train']:,} / {run['rows']['val']:,}",
+               "base": strongest_baseline(task, "all_rows")}
+        for name in ("expert", "probe"):
+            r = run[name]
+            row[name] = (f"{r['tau']:+.2f}: {r['test_before']['macro_f1']:.3f} → {r['test_after']['macro_f1']:.3f}"
+                         f" (ACC {r['test_before']['accuracy']:.3f} → {r['test_after']['accuracy']:.3f})")
+            row[f"{name}_best"] = f"{max(r['curve_test']):.3f}"
+        rows.append(row)
+    cols = [("task", "task"), ("rows", "train / val rows"),
+            ("expert", "LoRA expert: tau picked, test macro-F1 before → after"),
+            ("expert_best", "expert: best tau in hindsight (test)"),
+            ("probe", "probe: tau picked, test macro-F1 before → after"), ("probe_best", "probe: best in hindsight"),
+            ("base", "strongest simple baseline, same split")]
+    return (f"{machine_line(result)}, from `bench/results/prior_shift.json`: the experts and probes of one `bench "
+            f"experts --work` folder (`{result['work']}`), nothing retrained; tau from {result['taus'][0]:g} to "
+            f"{result['taus'][-1]:g} in steps of {result['taus'][1] - result['taus'][0]:g}, picked on validation "
+            "macro-F1 and kept only where a half split of validation confirms it (0: the head's own decision).\n\n"
+            + markdown_table(rows, cols) + "\n")
+
+
 def experts_full_text_section(result: dict) -> str:
     """Text experts trained on every row beside the quick profile's (capped) expert, the probe and the strongest
     simple baseline fitted on the same full splits."""
@@ -1534,6 +1560,7 @@ def render(text: str) -> str:
                            lambda r: experts_full_image_section(r, "experts_full_image_plain_onecycle",
                                                                 "image_foundation_plain")),
                           ("experts_full_text", experts_full_text_section),
+                          ("prior_shift", prior_shift_section),
                           ("decompose_full_image", decompose_section),
                           ("decompose_step_full", decompose_section),
                           ("baselines_full", baselines_all_data_section),
