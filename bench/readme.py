@@ -1563,6 +1563,7 @@ def render(text: str) -> str:
                           ("prior_shift", prior_shift_section),
                           ("decompose_full_image", decompose_section),
                           ("decompose_step_full", decompose_section),
+                          ("decompose_step_full_gather", decompose_section),
                           ("baselines_full", baselines_all_data_section),
                           ("pipeline_full", pipeline_full_section),
                           ("fedkim_variants", fedkim_variants_section),

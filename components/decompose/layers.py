@@ -8,11 +8,12 @@ gradients are exact zeros, so an expert's gradient comes only from its own task'
 W0 sees every sample.
 
 Why a mask and not a per-sample gather of B (the first version): the gather materialised B per sample and
-a batched product of N thin matrices, whose extra passes over the (N, S, out) activations made a text
-student's one-pass step 1.34x a plain step (bench/results/decompose_step_full.json at 874de879). A linear
-layer also folds one of the two low-rank products into its base GEMM (see ``ExpertLinear.forward``), so the
-expert path adds no full pass over the layer's wider side. PEFT's mixed-adapter batches (``adapter_names``)
-loop over the sub-batches and refuse a model in training mode, so this is written here.
+ran a batched product of N thin matrices; with the mask, and with a linear layer folding one of its two
+low-rank products into its base GEMM (see ``ExpertLinear.forward``, so the expert path adds no full pass over
+the layer's wider side), a text student's one-pass step adds 767 MB instead of 969 MB at 1.08x a plain step
+instead of 1.19x (bench/results/decompose_step_full.json against decompose_step_full_gather.json). PEFT's
+mixed-adapter batches (``adapter_names``) loop over the sub-batches and refuse a model in training mode, so this
+is written here.
 
 The current task is set from outside (``task_context``), because a layer deep inside a Hugging Face
 ``BertLayer`` cannot be handed extra forward arguments. A scalar task (task switching at deployment)
