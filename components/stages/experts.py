@@ -29,7 +29,7 @@ from components.bundle.format import TaskHead, image_input, save_bundle
 from components.training.augment import task_augment
 from components.training.balance import loss_weight
 from components.training.multilabel import best_thresholds, fold_thresholds
-from components.training.prior_shift import tune_prior_shift
+from components.training.prior_shift import class_priors, fold_prior_shift, tune_prior_shift
 from components.training.probe import fit_probe
 from components.nn.classifier import Classifier, make_head
 from components.nn.foundation import Foundation, load_foundation
@@ -100,6 +100,9 @@ def train_expert(task: str, inp: ExpertsInputs, data_dir: Path, foundation_dir: 
     lr = ep.lr_for(method_name, train.modality)
     head = copy.deepcopy(probe) if ep.head_init == "probe" else make_head(
         foundation.encoder.out_dim, train.num_labels)
+    if ep.head_init == "probe" and probe_val.get("prior_shift"):
+        # Start from the probe's own decision: the expert's shift is picked again after training, on its own logits.
+        fold_prior_shift(head, class_priors(y_tr, head.out_features), -probe_val["prior_shift"])
     head.requires_grad_(True)
     model = Classifier(encoder, head)
     module = ClassifierModule(model, train.kind, train.num_labels, lr, tp.weight_decay, metric,

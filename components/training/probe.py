@@ -43,20 +43,22 @@ def fit_probe(train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor,
               num_labels: int, pp: ProbeParams, metric: str, seed: int) -> tuple[nn.Linear, dict[str, float]]:
     """Best head over ``pp.l2_grid`` by validation ``metric``; returns it and its validation metrics. Multilabel
     heads are class-weighted per ``pp.class_weight``; with ``pp.multilabel_thresholds`` they also carry per-label thresholds
-    picked on validation (in their bias), and single-label heads with ``pp.prior_shift`` a prior shift (``tau``)."""
+    picked on validation (in their bias), and single-label heads with ``pp.prior_shift`` a prior shift (its ``tau`` is
+    returned with the metrics as ``prior_shift``)."""
     best: tuple[float, nn.Linear, dict[str, float]] | None = None
     for l2 in pp.l2_grid:
         head = fit_head(*train, kind, num_labels, pp.epochs, pp.lr, l2, seed, pp.class_weight)
         if kind == "multilabel" and pp.multilabel_thresholds:  # per-label thresholds on validation, in the bias
             with torch.no_grad():
                 fold_thresholds(head, best_thresholds(head(val[0]), val[1]))
-        elif kind != "multilabel" and pp.prior_shift:  # the decision's prior shift on validation, in the bias
+        tau = 0.0
+        if kind != "multilabel" and pp.prior_shift:  # the decision's prior shift on validation, in the bias
             with torch.no_grad():
-                tune_prior_shift(head, head(val[0]), val[1], train[1])
+                tau = tune_prior_shift(head, head(val[0]), val[1], train[1])
         with torch.no_grad():
             scores = compute_metrics(kind, head(val[0]), val[1], num_labels)
         value = -math.inf if math.isnan(scores[metric]) else scores[metric]
         if best is None or value > best[0]:
-            best = (value, head, {**scores, "l2": l2})
+            best = (value, head, {**scores, "l2": l2, "prior_shift": tau})
     assert best is not None  # l2_grid has at least one value (validated)
     return best[1], best[2]
