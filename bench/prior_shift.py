@@ -35,7 +35,7 @@ def score(work: Path, task: str, method: str) -> dict[str, Any]:
     from components.nn.foundation import load_foundation
     from components.training.data import labels_tensor
     from components.training.inference import batched
-    from components.training.prior_shift import TAUS, best_prior_shift, class_priors, macro_f1
+    from components.training.prior_shift import best_prior_shift, class_priors, macro_f1_per_tau
 
     folder = work / "experts" / f"{task}-{method}"
     splits = {s: load_split(work / "data", task, s) for s in ("train", "val", "test")}
@@ -54,8 +54,7 @@ def score(work: Path, task: str, method: str) -> dict[str, Any]:
         shift = priors.log()
 
         def curve(split: str) -> list[float]:
-            k = logits[split].shape[1]
-            return [macro_f1((logits[split] + t * shift).argmax(dim=1), labels[split], k) for t in TAUS.tolist()]
+            return macro_f1_per_tau(logits[split], labels[split], shift).tolist()
 
         before = compute_metrics(test.kind, logits["test"], labels["test"], test.num_labels)
         after = compute_metrics(test.kind, logits["test"] + tau * shift, labels["test"], test.num_labels)

@@ -21,6 +21,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from components.metrics.classification import confusion_counts
+
 TAUS = torch.linspace(-1.0, 1.0, 9)  # -1, -0.75, ..., 1
 
 
@@ -32,15 +34,14 @@ def class_priors(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
 
 def macro_f1(preds: torch.Tensor, labels: torch.Tensor, num_classes: int) -> float:
     """Macro-F1 over all ``num_classes`` classes (a class neither predicted nor present scores 0, as the
-    evaluate stage's torchmetrics call does)."""
-    cm = torch.bincount(labels * num_classes + preds, minlength=num_classes * num_classes).reshape(
-        num_classes, num_classes).float()
+    evaluate stage's torchmetrics call does), from the evaluate stage's confusion counts."""
+    cm = confusion_counts(preds, labels, num_classes).float()
     tp = cm.diagonal()
     f1 = 2 * tp / (cm.sum(dim=0) + cm.sum(dim=1)).clamp(min=1)
     return float(f1.mean())
 
 
-def _scores(logits: torch.Tensor, labels: torch.Tensor, log_prior: torch.Tensor) -> torch.Tensor:
+def macro_f1_per_tau(logits: torch.Tensor, labels: torch.Tensor, log_prior: torch.Tensor) -> torch.Tensor:
     """Macro-F1 at every ``TAUS`` entry: (len(TAUS),)."""
     k = logits.shape[1]
     return torch.tensor([macro_f1((logits + tau * log_prior).argmax(dim=1), labels, k) for tau in TAUS])
@@ -63,13 +64,13 @@ def best_prior_shift(logits: torch.Tensor, labels: torch.Tensor, priors: torch.T
     default = int(TAUS.abs().argmin())
     tuned = plain = 0.0
     for fit, check in ((half, ~half), (~half, half)):
-        chosen = _pick(_scores(z[fit], y[fit], log_prior))
-        scores = _scores(z[check], y[check], log_prior)
+        chosen = _pick(macro_f1_per_tau(z[fit], y[fit], log_prior))
+        scores = macro_f1_per_tau(z[check], y[check], log_prior)
         tuned += float(scores[chosen])
         plain += float(scores[default])
     if tuned <= plain:
         return 0.0
-    return float(TAUS[_pick(_scores(z, y, log_prior))])
+    return float(TAUS[_pick(macro_f1_per_tau(z, y, log_prior))])
 
 
 @torch.no_grad()
