@@ -18,7 +18,7 @@ from torch import nn
 
 from components.config import TrainerParams
 from components.decompose.deploy import fuse, load_student, save_fused, save_student, student_hash
-from components.decompose.layers import ExpertConv2d, ExpertLayer, ExpertLinear, task_context
+from components.decompose.layers import ExpertConv2d, ExpertLayer, ExpertLinear, TaskRuns, task_context
 from components.decompose.loss import lorkd_loss
 from components.decompose.module import DecomposeModule
 from components.config import DecomposeParams
@@ -109,8 +109,12 @@ def test_layer_one_pass_equals_per_sample_loop_and_fold(case: tuple[str, nn.Modu
     layer = cls(base, num_tasks=3, rank=2, alpha=4.0, generator=torch.Generator().manual_seed(0))
     randomise_b(layer)
     ids = torch.tensor([2, 0, 1, 1, 2, 0, 2])
-    with torch.no_grad(), task_context([layer], ids):
-        mixed = layer(x)
+    runs, order = TaskRuns.sort(ids, 3)
+    assert runs.counts == (2, 2, 3) and ids[order].tolist() == [0, 0, 1, 1, 2, 2, 2]
+    with torch.no_grad(), task_context([layer], runs):
+        in_order = layer(x[order])
+    mixed = torch.empty_like(in_order)
+    mixed[order] = in_order  # back to the batch's own order
     for i, t in enumerate(ids.tolist()):
         with torch.no_grad(), task_context([layer], t):
             single = layer(x[i:i + 1])
@@ -123,6 +127,8 @@ def test_layer_one_pass_equals_per_sample_loop_and_fold(case: tuple[str, nn.Modu
 def test_layer_without_task_refuses() -> None:
     layer = ExpertLinear(nn.Linear(4, 4), num_tasks=2, rank=1)
     with pytest.raises(RuntimeError, match="no task selected"):
+        layer(torch.randn(2, 4))
+    with task_context([layer], TaskRuns((1, 2))), pytest.raises(ValueError, match=r"runs \[1, 2\] do not fit"):
         layer(torch.randn(2, 4))
 
 

@@ -1,23 +1,21 @@
 """Low-rank task experts inside a layer (LoRKD): g_t(h) = (W0 + s·B_t A_t) h, one expert per task.
 
-Knowledge separation happens in one forward pass over a mixed-task batch: every task's A-projection is
-computed at once (one matmul, or one conv, to T·r channels), each sample's channels of the other tasks are
-zeroed (a 0/1 mask per sample), and one dense product with every task's B stacked (out, T·r) maps back. The
-mask is exact in both directions: a sample's output gets only its own task's B_t A_t, the masked channels'
-gradients are exact zeros, so an expert's gradient comes only from its own task's samples, while the shared
-W0 sees every sample.
+Knowledge separation happens in one forward pass over a mixed-task batch. The student sorts the batch by task
+once (``TaskRuns.sort``), so each task's samples are one contiguous run; every layer then folds each present
+task's expert into its weight, W_t = W0 + s·B_t A_t, and runs the base op on that task's run with W_t. Exact
+in both directions: a sample's output gets only its own task's B_t A_t, an expert's gradient comes only from
+its own run (an absent task's expert gets none), and the shared W0 gets every run's gradient.
 
-Why a mask and not a per-sample gather of B (the first version): the gather materialised B per sample and
-ran a batched product of N thin matrices; with the mask, and with a linear layer folding one of its two
-low-rank products into its base GEMM (see ``ExpertLinear.forward``, so the expert path adds no full pass over
-the layer's wider side), a text student's one-pass step adds 767 MB instead of 969 MB at 1.08x a plain step
-instead of 1.19x (bench/results/decompose_step_full.json against decompose_step_full_gather.json). PEFT's
-mixed-adapter batches (``adapter_names``) loop over the sub-batches and refuse a model in training mode, so this
-is written here.
+Why folded weights per run (the third version): a kxk conv to T·r channels for every task's A, masked per
+sample and mapped back by one stacked 1x1 conv, cost 1.53x a plain image student step, because that extra
+conv has T·r = 16 output channels next to base convs of 32-128; a per-sample gather of B (the first
+version) was no better. Folding costs a (out, r) x (r, in·k·k) product per task and layer, and each run's op is
+the plain layer's op (bench/results/decompose_step_full.json). PEFT's mixed-adapter batches (``adapter_names``)
+loop over the sub-batches the same way but refuse a model in training mode, so this is written here.
 
 The current task is set from outside (``task_context``), because a layer deep inside a Hugging Face
-``BertLayer`` cannot be handed extra forward arguments. A scalar task (task switching at deployment)
-takes a fast path that touches only that task's factors.
+``BertLayer`` cannot be handed extra forward arguments. A scalar task (task switching at deployment) is one
+run over the whole batch.
 """
 
 from __future__ import annotations
@@ -26,6 +24,7 @@ import contextlib
 import copy
 import math
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -33,7 +32,21 @@ from torch.nn import functional as F
 
 from components.core.errors import ParamsError
 
-TaskSel = int | torch.Tensor  # one task index for the whole batch, or a LongTensor (N,) of task ids
+
+@dataclass(frozen=True)
+class TaskRuns:
+    """A mixed-task batch sorted by task: ``counts[t]`` consecutive samples of task t, tasks in id order."""
+
+    counts: tuple[int, ...]
+
+    @staticmethod
+    def sort(task_ids: torch.Tensor, num_tasks: int) -> tuple[TaskRuns, torch.Tensor]:
+        """The runs of ``task_ids`` (N,) and the stable order that sorts a batch into them (``x[order]``)."""
+        counts = torch.bincount(task_ids, minlength=num_tasks).tolist()
+        return TaskRuns(tuple(counts)), torch.argsort(task_ids, stable=True)
+
+
+TaskSel = int | TaskRuns  # one task index for the whole batch, or a batch sorted into one run per task
 
 
 def linear_delta(b: torch.Tensor, a: torch.Tensor, scale: float) -> torch.Tensor:
@@ -49,16 +62,11 @@ def conv_delta(b: torch.Tensor, a: torch.Tensor, scale: float) -> torch.Tensor:
     return scale * torch.einsum("oj,jikl->oikl", b, a)
 
 
-def task_channel_mask(task_ids: torch.Tensor, num_tasks: int, rank: int, dtype: torch.dtype) -> torch.Tensor:
-    """(N, T·r) 0/1: sample n keeps the r channels (task-major, as ``expert_a`` stacks them) of its own task."""
-    return F.one_hot(task_ids, num_tasks).to(dtype).repeat_interleave(rank, dim=1)
-
-
 class ExpertLayer(nn.Module):
     """T rank-r experts next to a shared base layer; ``task`` is set by ``task_context`` before a forward.
 
-    ``expert_a`` stacks every task's A (T·r rows, task-major) so one op projects onto all of them;
-    ``expert_b`` is (T, out, r), zero-initialised so every task starts from the shared W0.
+    ``expert_a`` stacks every task's A (T·r rows, task-major); ``expert_b`` is (T, out, r), zero-initialised
+    so every task starts from the shared W0.
     """
 
     def __init__(self, base: nn.Module, num_tasks: int, rank: int, alpha: float | None,
@@ -75,25 +83,30 @@ class ExpertLayer(nn.Module):
         self.expert_b = nn.Parameter(torch.zeros(num_tasks, out_features, rank, dtype=base.weight.dtype))
         self.task: TaskSel | None = None
 
-    def stacked_b(self) -> torch.Tensor:
-        """Every task's B side by side, (out, T·r), in ``expert_a``'s task-major channel order."""
-        return self.expert_b.permute(1, 0, 2).reshape(self.expert_b.shape[1], self.num_tasks * self.rank)
-
-    def mask(self, task_ids: torch.Tensor) -> torch.Tensor:
-        return task_channel_mask(task_ids, self.num_tasks, self.rank, self.expert_a.dtype)
-
     def factors(self, task: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(B_t, A_t) of one task: (out, r) and (r, in[, kh, kw])."""
         return self.expert_b[task], self.expert_a[task * self.rank:(task + 1) * self.rank]
 
-    def _current(self) -> TaskSel:
+    def delta_weight(self, task: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def base_op(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """The base layer's op with ``weight`` in place of its own (bias and geometry its own)."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.task is None:
             raise RuntimeError(f"{type(self).__name__}: no task selected; run it inside task_context(...) "
                                "or through the student's forward(task, ...)")
-        return self.task
-
-    def delta_weight(self, task: int) -> torch.Tensor:
-        raise NotImplementedError
+        if isinstance(self.task, int):
+            return self.base_op(x, self.base.weight + self.delta_weight(self.task))
+        counts = self.task.counts
+        if len(counts) != self.num_tasks or sum(counts) != x.shape[0]:
+            raise ValueError(f"{type(self).__name__}: task runs {list(counts)} do not fit a batch of "
+                             f"{x.shape[0]} samples over {self.num_tasks} tasks")
+        runs = [(t, part) for t, part in enumerate(x.split(list(counts))) if len(part)]
+        outs = [self.base_op(part, self.base.weight + self.delta_weight(t)) for t, part in runs]
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
 
     @torch.no_grad()
     def fold(self, task: int) -> nn.Module:
@@ -119,32 +132,13 @@ class ExpertLinear(ExpertLayer):
     def delta_weight(self, task: int) -> torch.Tensor:
         return linear_delta(*self.factors(task), self.scale)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        task = self._current()
-        if isinstance(task, int):
-            b, a = self.factors(task)
-            return self.base(x) + self.scale * F.linear(F.linear(x, a), b)
-        base, width = self.base, self.num_tasks * self.rank
-        mask = self.mask(task).view(x.shape[0], *([1] * (x.dim() - 2)), width)
-        if base.out_features > base.in_features:
-            # Widening layer: B joins the base GEMM along its input, [x | own] @ [W0 | s·B]^T, so the wide
-            # output is written (and its gradient read) once.
-            own = F.linear(x, self.expert_a) * mask
-            weight = torch.cat([base.weight, self.scale * self.stacked_b()], dim=1)
-            return F.linear(torch.cat([x, own], dim=-1), weight, base.bias)
-        # Otherwise A joins it along its output, x @ [W0; A]^T, so the (wider) input is read once; B is added
-        # into the output by addmm.
-        bias = None if base.bias is None else torch.cat([base.bias, base.bias.new_zeros(width)])
-        out, own = F.linear(x, torch.cat([base.weight, self.expert_a]), bias).split(
-            [base.out_features, width], dim=-1)
-        flat = torch.addmm(out.reshape(-1, base.out_features), (own * mask).reshape(-1, width),
-                           self.stacked_b().t(), alpha=self.scale)
-        return flat.reshape(out.shape)
+    def base_op(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, weight, self.base.bias)
 
 
 class ExpertConv2d(ExpertLayer):
     """Conv2d with per-task experts: A_t a kxk conv (the base's stride/padding/dilation) to r channels,
-    B_t a 1x1 conv back."""
+    B_t a 1x1 conv back; folded, one kxk kernel per task."""
 
     def __init__(self, base: nn.Conv2d, num_tasks: int, rank: int, alpha: float | None = None,
                  generator: torch.Generator | None = None, name: str = "conv") -> None:
@@ -163,18 +157,9 @@ class ExpertConv2d(ExpertLayer):
     def delta_weight(self, task: int) -> torch.Tensor:
         return conv_delta(*self.factors(task), self.scale)
 
-    def _conv(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def base_op(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         base = self.base
-        return F.conv2d(x, weight, None, base.stride, base.padding, base.dilation)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base(x)
-        task = self._current()
-        if isinstance(task, int):
-            b, a = self.factors(task)
-            return out + self.scale * F.conv2d(self._conv(x, a), b[:, :, None, None])
-        own = self._conv(x, self.expert_a) * self.mask(task)[:, :, None, None]  # every task's A, own kept
-        return out + self.scale * F.conv2d(own, self.stacked_b()[:, :, None, None])
+        return F.conv2d(x, weight, base.bias, base.stride, base.padding, base.dilation)
 
 
 def attach_experts(module: nn.Module, num_tasks: int, rank: int, alpha: float | None,
@@ -200,7 +185,7 @@ def expert_layers(module: nn.Module) -> list[ExpertLayer]:
 
 @contextlib.contextmanager
 def task_context(layers: Iterable[ExpertLayer], task: TaskSel) -> Iterator[None]:
-    """Select ``task`` (an index, or one id per sample) on every expert layer for the enclosed forward."""
+    """Select ``task`` (an index, or the runs of a task-sorted batch) on every expert layer for the forward."""
     layers = list(layers)
     previous = [layer.task for layer in layers]
     for layer in layers:

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from components.decompose.backbones import backbone_from_config, text_backbone_from_teacher
-from components.decompose.layers import TaskSel, attach_experts, expert_layers, task_context
+from components.decompose.layers import TaskRuns, attach_experts, expert_layers, task_context
 from components.config import DecomposeParams
 from components.core.errors import DataError, ParamsError
 from components.nn.classifier import make_head
@@ -64,7 +64,7 @@ class LoRKDStudent(nn.Module):
                             f"{self.num_tasks} tasks (ids 0..{self.num_tasks - 1})")
         return int(task)
 
-    def select(self, task: Task, batch_size: int) -> TaskSel:
+    def select(self, task: Task, batch_size: int) -> int | torch.Tensor:
         """Validate ``task``: a name or index (one task), or a LongTensor with one task id per sample."""
         if not isinstance(task, torch.Tensor):
             return self.task_index(task)
@@ -79,17 +79,28 @@ class LoRKDStudent(nn.Module):
                             f"{self.num_tasks} tasks (ids 0..{self.num_tasks - 1})")
         return task.long()
 
+    def _backbone(self, sel: int | torch.Tensor, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Backbone features, each sample through its own task's expert, in the inputs' order.
+
+        Per-sample ids: the batch is sorted by task (one run per task, ``TaskRuns``), passed once, and the
+        features put back in the caller's order.
+        """
+        if isinstance(sel, int):
+            with task_context(self.experts, sel):
+                return self.backbone(**inputs)
+        runs, order = TaskRuns.sort(sel, self.num_tasks)
+        with task_context(self.experts, runs):
+            feats = self.backbone(**{k: v.index_select(0, order) for k, v in inputs.items()})
+        return feats.index_select(0, torch.argsort(order))
+
     def features(self, task: Task, **inputs: torch.Tensor) -> torch.Tensor:
         """Backbone features with each sample's expert (one pass, no loop over tasks)."""
-        sel = self.select(task, len(next(iter(inputs.values()))))
-        with task_context(self.experts, sel):
-            return self.backbone(**inputs)
+        return self._backbone(self.select(task, len(next(iter(inputs.values())))), inputs)
 
     def forward(self, task: Task, **inputs: torch.Tensor) -> torch.Tensor:
         """Logits: (N, L_t) for one task; for per-sample ids, (N, max L) with zeros past a task's labels."""
         sel = self.select(task, len(next(iter(inputs.values()))))
-        with task_context(self.experts, sel):
-            feats = self.backbone(**inputs)
+        feats = self._backbone(sel, inputs)
         if isinstance(sel, int):
             return self.heads[self.task_names[sel]](feats)
         return gathered_logits(feats, list(self.heads.values()), sel)
