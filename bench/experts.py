@@ -130,13 +130,25 @@ def one_step(spec: dict[str, Any]) -> dict[str, Any]:
 def setup(work: Path, profile: str, active: list[str], image_foundation: Path | None = None) -> None:
     """The data and foundation stages' own code into ``work/data`` and ``work/foundation/<modality>``; the image
     foundation is pre-trained, or ``image_foundation`` (a folder the foundation stage wrote) is used as it is."""
-    from components.core.layout import foundation_dir
+    from components.core.artifacts import read_manifest
+    from components.core.errors import DataError
+    from components.core.layout import MANIFEST, foundation_dir
     from components.nn.foundation import describe_text_foundation
-    from components.stages.data import prepare_data
+    from components.data.datasets import DATA_KIND
+    from components.stages.data import params_hash, prepare_data
     from components.stages.foundation import FoundationInputs, copy_image_checkpoint, pretrain_image_foundation
 
     params = _params(profile, {"data.active": active})
-    prepare_data(params.data, ROOT, work / "data", seed=params.pipeline.seed)
+    data_dir = work / "data"
+    if (data_dir / MANIFEST).exists():  # a --work folder used before: its data, if prepared the same way
+        made = read_manifest(data_dir, kind=DATA_KIND)
+        if made.get("params_hash") != params_hash(params.data) or made.get("seed") != params.pipeline.seed:
+            raise DataError(f"{data_dir} holds data prepared for other tasks or params (tasks: "
+                            f"{sorted(made.get('tasks', {}))}); give a new --work folder")
+    elif data_dir.exists():
+        raise DataError(f"{data_dir} has no {MANIFEST}: left by an interrupted run; delete it or give a new --work")
+    else:
+        prepare_data(params.data, ROOT, data_dir, seed=params.pipeline.seed)
     describe_text_foundation(params.foundation, ROOT, foundation_dir(work / "foundation", "text"))
     if image_foundation is not None:
         copy_image_checkpoint(image_foundation, foundation_dir(work / "foundation", "image"))
