@@ -8,8 +8,8 @@ default here) already carries about ``-log(pi)`` in its logits, and on a task wi
 over-predicts them, which costs those classes' precision and so macro-F1; ``tau > 0`` takes part of that back.
 Which ``tau`` is best depends on the head and the task, so it is picked on validation from ``TAUS``, and kept
 only where it generalises: the ``tau`` picked on one half of the validation rows (even / odd) must beat
-``tau = 0`` on the other half, summed over both ways (as the multilabel thresholds are checked,
-``components.training.multilabel``). Folded into the bias (``bias_c += tau * log(pi_c)``), the rule travels with
+``tau = 0`` on the other half, summed over both ways (``components.training.half_split``, as the multilabel
+thresholds are checked). Folded into the bias (``bias_c += tau * log(pi_c)``), the rule travels with
 the head into every bundle and the registry, and nothing at inference changes.
 
 scikit-learn has no post-hoc decision tuning for more than two classes (its ``TunedThresholdClassifierCV`` is
@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from components.metrics.classification import confusion_counts
+from components.training.half_split import confirmed_pick
 
 TAUS = torch.linspace(-1.0, 1.0, 9)  # -1, -0.75, ..., 1
 
@@ -60,17 +61,9 @@ def best_prior_shift(logits: torch.Tensor, labels: torch.Tensor, priors: torch.T
                          f"{len(priors)} class priors do not match")
     z, y = logits.detach().float(), labels.long()
     log_prior = priors.float().log()
-    half = torch.arange(len(y)) % 2 == 0
     default = int(TAUS.abs().argmin())
-    tuned = plain = 0.0
-    for fit, check in ((half, ~half), (~half, half)):
-        chosen = _pick(macro_f1_per_tau(z[fit], y[fit], log_prior))
-        scores = macro_f1_per_tau(z[check], y[check], log_prior)
-        tuned += float(scores[chosen])
-        plain += float(scores[default])
-    if tuned <= plain:
-        return 0.0
-    return float(TAUS[_pick(macro_f1_per_tau(z, y, log_prior))])
+    best = confirmed_pick(len(y), lambda rows: macro_f1_per_tau(z[rows], y[rows], log_prior), _pick, default)
+    return 0.0 if best == default else float(TAUS[best])
 
 
 @torch.no_grad()
