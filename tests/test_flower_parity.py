@@ -91,6 +91,10 @@ def test_settings_and_node_config_are_checked() -> None:
     for bad in ('{"client_0": 48', '["client_0"]', '{}', '{"client_0": 0}', '{"client_0": 4.5}'):
         with pytest.raises(ParamsError, match="site-examples"):
             flower.FlowerSettings.from_config({"site-examples": bad})
+    assert s.declared_nodes is None  # no binding: a site's client-id is its own claim
+    for bad in ('{"client_0": "7"}', '{"client_0": 7, "client_1": 7}', '{}', '{"client_0": true}'):
+        with pytest.raises(ParamsError, match="site-nodes"):
+            flower.FlowerSettings.from_config({"site-nodes": bad})
 
 
 def test_train_handler_is_client_update(tmp_path: Path) -> None:
@@ -220,13 +224,13 @@ def _readme_tls(folder: Path) -> Path:
 
 @contextlib.contextmanager
 def _loopback(tmp_path: Path, node_configs: list[str], pythonpath: tuple[Path, ...] = (),  # noqa: ANN202
-              registered: int | None = None):
+              registered: int | None = None, node_ids: list[int] | None = None):
     """A SuperLink and one SuperNode per ``--node-config`` on 127.0.0.1; yields (the environment ``flwr run``
     needs, each process's log file, each process by name). Every process it started, and every SuperExec and app
     process they started, is gone when it exits. ``registered``: the README's deployment instead of
     ``--insecure``: TLS with a certificate from its openssl commands and SuperNode authentication, each SuperNode
     with its own key pair (ssh-keygen), the first ``registered`` of them registered at the coordinator (``flwr
-    supernode register``), the rest not."""
+    supernode register``), the rest not; ``node_ids`` gets the node id each registration printed."""
     secure = registered is not None
     tls = _readme_tls(tmp_path / "tls") if secure else None  # certificates and keys first: the ports stay free
     for pid in range(len(node_configs) if tls else 0):
@@ -270,6 +274,8 @@ def _loopback(tmp_path: Path, node_configs: list[str], pythonpath: tuple[Path, .
                                            "--name", f"hospital-{pid}"], env=env, cwd=tmp_path, capture_output=True,
                                           text=True, timeout=60, stdin=subprocess.DEVNULL)
                     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+                    if node_ids is not None:  # the coordinator's record of whom it registered (site-nodes)
+                        node_ids.append(int(re.search(r"SuperNode (\d+) registered", done.stdout).group(1)))
                 node_security.append(["--root-certificates", str(tls / "ca.crt"), "--auth-supernode-private-key",
                                       str(key)])
         for pid, (port, config) in enumerate(zip(node_ports, node_configs, strict=True)):
@@ -332,8 +338,12 @@ def test_the_readmes_deployment_tls_and_supernode_auth(tmp_path: Path) -> None:
     settings = flower.FlowerSettings(**SETTINGS, output_dir=str(tmp_path / "out"))
     app = flower.write_app(tmp_path / "app", **settings.as_run_config())
     nodes = ["partition-id=0", "partition-id=1", 'partition-id=2 client-id="intruder"']
-    with _loopback(tmp_path, nodes, registered=2) as (env, logs, procs):
-        run = subprocess.run([str(BIN / "flwr"), "run", str(app), "loopback", "--stream"], env=env, cwd=tmp_path,
+    registered: list[int] = []
+    with _loopback(tmp_path, nodes, registered=2, node_ids=registered) as (env, logs, procs):
+        # each client id bound to the node id its registration printed (the README's site-nodes)
+        site_nodes = json.dumps({f"client_{pid}": node for pid, node in enumerate(registered)})
+        run = subprocess.run([str(BIN / "flwr"), "run", str(app), "loopback", "--stream", "--run-config",
+                              f"site-nodes='{site_nodes}'"], env=env, cwd=tmp_path,
                              capture_output=True, text=True, timeout=200, stdin=subprocess.DEVNULL)
         try:  # the unregistered SuperNode gives up, logging flwr 1.41's error 305, "Failed to activate SuperNode"
             intruder = procs["supernode2"].wait(timeout=60)
@@ -507,6 +517,30 @@ def test_declared_site_sizes_bound_the_counts_sites_report(monkeypatch: pytest.M
     line = re.search(r"`(--run-config \"site-examples=[^`]*)`", (PROJECT / "README.md").read_text()).group(1)
     config = parse_config_args(shlex.split(line)[1:])
     assert flower.FlowerSettings.from_config(config).declared_examples == {"hospital_a": 4000, "hospital_b": 2500}
+
+
+def test_site_nodes_bind_client_ids_to_registered_supernodes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With ``site-nodes`` a client id counts only from the SuperNode registered for it: a node that claims
+    another site's id (first, so it would take the id) is filed under its own node id as missing, and the real
+    site's update is averaged in as if the impostor were not there."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for attr, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 0)):
+        monkeypatch.setattr(TaskIdentity, attr, value)
+    configs = {1: {"partition-id": 1, "client-id": "client_0"}, 2: {"partition-id": 0}, 3: {"partition-id": 1}}
+    bound = flower.FlowerSettings(**dict(SETTINGS, site_nodes='{"client_0": 2, "client_1": 3}'))
+    report = flower.run_server(LoopbackGrid(bound, nodes=3, node_config=configs.__getitem__), bound).reports[0]
+    assert report.accepted == ["client_0", "client_1"]
+    assert report.missing == {"node_1": "FederatedError: client id 'client_0' belongs to SuperNode 2 (site-nodes), "
+                                        "not to node 1"}
+    honest = flower.FlowerSettings(**SETTINGS)
+    ref = flower.run_server(LoopbackGrid(honest, nodes=2), honest)
+    assert report.num_examples == ref.reports[0].num_examples
+    assert report.client_losses == pytest.approx(ref.reports[0].client_losses, rel=1e-6)
+    unbound = flower.FlowerSettings(**dict(SETTINGS, min_clients=1, site_nodes='{"client_0": 1}'))
+    report = flower.run_server(LoopbackGrid(unbound, nodes=2), unbound).reports[0]
+    assert report.accepted == ["client_0"] and report.missing == {
+        "node_2": "FederatedError: client id 'client_1' is not in site-nodes"}
 
 
 # --------------------------------------------------------------------------- FedKIM's multi-task clients on Flower

@@ -18,7 +18,9 @@ What the run is set by (``[tool.flwr.app.config]`` of the Flower App, overridabl
 fnmatch globs; empty: the parameters that require grad), ``task`` (binary / multiclass / multilabel), ``min-clients``,
 ``min-nodes`` (SuperNodes to wait for), ``max-norm`` (0: no bound), ``site-examples`` (a JSON object: each site's
 client id -> the most examples it may report, as the hospitals declared them to the coordinator; empty: the counts
-sites report are trusted), ``round-timeout`` and ``connect-timeout`` (seconds), ``model`` and ``data``
+sites report are trusted), ``site-nodes`` (a JSON object: each site's client id -> the node id its key was
+registered under, ``flwr supernode register``'s answer; empty: a site's ``client-id`` is its own claim),
+``round-timeout`` and ``connect-timeout`` (seconds), ``model`` and ``data``
 ("module:callable" factories), ``model-config`` (a JSON object: the model factory's keyword arguments) and
 ``output-dir`` (where the server writes ``payload.pt`` and ``reports.json``; empty:
 nothing is written). ``write_app`` writes such an App folder.
@@ -94,6 +96,7 @@ class FlowerSettings:
     min_nodes: int = 0  # 0: min_clients
     max_norm: float = 0.0
     site_examples: str = ""  # JSON object {client id: the most examples it may report}; "": counts are trusted
+    site_nodes: str = ""  # JSON object {client id: its registered SuperNode's node id}; "": client ids are claims
     round_timeout: float = 600.0
     connect_timeout: float = 300.0
     model: str = "components.federated.flower:smoke_model"
@@ -136,6 +139,7 @@ class FlowerSettings:
             if not (value >= 0 if key == "max-norm" else value > 0):
                 raise ParamsError(f"Flower run config {key}={value} is out of range")
         _ = self.declared_examples
+        _ = self.declared_nodes
 
     @property
     def declared_examples(self) -> dict[str, int] | None:
@@ -147,6 +151,20 @@ class FlowerSettings:
                                    for n in declared.values()):
             raise ParamsError("Flower run config site-examples must be a non-empty JSON object of client id -> "
                               f"example count >= 1, got {self.site_examples!r}")
+        return {str(k): v for k, v in declared.items()}
+
+    @property
+    def declared_nodes(self) -> dict[str, int] | None:
+        """``site-nodes`` read: client id -> the node id of the SuperNode registered for it (None: not bound)."""
+        if not self.site_nodes.strip():
+            return None
+        declared = config_object("site-nodes", self.site_nodes)
+        ids = list(declared.values())
+        if not declared or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in ids) \
+                or len(set(ids)) != len(ids):
+            raise ParamsError("Flower run config site-nodes must be a non-empty JSON object of client id -> node id "
+                              "(an integer >= 1, as `flwr supernode register` printed it; one per site), got "
+                              f"{self.site_nodes!r}")
         return {str(k): v for k, v in declared.items()}
 
     @property
@@ -369,11 +387,17 @@ def flower_round(grid: Grid, model: nn.Module, nodes: Sequence[int], round_: int
     answers: dict[str, tuple[ClientResult | None, str]] = {}
     order: dict[str, tuple[int, int, str]] = {}  # usable answers by partition id first, then the rest
     replied, shards = set(), {}
+    bound = settings.declared_nodes
     for reply in replies:
         node = sent.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id) if by_instruction else \
             reply.metadata.src_node_id
         replied.add(node)
         client_id, pid, result, why, shard = _answer(reply)
+        if bound is not None and client_id is not None and bound.get(client_id) != int(node):
+            # Filed under the node, not the id it claims: the site registered for that id still answers as itself.
+            why = (f"client id {client_id!r} is not in site-nodes" if client_id not in bound else
+                   f"client id {client_id!r} belongs to SuperNode {bound[client_id]} (site-nodes), not to node {node}")
+            client_id, result = None, None
         if client_id is None or client_id in answers:
             why = why or f"client id {client_id!r} is used by another SuperNode too (check --node-config)"
             client_id, result = f"node_{node}", None
