@@ -1397,9 +1397,10 @@ def derma_section() -> str:
     return (f"DermaMNIST (the JPEG-75 copy) experts, one seed each. {base}\n\n" + markdown_table(rows, cols) + "\n")
 
 
-def prior_shift_section(result: dict) -> str:
+def prior_shift_section(result: dict, result_name: str = "prior_shift") -> str:
     """The decision's prior shift on the same trained experts and probes (bench/prior_shift.py): tau picked on
-    validation, test before and after, beside the strongest simple baseline on the same split."""
+    validation, test before and after, beside the strongest simple baseline on the same split (fitted on all its
+    training rows)."""
     rows = []
     for run in result["runs"]:
         task = run["task"]
@@ -1416,7 +1417,7 @@ def prior_shift_section(result: dict) -> str:
             ("expert_best", "expert: best tau in hindsight (test)"),
             ("probe", "probe: tau picked, test macro-F1 before → after"), ("probe_best", "probe: best in hindsight"),
             ("base", "strongest simple baseline, same split")]
-    return (f"{machine_line(result)}, from `bench/results/prior_shift.json`: the experts and probes of one `bench "
+    return (f"{machine_line(result)}, from `bench/results/{result_name}.json`: the experts and probes of one `bench "
             f"experts --work` folder (`{result['work']}`), nothing retrained; tau from {result['taus'][0]:g} to "
             f"{result['taus'][-1]:g} in steps of {result['taus'][1] - result['taus'][0]:g}, picked on validation "
             "macro-F1 and kept only where a half split of validation confirms it (0: the head's own decision).\n\n"
@@ -1561,6 +1562,7 @@ def render(text: str) -> str:
                                                                 "image_foundation_plain")),
                           ("experts_full_text", experts_full_text_section),
                           ("prior_shift", prior_shift_section),
+                          ("prior_shift_text_quick", lambda r: prior_shift_section(r, "prior_shift_text_quick")),
                           ("decompose_full_image", decompose_section),
                           ("decompose_step_full", decompose_section),
                           ("decompose_step_full_gather", decompose_section),
