@@ -1397,15 +1397,16 @@ def derma_section() -> str:
     return (f"DermaMNIST (the JPEG-75 copy) experts, one seed each. {base}\n\n" + markdown_table(rows, cols) + "\n")
 
 
-def prior_shift_section(result: dict, result_name: str = "prior_shift") -> str:
+def prior_shift_section(result: dict, result_name: str = "prior_shift", baseline_rows: str = "all_rows") -> str:
     """The decision's prior shift on the same trained experts and probes (bench/prior_shift.py): tau picked on
-    validation, test before and after, beside the strongest simple baseline on the same split (fitted on all its
-    training rows)."""
+    validation, test before and after, beside the strongest simple baseline on the same split (fitted on
+    ``baseline_rows``, as ``strongest_baseline``: all training rows for the full profile's experts, the quick
+    profile's for its)."""
     rows = []
     for run in result["runs"]:
         task = run["task"]
         row = {"task": task_label(task), "rows": f"{run['rows']['train']:,} / {run['rows']['val']:,}",
-               "base": strongest_baseline(task, "all_rows")}
+               "base": strongest_baseline(task, baseline_rows)}
         for name in ("expert", "probe"):
             r = run[name]
             row[name] = (f"{r['tau']:+.2f}: {r['test_before']['macro_f1']:.3f} → {r['test_after']['macro_f1']:.3f}"
@@ -1562,7 +1563,7 @@ def render(text: str) -> str:
                                                                 "image_foundation_plain")),
                           ("experts_full_text", experts_full_text_section),
                           ("prior_shift", prior_shift_section),
-                          ("prior_shift_text_quick", lambda r: prior_shift_section(r, "prior_shift_text_quick")),
+                          ("prior_shift_text_quick", lambda r: prior_shift_section(r, "prior_shift_text_quick", "expert_rows")),
                           ("decompose_full_image", decompose_section),
                           ("decompose_step_full", decompose_section),
                           ("decompose_step_full_gather", decompose_section),

@@ -130,6 +130,8 @@ def test_layer_without_task_refuses() -> None:
         layer(torch.randn(2, 4))
     with task_context([layer], TaskRuns((1, 2))), pytest.raises(ValueError, match=r"runs \[1, 2\] do not fit"):
         layer(torch.randn(2, 4))
+    with task_context([layer], TaskRuns((0, 0))):
+        assert layer(torch.randn(0, 4)).shape == (0, 4)  # an empty batch passes through
 
 
 # --------------------------------------------------------------------------- whole students

@@ -95,6 +95,9 @@ def test_settings_and_node_config_are_checked() -> None:
     for bad in ('{"client_0": "7"}', '{"client_0": 7, "client_1": 7}', '{}', '{"client_0": true}'):
         with pytest.raises(ParamsError, match="site-nodes"):
             flower.FlowerSettings.from_config({"site-nodes": bad})
+    with pytest.raises(ParamsError, match=r"same sites; only in site-examples: \['client_1'\]"):
+        flower.FlowerSettings.from_config({"site-examples": '{"client_0": 4, "client_1": 4}',
+                                           "site-nodes": '{"client_0": 7}'})
 
 
 def test_train_handler_is_client_update(tmp_path: Path) -> None:
@@ -275,7 +278,9 @@ def _loopback(tmp_path: Path, node_configs: list[str], pythonpath: tuple[Path, .
                                           text=True, timeout=60, stdin=subprocess.DEVNULL)
                     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
                     if node_ids is not None:  # the coordinator's record of whom it registered (site-nodes)
-                        node_ids.append(int(re.search(r"SuperNode (\d+) registered", done.stdout).group(1)))
+                        answer = re.search(r"SuperNode (\d+) registered", done.stdout)
+                        assert answer, f"flwr supernode register printed no node id: {done.stdout[-2000:]}"
+                        node_ids.append(int(answer.group(1)))
                 node_security.append(["--root-certificates", str(tls / "ca.crt"), "--auth-supernode-private-key",
                                       str(key)])
         for pid, (port, config) in enumerate(zip(node_ports, node_configs, strict=True)):
@@ -541,6 +546,10 @@ def test_site_nodes_bind_client_ids_to_registered_supernodes(monkeypatch: pytest
     report = flower.run_server(LoopbackGrid(unbound, nodes=2), unbound).reports[0]
     assert report.accepted == ["client_0"] and report.missing == {
         "node_2": "FederatedError: client id 'client_1' is not in site-nodes"}
+    # a bound site that fails or stays silent is named by its client id, not its node's
+    quiet = flower.FlowerSettings(**dict(SETTINGS, min_clients=1, site_nodes='{"client_0": 1, "client_1": 2}'))
+    report = flower.run_server(LoopbackGrid(quiet, nodes=2, silent=2), quiet).reports[0]
+    assert report.accepted == ["client_0"] and list(report.missing) == ["client_1"]
 
 
 # --------------------------------------------------------------------------- FedKIM's multi-task clients on Flower

@@ -105,6 +105,10 @@ class ExpertLayer(nn.Module):
             raise ValueError(f"{type(self).__name__}: task runs {list(counts)} do not fit a batch of "
                              f"{x.shape[0]} samples over {self.num_tasks} tasks")
         runs = [(t, part) for t, part in enumerate(x.split(list(counts))) if len(part)]
+        if not runs:  # an empty batch
+            return self.base_op(x, self.base.weight)
+        # Under a GPU's bf16 autocast the folded weight is rounded to bf16 as a whole (the separate low-rank path
+        # rounded the expert's output instead); not measured, no GPU has been lent.
         outs = [self.base_op(part, self.base.weight + self.delta_weight(t)) for t, part in runs]
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 

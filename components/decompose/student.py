@@ -94,7 +94,7 @@ class LoRKDStudent(nn.Module):
         return feats.index_select(0, torch.argsort(order))
 
     def features(self, task: Task, **inputs: torch.Tensor) -> torch.Tensor:
-        """Backbone features with each sample's expert (one pass, no loop over tasks)."""
+        """Backbone features with each sample's expert (one pass over the batch; each layer runs each task's run)."""
         return self._backbone(self.select(task, len(next(iter(inputs.values())))), inputs)
 
     def forward(self, task: Task, **inputs: torch.Tensor) -> torch.Tensor:

@@ -138,8 +138,11 @@ class FlowerSettings:
                            ("connect-timeout", self.connect_timeout)):
             if not (value >= 0 if key == "max-norm" else value > 0):
                 raise ParamsError(f"Flower run config {key}={value} is out of range")
-        _ = self.declared_examples
-        _ = self.declared_nodes
+        sizes, nodes = self.declared_examples, self.declared_nodes
+        if sizes is not None and nodes is not None and set(sizes) != set(nodes):
+            raise ParamsError("Flower run config site-examples and site-nodes must name the same sites; only in "
+                              f"site-examples: {sorted(set(sizes) - set(nodes))}, only in site-nodes: "
+                              f"{sorted(set(nodes) - set(sizes))}")
 
     @property
     def declared_examples(self) -> dict[str, int] | None:
@@ -388,6 +391,7 @@ def flower_round(grid: Grid, model: nn.Module, nodes: Sequence[int], round_: int
     order: dict[str, tuple[int, int, str]] = {}  # usable answers by partition id first, then the rest
     replied, shards = set(), {}
     bound = settings.declared_nodes
+    site_of = {node: cid for cid, node in (bound or {}).items()}  # a bound node's entry is filed under its site
     for reply in replies:
         node = sent.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id) if by_instruction else \
             reply.metadata.src_node_id
@@ -400,15 +404,16 @@ def flower_round(grid: Grid, model: nn.Module, nodes: Sequence[int], round_: int
             client_id, result = None, None
         if client_id is None or client_id in answers:
             why = why or f"client id {client_id!r} is used by another SuperNode too (check --node-config)"
-            client_id, result = f"node_{node}", None
+            client_id, result = site_of.get(int(node), f"node_{node}"), None
         elif shard:
             shards[client_id] = shard
         answers[client_id] = (result, why)
         order[client_id] = (0, pid, client_id) if result is not None else (1, node, client_id)
     for node in nodes:
         if node not in replied:
-            answers[f"node_{node}"] = (None, f"no reply within round-timeout={settings.round_timeout:g}s")
-            order[f"node_{node}"] = (1, node, f"node_{node}")
+            name = site_of.get(int(node), f"node_{node}")
+            answers[name] = (None, f"no reply within round-timeout={settings.round_timeout:g}s")
+            order[name] = (1, node, name)
     declared = settings.declared_examples
     clients = [_prefetched(cid, *answers[cid], declared) for cid in sorted(answers, key=order.__getitem__)]
     max_norm = settings.max_norm or None

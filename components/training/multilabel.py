@@ -47,9 +47,8 @@ def f1_at(p: torch.Tensor, y: torch.Tensor, thresholds: torch.Tensor = THRESHOLD
 def best_thresholds(logits: torch.Tensor, labels: torch.Tensor, min_positives: int = MIN_POSITIVES) -> torch.Tensor:
     """Per label, the probability threshold in 0.05..0.95 with the best F1 on (validation) ``logits`` -- kept only
     where it generalises: the threshold picked on one half of the rows (even / odd) must beat 0.5 on the other half,
-    summed over both ways (``components.training.half_split``). A threshold tuned on a handful of positives otherwise overfits (measured on HoC: tuned on
-    all of validation, +7 macro-F1 points there and -3 on test). 0.5 for a label with fewer than ``min_positives``
-    positives in ``labels``."""
+    summed over both ways (``components.training.half_split``; a threshold tuned on a handful of positives otherwise
+    overfits). 0.5 for a label with fewer than ``min_positives`` positives in ``labels``."""
     p = torch.sigmoid(logits.detach().float())
     y = labels.float() > 0.5
     default = int((THRESHOLDS - 0.5).abs().argmin())
