@@ -90,6 +90,10 @@ class ExpertLayer(nn.Module):
     def delta_weight(self, task: int) -> torch.Tensor:
         raise NotImplementedError
 
+    def task_weight(self, task: int) -> torch.Tensor:
+        """The base weight with task ``task``'s expert folded in: W0 + s·B_t A_t."""
+        return self.base.weight + self.delta_weight(task)
+
     def base_op(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """The base layer's op with ``weight`` in place of its own (bias and geometry its own)."""
         raise NotImplementedError
@@ -99,24 +103,25 @@ class ExpertLayer(nn.Module):
             raise RuntimeError(f"{type(self).__name__}: no task selected; run it inside task_context(...) "
                                "or through the student's forward(task, ...)")
         if isinstance(self.task, int):
-            return self.base_op(x, self.base.weight + self.delta_weight(self.task))
-        counts = self.task.counts
-        if len(counts) != self.num_tasks or sum(counts) != x.shape[0]:
-            raise ValueError(f"{type(self).__name__}: task runs {list(counts)} do not fit a batch of "
-                             f"{x.shape[0]} samples over {self.num_tasks} tasks")
-        runs = [(t, part) for t, part in enumerate(x.split(list(counts))) if len(part)]
-        if not runs:  # an empty batch
-            return self.base_op(x, self.base.weight)
+            runs = [(self.task, x)]  # one task: one run over the whole batch
+        else:
+            counts = self.task.counts
+            if len(counts) != self.num_tasks or sum(counts) != x.shape[0]:
+                raise ValueError(f"{type(self).__name__}: task runs {list(counts)} do not fit a batch of "
+                                 f"{x.shape[0]} samples over {self.num_tasks} tasks")
+            runs = [(t, part) for t, part in enumerate(x.split(list(counts))) if len(part)]
+            if not runs:  # an empty batch
+                return self.base_op(x, self.base.weight)
         # Under a GPU's bf16 autocast the folded weight is rounded to bf16 as a whole (the separate low-rank path
         # rounded the expert's output instead); not measured, no GPU has been lent.
-        outs = [self.base_op(part, self.base.weight + self.delta_weight(t)) for t, part in runs]
+        outs = [self.base_op(part, self.task_weight(t)) for t, part in runs]
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
     @torch.no_grad()
     def fold(self, task: int) -> nn.Module:
         """A plain copy of the base layer with task ``task``'s expert folded in: W = W0 + s·B_t A_t."""
         plain = copy.deepcopy(self.base)
-        plain.weight.add_(self.delta_weight(task).to(plain.weight.dtype))
+        plain.weight.copy_(self.task_weight(task))
         return plain
 
 
