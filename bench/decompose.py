@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import ROOT, run_child, time_training_steps, write_result
+from bench.common import ROOT, parse_sets, run_child, time_training_steps, write_result
 
 TASKS_FOR_STEP = 4
 BATCH = {"image": 64, "text": 32}
@@ -41,7 +41,7 @@ def _params(profile: str, overrides: dict[str, Any]):  # noqa: ANN202
 
 
 # --------------------------------------------------------------------------- quality
-def quality(work: Path, profile: str, tasks: list[str]) -> dict[str, Any]:
+def quality(work: Path, profile: str, tasks: list[str], overrides: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from components.core.layout import lorkd_fused, lorkd_single
@@ -55,7 +55,7 @@ def quality(work: Path, profile: str, tasks: list[str]) -> dict[str, Any]:
     from components.training.data import labels_tensor
     from components.training.inference import batched
 
-    params = _params(profile, {"data.active": tasks})
+    params = _params(profile, {**overrides, "data.active": tasks})
     experts = expert_teachers(work, profile, tasks)
     start = time.perf_counter()
     summary = run(DecomposeInputs.from_params(params), work / "data", work / "foundation", work / "decompose",
@@ -74,8 +74,8 @@ def quality(work: Path, profile: str, tasks: list[str]) -> dict[str, Any]:
                 for key, bundle in (("lorkd", lorkd_fused), ("single_student", lorkd_single)):
                     model = load_bundle(bundle(work / "decompose", modality, task)).model.for_task(task)
                     scores[key] = compute_metrics(test.kind, batched(model, x), y, test.num_labels)
-            out[task] = {"modality": modality, "teacher": s.teacher, "test": scores, "val": {"teacher": r.teacher_val, "lorkd": r.val,
-                                                                        "single_student": r.single_val},
+            out[task] = {"modality": modality, "teacher": s.teacher, "test": scores,
+                         "val": {"teacher": r.teacher_val, "lorkd": r.val, "single_student": r.single_val},
                          "parameters": r.parameters, "teacher_parameters": r.teacher_parameters,
                          "parameter_fraction": r.parameter_fraction, "test_samples": len(test)}
             m = scores
@@ -216,6 +216,9 @@ def main() -> None:
     parser.add_argument("--work", type=Path, help="work folder (default: a new temporary one); text experts "
                                                   "already in WORK/experts/<task>-lora are reused as teachers")
     parser.add_argument("--skip-quality", action="store_true")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                        help="a parameter of the quality run's decompose stage (VALUE read as YAML), e.g. "
+                             "decompose.trainer.image.lr_schedule=one_cycle; recorded in the result")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -226,7 +229,8 @@ def main() -> None:
     tasks = args.tasks or available_tasks(args.profile)
     work = args.work.resolve() if args.work else Path(tempfile.mkdtemp(prefix="medexperts-bench-decompose-"))
     setup(work, args.profile, tasks, args.image_foundation.resolve() if args.image_foundation else None)
-    result = {"tasks": {}} if args.skip_quality else quality(work, args.profile, tasks)
+    overrides = parse_sets(parser, args.overrides)
+    result = {"tasks": {}} if args.skip_quality else quality(work, args.profile, tasks, overrides)
     cases = ["one_pass", "plain", "loop", "teacher_full"]
     rounds: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for _ in range(args.rounds):  # cases alternate inside a round; medians over rounds
@@ -256,9 +260,11 @@ def main() -> None:
                  "beats_single_student": r["test"]["lorkd"]["macro_f1"] >= r["test"]["single_student"]["macro_f1"]}
              for t, r in quality_tasks.items()}
     path = write_result(args.result, {
-        "params": {"profile": args.profile, "tasks": tasks, "result": args.result, "step_tasks": TASKS_FOR_STEP, "batch": BATCH,
-                   "timed_steps": args.steps, "rounds": args.rounds, "primary_metric": "macro_f1",
-                   "decompose": _params(args.profile, {"data.active": tasks}).decompose.model_dump(mode="json"),
+        "params": {"profile": args.profile, "tasks": tasks, "result": args.result, "step_tasks": TASKS_FOR_STEP,
+                   "batch": BATCH, "timed_steps": args.steps, "rounds": args.rounds, "primary_metric": "macro_f1",
+                   "overrides": overrides,
+                   "decompose": _params(args.profile, {**overrides, "data.active": tasks}).decompose.model_dump(
+                       mode="json"),
                    "image_foundation": _foundation_record(work)},
         "quality": result, "step_cost": steps, "figures": figures, "goals": goals,
     })
