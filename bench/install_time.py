@@ -5,7 +5,10 @@ Clones this project (its committed HEAD) into a temporary folder and times `make
 `.ci/install .venv -e ".[test]"` (CPU torch 2.13.0 and the rest from the package registry; neither installer keeps a
 package cache), once with uv (the default) and once with pip (`MEDEXPERTS_INSTALLER=pip`), alternating so that both
 see the same machine and registry; then `medexperts --help` in it (the first import of the CLI in the new venv:
-bytecode compiled, what a user's first command pays). Each clone is removed afterwards.
+bytecode compiled, what a user's first command pays). Then what a stage process pays for its imports (`import
+flows.stages, components.stages.federated`: torch, transformers, Prefect, MLflow) under PYTHONDONTWRITEBYTECODE=1,
+where Python writes no bytecode at import: with the venv as installed (both installers compile it) and with every
+`__pycache__` of the venv removed (what each process paid when uv compiled nothing). Each clone is removed afterwards.
 """
 
 from __future__ import annotations
@@ -40,9 +43,21 @@ def one_install(installer: str) -> dict[str, Any]:
         setup = _timed(["make", "setup"], clone, {**os.environ, "MEDEXPERTS_INSTALLER": installer})
         first = _timed([str(clone / ".venv" / "bin" / "medexperts"), "--help"], clone)
         size = sum(f.stat().st_size for f in (clone / ".venv").rglob("*") if f.is_file()) / 2**20
-        return {"installer": installer, "setup_seconds": setup, "first_cli_seconds": first, "venv_mib": size}
+        imports = {"compiled": _stage_imports(clone)}
+        for cache in list((clone / ".venv").rglob("__pycache__")):
+            shutil.rmtree(cache)
+        imports["not_compiled"] = _stage_imports(clone)
+        return {"installer": installer, "setup_seconds": setup, "first_cli_seconds": first, "venv_mib": size,
+                "stage_import_seconds": imports}
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def _stage_imports(clone: Path) -> float:
+    """Median of 3 fresh processes importing what a stage process imports, none allowed to write bytecode."""
+    cmd = [str(clone / ".venv" / "bin" / "python"), "-c", "import flows.stages, components.stages.federated"]
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+    return statistics.median(_timed(cmd, clone, env) for _ in range(3))
 
 
 INSTALLERS = ("uv", "pip")
@@ -68,6 +83,9 @@ def main() -> None:
         "median_setup_seconds": median["setup_seconds"],
         "median_first_cli_seconds": median["first_cli_seconds"],
         "pip_over_uv_setup": median["setup_seconds"]["pip"] / median["setup_seconds"]["uv"],
+        "median_stage_import_seconds": {
+            case: statistics.median(r["stage_import_seconds"][case] for r in runs)
+            for case in ("compiled", "not_compiled")},
     })
 
 

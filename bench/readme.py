@@ -1206,12 +1206,19 @@ def install_time_section(result: dict) -> str:
     setup, first = result["median_setup_seconds"], result["median_first_cli_seconds"]
     n = sum(r["installer"] == "uv" for r in result["runs"])
     venv = next(r["venv_mib"] for r in result["runs"] if r["installer"] == "uv")
+    imports = ""
+    if "median_stage_import_seconds" in result:  # (results before the installers both compiled bytecode lack it)
+        s = result["median_stage_import_seconds"]
+        imports = (f" Both installers compile the venv's bytecode: a stage process's imports (torch, transformers, "
+                   f"Prefect, MLflow) under `PYTHONDONTWRITEBYTECODE=1` take {s['compiled']:.1f} s, and "
+                   f"{s['not_compiled']:.1f} s with nothing compiled ({s['not_compiled'] / s['compiled']:.1f}x; "
+                   f"each process again, since none may write it).")
     return (f"`make setup` on a fresh clone, from pip's configured package sources and no package cache: "
             f"{setup['uv'] / 60:.1f} min with uv (the "
             f"default), {setup['pip'] / 60:.1f} min with pip (`MEDEXPERTS_INSTALLER=pip`), pip/uv = "
             f"{result['pip_over_uv_setup']:.1f}x (medians of {n}, alternating); the first `medexperts` call after it "
             f"{first['uv']:.1f} s; the venv {venv:.0f} MiB; {machine_line(result)} "
-            f"(`bench/results/install_time.json`).\n")
+            f"(`bench/results/install_time.json`).{imports}\n")
 
 
 def _versus_baseline(run: dict, block: dict) -> dict[str, str]:
