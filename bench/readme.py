@@ -454,8 +454,11 @@ def decompose_section(result: dict) -> str:
     foundation = result["params"].get("image_foundation") or {}
     about = "".join(f" {m.capitalize()} teacher: {_teacher_words(m, kind, foundation)}"
                     for m, kind in sorted(kinds.items()))
+    sets = result["params"].get("overrides") or {}
+    changed = (" Params changed for this run (`--set`): " + ", ".join(f"`{k}={v}`" for k, v in sets.items()) + "."
+               if sets else "")
     head = (f"Profile `{result['params']['profile']}`, {machine_line(result)}, from `bench/results/{name}.json`; test "
-            f"split.{about}\n\n{table}\n") if rows else (
+            f"split.{about}{changed}\n\n{table}\n") if rows else (
         f"Profile `{result['params']['profile']}` (its students), {machine_line(result)}, from "
         f"`bench/results/{name}.json`; step cost only (`--skip-quality`).\n\n")
     if not srows:
@@ -1572,6 +1575,7 @@ def render(text: str) -> str:
                           ("prior_shift", prior_shift_section),
                           ("prior_shift_text_quick", lambda r: prior_shift_section(r, "prior_shift_text_quick", "expert_rows")),
                           ("decompose_full_image", decompose_section),
+                          ("decompose_full_image_onecycle", decompose_section),
                           ("decompose_step_full", decompose_section),
                           ("decompose_step_full_gather", decompose_section),
                           ("baselines_full", baselines_all_data_section),
