@@ -1576,6 +1576,7 @@ def render(text: str) -> str:
                           ("prior_shift_text_quick", lambda r: prior_shift_section(r, "prior_shift_text_quick", "expert_rows")),
                           ("decompose_full_image", decompose_section),
                           ("decompose_full_image_onecycle", decompose_section),
+                          ("decompose_full_image_onecycle_e20", decompose_section),
                           ("decompose_step_full", decompose_section),
                           ("decompose_step_full_gather", decompose_section),
                           ("baselines_full", baselines_all_data_section),
