@@ -41,7 +41,9 @@ def _params(profile: str, overrides: dict[str, Any]):  # noqa: ANN202
 
 
 # --------------------------------------------------------------------------- quality
-def quality(work: Path, profile: str, tasks: list[str], overrides: dict[str, Any]) -> dict[str, Any]:
+def quality(work: Path, profile: str, tasks: list[str], params: Any) -> dict[str, Any]:
+    """The decompose stage run with ``params`` (the profile's, ``data.active`` = ``tasks``, and any ``--set``), scored
+    on each task's test split."""
     import torch
 
     from components.core.layout import lorkd_fused, lorkd_single
@@ -55,7 +57,6 @@ def quality(work: Path, profile: str, tasks: list[str], overrides: dict[str, Any
     from components.training.data import labels_tensor
     from components.training.inference import batched
 
-    params = _params(profile, {**overrides, "data.active": tasks})
     experts = expert_teachers(work, profile, tasks)
     start = time.perf_counter()
     summary = run(DecomposeInputs.from_params(params), work / "data", work / "foundation", work / "decompose",
@@ -227,10 +228,11 @@ def main() -> None:
         return
 
     tasks = args.tasks or available_tasks(args.profile)
+    overrides = parse_sets(parser, args.overrides)  # a malformed --set stops here, before any setup
+    params = _params(args.profile, {**overrides, "data.active": tasks})
     work = args.work.resolve() if args.work else Path(tempfile.mkdtemp(prefix="medexperts-bench-decompose-"))
     setup(work, args.profile, tasks, args.image_foundation.resolve() if args.image_foundation else None)
-    overrides = parse_sets(parser, args.overrides)
-    result = {"tasks": {}} if args.skip_quality else quality(work, args.profile, tasks, overrides)
+    result = {"tasks": {}} if args.skip_quality else quality(work, args.profile, tasks, params)
     cases = ["one_pass", "plain", "loop", "teacher_full"]
     rounds: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for _ in range(args.rounds):  # cases alternate inside a round; medians over rounds
@@ -262,9 +264,7 @@ def main() -> None:
     path = write_result(args.result, {
         "params": {"profile": args.profile, "tasks": tasks, "result": args.result, "step_tasks": TASKS_FOR_STEP,
                    "batch": BATCH, "timed_steps": args.steps, "rounds": args.rounds, "primary_metric": "macro_f1",
-                   "overrides": overrides,
-                   "decompose": _params(args.profile, {**overrides, "data.active": tasks}).decompose.model_dump(
-                       mode="json"),
+                   "overrides": overrides, "decompose": params.decompose.model_dump(mode="json"),
                    "image_foundation": _foundation_record(work)},
         "quality": result, "step_cost": steps, "figures": figures, "goals": goals,
     })
