@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from typing import Literal
+
 from pydantic import Field, field_validator
 
 from components.config.base import Strict
@@ -27,9 +29,18 @@ class ClientParams(Strict):
                                 "shard is skewed); none: unweighted.")
     image_channels: list[int] = Field(default_factory=lambda: [16, 32], min_length=1,
                                       description="Widths of the clients' small image CNN.")
+    text_encoder: Literal["bert", "ngram"] = Field(
+        "bert", description="The clients' small text encoder: bert (the foundation's layers text_layers with a word "
+                            "table factorised to embedding_rank) or ngram (fastText: hashed WordPiece n-grams, "
+                            "ngram_buckets x ngram_dim).")
     text_layers: list[int] = Field(default_factory=lambda: [0], min_length=1,
-                                   description="Foundation layers copied into the clients' small text encoder.")
-    embedding_rank: int = Field(32, ge=1, description="Rank of the clients' factorised word embedding.")
+                                   description="Foundation layers copied into the clients' bert text encoder.")
+    embedding_rank: int = Field(32, ge=1, description="Rank of the bert text encoder's factorised word embedding.")
+    ngram_buckets: int = Field(65536, ge=1, description="Hash buckets of the ngram text encoder's n-grams.")
+    ngram_dim: int = Field(32, ge=1, description="Width of the ngram text encoder's embeddings.")
+    ngram_n: int = Field(2, ge=1, le=3, description="Longest n-gram of the ngram text encoder (1: tokens only).")
+    text_lr: float | None = Field(None, gt=0, description="Local learning rate of text tasks (their encoder and "
+                                  "head); default: lr.")
 
 
 class InjectionParams(Strict):

@@ -34,6 +34,7 @@ from components.federated.rounds import Client, RoundReport, UpdateFn, run_round
 from components.metrics.classification import compute_metrics
 from components.nn.classifier import make_head
 from components.nn.encoders import ImageEncoder, TextEncoder, image_tensor, tokenize
+from components.nn.ngram import NgramTextEncoder
 from components.training.data import TensorDictDataset, labels_tensor
 from components.training.balance import ClassWeight, loss_weight
 from components.training.module import task_loss
@@ -42,6 +43,7 @@ if TYPE_CHECKING:  # type hints only: a Flower site imports this module without 
     from components.data.datasets import TaskData
 
 MODALITIES = ("image", "text")
+TEXT_ENCODERS = ("bert", "ngram")  # the clients' small text encoder (federated.client.text_encoder)
 KINDS = ("binary", "multiclass", "multilabel")
 
 
@@ -134,15 +136,21 @@ def build_client_model(
     teacher: TextEncoder | None = None,
     image_channels: Sequence[int] = (8, 16),
     in_channels: int = 3,
+    text_encoder: str = "bert",
     text_layers: Sequence[int] = (0,),
     embedding_rank: int = 32,
     max_positions: int = 128,
+    ngram_buckets: int = 65536,
+    ngram_dim: int = 32,
+    ngram_n: int = 2,
     seed: int = 0,
 ) -> ClientModel:
     """The local model for ``tasks`` (name -> TaskSpec or TaskData): an ``ImageEncoder(image_channels)`` when an
-    image task is present, a shallow BERT copied from ``teacher`` (the foundation's TextEncoder: layers
-    ``text_layers``, word table factorised to ``embedding_rank``, ``max_positions`` positions) when a text task is,
-    and one head per task. Built under ``seed`` (the same on every party)."""
+    image task is present and, when a text task is, a ``text_encoder``: "bert", a shallow BERT copied from
+    ``teacher`` (the foundation's TextEncoder: layers ``text_layers``, word table factorised to ``embedding_rank``,
+    ``max_positions`` positions), or "ngram", a fastText bag over the teacher tokenizer's ids and their hashed
+    n-grams (``NgramTextEncoder``: ``ngram_buckets`` x ``ngram_dim``, n-grams up to ``ngram_n``); and one head per
+    task. Built under ``seed`` (the same on every party)."""
     if not tasks:
         raise ParamsError("build_client_model: no tasks given")
     widths = {name: _modality_width(name, spec) for name, spec in tasks.items()}
@@ -151,16 +159,26 @@ def build_client_model(
         raise ParamsError(f"client image encoder: channels must be positive, got {list(image_channels)}")
     if "text" in modalities and teacher is None:
         raise ParamsError("a text task needs the foundation's text encoder (teacher=) to build the client's "
-                          "shallow BERT from")
+                          "text encoder from (its layers, or its tokenizer's vocabulary)")
+    if "text" in modalities and text_encoder not in TEXT_ENCODERS:
+        raise ParamsError(f"client text_encoder={text_encoder!r} is not one of {list(TEXT_ENCODERS)}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         encoders: dict[str, nn.Module] = {}
         if "image" in modalities:
             encoders["image"] = ImageEncoder(list(image_channels), in_channels)
         if "text" in modalities:
-            encoders["text"] = text_backbone_from_teacher(teacher, list(text_layers), embedding_rank, max_positions)
+            encoders["text"] = _text_encoder(text_encoder, teacher, text_layers, embedding_rank, max_positions,
+                                             ngram_buckets, ngram_dim, ngram_n)
         heads = {name: make_head(encoders[m].out_dim, width) for name, (m, width) in widths.items()}
     return ClientModel(encoders, heads)
+
+
+def _text_encoder(kind: str, teacher: TextEncoder, layers: Sequence[int], embedding_rank: int, max_positions: int,
+                  buckets: int, dim: int, ngrams: int) -> nn.Module:
+    if kind == "ngram":
+        return NgramTextEncoder(int(teacher.model.config.vocab_size), buckets, dim, ngrams)
+    return text_backbone_from_teacher(teacher, list(layers), embedding_rank, max_positions)
 
 
 _CLIENT = ClientParams()  # federated.client's defaults: a site's factory defaults to the stage's model settings
@@ -168,8 +186,11 @@ _CLIENT = ClientParams()  # federated.client's defaults: a site's factory defaul
 
 def site_client_model(tasks: Mapping[str, Sequence[Any]],
                       image_channels: Sequence[int] = tuple(_CLIENT.image_channels), in_channels: int = 3,
-                      text_foundation: str | None = None, text_layers: Sequence[int] = tuple(_CLIENT.text_layers),
-                      embedding_rank: int = _CLIENT.embedding_rank, max_positions: int = 128) -> ClientModel:
+                      text_foundation: str | None = None, text_encoder: str = _CLIENT.text_encoder,
+                      text_layers: Sequence[int] = tuple(_CLIENT.text_layers),
+                      embedding_rank: int = _CLIENT.embedding_rank, max_positions: int = 128,
+                      ngram_buckets: int = _CLIENT.ngram_buckets, ngram_dim: int = _CLIENT.ngram_dim,
+                      ngram_n: int = _CLIENT.ngram_n) -> ClientModel:
     """A hospital's FedKIM client model from a Flower App's ``model-config`` (JSON): ``tasks`` maps each task to its
     TaskSpec ``[modality, description, modality_description, num_labels, kind]``; a text task needs
     ``text_foundation``, the foundation's encoder folder as every site has it (or "packaged": the
@@ -182,8 +203,9 @@ def site_client_model(tasks: Mapping[str, Sequence[Any]],
 
         teacher, _ = load_text_encoder(resolve_text_source(text_foundation))
     return build_client_model({name: tuple(spec) for name, spec in tasks.items()}, teacher=teacher,
-                              image_channels=image_channels, in_channels=in_channels, text_layers=text_layers,
-                              embedding_rank=embedding_rank, max_positions=max_positions)
+                              image_channels=image_channels, in_channels=in_channels, text_encoder=text_encoder,
+                              text_layers=text_layers, embedding_rank=embedding_rank, max_positions=max_positions,
+                              ngram_buckets=ngram_buckets, ngram_dim=ngram_dim, ngram_n=ngram_n)
 
 
 def site_model_config(tasks: Mapping[str, Any], client: Any, *, text_foundation: str | None,
@@ -193,7 +215,9 @@ def site_model_config(tasks: Mapping[str, Any], client: Any, *, text_foundation:
     foundation's folder as the sites have it and its ``max_length``."""
     specs = {name: list(check_task_spec(name, spec)) for name, spec in tasks.items()}
     config: dict[str, Any] = {"tasks": specs, "image_channels": list(client.image_channels),
-                              "text_layers": list(client.text_layers), "embedding_rank": client.embedding_rank,
+                              "text_encoder": client.text_encoder, "text_layers": list(client.text_layers),
+                              "embedding_rank": client.embedding_rank, "ngram_buckets": client.ngram_buckets,
+                              "ngram_dim": client.ngram_dim, "ngram_n": client.ngram_n,
                               "max_positions": max_positions}
     if any(spec[0] == "text" for spec in specs.values()):
         if not text_foundation:
@@ -307,10 +331,11 @@ def _local_loss(kind: str, weight: torch.Tensor | None, view: nn.Module, anchor:
 
 def client_updater(worker: ClientModel, tasks: Mapping[str, LocalTask], *, index: int, epochs: int,
                    batch_size: int, lr: float, weight_decay: float = 0.0, mu: float = 0.0,
-                   seed: int = 0, class_weight: ClassWeight = "balanced") -> UpdateFn:
+                   seed: int = 0, class_weight: ClassWeight = "balanced", text_lr: float | None = None) -> UpdateFn:
     """The update of one client: load the global payload into ``worker`` and train its tasks one after another
-    (``client_update`` per task, AdamW, ``epochs`` each), then send back every parameter. ``class_weight``:
-    each task's loss weighs its classes by this client's own shard (``components.training.balance``).
+    (``client_update`` per task, AdamW, ``epochs`` each, at ``lr``, or ``text_lr`` for a text task when given),
+    then send back every parameter. ``class_weight``: each task's loss weighs its classes by this client's own
+    shard (``components.training.balance``).
 
     With ``mu > 0`` the FedProx term is anchored on the round's global payload for every task (the reported
     loss then includes it)."""
@@ -328,8 +353,9 @@ def client_updater(worker: ClientModel, tasks: Mapping[str, LocalTask], *, index
         for j, (task, local) in enumerate(tasks.items()):
             view = _TaskView(worker, task, local.modality)
             loss = _local_loss(local.kind, weights[task], view, anchor, mu)
-            result = client_update(view, current, local.data, loss, epochs=epochs, batch_size=batch_size, lr=lr,
-                                   weight_decay=weight_decay, seed=_task_seed(seed, round_, index, j))
+            task_lr = text_lr if text_lr and local.modality == "text" else lr
+            result = client_update(view, current, local.data, loss, epochs=epochs, batch_size=batch_size,
+                                   lr=task_lr, weight_decay=weight_decay, seed=_task_seed(seed, round_, index, j))
             current = result.payload
             seen += result.num_examples
             loss_sum += result.loss * result.num_examples
@@ -369,6 +395,7 @@ def fedkim_clients(
     seed: int = 0,
     ids: Sequence[str] | None = None,
     class_weight: ClassWeight = "balanced",
+    text_lr: float | None = None,
 ) -> list[Client]:
     """One engine ``Client`` per shard (task name -> that client's rows), ids ``client_0``... by default.
 
@@ -387,7 +414,8 @@ def fedkim_clients(
     for i, (shard, worker, cid) in enumerate(zip(shards, workers, ids, strict=True)):
         tasks = encode_shard(worker, shard, tokenizer=tokenizer, max_length=max_length, client=cid)
         update = client_updater(worker, tasks, index=i, epochs=epochs, batch_size=batch_size, lr=lr,
-                                weight_decay=weight_decay, mu=mu, seed=seed, class_weight=class_weight)
+                                weight_decay=weight_decay, mu=mu, seed=seed, class_weight=class_weight,
+                                text_lr=text_lr)
         clients.append(Client(cid, sum(len(t.data) for t in tasks.values()), update))
     return clients
 
@@ -448,6 +476,7 @@ def train_clients(
     val: Mapping[str, TaskData] | None = None,
     on_round: Callable[[RoundReport], None] | None = None,
     class_weight: ClassWeight = "balanced",
+    text_lr: float | None = None,
 ) -> ClientTraining:
     """FedKIM's federated phase: ``rounds`` rounds of local training on each shard + FedAvg of every parameter of
     the local model, loaded into ``global_model`` each round.
@@ -470,7 +499,8 @@ def train_clients(
         chosen = list(workers)
     clients = fedkim_clients(chosen, shards, tokenizer=tokenizer,
                              max_length=max_length, epochs=epochs, batch_size=batch_size, lr=lr,
-                             weight_decay=weight_decay, mu=mu, seed=seed, ids=ids, class_weight=class_weight)
+                             weight_decay=weight_decay, mu=mu, seed=seed, ids=ids, class_weight=class_weight,
+                             text_lr=text_lr)
     evaluate = None if val is None else client_evaluator(val, tokenizer=tokenizer, max_length=max_length)
     run = run_rounds(global_model, clients, rounds, min_clients=len(clients) if min_clients is None else min_clients,
                      max_norm=max_norm, timeout_s=timeout_s, keys=_every_parameter, on_round=on_round,

@@ -52,6 +52,7 @@ from components.moe.layers import attach_molora, molora_layers, routing_context
 from components.moe.m3oe import M3OEGate, describe
 from components.nn.encoders import ImageEncoder, TextEncoder, image_tensor, masked_mean, tokenize, trim_padding
 from components.nn.foundation import Foundation
+from components.nn.ngram import NgramTextEncoder
 from components.nn.resnet import ImageBackbone
 from components.training.balance import ClassWeight, loss_weight
 from components.training.data import TensorDictDataset, labels_tensor, loader
@@ -74,7 +75,7 @@ PRESERVE_KEY = "preserve_logits"  # a training batch's reference logits (knowled
 
 # Client encoders the server can rebuild from their ``config`` (what a saved injected model records).
 _ENCODER_TYPES: dict[str, type[nn.Module]] = {"ImageEncoder": ImageEncoder, "ImageBackbone": ImageBackbone,
-                                              "TextBackbone": TextBackbone}
+                                              "TextBackbone": TextBackbone, "NgramTextEncoder": NgramTextEncoder}
 
 
 def _encoder_spec(modality: str, encoder: nn.Module) -> dict[str, Any]:

@@ -13,7 +13,8 @@ flwr installed. It needs torch, numpy and the engine core (which reaches lightni
 ``components.training.module``), never Prefect, MLflow nor DVC: a site installs no orchestration stack.
 
 What the run is set by (``[tool.flwr.app.config]`` of the Flower App, overridable by ``flwr run --run-config``):
-``num-rounds``, ``local-epochs``, ``batch-size``, ``lr``, ``weight-decay``, ``mu``, ``seed``, ``class-weight``
+``num-rounds``, ``local-epochs``, ``batch-size``, ``lr``, ``text-lr`` (FedKIM sites: the text tasks' local rate,
+as ``federated.client.text_lr``; 0: ``lr``), ``weight-decay``, ``mu``, ``seed``, ``class-weight``
 (FedKIM sites: ``balanced`` or ``none``, as ``federated.client.class_weight``), ``keys`` (comma-separated
 fnmatch globs; empty: the parameters that require grad), ``task`` (binary / multiclass / multilabel), ``min-clients``,
 ``min-nodes`` (SuperNodes to wait for), ``max-norm`` (0: no bound), ``site-examples`` (a JSON object: each site's
@@ -86,6 +87,7 @@ class FlowerSettings:
     local_epochs: int = 1
     batch_size: int = 32
     lr: float = 1e-3
+    text_lr: float = 0.0  # FedKIM sites: the text tasks' lr (0: lr)
     weight_decay: float = 0.0
     mu: float = 0.0
     seed: int = 0
@@ -124,6 +126,8 @@ class FlowerSettings:
 
     def check(self) -> None:
         check_local(self.local_epochs, self.batch_size, self.lr, self.weight_decay, self.mu)
+        if not self.text_lr >= 0:
+            raise ParamsError(f"Flower run config text-lr={self.text_lr} must be >= 0 (0: lr)")
         if self.num_rounds < 1:
             raise ParamsError(f"Flower run config num-rounds={self.num_rounds} must be >= 1")
         if self.class_weight not in get_args(ClassWeight):
@@ -292,7 +296,8 @@ def local_update(content: RecordDict, node_config: Mapping[str, Any], run_config
             raise DataError(f"{client_id}: holds tasks {unknown} the federation's model has no head for "
                             f"(its tasks: {sorted(worker.heads)})")
         result = client_updater(worker, data, index=pid, seed=int(cfg["seed"]),
-                                class_weight=str(cfg.get("class-weight", "balanced")), **common)(payload, round_)
+                                class_weight=str(cfg.get("class-weight", "balanced")),
+                                text_lr=float(cfg.get("text-lr", 0.0)) or None, **common)(payload, round_)
     else:
         result = client_update(worker, payload, data, str(cfg["task"]), **common,
                                seed=client_seed(int(cfg["seed"]), round_, pid))
@@ -373,7 +378,7 @@ def flower_round(grid: Grid, model: nn.Module, nodes: Sequence[int], round_: int
     content = RecordDict({
         PAYLOAD: to_record(glob),
         CONFIG: ConfigRecord({"round": round_, "local-epochs": settings.local_epochs,
-                              "batch-size": settings.batch_size, "lr": settings.lr,
+                              "batch-size": settings.batch_size, "lr": settings.lr, "text-lr": settings.text_lr,
                               "weight-decay": settings.weight_decay, "mu": settings.mu, "seed": settings.seed,
                               "class-weight": settings.class_weight, "task": settings.task}),
     })

@@ -107,8 +107,10 @@ def client_model(inp: FederatedInputs, encoder: Any, max_positions: int) -> Any:
     ``encoder`` of ``max_positions`` tokens copied in), built under the run's seed."""
     cp = inp.federated.client
     return build_client_model(_specs(inp, _client_tasks(inp)), teacher=encoder, image_channels=cp.image_channels,
-                              text_layers=cp.text_layers, embedding_rank=cp.embedding_rank,
-                              max_positions=max_positions, seed=inp.seed)
+                              text_encoder=cp.text_encoder, text_layers=cp.text_layers,
+                              embedding_rank=cp.embedding_rank, max_positions=max_positions,
+                              ngram_buckets=cp.ngram_buckets, ngram_dim=cp.ngram_dim, ngram_n=cp.ngram_n,
+                              seed=inp.seed)
 
 
 def sites_model_config(inp: FederatedInputs, *, text_foundation: str | None, max_positions: int) -> dict[str, Any]:
@@ -164,7 +166,7 @@ def run(inp: FederatedInputs, data_dir: Path, foundation_dir: Path, out_dir: Pat
                                   weight_decay=cp.weight_decay, mu=cp.mu, min_clients=fp.min_clients,
                                   max_norm=fp.max_norm, timeout_s=fp.timeout_s, seed=seed,
                                   val={t: server_val[t] for t in client_tasks}, on_round=on_round,
-                                  class_weight=cp.class_weight)
+                                  class_weight=cp.class_weight, text_lr=cp.text_lr)
         clients = [f"client_{i}" for i in range(len(shards))]
         client_seconds = time.perf_counter() - start
         shard_hashes = {c: shard_digest(shard) for c, shard in zip(clients, shards, strict=True)}
