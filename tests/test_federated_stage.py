@@ -205,6 +205,8 @@ def test_a_sites_model_config_defaults_to_the_stage_settings_and_text_needs_the_
     defaults = inspect.signature(clients.site_client_model).parameters
     assert (list(defaults["image_channels"].default), list(defaults["text_layers"].default),
             defaults["embedding_rank"].default) == (d.image_channels, d.text_layers, d.embedding_rank)
+    for key in ("text_encoder", "ngram_buckets", "ngram_dim", "ngram_n"):
+        assert defaults[key].default == getattr(d, key), key
     text, image = ["text", "Topic.", "clinical abstract text", 5, "multiclass"], ["image", "X.", "chest X-ray", 2, "binary"]
     with pytest.raises(ParamsError, match="text_foundation"):
         clients.site_model_config({"abstracts": text}, d, text_foundation=None, max_positions=64)

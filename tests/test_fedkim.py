@@ -478,3 +478,37 @@ def test_bad_inputs_raise_one_clear_error(case: str, found: Foundation) -> None:
     call, error, message = CASES[case]
     with pytest.raises(error, match=message):
         call(found)
+
+
+def test_fasttext_clients_train_at_their_own_rate_and_their_encoder_is_injected_and_reloaded(
+        found: Foundation, tmp_path: Path) -> None:
+    model = build_client_model(TASKS, teacher=found.encoder, image_channels=(4, 8), text_encoder="ngram",
+                               ngram_buckets=64, ngram_dim=8, seed=0)
+    text = model.encoders["text"]
+    assert type(text).__name__ == "NgramTextEncoder" and text.vocab_size == found.encoder.model.config.vocab_size
+    tasks = encode_shard(model, {"xray": images("xray", 12, 1), "notes": notes(12, 2)},
+                         tokenizer=found.tokenizer, max_length=found.max_length)
+    glob = to_payload(model, lambda _: True)
+
+    def update(**kw: Any) -> dict[str, torch.Tensor]:
+        return client_updater(model, tasks, index=0, epochs=1, batch_size=4, seed=0, **kw)(glob, 1).payload
+
+    slow, fast, text_only = update(lr=1e-3), update(lr=1e-3, text_lr=1e-1), update(lr=1e-1)
+    for key in glob:  # the text task trains at text_lr, the image task at lr
+        reference = text_only if key.startswith(("encoders.text.", "heads.notes.")) else slow
+        assert torch.equal(fast[key], reference[key]), key
+    assert not torch.equal(fast["encoders.text.embedding.weight"], slow["encoders.text.embedding.weight"])
+
+    run = train_clients(model, [{"xray": images("xray", 16, 3), "notes": notes(16, 4), "codes": codes(16, 5)}],
+                        tokenizer=found.tokenizer, max_length=found.max_length, rounds=1, batch_size=8, lr=1e-2,
+                        text_lr=1e-1, seed=0)
+    injected_model = build_injected(found, run.model, TASKS, num_experts=2, rank=2, alpha=4.0, seed=0)
+    train_injected(injected_model, split(8, 1), epochs=1, batch_size=8, lr=1e-2)
+    save_injected(injected_model, tmp_path / "fedkim", {"stage": "federated"})
+    loaded = load_injected(tmp_path / "fedkim", found)
+    assert type(loaded.client_encoders["text"]).__name__ == "NgramTextEncoder"
+    batch = inputs_of(batch_of(injected_model, split(4, 5)))
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(**batch), injected_model.eval()(**batch))
+    with pytest.raises(ParamsError, match="text_encoder='gpt'"):
+        build_client_model(TASKS, teacher=found.encoder, text_encoder="gpt")

@@ -30,17 +30,17 @@ class ClientParams(Strict):
     image_channels: list[int] = Field(default_factory=lambda: [16, 32], min_length=1,
                                       description="Widths of the clients' small image CNN.")
     text_encoder: Literal["bert", "ngram"] = Field(
-        "bert", description="The clients' small text encoder: bert (the foundation's layers text_layers with a word "
-                            "table factorised to embedding_rank) or ngram (fastText: hashed WordPiece n-grams, "
-                            "ngram_buckets x ngram_dim).")
+        "ngram", description="The clients' small text encoder: ngram (fastText: the foundation tokenizer's tokens and "
+                             "hashed n-grams, ngram_buckets x ngram_dim) or bert (the foundation's layers text_layers "
+                             "with a word table factorised to embedding_rank; set text_lr: null with it).")
     text_layers: list[int] = Field(default_factory=lambda: [0], min_length=1,
                                    description="Foundation layers copied into the clients' bert text encoder.")
     embedding_rank: int = Field(32, ge=1, description="Rank of the bert text encoder's factorised word embedding.")
     ngram_buckets: int = Field(65536, ge=1, description="Hash buckets of the ngram text encoder's n-grams.")
     ngram_dim: int = Field(32, ge=1, description="Width of the ngram text encoder's embeddings.")
     ngram_n: int = Field(2, ge=1, le=3, description="Longest n-gram of the ngram text encoder (1: tokens only).")
-    text_lr: float | None = Field(None, gt=0, description="Local learning rate of text tasks (their encoder and "
-                                  "head); default: lr.")
+    text_lr: float | None = Field(0.1, gt=0, description="Local learning rate of text tasks (their encoder and "
+                                  "head): 0.1 suits the ngram encoder's embedding bags; null: lr.")
 
 
 class InjectionParams(Strict):

@@ -181,16 +181,16 @@ def _text_encoder(kind: str, teacher: TextEncoder, layers: Sequence[int], embedd
     return text_backbone_from_teacher(teacher, list(layers), embedding_rank, max_positions)
 
 
-_CLIENT = ClientParams()  # federated.client's defaults: a site's factory defaults to the stage's model settings
+CLIENT_DEFAULTS = ClientParams()  # federated.client's defaults: a site's factory defaults to the stage's settings
 
 
 def site_client_model(tasks: Mapping[str, Sequence[Any]],
-                      image_channels: Sequence[int] = tuple(_CLIENT.image_channels), in_channels: int = 3,
-                      text_foundation: str | None = None, text_encoder: str = _CLIENT.text_encoder,
-                      text_layers: Sequence[int] = tuple(_CLIENT.text_layers),
-                      embedding_rank: int = _CLIENT.embedding_rank, max_positions: int = 128,
-                      ngram_buckets: int = _CLIENT.ngram_buckets, ngram_dim: int = _CLIENT.ngram_dim,
-                      ngram_n: int = _CLIENT.ngram_n) -> ClientModel:
+                      image_channels: Sequence[int] = tuple(CLIENT_DEFAULTS.image_channels), in_channels: int = 3,
+                      text_foundation: str | None = None, text_encoder: str = CLIENT_DEFAULTS.text_encoder,
+                      text_layers: Sequence[int] = tuple(CLIENT_DEFAULTS.text_layers),
+                      embedding_rank: int = CLIENT_DEFAULTS.embedding_rank, max_positions: int = 128,
+                      ngram_buckets: int = CLIENT_DEFAULTS.ngram_buckets, ngram_dim: int = CLIENT_DEFAULTS.ngram_dim,
+                      ngram_n: int = CLIENT_DEFAULTS.ngram_n) -> ClientModel:
     """A hospital's FedKIM client model from a Flower App's ``model-config`` (JSON): ``tasks`` maps each task to its
     TaskSpec ``[modality, description, modality_description, num_labels, kind]``; a text task needs
     ``text_foundation``, the foundation's encoder folder as every site has it (or "packaged": the

@@ -63,8 +63,8 @@ from torch import nn
 
 from components.core.errors import ArtifactError, DataError, ParamsError
 from components.federated.client import ClientResult, check_local, client_seed, client_update
-from components.federated.clients import (ClientModel, LocalTask, client_updater, local_shard_digest,
-                                         site_client_model)
+from components.federated.clients import (CLIENT_DEFAULTS, ClientModel, LocalTask, client_updater,
+                                         local_shard_digest, site_client_model)
 from components.federated.payload import KeyFilter, Payload, to_payload
 from components.federated.rounds import (FLOWER_PAYLOAD, FLOWER_REPORTS, Client, FederatedError, FederatedRun,
                                          RoundReport, flower_round_file, run_round)
@@ -87,7 +87,7 @@ class FlowerSettings:
     local_epochs: int = 1
     batch_size: int = 32
     lr: float = 1e-3
-    text_lr: float = 0.0  # FedKIM sites: the text tasks' lr (0: lr)
+    text_lr: float = CLIENT_DEFAULTS.text_lr or 0.0  # FedKIM sites: the text tasks' lr (0: lr), as federated.client
     weight_decay: float = 0.0
     mu: float = 0.0
     seed: int = 0
