@@ -335,6 +335,7 @@ def run_partition(work: Path, profile: str, partition: str, tasks: list[str], he
                        "client_max_train_samples": params.federated.client.max_train_samples,
                        "client_class_weight": params.federated.client.class_weight,
                        "client_batch_size": params.federated.client.batch_size, "client_lr": params.federated.client.lr,
+                       "client": params.federated.client.model_dump(mode="json"),
                        "server_fraction": params.federated.server_fraction,
                        "server_train_samples": {t: min(n, params.federated.injection.trainer.max_train_samples or n)
                                                 for t, (n, _) in server_split.items() if t in client_tasks},

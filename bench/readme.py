@@ -814,6 +814,18 @@ def federated_seeds_section(result: dict) -> str:
             f"shards), \"seeds ahead\" counts the seeds where FedKIM scored higher.\n\n" + "\n".join(text))
 
 
+def _client_encoders(result: dict[str, Any]) -> str:
+    """The clients' encoders of a federated result: its recorded settings, or the defaults of its commit, named."""
+    client = next(iter(result["partitions"].values()))["params"].get("client")
+    if client is None:  # recorded since the ngram encoder became the default; the runs before used the BERT layer
+        return "client text encoder: the foundation's layer 0 with a rank-32 word table"
+    if client["text_encoder"] == "ngram":
+        return (f"client text encoder: fastText (tokens and hashed {client['ngram_n']}-grams, "
+                f"{client['ngram_buckets']} buckets, width {client['ngram_dim']}; local rate {client['text_lr']})")
+    return (f"client text encoder: the foundation's layer(s) {client['text_layers']} with a rank-"
+            f"{client['embedding_rank']} word table")
+
+
 def federated_section(result: dict) -> str:
     p = result["params"]
     parts = {k: result["partitions"][k] for k in p["partitions"]}  # the run's order (the JSON's keys are sorted)
@@ -920,7 +932,7 @@ def federated_section(result: dict) -> str:
         f"Settings (`medexperts bench federated --help`): "
         f"{plural(first['rounds'], 'round')} × "
         f"{plural(first['local_epochs'], 'local epoch')}, at most {first['client_max_train_samples']} training rows "
-        f"per client and task; the server trains the injection ({inj['num_experts']} experts of rank {inj['rank']}, "
+        f"per client and task; {_client_encoders(result)}; the server trains the injection ({inj['num_experts']} experts of rank {inj['rank']}, "
         f"{plural(inj['trainer']['max_epochs'], 'epoch')}) on at most {inj['trainer']['max_train_samples']} rows per "
         f"task out of {100 * first['server_fraction']:.0f} % of each validation split ({server}); held-out head on "
         f"{first['held_out_shots']} training rows; test ≤ {p['test_cap']} rows per task (the same rows for every "
