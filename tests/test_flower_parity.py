@@ -587,7 +587,8 @@ def fedkim_in_process(settings: flower.FlowerSettings, sites: list[Path]):  # no
         tasks = flower.fedkim_npz_data({"data-path": str(folder)})
         clients.append(Client(f"client_{pid}", sum(len(t.data) for t in tasks.values()),
                               client_updater(worker, tasks, index=pid, epochs=settings.local_epochs,
-                                             batch_size=settings.batch_size, lr=settings.lr, seed=settings.seed)))
+                                             batch_size=settings.batch_size, lr=settings.lr, seed=settings.seed,
+                                             text_lr=settings.text_lr or None)))
     return run_rounds(model, clients, settings.num_rounds, min_clients=2)
 
 
