@@ -4,7 +4,6 @@ foundation (M3OE)."""
 from __future__ import annotations
 
 from pathlib import Path
-
 from typing import Literal
 
 from pydantic import Field, field_validator
@@ -15,6 +14,10 @@ from components.config.training import ClassWeight, TrainerParams
 
 def _injection_trainer() -> TrainerParams:
     return TrainerParams(max_epochs=10, batch_size=32, lr=1e-3, max_train_samples=256)
+
+
+# The clients' small text encoder (components.federated.clients builds it).
+TextEncoderKind = Literal["bert", "ngram"]
 
 
 class ClientParams(Strict):
@@ -29,7 +32,7 @@ class ClientParams(Strict):
                                 "shard is skewed); none: unweighted.")
     image_channels: list[int] = Field(default_factory=lambda: [16, 32], min_length=1,
                                       description="Widths of the clients' small image CNN.")
-    text_encoder: Literal["bert", "ngram"] = Field(
+    text_encoder: TextEncoderKind = Field(
         "ngram", description="The clients' small text encoder: ngram (fastText: the foundation tokenizer's tokens and "
                              "hashed n-grams, ngram_buckets x ngram_dim) or bert (the foundation's layers text_layers "
                              "with a word table factorised to embedding_rank; set text_lr: null with it).")

@@ -18,13 +18,13 @@ import copy
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, get_args
 
 import numpy as np
 import torch
 from torch import nn
 
-from components.config.federated import ClientParams
+from components.config.federated import ClientParams, TextEncoderKind
 from components.core.errors import ArtifactError, DataError, ParamsError
 from components.decompose.backbones import text_backbone_from_teacher
 from components.federated.aggregate import check_updates, fedavg, proximal_term
@@ -43,7 +43,7 @@ if TYPE_CHECKING:  # type hints only: a Flower site imports this module without 
     from components.data.datasets import TaskData
 
 MODALITIES = ("image", "text")
-TEXT_ENCODERS = ("bert", "ngram")  # the clients' small text encoder (federated.client.text_encoder)
+TEXT_ENCODERS = get_args(TextEncoderKind)  # the clients' small text encoder (federated.client.text_encoder)
 KINDS = ("binary", "multiclass", "multilabel")
 
 

@@ -48,9 +48,12 @@ class NgramTextEncoder(nn.Module):
             raise DataError(f"n-gram text encoder: input_ids {tuple(input_ids.shape)} and attention_mask "
                             f"{tuple(attention_mask.shape)} must be the same (N, L)")
         real = attention_mask.bool()
-        if real.any() and (int(input_ids[real].min()) < 0 or int(input_ids[real].max()) >= self.vocab_size):
-            raise DataError(f"n-gram text encoder: token ids range [{int(input_ids[real].min())}, "
-                            f"{int(input_ids[real].max())}]; the tokenizer it was built for has {self.vocab_size}")
+        tokens = input_ids[real]
+        if len(tokens):
+            low, high = int(tokens.min()), int(tokens.max())
+            if low < 0 or high >= self.vocab_size:
+                raise DataError(f"n-gram text encoder: token ids range [{low}, {high}]; the tokenizer it was built for "
+                                f"has {self.vocab_size}")
         ids, keep = [input_ids], [real]
         hashed, inside = input_ids.long() % self.buckets, real
         for n in range(2, self.ngrams + 1):  # n-gram starting at position i: tokens i..i+n-1, all real
