@@ -15,6 +15,10 @@ whole test split (what a user gets):
 - trained_own_probe: the stage's training, heads starting from that probe;
 - frozen_heads_then_probe: the stage's training with the heads frozen, then the heads refitted as a probe;
 - lr_x0.3 / lr_x0.1 / epochs_3: the stage's training with a lower learning rate or fewer epochs;
+- preserve_1 / _3 / _10: the stage's training from no_injection's heads with that knowledge-preservation weight;
+- untrained_probe_no_client_heads: untrained_own_probe with the heads reading the pooled feature alone;
+- stage_no_client_heads / stage_client_heads: the stage's server step (probe start, its preservation weight)
+  without / with the heads reading the aggregated client heads' log-probabilities (``injection.client_heads``);
 - fedavg: the aggregated client model itself (its own encoders and heads): what the clients learned.
 
 `--set KEY=VALUE` (repeatable, VALUE read as YAML) changes a parameter of the run, e.g.
@@ -53,6 +57,7 @@ def main() -> None:
     args = parser.parse_args()
 
     import yaml
+    from torch import nn
 
     from components.core.layout import foundation_dir
     from components.data.datasets import load_split
@@ -96,17 +101,21 @@ def main() -> None:
     clients = kept["federated"].model
     plain_heads = kept["no_injection"].heads.state_dict()
 
-    def fresh(heads: str) -> Any:
+    def fresh(heads: str, client_heads: bool = ip.client_heads) -> Any:
         model = build_injected(found, clients, specs, num_experts=ip.num_experts, rank=ip.rank, alpha=ip.alpha,
-                               targets=ip.targets, extra_tokens=ip.extra_tokens, seed=seed)
-        if heads == "plain":
-            model.heads.load_state_dict(plain_heads)
+                               targets=ip.targets, extra_tokens=ip.extra_tokens, seed=seed,
+                               client_heads={t: clients.heads[t] for t in specs} if client_heads else None)
+        if heads == "plain":  # no_injection's heads; the client log-probabilities (if read) start at weight zero
+            widen = model.feature_dim - kept["no_injection"].feature_dim
+            model.heads.load_state_dict({k: nn.functional.pad(v, (0, widen)) if k.endswith(".weight") else v
+                                         for k, v in plain_heads.items()})
         else:
             fit_probe_heads(model, own_train, own_val, inp.probe, inp.metric, seed)
         return model
 
-    def trained(heads: str = "plain", freeze_heads: bool = False, preserve: float = 0.0, **change: Any) -> Any:
-        model = fresh(heads)
+    def trained(heads: str = "plain", freeze_heads: bool = False, preserve: float = 0.0,
+                client_heads: bool = ip.client_heads, **change: Any) -> Any:
+        model = fresh(heads, client_heads)
         model.heads.requires_grad_(not freeze_heads)
         train_injected(model, own_train, own_val, trainer=ip.trainer.model_copy(update=change), seed=seed,
                        monitor=inp.metric, preserve=preserve, reference=kept["no_injection"])
@@ -128,6 +137,9 @@ def main() -> None:
         "preserve_1": lambda: trained(preserve=1.0),
         "preserve_3": lambda: trained(preserve=3.0),
         "preserve_10": lambda: trained(preserve=10.0),
+        "untrained_probe_no_client_heads": lambda: fresh("probe", client_heads=False),
+        "stage_no_client_heads": lambda: trained("probe", preserve=ip.preserve, client_heads=False),
+        "stage_client_heads": lambda: trained("probe", preserve=ip.preserve, client_heads=True),
     }
     chosen = args.variants or list(variants)
     unknown = sorted(set(chosen) - set(variants))

@@ -240,9 +240,9 @@ def test_the_text_keeps_its_pretrained_positions_beside_the_extra_tokens(found: 
                                extra_positions=layout).eval()
         real = model._extra
 
-        def masked(*args: Any, real: Any = real) -> tuple[torch.Tensor, torch.Tensor]:
-            tokens, mask = real(*args)
-            return tokens, torch.zeros_like(mask)
+        def masked(*args: Any, real: Any = real) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            tokens, mask, scores = real(*args)
+            return tokens, torch.zeros_like(mask), scores
 
         monkeypatch.setattr(model, "_extra", masked)
         with torch.no_grad():
@@ -512,3 +512,55 @@ def test_fasttext_clients_train_at_their_own_rate_and_their_encoder_is_injected_
         assert torch.equal(loaded.eval()(**batch), injected_model.eval()(**batch))
     with pytest.raises(ParamsError, match="text_encoder='gpt'"):
         build_client_model(TASKS, teacher=found.encoder, text_encoder="gpt")
+
+
+def test_client_heads_log_probabilities_join_the_feature_and_are_saved(found: Foundation, tmp_path: Path) -> None:
+    """With client heads the injected heads read [pooled feature, the sample's client log-probabilities]: exactly
+    the aggregated client model's prediction of its own task (zero-padded; zeros for a task without a client head),
+    frozen, saved and reloaded; a model saved before client heads existed loads without them."""
+    clients = client_model(found).eval()  # no dropout: the reference predictions below are deterministic
+    heads = {t: clients.heads[t] for t in ("xray", "notes")}  # "codes" without one
+    model = build_injected(found, clients, TASKS, num_experts=2, rank=2, client_heads=heads, seed=0)
+    plain = build_injected(found, clients, TASKS, num_experts=2, rank=2, seed=0)
+    assert model.client_width == 3 and model.feature_dim == model.dim + 3 and plain.feature_dim == plain.dim
+    assert all(h.in_features == model.feature_dim for h in model.heads.values())
+    assert not any(n.startswith("client_heads.") for n in model.trainable_names())
+    data = split(6, 1)
+    batch = inputs_of(batch_of(model, data))
+    with torch.no_grad():
+        feats = model.eval()(**batch)
+        assert torch.allclose(feats[:, :model.dim], plain.eval()(**batch), atol=1e-6)  # the pooled part unchanged
+        rows = {t: batch["task_ids"] == model.task_index(t) for t in TASKS}
+        one = batch_of(model, {"xray": data["xray"]})
+        xray = clients("xray", "image", pixels=one["pixels"]).log_softmax(-1)
+        assert torch.allclose(feats[rows["xray"], model.dim:model.dim + 2], xray, atol=1e-6)
+        text = batch_of(model, {"notes": data["notes"]})
+        notes_lp = clients("notes", "text", input_ids=text["input_ids"],
+                           attention_mask=text["attention_mask"]).log_softmax(-1)
+        assert torch.allclose(feats[rows["notes"], model.dim:], notes_lp, atol=1e-6)
+        assert not feats[rows["xray"], -1].any() and not feats[rows["codes"], model.dim:].any()
+    before = {k: v.clone() for k, v in model.client_heads.state_dict().items()}
+    train_injected(model, split(8, 2), epochs=1, batch_size=8, lr=1e-2)
+    assert all(torch.equal(before[k], v) for k, v in model.client_heads.state_dict().items())
+    fit_head_on(model, "breast", HELD_OUT, images("breast", 8, 3, "left"), epochs=2)
+    assert model.heads["breast"].in_features == model.feature_dim
+
+    save_injected(model, tmp_path / "fedkim")
+    loaded = load_injected(tmp_path / "fedkim", found)
+    assert list(loaded.client_heads) == ["xray", "notes"]
+    mixed = inputs_of(batch_of(model, {**split(4, 5), "breast": images("breast", 4, 6, "left")}))
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(**mixed), model.eval()(**mixed))
+    save_injected(plain, tmp_path / "old")  # saved before the setting existed: no "client_heads" key
+    path = tmp_path / "old" / "manifest.json"
+    old = json.loads(path.read_text())
+    del old["config"]["client_heads"]
+    path.write_text(json.dumps(old))
+    assert not len(load_injected(tmp_path / "old", found).client_heads)
+
+    with pytest.raises(ParamsError, match="'breast', which is not a task"):
+        build_injected(found, clients, TASKS, client_heads={"breast": clients.heads["xray"]})
+    with pytest.raises(ParamsError, match="client head of task 'notes' must be a Linear"):
+        build_injected(found, clients, TASKS, client_heads={"notes": clients.heads["xray"]})
+    with pytest.raises(ParamsError, match="no client image encoder"):
+        build_injected(found, {"text": clients.encoders["text"]}, TASKS, client_heads={"xray": clients.heads["xray"]})

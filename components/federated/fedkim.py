@@ -15,10 +15,13 @@ The injected model (``InjectedFoundation``), per sample of task t:
   experts (``attach_molora``); the gate (``M3OEGate``: the modality description's token embeddings attend to the
   task description's, both embedded by the foundation's own word embeddings) gives one weight vector per task,
   hence per sample, shared by every mixture layer (``routing_context``);
-- mean pooling over the real tokens, extra tokens included (as ``TextEncoder``), then the task's head.
+- mean pooling over the real tokens, extra tokens included (as ``TextEncoder``), then the task's head; with
+  ``client_heads`` (the aggregated client model's heads, an extension of the paper's method) the head reads the
+  pooled feature and the client head's log-probabilities of the sample (zeros for a task without one, e.g. a
+  held-out task): the clients' heads were trained on every client's rows, the server's on its small split alone.
 
-Trainable on the server: the experts, the gate, the projections and the heads; the foundation and the client
-encoders stay frozen (and in eval mode). ``no_injection`` is the same pipeline with E = 0 and no client
+Trainable on the server: the experts, the gate, the projections and the heads; the foundation, the client
+encoders and the client heads stay frozen (and in eval mode). ``no_injection`` is the same pipeline with E = 0 and no client
 encoders: the frozen foundation and trained heads only. ``fit_head_on`` adds a held-out task (no client trained
 on it) and fits only its head on top of the injected model. ``save_injected`` / ``load_injected`` write and
 rebuild it (safetensors + manifest with the config; the foundation is checked by its hash).
@@ -64,6 +67,7 @@ from components.training.trainer import on_gpu, resolve_precision
 KIND = "fedkim"  # manifest kind of a saved injected model
 TRAINABLE_FILE = "injected.safetensors"
 ENCODERS_FILE = "client_encoders.safetensors"
+HEADS_PREFIX = "heads."  # the client heads' keys in ENCODERS_FILE (the encoders' are "<modality>.")
 
 # Where the extra tokens sit among the position ids: after the text (its pre-trained positions kept), or first.
 EXTRA_POSITIONS = ("after_text", "first")
@@ -97,6 +101,30 @@ def _encoder_from_spec(modality: str, spec: Any) -> nn.Module:
         raise ArtifactError(f"saved client {modality} encoder cannot be rebuilt from its config ({exc})") from None
 
 
+def client_log_probs(kind: str, logits: torch.Tensor) -> torch.Tensor:
+    """A client head's prediction as the injected heads read it: log-softmax (single-label), log-sigmoid per label
+    (multilabel)."""
+    return nn.functional.logsigmoid(logits) if kind == "multilabel" else nn.functional.log_softmax(logits, -1)
+
+
+def _checked_client_heads(heads: Mapping[str, nn.Module], specs: Mapping[str, TaskSpec],
+                          encoders: Mapping[str, nn.Module]) -> dict[str, nn.Module]:
+    """The aggregated client heads to read (task -> Linear over its modality's client encoder), checked."""
+    for task, head in heads.items():
+        if task not in specs:
+            raise ParamsError(f"FedKIM: a client head for task {task!r}, which is not a task of the injected model "
+                              f"{sorted(specs)}")
+        modality = specs[task].modality
+        if modality not in encoders:
+            raise ParamsError(f"FedKIM: task {task!r} has a client head but no client {modality} encoder to feed it")
+        shape = (getattr(head, "in_features", None), getattr(head, "out_features", None))
+        if not isinstance(head, nn.Linear) or shape != (encoders[modality].out_dim, specs[task].num_labels):
+            raise ParamsError(f"FedKIM: the client head of task {task!r} must be a Linear "
+                              f"{encoders[modality].out_dim} -> {specs[task].num_labels} (its client {modality} "
+                              f"encoder's width -> the task's labels); got {type(head).__name__} {shape}")
+    return dict(heads)
+
+
 class InjectedFoundation(nn.Module):
     """The frozen text foundation + M3OE experts + injected client encoders + per-task heads (see the module doc).
 
@@ -108,7 +136,7 @@ class InjectedFoundation(nn.Module):
                  client_encoders: Mapping[str, nn.Module], *, num_experts: int, rank: int, alpha: float | None,
                  targets: Sequence[str], extra_tokens: int, gate_heads: int, max_length: int,
                  description_length: int, seed: int, foundation_sha256: str,
-                 extra_positions: str = "after_text") -> None:
+                 extra_positions: str = "after_text", client_heads: Mapping[str, nn.Module] | None = None) -> None:
         super().__init__()
         if not tasks:
             raise ParamsError("FedKIM: no tasks given; the injected model needs at least one task head")
@@ -147,6 +175,12 @@ class InjectedFoundation(nn.Module):
                                   f"foundation's max_length {max_length}; build it with max_positions >= {max_length}")
         self.project = nn.ModuleDict({m: nn.Linear(e.out_dim, extra_tokens * self.dim)
                                       for m, e in self.client_encoders.items()})
+        self.client_heads = nn.ModuleDict({t: h.eval().requires_grad_(False) for t, h in
+                                           _checked_client_heads(client_heads or {}, specs,
+                                                                 self.client_encoders).items()})
+        # the width of the client log-probabilities appended to the pooled feature (0: no client heads)
+        self.client_width = max((specs[t].num_labels for t in self.client_heads), default=0)
+        self.feature_dim = self.dim + self.client_width
         if num_experts:
             attach_molora(encoder.model, self.targets, num_experts, rank, alpha, seed=seed)
             self.gate: M3OEGate | None = M3OEGate(self.dim, num_experts, gate_heads)
@@ -156,7 +190,7 @@ class InjectedFoundation(nn.Module):
         self.heads = nn.ModuleDict()
         for name, spec in specs.items():
             self.tasks[name] = spec
-            self.heads[name] = nn.Linear(self.dim, spec.num_labels)
+            self.heads[name] = nn.Linear(self.feature_dim, spec.num_labels)
         self._describe()
         self.train(self.training)
 
@@ -195,7 +229,7 @@ class InjectedFoundation(nn.Module):
             raise ParamsError(f"task {name!r} is already a task of the injected model")
         spec = check_task_spec(name, spec)
         self.tasks[name] = spec
-        self.heads[name] = nn.Linear(self.dim, spec.num_labels).to(self.modality_embeddings.device)
+        self.heads[name] = nn.Linear(self.feature_dim, spec.num_labels).to(self.modality_embeddings.device)
         self._describe()
 
     def description_text(self, task: str) -> str:
@@ -209,6 +243,7 @@ class InjectedFoundation(nn.Module):
         super().train(mode)
         self.encoder.eval()  # frozen foundation and client encoders: no dropout noise, whatever the mode
         self.client_encoders.eval()
+        self.client_heads.eval()
         return self
 
     def routing_weights(self, task_ids: torch.Tensor) -> torch.Tensor:
@@ -226,11 +261,14 @@ class InjectedFoundation(nn.Module):
                             f"{len(self.tasks)} tasks {self.task_names}")
 
     def _extra(self, task_ids: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-               pixels: torch.Tensor | None, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Projected client features as (N, K, d) extra tokens and their mask (N, K)."""
+               pixels: torch.Tensor | None, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Projected client features as (N, K, d) extra tokens and their mask (N, K), and the client heads'
+        log-probabilities (N, client_width): each sample's own task's, zero-padded; zeros where its task has no
+        client head."""
         n, k = len(task_ids), self.extra_tokens
         tokens = like.new_zeros(n, k, self.dim)
         mask = attention_mask.new_zeros(n, k)
+        scores = like.new_zeros(n, self.client_width)
         is_image = self.task_is_image[task_ids]
         for modality, rows in (("image", is_image.nonzero().flatten()), ("text", (~is_image).nonzero().flatten())):
             if not len(rows) or modality not in self.client_encoders:
@@ -243,21 +281,30 @@ class InjectedFoundation(nn.Module):
                 else:
                     feats = self.client_encoders["text"](input_ids=input_ids[rows],
                                                          attention_mask=attention_mask[rows])
+                for task in task_ids[rows].unique().tolist():
+                    name = self.task_names[task]
+                    if name in self.client_heads:
+                        mine = task_ids[rows] == task
+                        logp = client_log_probs(self.tasks[name].kind, self.client_heads[name](feats[mine]))
+                        padded = nn.functional.pad(logp.to(scores.dtype), (0, self.client_width - logp.shape[1]))
+                        scores = scores.index_copy(0, rows[mine], padded)
             projected = self.project[modality](feats.to(like.dtype)).reshape(len(rows), k, self.dim)
             tokens = tokens.index_copy(0, rows, projected.to(tokens.dtype))
             mask[rows] = 1
-        return tokens, mask
+        return tokens, mask, scores
 
     def forward(self, task_ids: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 pixels: torch.Tensor | None = None) -> torch.Tensor:
-        """Pooled features (N, d) of a (mixed-task) batch: ``task_ids`` (N,) index ``task_names``; ``input_ids`` /
-        ``attention_mask`` (N, L) the text part; ``pixels`` (N, C, H, W) for image samples (ignored elsewhere)."""
+        """The heads' input features (N, feature_dim) of a (mixed-task) batch: the pooled foundation feature (d),
+        then, with client heads, the sample's client log-probabilities (client_width). ``task_ids`` (N,) index
+        ``task_names``; ``input_ids`` / ``attention_mask`` (N, L) the text part; ``pixels`` (N, C, H, W) for image
+        samples (ignored elsewhere)."""
         self._check_task_ids(task_ids)
         input_ids, attention_mask = trim_padding(input_ids, attention_mask)
         words = self.encoder.model.embeddings.word_embeddings(input_ids)
-        mask, positions = attention_mask, None
+        mask, positions, scores = attention_mask, None, None
         if len(self.client_encoders):
-            tokens, extra_mask = self._extra(task_ids, input_ids, attention_mask, pixels, words)
+            tokens, extra_mask, scores = self._extra(task_ids, input_ids, attention_mask, pixels, words)
             words = torch.cat([tokens, words], 1)
             mask = torch.cat([extra_mask, attention_mask], 1)
             if self.extra_positions == "after_text":  # the text where it was pre-trained, the extra tokens after it
@@ -277,7 +324,10 @@ class InjectedFoundation(nn.Module):
         with routing:
             hidden = self.encoder.model(inputs_embeds=words, attention_mask=mask,
                                         position_ids=positions).last_hidden_state
-        return masked_mean(hidden, mask)
+        pooled = masked_mean(hidden, mask)
+        if not self.client_width:
+            return pooled
+        return torch.cat([pooled, scores.to(pooled.dtype)], 1)
 
     def task_logits(self, task: str, **inputs: torch.Tensor) -> torch.Tensor:
         """Logits of one task on a batch of that task only (``task_ids`` are filled in)."""
@@ -361,6 +411,7 @@ class InjectedFoundation(nn.Module):
             "gate_heads": self.gate_heads, "max_length": self.max_length,
             "description_length": self.description_length, "seed": self.seed,
             "client_encoders": {m: _encoder_spec(m, e) for m, e in self.client_encoders.items()},
+            "client_heads": list(self.client_heads),
             "foundation_sha256": self.foundation_sha256,
         }
 
@@ -376,6 +427,7 @@ def build_injected(
     *,
     extra_tokens: int = 1,
     extra_positions: str = "after_text",
+    client_heads: Mapping[str, nn.Module] | None = None,
     gate_heads: int = 1,
     max_length: int | None = None,
     description_length: int = 32,
@@ -388,6 +440,9 @@ def build_injected(
     modality_description, num_labels, kind). ``num_experts`` E rank-``rank`` experts per targeted Linear (0: none);
     ``alpha`` the LoRA scale numerator (None: scale 1). ``max_length`` defaults to the foundation's.
     ``extra_positions``: the extra tokens' position ids, after the text (default) or first (the text shifted).
+    ``client_heads``: task -> the aggregated client model's head of that task (copied and frozen; e.g.
+    ``client_model.heads``): its log-probabilities of a sample join the pooled feature its task's head reads, so the
+    server's heads build on what the clients' heads learnt on all their rows; None / {}: none.
     Fresh weights (experts, gate, projections, heads) are drawn under ``seed``."""
     if foundation.modality != "text" or not isinstance(foundation.encoder, TextEncoder):
         raise ParamsError(f"FedKIM injects into a text foundation (a TextEncoder); got a {foundation.modality} one")
@@ -402,7 +457,7 @@ def build_injected(
         return InjectedFoundation(
             copy.deepcopy(foundation.encoder), foundation.tokenizer, tasks, encoders, num_experts=num_experts,
             rank=rank, alpha=alpha, targets=targets, extra_tokens=extra_tokens, extra_positions=extra_positions,
-            gate_heads=gate_heads,
+            client_heads={t: copy.deepcopy(h) for t, h in (client_heads or {}).items()}, gate_heads=gate_heads,
             max_length=foundation.max_length if max_length is None else max_length,
             description_length=description_length, seed=seed, foundation_sha256=foundation.sha256)
 
@@ -718,8 +773,10 @@ def save_injected(model: InjectedFoundation, out_dir: Path, extra: Mapping[str, 
     out_dir.mkdir(parents=True, exist_ok=True)
     save_tensors(model.trainable_state(), out_dir / TRAINABLE_FILE)
     if len(model.client_encoders):
-        save_tensors({f"{m}.{k}": v.detach().cpu() for m, e in model.client_encoders.items()
-                      for k, v in e.state_dict().items()}, out_dir / ENCODERS_FILE)
+        frozen = {**{f"{m}.{k}": v for m, e in model.client_encoders.items() for k, v in e.state_dict().items()},
+                  **{f"{HEADS_PREFIX}{t}.{k}": v for t, h in model.client_heads.items()
+                     for k, v in h.state_dict().items()}}
+        save_tensors({k: v.detach().cpu() for k, v in frozen.items()}, out_dir / ENCODERS_FILE)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     manifest = {"kind": KIND, "config": config, "trainable_parameters": trainable,
                 "parameters": sum(p.numel() for p in model.parameters()), **(extra or {})}
@@ -762,13 +819,19 @@ def load_injected(folder: Path, foundation: Foundation) -> InjectedFoundation:
         specs = config["client_encoders"]
         with torch.random.fork_rng(devices=[]):  # random init, overwritten by the saved weights
             encoders = {m: _encoder_from_spec(m, s) for m, s in specs.items()}
+            # saved before client heads existed: none
+            heads = {t: nn.Linear(encoders[tasks[t].modality].out_dim, tasks[t].num_labels)
+                     for t in config.get("client_heads", [])}
         if encoders:
             state = _load(folder / ENCODERS_FILE)
-            for m, enc in encoders.items():
-                mine = {k.removeprefix(f"{m}."): v for k, v in state.items() if k.startswith(f"{m}.")}
-                _load_into(enc, mine, list(enc.state_dict()), f"{folder / ENCODERS_FILE} ({m} encoder)")
+            parts = [(f"{m}.", enc, f"{m} encoder") for m, enc in encoders.items()]
+            parts += [(f"{HEADS_PREFIX}{t}.", head, f"client head of {t}") for t, head in heads.items()]
+            for prefix, module, what in parts:
+                mine = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+                _load_into(module, mine, list(module.state_dict()), f"{folder / ENCODERS_FILE} ({what})")
         model = build_injected(foundation, encoders, tasks, config["num_experts"], config["rank"], config["alpha"],
-                               config["targets"], extra_tokens=config["extra_tokens"], gate_heads=config["gate_heads"],
+                               config["targets"], extra_tokens=config["extra_tokens"], client_heads=heads,
+                               gate_heads=config["gate_heads"],
                                # saved before the option existed: extra tokens first, the text shifted after them
                                extra_positions=config.get("extra_positions", "first"),
                                max_length=config["max_length"], description_length=config["description_length"],

@@ -218,14 +218,16 @@ def run(inp: FederatedInputs, data_dir: Path, foundation_dir: Path, out_dir: Pat
 
 def inject_clients(inp: FederatedInputs, found: Any, client_model: Any, specs: dict[str, TaskSpec],
                    train: dict[str, TaskData], val: dict[str, TaskData], *, reference: Any) -> Any:
-    """FedKIM's server step: ``client_model``'s encoders injected into the frozen foundation through M3OE, heads
-    fitted as a probe on the injected model's own features, then trained on the server's ``train`` rows with the
+    """FedKIM's server step: ``client_model``'s encoders injected into the frozen foundation through M3OE (its heads'
+    log-probabilities read by the injected heads with ``injection.client_heads``), heads fitted as a probe on the
+    injected model's own features, then trained on the server's ``train`` rows with the
     knowledge-preservation term against ``reference`` (the no-injection model), its best epoch on ``val`` kept (the
     untrained start included). The stage injects the aggregated client model; ``bench federated`` also injects a
     client model trained on every client's rows pooled (FedKIM's centralized upper bound)."""
     ip, seed = inp.federated.injection, inp.seed
+    heads = {t: h for t, h in client_model.heads.items() if t in specs} if ip.client_heads else None
     injected = build_injected(found, client_model, specs, num_experts=ip.num_experts, rank=ip.rank, alpha=ip.alpha,
-                              targets=ip.targets, extra_tokens=ip.extra_tokens, seed=seed)
+                              targets=ip.targets, extra_tokens=ip.extra_tokens, client_heads=heads, seed=seed)
     fit_probe_heads(injected, train, val, inp.probe, inp.metric, seed)
     train_injected(injected, train, val, trainer=ip.trainer, seed=seed, monitor=inp.metric, preserve=ip.preserve,
                    reference=reference, on_epoch=_epoch_line("FedKIM injection", ip.trainer.max_epochs))
