@@ -826,6 +826,12 @@ def _client_encoders(result: dict[str, Any]) -> str:
             f"{client['embedding_rank']} word table")
 
 
+def _client_heads(injection: dict[str, Any]) -> str:
+    """How the injected heads read the clients (recorded since ``injection.client_heads``; before: tokens only)."""
+    return "; its heads also read the aggregated client heads' log-probabilities" \
+        if injection.get("client_heads") else ""
+
+
 def federated_section(result: dict) -> str:
     p = result["params"]
     parts = {k: result["partitions"][k] for k in p["partitions"]}  # the run's order (the JSON's keys are sorted)
@@ -934,7 +940,7 @@ def federated_section(result: dict) -> str:
         f"{plural(first['local_epochs'], 'local epoch')}, at most {first['client_max_train_samples']} training rows "
         f"per client and task; {_client_encoders(result)}; the server trains the injection "
         f"({inj['num_experts']} experts of rank {inj['rank']}, "
-        f"{plural(inj['trainer']['max_epochs'], 'epoch')}) on at most {inj['trainer']['max_train_samples']} rows per "
+        f"{plural(inj['trainer']['max_epochs'], 'epoch')}{_client_heads(inj)}) on at most {inj['trainer']['max_train_samples']} rows per "
         f"task out of {100 * first['server_fraction']:.0f} % of each validation split ({server}); held-out head on "
         f"{first['held_out_shots']} training rows; test ≤ {p['test_cap']} rows per task (the same rows for every "
         f"model); {first['max_length']} tokens; every loss class-balanced (`class_weight: "
@@ -989,7 +995,8 @@ def fedkim_variants_section(result: dict, name: str = "fedkim_variants") -> str:
 def _variant_order(name: str) -> tuple[int, str, float]:
     """The baseline and the stage first, then the untrained variants, then the trained ones (a number at the end of
     a name in numeric order: preserve_3 before preserve_10)."""
-    first = ["no_injection", "fedavg", "stage", "untrained_plain_heads", "untrained_own_probe"]
+    first = ["no_injection", "fedavg", "stage", "stage_no_client_heads", "untrained_plain_heads",
+             "untrained_own_probe", "untrained_probe_no_client_heads"]
     if name in first:
         return first.index(name), name, 0.0
     stem, _, number = name.rpartition("_")
@@ -1597,6 +1604,8 @@ def render(text: str) -> str:
                           ("fedkim_variants", fedkim_variants_section),
                           ("fedkim_variants_preserve",
                            lambda r: fedkim_variants_section(r, "fedkim_variants_preserve")),
+                          ("fedkim_variants_client_heads",
+                           lambda r: fedkim_variants_section(r, "fedkim_variants_client_heads")),
                           ("architecture", architecture_section)):
         path = RESULTS / f"{name}.json"
         if path.is_file():
