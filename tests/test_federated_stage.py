@@ -28,7 +28,8 @@ def test_clients_rounds_injection_and_a_held_out_task(tiny_bert: Path, tmp_path:
     from components.data.datasets import load_split
     from components.federated.fedkim import evaluate_injected
 
-    p = params(tiny_bert, **{"federated.held_out": ["medical_abstracts"], "federated.rounds": 2})
+    p = params(tiny_bert, **{"federated.held_out": ["medical_abstracts"], "federated.rounds": 2,
+                             "federated.injection.client_heads": True})  # off by default: the switch's wiring
     prepare_data(p.data, PROJECT, tmp_path / "data", p.pipeline.seed)
     describe_text_foundation(p.foundation, PROJECT, tmp_path / "foundation" / "text")
     steps = []
@@ -63,6 +64,7 @@ def test_clients_rounds_injection_and_a_held_out_task(tiny_bert: Path, tmp_path:
     assert shard_digest({**shards[0], "pubmedqa": changed}) != summary.client_shards["client_0"]
     manifest = json.loads((tmp_path / "out" / "injected" / "manifest.json").read_text())
     assert manifest["kind"] == "fedkim" and manifest["rounds"] == 2 and len(manifest["clients"]) == 3
+    assert manifest["config"]["client_heads"] == summary.client_tasks  # the aggregated client heads are read
     model = load_for_evaluation(tmp_path / "out", tmp_path / "foundation")  # what evaluate scores on test
     test = load_split(tmp_path / "data", "medical_abstracts", "test").subset(16, 0)
     assert 0 <= evaluate_injected(model, {"medical_abstracts": test})["medical_abstracts"]["macro_f1"] <= 1

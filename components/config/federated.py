@@ -54,10 +54,11 @@ class InjectionParams(Strict):
                                                         "intermediate.dense", "output.dense"], min_length=1,
                                description="Attention and feed-forward Linear layers that get the mixture.")
     extra_tokens: int = Field(1, ge=1, description="Tokens a projected client feature adds to the input.")
-    client_heads: bool = Field(True, description="The injected heads also read the aggregated client model's "
-                               "log-probabilities of the sample (its heads were trained on every client's rows; the "
-                               "server's heads see its small split only); false: the client encoders' tokens alone, "
-                               "as in the paper.")
+    client_heads: bool = Field(
+        False, description="The injected heads also read the aggregated client model's log-probabilities of the "
+                           "sample (its heads were trained on every client's rows; the server's heads see its small "
+                           "split only); false: the client encoders' tokens alone, as in the paper (with it, worse: "
+                           "bench/results/fedkim_variants_client_heads*.json).")
     preserve: float = Field(10.0, ge=0, description="Weight of the knowledge-preservation term on text-task rows: "
                             "KL from the no-injection model's predictions to the injected model's (Learning without "
                             "Forgetting); 0: off.")

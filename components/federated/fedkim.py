@@ -21,8 +21,8 @@ The injected model (``InjectedFoundation``), per sample of task t:
   held-out task): the clients' heads were trained on every client's rows, the server's on its small split alone.
 
 Trainable on the server: the experts, the gate, the projections and the heads; the foundation, the client
-encoders and the client heads stay frozen (and in eval mode). ``no_injection`` is the same pipeline with E = 0 and no client
-encoders: the frozen foundation and trained heads only. ``fit_head_on`` adds a held-out task (no client trained
+encoders and the client heads stay frozen (and in eval mode). ``no_injection`` is the same pipeline with E = 0 and
+no client encoders: the frozen foundation and trained heads only. ``fit_head_on`` adds a held-out task (no client trained
 on it) and fits only its head on top of the injected model. ``save_injected`` / ``load_injected`` write and
 rebuild it (safetensors + manifest with the config; the foundation is checked by its hash).
 """
