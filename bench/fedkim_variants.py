@@ -16,9 +16,12 @@ whole test split (what a user gets):
 - frozen_heads_then_probe: the stage's training with the heads frozen, then the heads refitted as a probe;
 - lr_x0.3 / lr_x0.1 / epochs_3: the stage's training with a lower learning rate or fewer epochs;
 - preserve_1 / _3 / _10: the stage's training from no_injection's heads with that knowledge-preservation weight;
-- untrained_probe_no_client_heads: untrained_own_probe with the heads reading the pooled feature alone;
+- untrained_probe_no_client_heads / untrained_probe_client_heads: untrained_own_probe with the heads reading the
+  pooled feature alone / also the aggregated client heads' log-probabilities;
 - stage_no_client_heads / stage_client_heads: the stage's server step (probe start, its preservation weight)
-  without / with the heads reading the aggregated client heads' log-probabilities (``injection.client_heads``);
+  without / with the client heads' log-probabilities.
+Every other injected variant reads the client heads as the params say (``federated.injection.client_heads``, off
+by default: there `stage` is `stage_no_client_heads`; `--set federated.injection.client_heads=true` turns it on).
 - fedavg: the aggregated client model itself (its own encoders and heads): what the clients learned.
 
 `--set KEY=VALUE` (repeatable, VALUE read as YAML) changes a parameter of the run, e.g.
@@ -138,6 +141,7 @@ def main() -> None:
         "preserve_3": lambda: trained(preserve=3.0),
         "preserve_10": lambda: trained(preserve=10.0),
         "untrained_probe_no_client_heads": lambda: fresh("probe", client_heads=False),
+        "untrained_probe_client_heads": lambda: fresh("probe", client_heads=True),
         "stage_no_client_heads": lambda: trained("probe", preserve=ip.preserve, client_heads=False),
         "stage_client_heads": lambda: trained("probe", preserve=ip.preserve, client_heads=True),
     }

@@ -997,7 +997,7 @@ def _variant_order(name: str) -> tuple[int, str, float]:
     """The baseline and the stage first, then the untrained variants, then the trained ones (a number at the end of
     a name in numeric order: preserve_3 before preserve_10)."""
     first = ["no_injection", "fedavg", "stage", "stage_no_client_heads", "untrained_plain_heads",
-             "untrained_own_probe", "untrained_probe_no_client_heads"]
+             "untrained_own_probe", "untrained_probe_no_client_heads", "untrained_probe_client_heads"]
     if name in first:
         return first.index(name), name, 0.0
     stem, _, number = name.rpartition("_")

@@ -128,8 +128,9 @@ def _checked_client_heads(heads: Mapping[str, nn.Module], specs: Mapping[str, Ta
 class InjectedFoundation(nn.Module):
     """The frozen text foundation + M3OE experts + injected client encoders + per-task heads (see the module doc).
 
-    Build it with ``build_injected`` (or ``no_injection``); ``forward`` gives pooled features, ``task_logits``
-    the logits of one task, ``encode`` turns task splits into its inputs.
+    Build it with ``build_injected`` (or ``no_injection``); ``forward`` gives the heads' input features (the pooled
+    feature, with client heads their log-probabilities too), ``task_logits`` the logits of one task, ``encode``
+    turns task splits into its inputs.
     """
 
     def __init__(self, encoder: TextEncoder, tokenizer: Any, tasks: Mapping[str, Any],
@@ -285,7 +286,10 @@ class InjectedFoundation(nn.Module):
                     name = self.task_names[task]
                     if name in self.client_heads:
                         mine = task_ids[rows] == task
-                        logp = client_log_probs(self.tasks[name].kind, self.client_heads[name](feats[mine]))
+                        head = self.client_heads[name]
+                        # the head's own precision, not bf16 autocast: training and evaluation read the same values
+                        with torch.autocast(feats.device.type, enabled=False):
+                            logp = client_log_probs(self.tasks[name].kind, head(feats[mine].to(head.weight.dtype)))
                         padded = nn.functional.pad(logp.to(scores.dtype), (0, self.client_width - logp.shape[1]))
                         scores = scores.index_copy(0, rows[mine], padded)
             projected = self.project[modality](feats.to(like.dtype)).reshape(len(rows), k, self.dim)
@@ -665,7 +669,7 @@ def evaluate_injected(model: InjectedFoundation, split: Mapping[str, TaskData],
 @torch.no_grad()
 def task_features(model: InjectedFoundation, task: str, split: TaskData,
                   batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pooled features (N, d) of one task's split in eval mode (the model's mode is restored), on the model's
+    """The heads' input features (N, feature_dim) of one task's split in eval mode (the model's mode is restored), on the model's
     device, and its targets (class ids, or (N, L) floats for a multilabel task)."""
     data = model.encode({task: split})
     device = next(model.parameters()).device
