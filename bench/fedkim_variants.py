@@ -19,10 +19,11 @@ whole test split (what a user gets):
 - untrained_probe_no_client_heads / untrained_probe_client_heads: untrained_own_probe with the heads reading the
   pooled feature alone / also the aggregated client heads' log-probabilities;
 - stage_no_client_heads / stage_client_heads: the stage's server step (probe start, its preservation weight)
-  without / with the client heads' log-probabilities.
+  without / with the client heads' log-probabilities;
+- fedavg: the aggregated client model itself (its own encoders and heads): what the clients learned.
+
 Every other injected variant reads the client heads as the params say (``federated.injection.client_heads``, off
 by default: there `stage` is `stage_no_client_heads`; `--set federated.injection.client_heads=true` turns it on).
-- fedavg: the aggregated client model itself (its own encoders and heads): what the clients learned.
 
 `--set KEY=VALUE` (repeatable, VALUE read as YAML) changes a parameter of the run, e.g.
 `--set federated.client.text_layers=[0,1,2]`; the changes are recorded in the result.

@@ -22,8 +22,8 @@ The injected model (``InjectedFoundation``), per sample of task t:
 
 Trainable on the server: the experts, the gate, the projections and the heads; the foundation, the client
 encoders and the client heads stay frozen (and in eval mode). ``no_injection`` is the same pipeline with E = 0 and
-no client encoders: the frozen foundation and trained heads only. ``fit_head_on`` adds a held-out task (no client trained
-on it) and fits only its head on top of the injected model. ``save_injected`` / ``load_injected`` write and
+no client encoders: the frozen foundation and trained heads only. ``fit_head_on`` adds a held-out task (no client
+trained on it) and fits only its head on top of the injected model. ``save_injected`` / ``load_injected`` write and
 rebuild it (safetensors + manifest with the config; the foundation is checked by its hash).
 """
 
@@ -669,8 +669,8 @@ def evaluate_injected(model: InjectedFoundation, split: Mapping[str, TaskData],
 @torch.no_grad()
 def task_features(model: InjectedFoundation, task: str, split: TaskData,
                   batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    """The heads' input features (N, feature_dim) of one task's split in eval mode (the model's mode is restored), on the model's
-    device, and its targets (class ids, or (N, L) floats for a multilabel task)."""
+    """The heads' input features (N, feature_dim) of one task's split in eval mode (the model's mode is restored), on
+    the model's device, and its targets (class ids, or (N, L) floats for a multilabel task)."""
     data = model.encode({task: split})
     device = next(model.parameters()).device
     mode = model.training
